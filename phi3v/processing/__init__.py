@@ -1,0 +1,5 @@
+"""Text + images -> token ids + tensors."""
+
+from phi3v.processing.image import ImageProcessor, ProcessedImage
+
+__all__ = ["ImageProcessor", "ProcessedImage"]
