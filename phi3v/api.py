@@ -1,0 +1,243 @@
+"""The Python API: `LLM(model).chat(messages)`, `.generate(prompt, images)`, `.stream(...)`.
+
+Text and images are turned into token ids and crops here (processing/), the engine turns ids
+into ids (engine/), and the text comes back through an incremental detokenizer that also
+applies stop strings (the engine never sees text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from phi3v.config import Phi3VConfig
+from phi3v.engine.engine import Engine, ImageInput
+from phi3v.engine.sampler import SamplingParams
+from phi3v.hub import resolve_model
+from phi3v.models.weights import load_model
+from phi3v.processing.chat import render_chat, tokenize_prompt
+from phi3v.processing.image import ImageProcessor
+from phi3v.processing.image_io import load_image
+from phi3v.processing.tokenizer import IncrementalDetokenizer, Tokenizer
+
+DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    usage: dict[str, int]
+    logprobs: list[dict[str, Any]] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PreparedRequest:
+    prompt_ids: list[int]
+    images: list[ImageInput]
+    params: SamplingParams
+    preprocess_s: float = 0.0
+
+
+class StopChecker:
+    """Finds stop strings in the growing text and holds back a tail that could start one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+
+    def check(self, text: str, searched_from: int) -> tuple[int, bool]:
+        """Returns (how many chars of text may be shown, whether a stop string was hit)."""
+        if not self.stops:
+            return len(text), False
+        start = max(0, searched_from - self.hold)
+        hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            return min(hits), True
+        return max(searched_from, len(text) - self.hold), False
+
+
+def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of auto, bf16, fp16, fp32")
+    return table[dtype]
+
+
+class LLM:
+    """A loaded Phi-3-vision / Phi-3.5-vision model with its tokenizer, image processor and engine."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, *, revision: str | None = None,
+                 max_num_seqs: int = 8, max_model_len: int | None = None,
+                 gpu_memory_utilization: float = 0.9, allow_url_images: bool = True) -> None:
+        if device is None or device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from e
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda was asked for but PyTorch sees no CUDA GPU: use --device cpu")
+        self.dtype = _dtype(dtype, self.device)
+        self.folder = resolve_model(model, revision)
+        self.model_name = model
+        self.config = Phi3VConfig.from_pretrained(self.folder)
+        self.tokenizer = Tokenizer.from_pretrained(self.folder)
+        self.image_processor = ImageProcessor.from_config(self.config)
+        self.model = load_model(self.folder, self.config, self.device, self.dtype)
+        self.engine = Engine(self.model, self.config, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                             gpu_memory_utilization=gpu_memory_utilization)
+        self.allow_url_images = allow_url_images
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- preparation
+    def prepare(self, prompt: str, images: list[Any] | None = None, sampling_params: SamplingParams | None = None,
+                num_crops: int | None = None, **load_kwargs: Any) -> PreparedRequest:
+        """Prompt text in the chat format + image sources -> ids and crops. Raises ValueError."""
+        t0 = time.perf_counter()
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        params = sampling_params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("sampling_params must be a phi3v.SamplingParams")
+        load_kwargs.setdefault("allow_urls", self.allow_url_images)
+        inputs, counts = [], []
+        for src in images or []:
+            img = load_image(src, **load_kwargs)
+            proc = self.image_processor.preprocess(img, num_crops)
+            key = hashlib.blake2b(img.tobytes(), digest_size=16,
+                                  person=f"{img.mode[:4]}{proc.crops.shape[0]}".encode()[:16])
+            key.update(f"{img.size}|{num_crops or self.image_processor.num_crops}".encode())
+            inputs.append(ImageInput(proc.crops, proc.image_size, key.hexdigest()))
+            counts.append(proc.num_tokens)
+        ids = tokenize_prompt(self.tokenizer, prompt, counts)
+        ctx = self.engine.sched.slot_len
+        if len(ids) >= ctx:
+            raise ValueError(f"the prompt is {len(ids)} tokens (images included) but the context holds {ctx}: "
+                             "use fewer images, fewer crops (num_crops) or a shorter prompt")
+        return PreparedRequest(ids, inputs, params, time.perf_counter() - t0)
+
+    def prepare_chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
+                     num_crops: int | None = None, **load_kwargs: Any) -> PreparedRequest:
+        prompt, images = render_chat(messages)
+        return self.prepare(prompt, images, sampling_params, num_crops, **load_kwargs)
+
+    # ---------------------------------------------------------------- running
+    def run(self, requests: list[PreparedRequest]) -> Iterator[tuple[int, str, Completion | None]]:
+        """Run prepared requests concurrently through the engine. Yields (index, text delta,
+        Completion when that request is done)."""
+        with self._lock:
+            yield from self._run(requests)
+
+    def _run(self, requests: list[PreparedRequest]) -> Iterator[tuple[int, str, Completion | None]]:
+        eng = self.engine
+        t0 = time.perf_counter()
+        state: dict[str, dict[str, Any]] = {}
+        try:
+            for i, r in enumerate(requests):
+                rid = eng.add_request(r.prompt_ids, r.images, r.params)
+                state[rid] = {"i": i, "req": r, "ids": [], "lp": [], "detok": IncrementalDetokenizer(self.tokenizer),
+                              "stop": StopChecker(r.params.stop), "shown": 0, "first": None}
+            while eng.has_unfinished():
+                for o in eng.step():
+                    st = state[o.rid]
+                    st["first"] = st["first"] or time.perf_counter()
+                    st["ids"].extend(o.token_ids)
+                    st["lp"].extend(o.logprobs)
+                    detok = st["detok"]
+                    searched = len(detok.text)
+                    for tok in o.token_ids:
+                        if tok not in self.config.eos_token_ids or st["req"].params.ignore_eos:
+                            detok.push(tok)
+                    finished, reason = o.finished, o.finish_reason
+                    if finished:
+                        detok.flush()
+                    text = detok.text
+                    upto, hit = st["stop"].check(text, searched)
+                    if hit:
+                        if not finished:
+                            eng.abort(o.rid)
+                        finished, reason = True, "stop"
+                    if finished:
+                        upto = upto if hit else len(text)
+                    delta = text[st["shown"]: upto]
+                    st["shown"] = max(st["shown"], upto)
+                    done = None
+                    if finished:
+                        done = self._completion(st, text[:upto], reason, t0)
+                    if delta or done:
+                        yield st["i"], delta, done
+        finally:
+            for rid in list(state):
+                eng.abort(rid)
+
+    def _completion(self, st: dict[str, Any], text: str, reason: str | None, t0: float) -> Completion:
+        r: PreparedRequest = st["req"]
+        ids = st["ids"]
+        now = time.perf_counter()
+        n_prompt, n_gen = len(r.prompt_ids), len(ids)
+        ttft = (st["first"] or now) - t0 + r.preprocess_s
+        decode_s = now - (st["first"] or now)
+        lp = None
+        if r.params.logprobs is not None:
+            lp = [{"token_id": t, "logprob": v, "top_logprobs": [{"token_id": a, "logprob": b} for a, b in top]}
+                  for t, v, top in st["lp"]]
+        return Completion(text=text, token_ids=ids, finish_reason=reason,
+                          usage={"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen},
+                          logprobs=lp,
+                          timings={"preprocess_s": r.preprocess_s, "ttft_s": ttft, "total_s": now - t0 + r.preprocess_s,
+                                   "decode_tokens_per_s": (n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0.0})
+
+    def _one(self, req: PreparedRequest) -> Completion:
+        for _i, _delta, done in self.run([req]):
+            if done is not None:
+                return done
+        raise RuntimeError("the engine finished without a result")  # unreachable: every request finishes
+
+    # ---------------------------------------------------------------- public calls
+    def generate(self, prompt: str, images: list[Any] | None = None, sampling_params: SamplingParams | None = None,
+                 num_crops: int | None = None) -> Completion:
+        """`prompt` already in the chat format with `<|image_N|>` tags, as the reference processor takes it."""
+        return self._one(self.prepare(prompt, images, sampling_params, num_crops))
+
+    def chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
+             num_crops: int | None = None) -> Completion:
+        return self._one(self.prepare_chat(messages, sampling_params, num_crops))
+
+    def stream(self, prompt_or_messages: str | list[dict[str, Any]], images: list[Any] | None = None,
+               sampling_params: SamplingParams | None = None, num_crops: int | None = None) -> Iterator[str]:
+        """Text deltas as they are generated: a prompt string (with `images`) or chat messages."""
+        if isinstance(prompt_or_messages, str):
+            req = self.prepare(prompt_or_messages, images, sampling_params, num_crops)
+        else:
+            if images:
+                raise ValueError("pass images inside the messages, not as `images`, when streaming a chat")
+            req = self.prepare_chat(prompt_or_messages, sampling_params, num_crops)
+        self.last_completion: Completion | None = None
+        for _i, delta, done in self.run([req]):
+            if delta:
+                yield delta
+            if done is not None:
+                self.last_completion = done
+
+    def generate_many(self, requests: list[PreparedRequest]) -> list[Completion]:
+        """Several prepared requests batched together by the engine; results in input order."""
+        out: list[Completion | None] = [None] * len(requests)
+        for i, _delta, done in self.run(requests):
+            if done is not None:
+                out[i] = done
+        return out  # type: ignore[return-value]
+

@@ -1,0 +1,261 @@
+"""The engine: token ids + image crops in, token ids out, many requests at once.
+
+Data flow of one `step()`: the scheduler admits waiting requests into free KV slots; admitted
+requests are prefilled (vision tower batched over all their images not already in the
+image-embedding cache, then the decoder over the prompt in chunks) and sample their first
+token; otherwise every running request decodes one token in a single batched forward over the
+slot view `[:n]`. Sampling runs on the device; the only device-to-host copy of a step is the
+sampled ids (plus logprobs when asked). Finished requests free their slot (the last slot is
+moved into it). The engine never sees text or PIL images: stop strings live in the API layer,
+which aborts a request when its text hits one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from phi3v.config import Phi3VConfig
+from phi3v.engine.kv_cache import DecodeAttention, KVCache, PrefillAttention
+from phi3v.engine.sampler import SamplingParams, SamplingTensors, sample, top_logprobs
+from phi3v.engine.scheduler import Scheduler, Sequence
+
+
+@dataclass
+class ImageInput:
+    crops: torch.Tensor  # (1 + h*w, 3, 336, 336): global view + sub-crops, no padding crops
+    image_size: tuple[int, int]  # (H, W) of the padded HD canvas
+    key: str | None = None  # content key for the image-embedding cache (None: hash the crops)
+
+
+@dataclass
+class StepOutput:
+    rid: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, config: Phi3VConfig, *, max_num_seqs: int = 8,
+                 max_model_len: int | None = None, kv_budget_bytes: int | None = None,
+                 gpu_memory_utilization: float = 0.9, prefill_chunk: int = 4096,
+                 image_cache_size: int = 32) -> None:
+        self.model, self.cfg = model, config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        slot_len = min(max_model_len or 16384, config.max_position_embeddings)
+        bpt = KVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, self.dtype)
+        if kv_budget_bytes is None:
+            if self.device.type == "cuda":
+                free, _total = torch.cuda.mem_get_info(self.device)
+                kv_budget_bytes = int(free * gpu_memory_utilization) - (2 << 30)  # headroom for activations
+            else:
+                kv_budget_bytes = 2 << 30
+        n_slots = min(max_num_seqs, kv_budget_bytes // (slot_len * bpt))
+        if n_slots < 1:
+            raise ValueError(f"KV memory budget of {kv_budget_bytes / 2**30:.2f} GiB does not fit one sequence of "
+                             f"{slot_len} tokens: lower max_model_len or raise gpu_memory_utilization")
+        self.cache = KVCache(config.num_hidden_layers, n_slots, slot_len, config.num_key_value_heads,
+                             config.head_dim, self.device, self.dtype)
+        self.sched = Scheduler(n_slots, slot_len)
+        self.prefill_chunk = prefill_chunk
+        self.image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.image_cache_size = image_cache_size
+        self.stats = {"image_cache_hits": 0, "images_encoded": 0, "prefill_tokens": 0, "decode_steps": 0}
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, prompt_ids: list[int], images: list[ImageInput] | None = None,
+                    params: SamplingParams | None = None, rid: str | None = None) -> str:
+        params = params or SamplingParams()
+        images = list(images or [])
+        n_img = len(images)
+        for t in set(i for i in prompt_ids if i < 0):
+            if -t > n_img:
+                raise ValueError(f"prompt has placeholders for image {-t} but only {n_img} images were given")
+        if any(i >= self.cfg.vocab_size for i in prompt_ids):
+            raise ValueError(f"prompt has token ids >= vocab size {self.cfg.vocab_size}")
+        rid = rid or self.sched.new_id()
+        seed = params.seed if params.seed is not None else int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8).digest(), "little") >> 1
+        seq = Sequence(rid=rid, prompt_ids=list(prompt_ids), params=params, images=images,
+                       eos_ids=frozenset(self.cfg.eos_token_ids), seed=seed)
+        self.sched.add(seq)
+        return rid
+
+    def abort(self, rid: str) -> bool:
+        seq = self.sched.get(rid)
+        if seq is None:
+            return False
+        self._free(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.sched.num_unfinished > 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.sched.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.sched.waiting)
+
+    def _free(self, seq: Sequence, reason: str) -> None:
+        move = self.sched.finish(seq, reason)
+        if move is not None:
+            self.cache.move(*move)
+        seq.state.clear()
+
+    # ---------------------------------------------------------------- images
+    def _image_features(self, seqs: list[Sequence]) -> None:
+        """Encode every image of the admitted sequences not in the cache, in one vision batch."""
+        todo: dict[str, ImageInput] = {}
+        for seq in seqs:
+            for img in seq.images:
+                if img.key is None:
+                    img.key = hashlib.blake2b(img.crops.numpy().tobytes() if img.crops.device.type == "cpu"
+                                              else img.crops.cpu().numpy().tobytes(), digest_size=16).hexdigest()
+                if img.key in self.image_cache:
+                    self.image_cache.move_to_end(img.key)
+                    self.stats["image_cache_hits"] += 1
+                else:
+                    todo[img.key] = img
+        if todo:
+            items = list(todo.items())
+            feats = self.model.encode_images([i.crops.to(self.device, non_blocking=True) for _, i in items],
+                                             [i.image_size for _, i in items])
+            self.stats["images_encoded"] += len(items)
+            for (key, _), f in zip(items, feats):
+                self.image_cache[key] = f
+        while len(self.image_cache) > max(self.image_cache_size, len(todo)):
+            self.image_cache.popitem(last=False)
+
+    def _prompt_embeds(self, seq: Sequence) -> torch.Tensor:
+        ids = torch.tensor(seq.prompt_ids, device=self.device)
+        feats = [self.image_cache[i.key] for i in seq.images]
+        return self.model.embed(ids, feats)  # (L, hidden)
+
+    # ---------------------------------------------------------------- forward passes
+    def _prefill(self, seq: Sequence, embeds: torch.Tensor, long_rope: bool) -> torch.Tensor:
+        """Run the decoder over `embeds` (T, hidden) into seq's slot from position 0; return the
+        last position's logits (1, V)."""
+        T = embeds.shape[0]
+        flag = torch.tensor([long_rope], device=self.device)
+        h = None
+        for s in range(0, T, self.prefill_chunk):
+            x = embeds[s: s + self.prefill_chunk][None]
+            pos = torch.arange(s, s + x.shape[1], device=self.device)[None]
+            h = self.model(x, pos, flag, PrefillAttention(self.cache, seq.slot, s))
+        seq.long_rope = long_rope
+        self.stats["prefill_tokens"] += T
+        return self.model.logits(h[:, -1])
+
+    def _full_embeds(self, seq: Sequence) -> torch.Tensor:
+        prompt = seq.state.get("prompt_embeds")
+        if prompt is None:
+            prompt = self._prompt_embeds(seq)
+        if not seq.output_ids:
+            return prompt
+        out = self.model.model.embed_tokens(torch.tensor(seq.output_ids, device=self.device))
+        return torch.cat([prompt, out.to(prompt.dtype)], dim=0)
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One token for each running sequence (slots 0..n-1). Returns logits (n, V)."""
+        n = len(seqs)
+        orig = self.cfg.original_max_position_embeddings
+        # LongRoPE crossing (Phi-3.5 fix): the first step whose length exceeds original_max
+        # recomputes the sequence's whole cache with long factors.
+        cross = [s for s in seqs if not s.long_rope and self.cfg.rope_type and s.num_tokens > orig]
+        last = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)
+        lengths = torch.tensor([s.num_tokens - 1 for s in seqs], device=self.device)
+        max_len = _bucket(max(s.num_tokens for s in seqs), self.cache.slot_len)
+        x = self.model.model.embed_tokens(last)[:, None]  # (n, 1, hidden)
+        flags = torch.tensor([s.long_rope for s in seqs], device=self.device)
+        h = self.model(x, lengths[:, None], flags, DecodeAttention(self.cache, lengths, max_len))
+        logits = self.model.logits(h[:, 0])
+        for s in cross:
+            logits[s.slot] = self._prefill(s, self._full_embeds(s), True)[0]
+            s.state.pop("prompt_embeds", None)
+        self.stats["decode_steps"] += 1
+        return logits
+
+    # ---------------------------------------------------------------- the step
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        admitted = self.sched.admit()
+        if admitted:
+            self._image_features(admitted)
+            rows, logits = admitted, []
+            orig = self.cfg.original_max_position_embeddings
+            for seq in admitted:
+                emb = self._prompt_embeds(seq)
+                long_rope = bool(self.cfg.rope_type) and len(seq.prompt_ids) > orig
+                if not long_rope and self.cfg.rope_type and len(seq.prompt_ids) + seq.params.max_tokens > orig:
+                    seq.state["prompt_embeds"] = emb  # kept for the recompute at the crossing
+                logits.append(self._prefill(seq, emb, long_rope))
+            logits = torch.cat(logits, 0)
+        elif self.sched.running:
+            rows = list(self.sched.running)
+            logits = self._decode(rows)
+        else:
+            return []
+        return self._sample_and_finish(rows, logits)
+
+    def _sample_and_finish(self, rows: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+        params = [s.params for s in rows]
+        t = SamplingTensors.build(params, [s.seed for s in rows], self.device)
+        steps = torch.tensor([len(s.output_ids) for s in rows], device=self.device)
+        seen = None
+        if t.any_penalty:
+            seen = torch.stack([self._seen(s) for s in rows])
+        tokens = sample(logits, t, steps, seen)
+        k = max((p.logprobs or 0) for p in params)
+        want_lp = any(p.logprobs is not None for p in params)
+        if want_lp:
+            packed = top_logprobs(logits, tokens, k).cpu()  # the step's one device-to-host copy
+            host_tokens = packed[:, 0, 1].long().tolist()
+        else:
+            host_tokens = tokens.cpu().tolist()
+        outs = []
+        for i, (seq, tok) in enumerate(zip(rows, host_tokens)):
+            seq.output_ids.append(tok)
+            if "seen" in seq.state:
+                seq.state["seen"][tok] = True
+            out = StepOutput(seq.rid, [tok])
+            if seq.params.logprobs is not None:
+                lp = packed[i]
+                top = [(int(lp[j, 1]), float(lp[j, 0])) for j in range(1, 1 + seq.params.logprobs)]
+                out.logprobs.append((tok, float(lp[0, 0]), top))
+            reason = seq.check_finish()
+            if reason:
+                out.finished, out.finish_reason = True, reason
+                self._free(seq, reason)
+            outs.append(out)
+        return outs
+
+    def _seen(self, seq: Sequence) -> torch.Tensor:
+        if "seen" not in seq.state:
+            seen = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
+            ids = [i for i in seq.prompt_ids + seq.output_ids if i >= 0]
+            seen[torch.tensor(ids, dtype=torch.long, device=self.device)] = True
+            seq.state["seen"] = seen
+        return seq.state["seen"]
+
+    # ---------------------------------------------------------------- convenience
+    def run_to_completion(self) -> dict[str, list[int]]:
+        """Drive all requests to the end; return generated ids per request id."""
+        done: dict[str, list[int]] = {}
+        while self.has_unfinished():
+            for o in self.step():
+                done.setdefault(o.rid, []).extend(o.token_ids)
+        return done
+
+
+def _bucket(n: int, cap: int) -> int:
+    """Round the attended width up (multiple of 256) so decode shapes repeat across steps."""
+    return min(cap, (n + 255) // 256 * 256)

@@ -1,0 +1,162 @@
+"""Sampling parameters and the batched on-device sampler.
+
+The sampler turns a (B, V) float32 logits tensor into B token ids with per-row parameters and no
+host sync: temperature, top-k, top-p, repetition penalty and seeded randomness are all tensor
+ops. Randomness is counter-based (a hash of seed, step and token id), so a seeded request gives
+the same tokens whatever else shares its batch, on any device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SamplingParams:
+    """How to pick the next tokens. temperature 0 means greedy."""
+
+    max_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no limit
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    stop: list[str] | str | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # k most likely next tokens per generated token, from the raw logits
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise ValueError(f"invalid sampling parameter: {msg}")
+
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:
+            bad(f"temperature must be a number in [0, 100], got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            bad(f"top_k must be an integer >= -1 (0 or -1 disable it), got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            bad(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0.0 < self.repetition_penalty <= 10.0:
+            bad(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop must be a non-empty string or a list of non-empty strings")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser on int64 tensors (wrapping arithmetic): a good hash of the counter."""
+    x = x ^ ((x >> 30) & 0x3FFFFFFFF)
+    x = x * -4658895280553007687  # 0xbf58476d1ce4e5b9 as signed int64
+    x = x ^ ((x >> 27) & 0x1FFFFFFFFF)
+    x = x * -7723592293110705685  # 0x94d049bb133111eb
+    x = x ^ ((x >> 31) & 0x1FFFFFFFF)
+    return x
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, V) uniforms in (0, 1) from per-row seeds (B,) and step counters (B,), int64 on device."""
+    idx = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    x = _mix(seeds[:, None] * 1000003 + steps[:, None]) + idx[None, :] * -7046029254386353131
+    x = _mix(x)
+    # top 53 bits -> float64 in [0,1); shift into (0,1) so that -log(u) is finite.
+    u = ((x >> 11) & ((1 << 53) - 1)).to(torch.float64) * (1.0 / (1 << 53))
+    return (u + 0.5 / (1 << 53)).to(torch.float32)
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row parameters as device tensors, built once per batch composition."""
+
+    temperature: torch.Tensor  # (B,) float32; 0 = greedy
+    top_p: torch.Tensor  # (B,) float32
+    top_k: torch.Tensor  # (B,) int64; 0 = off
+    penalty: torch.Tensor  # (B,) float32
+    seeds: torch.Tensor  # (B,) int64
+    any_sampling: bool
+    any_top: bool
+    any_penalty: bool
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], seeds: list[int], device: torch.device | str) -> "SamplingTensors":
+        f32 = dict(device=device, dtype=torch.float32)
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], **f32),
+            top_p=torch.tensor([p.top_p for p in params], **f32),
+            top_k=torch.tensor([max(p.top_k, 0) for p in params], device=device, dtype=torch.int64),
+            penalty=torch.tensor([p.repetition_penalty for p in params], **f32),
+            seeds=torch.tensor(seeds, device=device, dtype=torch.int64),
+            any_sampling=any(not p.greedy for p in params),
+            any_top=any(not p.greedy and (p.top_p < 1.0 or p.top_k > 0) for p in params),
+            any_penalty=any(p.repetition_penalty != 1.0 for p in params),
+        )
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """HF semantics: a seen token's logit is divided by p if positive, multiplied by p if not.
+    seen: (B, V) bool of the prompt's and generated token ids."""
+    p = penalty[:, None]
+    penalised = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(seen, penalised, logits)
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors, steps: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Pick one token per row. logits (B, V) float32 raw; steps (B,) int64 per-row step counters.
+    Returns (B,) int64. Greedy rows take the argmax of the (penalised) logits."""
+    if t.any_penalty and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, t.penalty)
+    greedy_tok = logits.argmax(dim=-1)
+    if not t.any_sampling:
+        return greedy_tok
+    temp = torch.where(t.temperature > 0, t.temperature, torch.ones_like(t.temperature))
+    scaled = logits / temp[:, None]
+    if t.any_top:
+        scaled = _top_k_top_p(scaled, t.top_k, t.top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    # Exponential race (equivalent to sampling from probs): argmax p_i / E_i, E_i ~ Exp(1).
+    e = -torch.log(uniform_noise(t.seeds, steps, logits.shape[-1]))
+    sampled = (probs / e).argmax(dim=-1)
+    return torch.where(t.temperature > 0, sampled, greedy_tok)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top-k and nucleus top-p. logits (B, V)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    V = logits.shape[-1]
+    rank = torch.arange(V, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))
+    drop = rank >= k[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    # keep the smallest prefix whose mass reaches top_p (the first token always survives)
+    before = probs.cumsum(dim=-1) - probs
+    drop |= before >= top_p[:, None]
+    masked_sorted = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, masked_sorted)
+
+
+def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
+    """log-softmax of the raw logits: the chosen token's and the top-k, packed as one (B, 1+k, 2)
+    float tensor [logprob, id] so that the step still needs a single device-to-host copy."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    vals, ids = lp.topk(max(k, 1), dim=-1)
+    vals = torch.cat([lp.gather(-1, chosen[:, None]), vals], dim=1)
+    ids = torch.cat([chosen[:, None], ids], dim=1)
+    return torch.stack([vals, ids.to(torch.float32)], dim=-1)
