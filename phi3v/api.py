@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -20,22 +20,13 @@ from phi3v.engine.engine import Engine, ImageInput
 from phi3v.engine.sampler import SamplingParams
 from phi3v.hub import resolve_model
 from phi3v.models.weights import load_model
+from phi3v.output import Completion, RequestOutput
 from phi3v.processing.chat import render_chat, tokenize_prompt
 from phi3v.processing.image import ImageProcessor
 from phi3v.processing.image_io import load_image
-from phi3v.processing.tokenizer import IncrementalDetokenizer, Tokenizer
+from phi3v.processing.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
-
-
-@dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    usage: dict[str, int]
-    logprobs: list[dict[str, Any]] | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -44,24 +35,6 @@ class PreparedRequest:
     images: list[ImageInput]
     params: SamplingParams
     preprocess_s: float = 0.0
-
-
-class StopChecker:
-    """Finds stop strings in the growing text and holds back a tail that could start one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-
-    def check(self, text: str, searched_from: int) -> tuple[int, bool]:
-        """Returns (how many chars of text may be shown, whether a stop string was hit)."""
-        if not self.stops:
-            return len(text), False
-        start = max(0, searched_from - self.hold)
-        hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
-        if hits:
-            return min(hits), True
-        return max(searched_from, len(text) - self.hold), False
 
 
 def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -145,61 +118,23 @@ class LLM:
     def _run(self, requests: list[PreparedRequest]) -> Iterator[tuple[int, str, Completion | None]]:
         eng = self.engine
         t0 = time.perf_counter()
-        state: dict[str, dict[str, Any]] = {}
+        outs: dict[str, tuple[int, RequestOutput]] = {}
         try:
             for i, r in enumerate(requests):
                 rid = eng.add_request(r.prompt_ids, r.images, r.params)
-                state[rid] = {"i": i, "req": r, "ids": [], "lp": [], "detok": IncrementalDetokenizer(self.tokenizer),
-                              "stop": StopChecker(r.params.stop), "shown": 0, "first": None}
+                outs[rid] = (i, RequestOutput(self.tokenizer, len(r.prompt_ids), r.params, self.config.eos_token_ids,
+                                              r.preprocess_s, t0))
             while eng.has_unfinished():
                 for o in eng.step():
-                    st = state[o.rid]
-                    st["first"] = st["first"] or time.perf_counter()
-                    st["ids"].extend(o.token_ids)
-                    st["lp"].extend(o.logprobs)
-                    detok = st["detok"]
-                    searched = len(detok.text)
-                    for tok in o.token_ids:
-                        if tok not in self.config.eos_token_ids or st["req"].params.ignore_eos:
-                            detok.push(tok)
-                    finished, reason = o.finished, o.finish_reason
-                    if finished:
-                        detok.flush()
-                    text = detok.text
-                    upto, hit = st["stop"].check(text, searched)
-                    if hit:
-                        if not finished:
-                            eng.abort(o.rid)
-                        finished, reason = True, "stop"
-                    if finished:
-                        upto = upto if hit else len(text)
-                    delta = text[st["shown"]: upto]
-                    st["shown"] = max(st["shown"], upto)
-                    done = None
-                    if finished:
-                        done = self._completion(st, text[:upto], reason, t0)
+                    i, ro = outs[o.rid]
+                    delta, done, stop_hit = ro.update(o)
+                    if stop_hit:
+                        eng.abort(o.rid)
                     if delta or done:
-                        yield st["i"], delta, done
+                        yield i, delta, done
         finally:
-            for rid in list(state):
+            for rid in outs:
                 eng.abort(rid)
-
-    def _completion(self, st: dict[str, Any], text: str, reason: str | None, t0: float) -> Completion:
-        r: PreparedRequest = st["req"]
-        ids = st["ids"]
-        now = time.perf_counter()
-        n_prompt, n_gen = len(r.prompt_ids), len(ids)
-        ttft = (st["first"] or now) - t0 + r.preprocess_s
-        decode_s = now - (st["first"] or now)
-        lp = None
-        if r.params.logprobs is not None:
-            lp = [{"token_id": t, "logprob": v, "top_logprobs": [{"token_id": a, "logprob": b} for a, b in top]}
-                  for t, v, top in st["lp"]]
-        return Completion(text=text, token_ids=ids, finish_reason=reason,
-                          usage={"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen},
-                          logprobs=lp,
-                          timings={"preprocess_s": r.preprocess_s, "ttft_s": ttft, "total_s": now - t0 + r.preprocess_s,
-                                   "decode_tokens_per_s": (n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0.0})
 
     def _one(self, req: PreparedRequest) -> Completion:
         for _i, _delta, done in self.run([req]):

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command of the README: makes a virtual environment, installs phi3v with its test
+# extras (CPU PyTorch), and runs the whole suite. Exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# CPU PyTorch: the pinned release installs from a local wheel where one is provided, else from PyPI.
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0" || python -m pip install -q torch
+python -m pip install -q -e ".[test,serve]"
+python -m pytest -q -p no:cacheprovider "$@"
