@@ -1,0 +1,135 @@
+"""CLIP ViT vision tower (ViT-L/14-336 in both real models), feature extractor only.
+
+Parameter names follow Hugging Face's `CLIPVisionModel` (`vision_model.embeddings.patch_embedding`,
+`vision_model.pre_layrnorm` (sic), `vision_model.encoder.layers.{i}....`), which is how the Phi-3-vision
+checkpoint stores them under `model.vision_embed_tokens.img_processor.`.
+
+Phi-3-vision takes `hidden_states[layer_idx]` (-2 by default) and drops CLS. `hidden_states[0]` is the
+pre-layernormed embedding and `hidden_states[i]` the output of layer i-1, so only the first
+`vision.num_layers_used` layers ever run; the last layer and `post_layernorm` are loaded (they are in
+the checkpoint) but never executed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from phi3v.config import VisionConfig
+
+__all__ = ["CLIPVisionModel", "activation"]
+
+
+def _quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: str):
+    """The CLIP MLP activation by its HF name."""
+    if name == "quick_gelu":
+        return _quick_gelu
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    raise ValueError(f"unsupported CLIP hidden_act {name!r}")
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        c = cfg.hidden_size
+        self.class_embedding = nn.Parameter(torch.zeros(c))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, c, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(cfg.num_patches + 1, c)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        # The reference casts pixel_values to the conv weight dtype (fp32 pixels, bf16 model).
+        w = self.patch_embedding.weight
+        patches = self.patch_embedding(pixels.to(w.dtype))  # (N, C, 24, 24)
+        patches = patches.flatten(2).transpose(1, 2)  # (N, 576, C), row-major patch order
+        cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)  # (N, 1, C)
+        x = torch.cat([cls, patches], dim=1)  # (N, 577, C)
+        return x + self.position_embedding.weight[None]
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        c = cfg.hidden_size
+        self.n_heads = cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(c, c)
+        self.k_proj = nn.Linear(c, c)
+        self.v_proj = nn.Linear(c, c)
+        self.out_proj = nn.Linear(c, c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, c = x.shape
+
+        def heads(y: Tensor) -> Tensor:  # (N, T, C) -> (N, H, T, Dh)
+            return y.view(n, t, self.n_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        # Bidirectional attention over the 577 positions; scale 1/sqrt(Dh) as the reference.
+        o = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(self.head_dim))  # (N, H, T, Dh)
+        return self.out_proj(o.transpose(1, 2).reshape(n, t, c))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class CLIPVisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: HF's name
+        self.encoder = CLIPEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # loaded, never run
+
+
+class CLIPVisionModel(nn.Module):
+    """`img_processor` of the image embedding: pixels -> patch features of hidden_states[layer_idx]."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision_model = CLIPVisionTransformer(cfg)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """pixels (N, 3, 336, 336) -> features (N, 576, C) without CLS, in the tower's dtype."""
+        vm = self.vision_model
+        x = vm.pre_layrnorm(vm.embeddings(pixels))  # (N, 577, C) = hidden_states[0]
+        for layer in vm.encoder.layers[: self.cfg.num_layers_used]:
+            x = layer(x)  # after layer i: hidden_states[i + 1]
+        return x[:, 1:]  # (N, 576, C): drop CLS
