@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from phi3v.config import Phi3VConfig
-from phi3v.engine.kv_cache import DecodeAttention, KVCache, PrefillAttention
+from phi3v.engine.kv_cache import KVCache, PrefillAttention
+from phi3v.engine.runner import DecodeRunner
 from phi3v.engine.sampler import SamplingParams, SamplingTensors, sample, top_logprobs
 from phi3v.engine.scheduler import Scheduler, Sequence
 
@@ -45,7 +46,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, config: Phi3VConfig, *, max_num_seqs: int = 8,
                  max_model_len: int | None = None, kv_budget_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, prefill_chunk: int = 4096,
-                 image_cache_size: int = 32) -> None:
+                 image_cache_size: int = 32, use_graphs: bool | None = None) -> None:
         self.model, self.cfg = model, config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -64,6 +65,7 @@ class Engine:
         self.cache = KVCache(config.num_hidden_layers, n_slots, slot_len, config.num_key_value_heads,
                              config.head_dim, self.device, self.dtype)
         self.sched = Scheduler(n_slots, slot_len)
+        self.runner = DecodeRunner(model, self.cache, use_graphs)
         self.prefill_chunk = prefill_chunk
         self.image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.image_cache_size = image_cache_size
@@ -171,13 +173,11 @@ class Engine:
         # LongRoPE crossing (Phi-3.5 fix): the first step whose length exceeds original_max
         # recomputes the sequence's whole cache with long factors.
         cross = [s for s in seqs if not s.long_rope and self.cfg.rope_type and s.num_tokens > orig]
-        last = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)
-        lengths = torch.tensor([s.num_tokens - 1 for s in seqs], device=self.device)
-        max_len = _bucket(max(s.num_tokens for s in seqs), self.cache.slot_len)
-        x = self.model.model.embed_tokens(last)[:, None]  # (n, 1, hidden)
-        flags = torch.tensor([s.long_rope for s in seqs], device=self.device)
-        h = self.model(x, lengths[:, None], flags, DecodeAttention(self.cache, lengths, max_len))
-        logits = self.model.logits(h[:, 0])
+        # one host-to-device copy of the step's inputs: (3, n) int64 = last token, position, long flag
+        host = torch.tensor([[s.output_ids[-1] for s in seqs], [s.num_tokens - 1 for s in seqs],
+                             [int(s.long_rope) for s in seqs]], dtype=torch.long)
+        dev = host.to(self.device, non_blocking=True)
+        logits = self.runner.decode(dev[0], dev[1], dev[2].bool(), max(s.num_tokens for s in seqs))
         for s in cross:
             logits[s.slot] = self._prefill(s, self._full_embeds(s), True)[0]
             s.state.pop("prompt_embeds", None)
@@ -255,7 +255,3 @@ class Engine:
                 done.setdefault(o.rid, []).extend(o.token_ids)
         return done
 
-
-def _bucket(n: int, cap: int) -> int:
-    """Round the attended width up (multiple of 256) so decode shapes repeat across steps."""
-    return min(cap, (n + 255) // 256 * 256)

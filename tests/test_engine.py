@@ -1,0 +1,196 @@
+"""End to end through the public API on the tiny checkpoint: golden greedy tokens and logprobs,
+the cached engine against the slow reference generator, mixed batches, abort, stop strings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from phi3v import LLM, SamplingParams
+from phi3v.engine.engine import ImageInput
+from phi3v.engine.reference import reference_generate
+
+DATA = Path(__file__).parent / "data"
+GOLD = DATA / "golden"
+CKPT = str(DATA / "tiny-phi3v")
+MANIFEST = json.loads((GOLD / "manifest.json").read_text())
+
+
+def image_path(name: str) -> str:
+    return str(next(p for p in (GOLD / "images").iterdir() if p.stem == name))
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(CKPT, device="cpu", dtype="fp32", max_num_seqs=6, max_model_len=4096)
+
+
+# Crossing cases follow Microsoft's later fix (the Phi-3.5 code); all others are identical in both.
+CASES = [k for k, v in MANIFEST["model"].items()
+         if v.get("status") == "ok" and v.get("file") and (k.endswith("phi35v") or
+                                                          k.replace("/phi3v", "/phi35v") not in MANIFEST["model"])]
+
+
+@pytest.mark.parametrize("key", CASES)
+def test_golden_greedy_tokens_and_logprobs(llm: LLM, key: str) -> None:
+    case = MANIFEST["model"][key]
+    z = np.load(GOLD / case["file"])
+    images = [image_path(n) for n in case.get("images") or []]
+    params = SamplingParams(max_tokens=32, ignore_eos=True, logprobs=8)
+    c = llm.generate(case["prompt"], images=images, sampling_params=params, num_crops=case.get("num_crops"))
+    req = llm.prepare(case["prompt"], images, params, case.get("num_crops"))
+    assert req.prompt_ids == z["input_ids"].tolist()
+    assert c.usage["prompt_tokens"] == len(z["input_ids"]) and c.usage["completion_tokens"] == 32
+    assert c.token_ids == z["gen_ids"].tolist(), f"{key}: greedy continuation differs from the reference"
+    assert c.finish_reason == "length"
+    # logprobs = log-softmax of the raw logits: check against the reference's full logits
+    steps = {0: z["last_logits"]}
+    for s, full in zip(z["gen_full_logits_steps"].tolist(), z["gen_full_logits"]):
+        steps[s] = full
+    for s, full in steps.items():
+        ref = torch.log_softmax(torch.from_numpy(full).double(), -1)
+        got = c.logprobs[s]
+        assert got["token_id"] == int(z["gen_ids"][s])
+        assert abs(got["logprob"] - float(ref[got["token_id"]])) <= 1e-3
+        for item in got["top_logprobs"]:
+            assert abs(item["logprob"] - float(ref[item["token_id"]])) <= 1e-3
+        if z["gen_top2_gap"][s] > 1e-3:
+            assert got["top_logprobs"][0]["token_id"] == int(z["gen_top_ids"][s][0])
+
+
+def _reference(llm: LLM, req, max_tokens: int) -> list[int]:
+    feats = llm.model.encode_images([i.crops for i in req.images], [i.image_size for i in req.images])
+    return reference_generate(llm.model, req.prompt_ids, feats, max_tokens, frozenset(llm.config.eos_token_ids),
+                              llm.config.original_max_position_embeddings)
+
+
+PROMPTS = [
+    ("<|user|>\n<|image_1|>\nDescribe the image.<|end|>\n<|assistant|>\n", ["astronaut"], 1),
+    ("<|user|>\n<|image_2|>\nfirst\n<|image_1|>\nsecond<|end|>\n<|assistant|>\n", ["coffee", "page_L"], 1),
+    ("<|user|>\n<|image_1|>\nagain <|image_1|>\n<|end|>\n<|assistant|>\n", ["logo_RGBA"], 1),
+    ("<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is OCR?<|end|>\n<|assistant|>\n", [], None),
+    ("<|user|>\n<|image_1|>\nRead the text.<|end|>\n<|assistant|>\n", ["page_L"], 4),
+]
+
+
+@pytest.mark.parametrize("i", range(len(PROMPTS)))
+def test_cached_engine_equals_reference_generator(llm: LLM, i: int) -> None:
+    prompt, names, nc = PROMPTS[i]
+    req = llm.prepare(prompt, [image_path(n) for n in names], SamplingParams(max_tokens=24, ignore_eos=True), nc)
+    fast = llm.generate_many([req])[0].token_ids
+    assert fast == _reference(llm, req, 24)
+
+
+def test_crossing_original_max_recomputes_with_long_factors(llm: LLM) -> None:
+    # tiny config: original_max 512. A 313-token image prompt + 250 tokens crosses it mid-decode.
+    req = llm.prepare("<|user|>\n<|image_1|>\nGo on.<|end|>\n<|assistant|>\n", [image_path("astronaut")],
+                      SamplingParams(max_tokens=250, ignore_eos=True), 1)
+    assert len(req.prompt_ids) < 512 < len(req.prompt_ids) + 250
+    assert llm.generate_many([req])[0].token_ids == _reference(llm, req, 250)
+
+
+def test_mixed_batch_with_arrivals_equals_each_alone(llm: LLM) -> None:
+    reqs = []
+    for j, (prompt, names, nc) in enumerate(PROMPTS):
+        reqs.append(llm.prepare(prompt, [image_path(n) for n in names],
+                                SamplingParams(max_tokens=8 + 5 * j, ignore_eos=True), nc))
+    alone = [llm.generate_many([r])[0].token_ids for r in reqs]
+    eng = llm.engine
+    got: dict[str, list[int]] = {}
+    rids = [eng.add_request(r.prompt_ids, r.images, r.params) for r in reqs[:2]]
+    for _ in range(3):  # the first two are decoding when the rest arrive
+        for o in eng.step():
+            got.setdefault(o.rid, []).extend(o.token_ids)
+    rids += [eng.add_request(r.prompt_ids, r.images, r.params) for r in reqs[2:]]
+    for rid, ids in eng.run_to_completion().items():
+        got.setdefault(rid, []).extend(ids)
+    assert [got[r] for r in rids] == alone
+    assert eng.num_running == 0 and eng.num_waiting == 0 and eng.sched.free_slots == eng.sched.max_num_seqs
+
+
+def test_image_embedding_cache_encodes_an_image_once(llm: LLM) -> None:
+    p = SamplingParams(max_tokens=2)
+    before = dict(llm.engine.stats)
+    prompt = "<|user|>\n<|image_1|>\nWhat?<|end|>\n<|assistant|>\n"
+    a = llm.generate(prompt, [image_path("coffee")], p, num_crops=4)
+    b = llm.generate(prompt, [image_path("coffee")], p, num_crops=4)
+    assert a.token_ids == b.token_ids
+    assert llm.engine.stats["images_encoded"] - before["images_encoded"] <= 1
+    assert llm.engine.stats["image_cache_hits"] - before["image_cache_hits"] >= 1
+
+
+def test_abort_frees_the_slot(llm: LLM) -> None:
+    eng = llm.engine
+    req = llm.prepare("<|user|>\nHi<|end|>\n<|assistant|>\n", [], SamplingParams(max_tokens=50, ignore_eos=True))
+    rid = eng.add_request(req.prompt_ids, req.images, req.params)
+    eng.step()
+    eng.step()
+    assert eng.num_running == 1
+    assert eng.abort(rid) and not eng.abort(rid)
+    assert eng.num_running == 0 and not eng.has_unfinished()
+
+
+def test_stream_deltas_join_to_the_text_and_stop_strings_cut(llm: LLM) -> None:
+    msgs = [{"role": "user", "content": [{"type": "image", "image": image_path("astronaut")},
+                                         {"type": "text", "text": "Describe."}]}]
+    full = llm.chat(msgs, SamplingParams(max_tokens=40, ignore_eos=True), num_crops=1)
+    deltas = list(llm.stream(msgs, sampling_params=SamplingParams(max_tokens=40, ignore_eos=True), num_crops=1))
+    assert "".join(deltas) == full.text and len(deltas) > 1
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 3]
+    assert stop.strip()
+    cut = llm.chat(msgs, SamplingParams(max_tokens=40, ignore_eos=True, stop=[stop]), num_crops=1)
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
+    streamed = "".join(llm.stream(msgs, sampling_params=SamplingParams(max_tokens=40, ignore_eos=True, stop=stop),
+                                  num_crops=1))
+    assert streamed == cut.text and stop not in streamed
+
+
+def test_seeded_sampling_reproducible_and_batch_independent(llm: LLM) -> None:
+    prompt = "<|user|>\n<|image_1|>\nTell me.<|end|>\n<|assistant|>\n"
+    p = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=50, seed=123, ignore_eos=True)
+    a = llm.generate(prompt, [image_path("astronaut")], p, num_crops=1)
+    b = llm.generate(prompt, [image_path("astronaut")], p, num_crops=1)
+    assert a.token_ids == b.token_ids
+    other = llm.prepare("<|user|>\nNoise<|end|>\n<|assistant|>\n", [], SamplingParams(max_tokens=20, temperature=1.0))
+    mine = llm.prepare(prompt, [image_path("astronaut")], p, 1)
+    assert llm.generate_many([other, mine])[1].token_ids == a.token_ids
+    c = llm.generate(prompt, [image_path("astronaut")], SamplingParams(**{**p.__dict__, "seed": 124}), num_crops=1)
+    assert c.token_ids != a.token_ids
+
+
+@torch.inference_mode()
+def _slow_penalised_greedy(llm: LLM, ids: list[int], penalty: float, n: int) -> list[int]:
+    out: list[int] = []
+    for _ in range(n):
+        seq = ids + out
+        x = llm.model.model.embed_tokens(torch.tensor(seq))[None]
+        h = llm.model(x, torch.arange(len(seq))[None], torch.tensor([False]), None)
+        logits = llm.model.logits(h[:, -1])[0]
+        seen = torch.tensor(sorted(set(seq)))
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / penalty, vals * penalty)  # HF semantics
+        out.append(int(logits.argmax()))
+    return out
+
+
+@pytest.mark.parametrize("penalty", [0.3, 4.0])
+def test_repetition_penalty_matches_a_slow_implementation(llm: LLM, penalty: float) -> None:
+    prompt = "<|user|>\nrepeat repeat repeat<|end|>\n<|assistant|>\n"
+    plain = llm.generate(prompt, [], SamplingParams(max_tokens=16, ignore_eos=True))
+    pen = llm.generate(prompt, [], SamplingParams(max_tokens=16, ignore_eos=True, repetition_penalty=penalty))
+    ids = llm.prepare(prompt, []).prompt_ids
+    assert pen.token_ids == _slow_penalised_greedy(llm, ids, penalty, 16)
+    if penalty < 1:  # a penalty below 1 favours seen tokens: the output must change
+        assert pen.token_ids != plain.token_ids
+
+
+def test_engine_rejects_placeholders_without_images(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="image 1"):
+        llm.engine.add_request([1, -1, -1, 5], [], SamplingParams())
+    crops = torch.zeros(2, 3, 336, 336)
+    with pytest.raises(ValueError, match="vocab"):
+        llm.engine.add_request([1, 10**6], [ImageInput(crops, (336, 336))], SamplingParams())
