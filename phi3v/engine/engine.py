@@ -67,6 +67,7 @@ class Engine:
         self.sched = Scheduler(n_slots, slot_len)
         self.runner = DecodeRunner(model, self.cache, use_graphs)
         self.prefill_chunk = prefill_chunk
+        self.vision_batch_crops = 128
         self.image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.image_cache_size = image_cache_size
         self.stats = {"image_cache_hits": 0, "images_encoded": 0, "prefill_tokens": 0, "decode_steps": 0}
@@ -127,12 +128,16 @@ class Engine:
                     self.stats["image_cache_hits"] += 1
                 else:
                     todo[img.key] = img
-        if todo:
-            items = list(todo.items())
-            feats = self.model.encode_images([i.crops.to(self.device, non_blocking=True) for _, i in items],
-                                             [i.image_size for _, i in items])
-            self.stats["images_encoded"] += len(items)
-            for (key, _), f in zip(items, feats):
+        items = list(todo.items())
+        while items:  # vision batches of at most ~vision_batch_crops crops bound activation memory
+            group, n = [], 0
+            while items and (not group or n + items[0][1].crops.shape[0] <= self.vision_batch_crops):
+                group.append(items.pop(0))
+                n += group[-1][1].crops.shape[0]
+            feats = self.model.encode_images([i.crops.to(self.device, non_blocking=True) for _, i in group],
+                                             [i.image_size for _, i in group])
+            self.stats["images_encoded"] += len(group)
+            for (key, _), f in zip(group, feats):
                 self.image_cache[key] = f
         while len(self.image_cache) > max(self.image_cache_size, len(todo)):
             self.image_cache.popitem(last=False)
