@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from phi3v.config import Phi3VConfig
+from phi3v.models import kernels
 
 __all__ = [
     "AttentionBackend",
@@ -152,14 +153,23 @@ class Phi3Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend | None,
+                fused: bool = False) -> Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)  # (B, T, Hq*D), (B, T, Hkv*D) x2
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x)  # (B, T, (Hq+2Hkv)*D)
+        if fused:  # one kernel rotates q and k: (B*T, Hq+Hkv, D)
+            hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+            qk = kernels.rope_qk(qkv.view(b * t, -1), cos.reshape(b * t, d), sin.reshape(b * t, d), hq, hkv, d)
+            qk = qk.view(b, t, hq + hkv, d)
+            q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)  # (B, H, T, D)
+            v = qkv[..., (hq + hkv) * d:].view(b, t, hkv, d).transpose(1, 2)
+        else:
+            q, k, v = qkv.split(self.split, dim=-1)  # (B, T, Hq*D), (B, T, Hkv*D) x2
+            q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+            k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+            v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
         if attn is None:
             o = causal_attention(q, k, v)
         else:
@@ -175,7 +185,9 @@ class Phi3MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+        if fused:
+            return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
         return self.down_proj(up * F.silu(gate))
 
@@ -209,6 +221,7 @@ class Phi3Model(nn.Module):
         self.layers = nn.ModuleList(Phi3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = LongRoPE(config)
+        self.fused = False  # Triton kernels (CUDA): set by the engine when available
 
     def forward(self, x: Tensor, positions: Tensor, long_rope: Tensor,
                 attn: AttentionBackend | None = None) -> Tensor:
@@ -219,6 +232,20 @@ class Phi3Model(nn.Module):
         engine decides (e.g. it recomputes a sequence with long factors once it crosses).
         """
         cos, sin = self.rotary_emb(positions, long_rope, x.dtype)  # (B, T, D) each, shared by all layers
+        if self.fused:
+            return self._forward_fused(x, cos, sin, attn)
         for layer in self.layers:
             x = layer(x, cos, sin, attn)
         return self.norm(x)
+
+    def _forward_fused(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend | None) -> Tensor:
+        """Same math with Triton kernels: each residual add is fused into the next RMSNorm."""
+        eps = self.config.rms_norm_eps
+        h, res = kernels.add_rms_norm(x, None, self.layers[0].input_layernorm.weight, eps)
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn(h, cos, sin, attn, fused=True)
+            h, res = kernels.add_rms_norm(a, res, layer.post_attention_layernorm.weight, eps)
+            m = layer.mlp(h, fused=True)
+            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            h, res = kernels.add_rms_norm(m, res, nxt.weight, eps)
+        return h

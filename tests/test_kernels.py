@@ -1,0 +1,47 @@
+"""The Triton kernels' math, run on the CPU by Triton's interpreter (TRITON_INTERPRET=1), in a
+subprocess because the interpreter must be chosen before triton is imported. fp32 here: the
+interpreter does not round bf16 like the GPU, so bf16 equality is checked by the GPU run
+(benchmarks/decode_profile.py, benchmarks/gpu_smoke.py)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = r"""
+import torch
+from phi3v.config import Phi3VConfig
+from phi3v.models import kernels
+from phi3v.models.weights import load_model
+assert kernels.available(torch.device("cpu"))
+cfg = Phi3VConfig.from_pretrained("tests/data/tiny-phi3v")
+m = load_model("tests/data/tiny-phi3v", cfg, "cpu", torch.float32)
+torch.manual_seed(0)
+x = torch.randn(2, 9, 64)
+pos = torch.stack([torch.arange(9), torch.arange(600, 609)])
+flags = torch.tensor([False, True])
+with torch.inference_mode():
+    ref = m.model(x, pos, flags, None)
+    m.model.fused = True
+    got = m.model(x, pos, flags, None)
+d = (ref - got).abs().max().item()
+assert d < 1e-4, d
+w = torch.rand(64) + 0.5
+a, r = torch.randn(5, 64), torch.randn(5, 64)
+n, ro = kernels.add_rms_norm(a, r, w, 1e-5)
+assert torch.equal(ro, r + a)
+rr = (r + a).float()
+assert (n - w * (rr * torch.rsqrt(rr.pow(2).mean(-1, keepdim=True) + 1e-5))).abs().max() < 1e-5
+gu = torch.randn(3, 300)
+assert (kernels.silu_mul(gu) - gu[:, 150:] * torch.nn.functional.silu(gu[:, :150])).abs().max() < 1e-6
+print("ok", d)
+"""
+
+
+def test_fused_kernels_match_eager_math_in_the_interpreter() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("ok")
