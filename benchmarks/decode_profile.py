@@ -50,6 +50,7 @@ def cuda_ms(fn, n: int) -> float:
     return s.elapsed_time(e) / n
 
 
+@torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--folder", default="/tmp/phi3v-full-random")
