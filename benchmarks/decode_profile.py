@@ -64,7 +64,7 @@ def main() -> None:
     gen_tokens = {}
     for fused in (False, True):
         model.model.fused = fused
-        eng.runner.graphs.clear()
+        eng.runner.reset()
         r: dict = {}
         req = llm.prepare(PROMPT, [img], SamplingParams(max_tokens=2000, ignore_eos=True), 16)
         rid = eng.add_request(req.prompt_ids, req.images, req.params)

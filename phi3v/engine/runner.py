@@ -28,6 +28,14 @@ class DecodeRunner:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
         self.pool = None
 
+    def reset(self) -> None:
+        """Drop the captured graphs (and their memory pool), e.g. after changing the model's kernels."""
+        self.graphs.clear()
+        self.pool = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
     def _forward(self, tokens: torch.Tensor, lengths: torch.Tensor, flags: torch.Tensor, width: int) -> torch.Tensor:
         x = self.model.model.embed_tokens(tokens)[:, None]  # (n, 1, hidden)
         h = self.model(x, lengths[:, None], flags, DecodeAttention(self.cache, lengths, width))
