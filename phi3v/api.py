@@ -17,6 +17,7 @@ import torch
 
 from phi3v.config import Phi3VConfig
 from phi3v.engine.engine import Engine, ImageInput
+from phi3v.engine.grammar import Grammars
 from phi3v.engine.sampler import SamplingParams
 from phi3v.hub import resolve_model
 from phi3v.models.weights import load_model
@@ -72,7 +73,9 @@ class LLM:
         self.image_processor = ImageProcessor.from_config(self.config)
         self.model = load_model(self.folder, self.config, self.device, self.dtype)
         self.engine = Engine(self.model, self.config, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                             gpu_memory_utilization=gpu_memory_utilization)
+                             gpu_memory_utilization=gpu_memory_utilization,
+                             grammars=Grammars.from_tokenizer(self.tokenizer, self.config.vocab_size,
+                                                              self.config.eos_token_ids))
         self.allow_url_images = allow_url_images
         self._lock = threading.Lock()
 

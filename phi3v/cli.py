@@ -25,11 +25,28 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="answer with JSON valid against the JSON Schema in FILE (constrained decoding)")
+    p.add_argument("--json-object", action="store_true", help="answer with a JSON object (any)")
+
+
+def _read_schema(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read --json-schema file {path!r}: {e.strerror or e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--json-schema file {path!r} is not valid JSON: {e}") from None
 
 
 def _params(a: argparse.Namespace) -> SamplingParams:
+    schema = _read_schema(a.json_schema) if a.json_schema else None
     return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                          seed=a.seed, repetition_penalty=a.repetition_penalty, stop=a.stop)
+                          seed=a.seed, repetition_penalty=a.repetition_penalty, stop=a.stop,
+                          json_schema=schema, json_object=a.json_object)
 
 
 def _load(a: argparse.Namespace) -> Any:

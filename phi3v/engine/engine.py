@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from phi3v.config import Phi3VConfig
+from phi3v.engine.grammar import Grammars
 from phi3v.engine.kv_cache import KVCache, PrefillAttention
 from phi3v.engine.runner import DecodeRunner
 from phi3v.engine.sampler import SamplingParams, SamplingTensors, sample, top_logprobs
@@ -46,7 +47,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, config: Phi3VConfig, *, max_num_seqs: int = 8,
                  max_model_len: int | None = None, kv_budget_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, prefill_chunk: int = 4096,
-                 image_cache_size: int = 32, use_graphs: bool | None = None) -> None:
+                 image_cache_size: int = 32, use_graphs: bool | None = None, grammars: Grammars | None = None) -> None:
         self.model, self.cfg = model, config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -70,6 +71,7 @@ class Engine:
         self.vision_batch_crops = 128
         self.image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.image_cache_size = image_cache_size
+        self.grammars = grammars  # token table for structured output (None: constraints are refused)
         self.stats = {"image_cache_hits": 0, "images_encoded": 0, "prefill_tokens": 0, "decode_steps": 0}
 
     # ---------------------------------------------------------------- requests
@@ -87,6 +89,11 @@ class Engine:
         seed = params.seed if params.seed is not None else int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8).digest(), "little") >> 1
         seq = Sequence(rid=rid, prompt_ids=list(prompt_ids), params=params, images=images,
                        eos_ids=frozenset(self.cfg.eos_token_ids), seed=seed)
+        if params.constrained:
+            if self.grammars is None:
+                raise ValueError("structured output (json_schema / json_object) needs an engine built with a "
+                                 "tokenizer's token table (Engine(..., grammars=Grammars.from_tokenizer(...)))")
+            seq.state["grammar"] = self.grammars.matcher(params)
         self.sched.add(seq)
         return rid
 
@@ -218,7 +225,10 @@ class Engine:
         seen = None
         if t.any_penalty:
             seen = torch.stack([self._seen(s) for s in rows])
-        tokens = sample(logits, t, steps, seen)
+        # structured output: the constrained rows' allowed-token masks, one copy to the device
+        constrained = [(i, s.state["grammar"]) for i, s in enumerate(rows) if "grammar" in s.state]
+        masks = self.grammars.fill_masks(constrained, len(rows), self.device) if constrained else None
+        tokens = sample(logits, t, steps, seen, masks)
         k = max((p.logprobs or 0) for p in params)
         want_lp = any(p.logprobs is not None for p in params)
         if want_lp:
@@ -236,7 +246,8 @@ class Engine:
                 lp = packed[i]
                 top = [(int(lp[j, 1]), float(lp[j, 0])) for j in range(1, 1 + seq.params.logprobs)]
                 out.logprobs.append((tok, float(lp[0, 0]), top))
-            reason = seq.check_finish()
+            m = seq.state.get("grammar")
+            reason = "stop" if m is not None and self.grammars.accept(m, tok) else seq.check_finish()
             if reason:
                 out.finished, out.finish_reason = True, reason
                 self._free(seq, reason)

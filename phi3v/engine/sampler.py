@@ -9,6 +9,7 @@ the same tokens whatever else shares its batch, on any device.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,6 +30,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # k most likely next tokens per generated token, from the raw logits
     stop_token_ids: list[int] = field(default_factory=list)
+    json_schema: dict[str, Any] | str | None = None  # the output is JSON valid against this schema
+    json_object: bool = False  # the output is a JSON object (any)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -56,6 +59,22 @@ class SamplingParams:
             bad("stop must be a non-empty string or a list of non-empty strings")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        if not isinstance(self.json_object, bool):
+            bad(f"json_object must be true or false, got {self.json_object!r}")
+        if self.json_schema is not None:
+            if self.json_object:
+                bad("set json_schema or json_object, not both")
+            from phi3v.engine.grammar import check_schema
+
+            try:
+                self.json_schema = check_schema(self.json_schema)
+            except ValueError as e:
+                bad(str(e))
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the output must follow a JSON schema (or be a JSON object)."""
+        return self.json_schema is not None or self.json_object
 
     @property
     def greedy(self) -> bool:
@@ -118,11 +137,29 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def sample(logits: torch.Tensor, t: SamplingTensors, steps: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
-    """Pick one token per row. logits (B, V) float32 raw; steps (B,) int64 per-row step counters.
-    Returns (B,) int64. Greedy rows take the argmax of the (penalised) logits."""
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_token_bitmask(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Set to -inf the logits of tokens whose bit is 0 in the packed masks (B, ceil(V/32)) int32
+    (bit j of word w = token 32*w + j). One masked_fill: all-ones rows keep their exact values."""
+    shifts = _SHIFTS.get(logits.device)
+    if shifts is None:
+        shifts = _SHIFTS[logits.device] = torch.arange(32, device=logits.device, dtype=torch.int32)
+    B, V = logits.shape
+    allowed = ((masks[:, :, None] >> shifts) & 1).view(B, -1)[:, :V]
+    return logits.masked_fill(allowed == 0, float("-inf"))
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors, steps: torch.Tensor, seen: torch.Tensor | None = None,
+           masks: torch.Tensor | None = None) -> torch.Tensor:
+    """Pick one token per row. logits (B, V) float32 raw; steps (B,) int64 per-row step counters;
+    masks: packed allowed-token bitmasks of structured output (see apply_token_bitmask) or None.
+    Returns (B,) int64. Greedy rows take the argmax of the (penalised, masked) logits."""
     if t.any_penalty and seen is not None:
         logits = apply_repetition_penalty(logits, seen, t.penalty)
+    if masks is not None:
+        logits = apply_token_bitmask(logits, masks)
     greedy_tok = logits.argmax(dim=-1)
     if not t.any_sampling:
         return greedy_tok

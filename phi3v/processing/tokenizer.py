@@ -138,6 +138,10 @@ class Tokenizer:
                 raise ValueError(f"cannot decode negative id {i} (image placeholders are not text)")
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def to_json(self) -> str:
+        """The tokenizer.json this tokenizer runs (padding and truncation off)."""
+        return self._tok.to_str()
+
     def token_to_id(self, tok: str) -> int | None:
         return self._tok.token_to_id(tok)
 
