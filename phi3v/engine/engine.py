@@ -220,14 +220,15 @@ class Engine:
 
     def _sample_and_finish(self, rows: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         params = [s.params for s in rows]
+        # structured output: the constrained rows' allowed-token masks, filled on the CPU first,
+        # while the device still runs the forward (the parameter tensors below wait for it)
+        constrained = [(i, s.state["grammar"]) for i, s in enumerate(rows) if "grammar" in s.state]
+        masks = self.grammars.fill_masks(constrained, len(rows), self.device) if constrained else None
         t = SamplingTensors.build(params, [s.seed for s in rows], self.device)
         steps = torch.tensor([len(s.output_ids) for s in rows], device=self.device)
         seen = None
         if t.any_penalty:
             seen = torch.stack([self._seen(s) for s in rows])
-        # structured output: the constrained rows' allowed-token masks, one copy to the device
-        constrained = [(i, s.state["grammar"]) for i, s in enumerate(rows) if "grammar" in s.state]
-        masks = self.grammars.fill_masks(constrained, len(rows), self.device) if constrained else None
         tokens = sample(logits, t, steps, seen, masks)
         k = max((p.logprobs or 0) for p in params)
         want_lp = any(p.logprobs is not None for p in params)
