@@ -132,6 +132,71 @@ def cmd_batch(a: argparse.Namespace) -> int:
     return run_batch(a, _params(a), _load)
 
 
+def _env(name: str, default: Any = None, flag: bool = False) -> Any:
+    """Default of a `serve` flag from PHI3V_<NAME>; argparse converts (and checks) string defaults itself."""
+    raw = os.environ.get("PHI3V_" + name)
+    if raw is None or raw == "":
+        return default
+    return raw.strip().lower() in ("1", "true", "yes", "on") if flag else raw
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import logging
+
+    for flag, value, low in (("--port", a.port, 0), ("--max-num-seqs", a.max_num_seqs, 1),
+                             ("--max-queue", a.max_queue, 0), ("--max-images-per-request", a.max_images_per_request, 0),
+                             ("--max-image-pixels", a.max_image_pixels, 1), ("--max-model-len", a.max_model_len, 2),
+                             ("--num-crops", a.num_crops, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be at least {low}, got {value}")
+    try:
+        import uvicorn
+
+        from phi3v.server.app import Settings, create_app
+    except ImportError as e:
+        raise ValueError(f"the server needs its extra dependencies ({e.name} is missing): "
+                         "pip install 'phi3v[serve]'") from None
+    if a.allowed_media_dir is not None and not os.path.isdir(a.allowed_media_dir):
+        raise ValueError(f"--allowed-media-dir {a.allowed_media_dir!r} is not a directory")
+    s = Settings(model=a.model, served_model_name=a.served_model_name, host=a.host, port=a.port, api_key=a.api_key,
+                 allow_url_images=a.allow_url_images, allowed_media_dir=a.allowed_media_dir,
+                 max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, max_queue=a.max_queue,
+                 max_images_per_request=a.max_images_per_request, max_image_pixels=a.max_image_pixels,
+                 num_crops=a.num_crops, device=a.device, dtype=a.dtype)
+    if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
+        print(f"phi3v: warning: listening on {a.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(s), host=a.host, port=a.port, log_level=a.log_level, access_log=False,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def _serve_parser(sub: Any) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (every flag also reads PHI3V_<FLAG>)")
+    s.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL),
+                   help="repo id or local folder (default: %(default)s)")
+    s.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (default: %(default)s)")
+    s.add_argument("--port", type=int, default=_env("PORT", 8000))
+    s.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME"),
+                   help="model id clients use (default: --model)")
+    s.add_argument("--api-key", default=_env("API_KEY"), help="require 'Authorization: Bearer KEY' on /v1/*")
+    s.add_argument("--allow-url-images", action="store_true", default=_env("ALLOW_URL_IMAGES", False, flag=True),
+                   help="fetch http(s) image URLs (public addresses only)")
+    s.add_argument("--allowed-media-dir", default=_env("ALLOWED_MEDIA_DIR"),
+                   help="local image paths are allowed under this folder")
+    s.add_argument("--max-num-seqs", type=int, default=_env("MAX_NUM_SEQS", 8), help="requests decoded at once")
+    s.add_argument("--max-model-len", type=int, default=_env("MAX_MODEL_LEN", None), help="context per request")
+    s.add_argument("--max-queue", type=int, default=_env("MAX_QUEUE", 256), help="waiting requests before 429")
+    s.add_argument("--max-images-per-request", type=int, default=_env("MAX_IMAGES_PER_REQUEST", 8))
+    s.add_argument("--max-image-pixels", type=int, default=_env("MAX_IMAGE_PIXELS", 64 * 2**20))
+    s.add_argument("--num-crops", type=int, default=_env("NUM_CROPS", None), help="default crops per image")
+    s.add_argument("--device", default=_env("DEVICE"), help="cpu, cuda, cuda:N (default: cuda if available)")
+    s.add_argument("--dtype", default=_env("DTYPE"), help="auto, bf16, fp16, fp32")
+    s.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
+    s.set_defaults(fn=cmd_serve)
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -158,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=8, help="requests sent to the engine at once")
     b.add_argument("--image-dir", default=None, help="relative image paths are taken from here")
     b.set_defaults(fn=cmd_batch)
+    _serve_parser(sub)
     return ap
 
 

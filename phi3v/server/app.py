@@ -1,0 +1,334 @@
+"""FastAPI app: thin routes over `Frontend`, OpenAI-shaped errors, health, metrics, auth.
+
+`create_app(Settings(model=...))` returns the app; the model loads in a background thread at
+startup (`/health` answers 503 until it is ready). Run it with uvicorn or `phi3v serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from phi3v.output import Completion
+from phi3v.processing.chat import PromptError
+from phi3v.processing.image_io import MAX_IMAGE_PIXELS, ImageInputError
+from phi3v.server.frontend import Frontend, QueueFull, RequestFailed, RequestStream, ServerMetrics
+from phi3v.server.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
+                                   ChunkChoice, DeltaMessage, ErrorResponse, Health, ModelCard, ModelList, Usage,
+                                   choice_logprobs, error_body, validation_message)
+
+log = logging.getLogger("phi3v.server")
+
+
+@dataclass
+class Settings:
+    model: str
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    allow_url_images: bool = False
+    allowed_media_dir: str | None = None
+    max_num_seqs: int = 8
+    max_model_len: int | None = None
+    max_queue: int = 256
+    max_images_per_request: int = 8
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_image_bytes: int = 20 * 2**20
+    image_timeout: float = 10.0
+    num_crops: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    max_body_bytes: int = 100 * 2**20
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or self.model
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type_
+        self.param, self.code, self.headers = param, code, headers
+
+
+def _err(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+         code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+class _State:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics(settings.model_id)
+        self.frontend: Frontend | None = None
+        self.status, self.detail = "loading", None  # -> "ok" | "error"
+
+    def load(self) -> None:
+        s = self.settings
+        try:
+            from phi3v.api import LLM
+
+            t0 = time.perf_counter()
+            llm = LLM(s.model, device=s.device, dtype=s.dtype, max_num_seqs=s.max_num_seqs,
+                      max_model_len=s.max_model_len, allow_url_images=s.allow_url_images)
+            load_kwargs = dict(allowed_dir=s.allowed_media_dir, allow_paths=s.allowed_media_dir is not None,
+                               allow_urls=s.allow_url_images, max_bytes=s.max_image_bytes, timeout=s.image_timeout,
+                               max_pixels=s.max_image_pixels)
+            fe = Frontend(llm, max_queue=s.max_queue, max_images=s.max_images_per_request, load_kwargs=load_kwargs,
+                          default_num_crops=s.num_crops, metrics=self.metrics)
+            fe.start()
+            self.frontend, self.status = fe, "ok"
+            log.info("model %s loaded in %.1fs (%s, %s); serving as %r", s.model, time.perf_counter() - t0,
+                     llm.device, llm.dtype, s.model_id)
+        except Exception as e:  # noqa: BLE001 - reported by /health, not raised into uvicorn
+            self.status, self.detail = "error", f"loading the model failed: {type(e).__name__}: {e}"
+            log.exception("loading the model failed")
+
+    def ready(self) -> Frontend:
+        if self.frontend is None:
+            msg = ("the model is still loading; retry shortly" if self.status == "loading"
+                   else (self.detail or "not ready"))
+            raise APIError(503, msg, "server_error", code="model_not_ready", headers={"Retry-After": "5"})
+        return self.frontend
+
+
+class _RequestContext:
+    """Pure ASGI middleware: a request id on every response (X-Request-Id), a body size cap, access logs."""
+
+    def __init__(self, app: Any, max_body: int) -> None:
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        chat = scope["path"].endswith("/chat/completions")
+        rid = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"req-{uuid.uuid4().hex[:16]}"
+        scope.setdefault("state", {})["rid"] = rid
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.max_body:
+            resp = _err(413, f"the request body is {int(length)} bytes, over the limit of {self.max_body}",
+                        code="request_too_large", headers={"X-Request-Id": rid})
+            return await resp(scope, receive, send)
+        t0, status, seen = time.perf_counter(), [0], [0]
+
+        async def counted_receive() -> dict:
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen[0] += len(msg.get("body", b""))
+                if seen[0] > self.max_body:
+                    raise ValueError("request body too large")
+            return msg
+
+        async def send_with_id(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+                msg["headers"] = list(msg.get("headers", [])) + [(b"x-request-id", rid.encode())]
+            await send(msg)
+
+        try:
+            await self.app(scope, counted_receive, send_with_id)
+        finally:
+            if scope["path"] not in ("/health", "/metrics") or status[0] >= 400:
+                log.info("[%s] %s %s -> %s in %.3fs", rid, scope["method"], scope["path"], status[0],
+                         time.perf_counter() - t0)
+
+
+class _SSE(StreamingResponse):
+    """SSE that always watches for the client leaving and calls `on_close` however the stream ends."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Any, headers: dict[str, str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                async def run() -> None:
+                    with contextlib.suppress(OSError):
+                        await self.stream_response(send)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(run)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            self._on_close()
+
+
+# ---------------------------------------------------------------- request -> engine inputs, outputs -> responses
+
+
+async def _until_disconnect(request: Request) -> None:
+    while True:
+        if (await request.receive())["type"] == "http.disconnect":
+            return
+
+
+async def _collect(stream: RequestStream) -> Completion:
+    async for _delta, done in stream.events():
+        if done is not None:
+            return done
+    raise RequestFailed("the request ended without a result")
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {obj.model_dump_json()}\n\n"
+
+
+# ---------------------------------------------------------------- the app
+
+
+def create_app(settings: Settings) -> FastAPI:
+    state = _State(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=state.load, name="phi3v-load", daemon=True).start()
+        yield
+        if state.frontend is not None:
+            state.frontend.stop()  # joins the engine thread (bounded); fails what is still in flight
+
+    app = FastAPI(title="phi3v", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible chat completions for Phi-3-vision / Phi-3.5-vision")
+    app.state.phi3v = state
+    app.add_middleware(_RequestContext, max_body=settings.max_body_bytes)
+
+    async def auth(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, token = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    errors = {c: {"model": ErrorResponse} for c in (400, 401, 404, 413, 429, 500, 503)}
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return _err(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
+        msg, param, code = validation_message(e.errors())
+        return _err(400, msg, param=param, code=code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        typ = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return _err(e.status_code, str(e.detail), typ, code=code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(QueueFull)
+    async def _full(request: Request, e: QueueFull) -> JSONResponse:
+        return _err(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": str(e.retry_after)})
+
+    @app.exception_handler(ValueError)
+    async def _value(request: Request, e: ValueError) -> JSONResponse:
+        param = "messages" if isinstance(e, (ImageInputError, PromptError)) else None
+        return _err(400, " ".join(str(e).split()) or "invalid request", param=param)
+
+    @app.exception_handler(RequestFailed)
+    async def _failed(request: Request, e: RequestFailed) -> JSONResponse:
+        return _err(500, str(e), "server_error", code="request_failed")
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
+        log.error("[%s] internal error: %s: %s", request.scope.get("state", {}).get("rid"), type(e).__name__, e)
+        return _err(500, "internal server error", "server_error", code="internal_error")
+
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
+    async def health() -> JSONResponse:
+        ok = state.status == "ok" and not (state.frontend and state.frontend.dead)
+        return JSONResponse(Health(status="ok" if ok else state.status, detail=state.detail).model_dump(),
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(auth)], responses=errors)
+    async def models() -> ModelList:
+        fe = state.frontend
+        return ModelList(data=[ModelCard(id=settings.model_id,
+                                         max_model_len=fe.engine.sched.slot_len if fe else settings.max_model_len)])
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=[Depends(auth)], responses=errors)
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
+        rid: str = request.scope["state"]["rid"]
+        if req.model != settings.model_id:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {settings.model_id!r}",
+                           param="model", code="model_not_found")
+        fe = state.ready()
+        params = req.sampling_params(fe.engine.sched.slot_len)
+        messages = [m.to_internal() for m in req.messages]
+        stream = await fe.submit(rid, messages, params, req.crops(settings.num_crops), req.num_images())
+        model = settings.model_id
+        if not req.stream:
+            task = asyncio.ensure_future(_collect(stream))
+            watch = asyncio.ensure_future(_until_disconnect(request))
+            try:
+                await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when this handler is cancelled (shutdown)
+                watch.cancel()
+                if not task.done():
+                    task.cancel()
+                    stream.close()  # the client left: abort, free the KV slot
+            if not task.done() or task.cancelled():
+                return Response(status_code=499)
+            done = task.result()
+            body = ChatCompletion(id=rid, model=model, usage=Usage(**done.usage), choices=[Choice(
+                message=AssistantMessage(content=done.text), finish_reason=done.finish_reason,
+                logprobs=choice_logprobs(fe.llm.tokenizer, done.logprobs))])
+            return JSONResponse(body.model_dump())
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        created = int(time.time())
+
+        def chunk(delta: DeltaMessage, finish: str | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=rid, model=model, created=created,
+                                       choices=[ChunkChoice(delta=delta, finish_reason=finish)])
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                yield _sse(chunk(DeltaMessage(role="assistant", content="")))
+                async for delta, done in stream.events():
+                    if delta:
+                        yield _sse(chunk(DeltaMessage(content=delta)))
+                    if done is not None:
+                        yield _sse(chunk(DeltaMessage(), done.finish_reason))
+                        if include_usage:
+                            yield _sse(ChatCompletionChunk(id=rid, model=model, created=created, choices=[],
+                                                           usage=Usage(**done.usage)))
+            except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, no traceback
+                if isinstance(e, ValueError):
+                    body = error_body(" ".join(str(e).split()), "invalid_request_error")
+                elif isinstance(e, RequestFailed):
+                    body = error_body(str(e), "server_error", code="request_failed")
+                else:
+                    log.error("[%s] stream failed: %s: %s", rid, type(e).__name__, e)
+                    body = error_body("internal server error", "server_error", code="internal_error")
+                yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return _SSE(events(), stream.close, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app

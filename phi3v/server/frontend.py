@@ -1,0 +1,374 @@
+"""The async front end: one thread owns the engine, asyncio handlers talk to it through queues.
+
+- Preparation (image download/decoding, cropping, tokenization) runs in a small thread pool, so a
+  slow or huge image never stalls decoding; its errors (ValueError) go back to that request only.
+- The engine thread loops: take commands (add / abort) from a thread-safe queue, `engine.step()`,
+  turn step outputs into text deltas (`RequestOutput`) and hand them to each request's asyncio
+  queue with `loop.call_soon_threadsafe`.
+- Robustness: an exception in a step fails only the requests it can be pinned on. When a prefill
+  of several newly admitted requests fails, each of them is retried alone (new requests are held
+  back meanwhile), so only the culprit fails. A failing decode step fails the running requests;
+  the loop itself never dies.
+- Bounded: at most `max_num_seqs + max_queue` requests are accepted at once; beyond that
+  `submit` raises `QueueFull` (the route answers 429 with Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from phi3v.output import Completion, RequestOutput
+
+log = logging.getLogger("phi3v.server")
+
+
+def _downloads(messages: list[dict[str, Any]]) -> bool:
+    """Whether any image part of the messages is an http(s) URL."""
+    for m in messages:
+        for p in m.get("content") if isinstance(m.get("content"), list) else ():
+            url = (p.get("image_url") or {}).get("url", "") if isinstance(p, dict) else ""
+            if isinstance(url, str) and url[:8].lower().startswith(("http://", "https://")):
+                return True
+    return False
+
+
+class QueueFull(Exception):
+    """Too many requests are waiting; try again after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int = 1) -> None:
+        super().__init__("the server is at capacity: too many requests are waiting; retry later")
+        self.retry_after = retry_after
+
+
+class RequestFailed(Exception):
+    """The request failed inside the engine (not the client's fault)."""
+
+
+class ServerMetrics:
+    """Prometheus metrics in their own registry (several apps may live in one process)."""
+
+    def __init__(self, model: str) -> None:
+        self.registry = r = CollectorRegistry()
+        lbl = ["model"]
+        self.requests = Counter("phi3v_requests", "Finished requests by outcome", lbl + ["outcome"], registry=r)
+        self.prompt_tokens = Counter("phi3v_prompt_tokens", "Prompt tokens (images included)", lbl, registry=r)
+        self.gen_tokens = Counter("phi3v_generation_tokens", "Generated tokens", lbl, registry=r)
+        self.ttft = Histogram("phi3v_time_to_first_token_seconds", "Arrival to first token", lbl, registry=r,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.e2e = Histogram("phi3v_e2e_request_latency_seconds", "Arrival to last token", lbl, registry=r,
+                             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.req_tps = Histogram("phi3v_request_decode_tokens_per_second", "Decode speed per request", lbl,
+                                 registry=r, buckets=(1, 5, 10, 20, 50, 100, 200, 500, 1000, 5000))
+        self.tps = Gauge("phi3v_generation_tokens_per_second", "Tokens generated per second, last 5 s", lbl,
+                         registry=r)
+        self.running = Gauge("phi3v_num_requests_running", "Requests decoding in the engine", lbl, registry=r)
+        self.waiting = Gauge("phi3v_num_requests_waiting", "Accepted requests not yet running", lbl, registry=r)
+        self.kv_usage = Gauge("phi3v_kv_cache_usage_ratio", "Fraction of KV slots in use", lbl, registry=r)
+        self.kv_tokens = Gauge("phi3v_kv_cache_tokens_used", "Tokens held in the KV cache", lbl, registry=r)
+        self.model = model
+
+    def outcome(self, name: str) -> None:
+        self.requests.labels(self.model, name).inc()
+
+
+@dataclass
+class _Handle:
+    rid: str
+    loop: asyncio.AbstractEventLoop
+    q: asyncio.Queue
+    prep: Any  # phi3v.api.PreparedRequest
+    arrival: float
+    ro: RequestOutput | None = None
+    first: float | None = None
+    retried: bool = False
+    emitted: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RequestStream:
+    """What `Frontend.submit` returns: iterate `events()` for (delta, Completion | None)."""
+
+    def __init__(self, fe: "Frontend", h: _Handle) -> None:
+        self._fe, self._h, self.finished = fe, h, False
+        self.rid = h.rid
+        self.prompt_tokens = len(h.prep.prompt_ids)
+
+    async def events(self) -> AsyncIterator[tuple[str, Completion | None]]:
+        try:
+            while True:
+                delta, done, err = await self._h.q.get()
+                if err is not None:
+                    self.finished = True
+                    raise err
+                if done is not None:
+                    self.finished = True
+                yield delta, done
+                if done is not None:
+                    return
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Abort the request unless it finished (client gone, handler cancelled): frees its KV slot."""
+        if not self.finished:
+            self.finished = True
+            self._fe.abort(self.rid)
+
+
+class Frontend:
+    def __init__(self, llm: Any, *, max_queue: int = 256, max_images: int = 8,
+                 load_kwargs: dict[str, Any] | None = None, default_num_crops: int | None = None,
+                 prepare_workers: int = 4, metrics: ServerMetrics | None = None) -> None:
+        self.llm, self.engine = llm, llm.engine
+        self.max_queue, self.max_images = max_queue, max_images
+        self.capacity = self.engine.sched.max_num_seqs + max_queue
+        self.load_kwargs = dict(load_kwargs or {})
+        self.default_num_crops = default_num_crops
+        self.metrics = metrics or ServerMetrics(getattr(llm, "model_name", "model"))
+        self._cmds: queue.Queue = queue.Queue()
+        self._pool = ThreadPoolExecutor(max_workers=prepare_workers, thread_name_prefix="phi3v-prep")
+        # requests that download images get their own pool: slow hosts cannot starve local preparation
+        self._fetch_pool = ThreadPoolExecutor(max_workers=2 * prepare_workers, thread_name_prefix="phi3v-fetch")
+        self._lock = threading.Lock()
+        self.active = 0  # accepted, not yet finished
+        self._handles: dict[str, _Handle] = {}  # in the engine (engine thread only)
+        self._retry: deque[_Handle] = deque()  # admitted together with a failing prefill: re-run alone
+        self._held: list[_Handle] = []  # new requests held back while retries run
+        self._recent: deque[tuple[float, int]] = deque()
+        self._stop = threading.Event()
+        self.dead: str | None = None
+        self._thread = threading.Thread(target=self._run, name="phi3v-engine", daemon=True)
+
+    # ---------------------------------------------------------------- async side
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._cmds.put(("wake", None))
+        self._thread.join(timeout=10)
+        for pool in (self._pool, self._fetch_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return max(0, self.active - self.engine.num_running)
+
+    async def submit(self, rid: str, messages: list[dict[str, Any]], params: Any, num_crops: int | None = None,
+                     n_images: int = 0) -> RequestStream:
+        """Prepare the request (off the engine thread) and queue it. Raises QueueFull, ValueError
+        (bad input: 400), RequestFailed."""
+        if self.dead:
+            raise RequestFailed(f"the engine stopped: {self.dead}")
+        if n_images > self.max_images:
+            raise ValueError(f"the request has {n_images} images but this server accepts at most {self.max_images} "
+                             "per request (--max-images-per-request)")
+        with self._lock:
+            if self.active >= self.capacity:
+                self.metrics.outcome("rejected")
+                raise QueueFull(retry_after=1 + self.active // max(1, self.engine.sched.max_num_seqs))
+            self.active += 1
+        arrival = time.perf_counter()
+        handed = False
+        try:
+            loop = asyncio.get_running_loop()
+            crops = num_crops if num_crops is not None else self.default_num_crops
+            pool = self._fetch_pool if _downloads(messages) else self._pool
+            prep = await loop.run_in_executor(
+                pool, lambda: self.llm.prepare_chat(messages, params, crops, **self.load_kwargs))
+            h = _Handle(rid, loop, asyncio.Queue(), prep, arrival)
+            self._cmds.put(("add", h))
+            handed = True
+            return RequestStream(self, h)
+        except ValueError:
+            self.metrics.outcome("invalid")
+            raise
+        except asyncio.CancelledError:
+            self.metrics.outcome("aborted")
+            raise
+        except Exception as e:
+            self.metrics.outcome("error")
+            log.exception("[%s] preparation failed", rid)
+            raise RequestFailed(f"preparing the request failed ({type(e).__name__})") from None
+        finally:
+            if not handed:
+                with self._lock:
+                    self.active -= 1
+
+    def abort(self, rid: str) -> None:
+        self._cmds.put(("abort", rid))
+
+    # ---------------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._drain(block=not self.engine.has_unfinished())
+                if self._retry and not self.engine.sched.waiting:
+                    self._add(self._retry.popleft())
+                if not self._retry and self._held:
+                    held, self._held = self._held, []
+                    for h in held:
+                        self._add(h)
+                if self.engine.has_unfinished():
+                    self._step()
+                self._gauges()
+            except Exception as e:  # a bug in the loop itself: fail everything in flight, keep going
+                log.exception("engine loop error")
+                for h in list(self._handles.values()):
+                    self._fail(h, RequestFailed(f"engine error ({type(e).__name__})"))
+        for h in list(self._handles.values()) + list(self._retry) + self._held:
+            self._fail(h, RequestFailed("the server is shutting down"))
+
+    def _drain(self, block: bool) -> None:
+        try:
+            cmd = self._cmds.get(timeout=0.2) if block else self._cmds.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, arg = cmd
+            if kind == "add":
+                if self._retry:
+                    self._held.append(arg)
+                else:
+                    self._add(arg)
+            elif kind == "abort":
+                self._abort(arg)
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, h: _Handle) -> None:
+        p = h.prep
+        try:
+            self.engine.add_request(p.prompt_ids, p.images, p.params, rid=h.rid)
+            h.ro = RequestOutput(self.llm.tokenizer, len(p.prompt_ids), p.params, self.llm.config.eos_token_ids,
+                                 p.preprocess_s, time.perf_counter())
+        except Exception as e:
+            self.engine.abort(h.rid)
+            err = e if isinstance(e, ValueError) else RequestFailed(f"engine rejected the request ({type(e).__name__})")
+            self._fail(h, err)
+            return
+        self._handles[h.rid] = h
+
+    def _abort(self, rid: str) -> None:
+        h = self._handles.pop(rid, None)
+        for lst in (self._retry, self._held):
+            for x in list(lst):
+                if x.rid == rid:
+                    lst.remove(x)
+                    h = x
+        if h is None:
+            return
+        self.engine.abort(rid)
+        self._release(h, "aborted")
+        log.info("[%s] aborted (client gone)", rid)
+
+    def _release(self, h: _Handle, outcome: str) -> None:
+        self._handles.pop(h.rid, None)
+        with self._lock:
+            self.active -= 1
+        self.metrics.outcome(outcome)
+
+    def _push(self, h: _Handle, item: tuple[str, Completion | None, BaseException | None]) -> None:
+        try:
+            h.loop.call_soon_threadsafe(h.q.put_nowait, item)
+        except RuntimeError:  # the client's event loop is gone
+            pass
+
+    def _fail(self, h: _Handle, err: BaseException) -> None:
+        self.engine.abort(h.rid)
+        if isinstance(err, ValueError):
+            log.info("[%s] rejected: %s", h.rid, err)
+        else:
+            log.warning("[%s] failed: %s", h.rid, err)
+        self._push(h, ("", None, err))
+        self._release(h, "invalid" if isinstance(err, ValueError) else "error")
+
+    def _step(self) -> None:
+        sched = self.engine.sched
+        before = {s.rid for s in sched.running}
+        try:
+            outs = self.engine.step()
+        except Exception as e:
+            log.exception("engine step failed")
+            admitted = [self._handles[s.rid] for s in sched.running if s.rid not in before and s.rid in self._handles]
+            err = RequestFailed(f"the engine failed on this request ({type(e).__name__})")
+            if len(admitted) == 1 or (admitted and all(h.retried for h in admitted)):
+                for h in admitted:
+                    self._fail(h, err)
+            elif admitted:  # a batch prefill failed: re-run each alone to find the culprit
+                for h in admitted:
+                    self.engine.abort(h.rid)
+                    self._handles.pop(h.rid, None)
+                    h.retried = True
+                    self._retry.append(h)
+            else:  # a decode step failed: every running request is affected
+                for s in list(sched.running):
+                    if s.rid in self._handles:
+                        self._fail(self._handles[s.rid], err)
+                    else:
+                        self.engine.abort(s.rid)
+            return
+        now = time.perf_counter()
+        n_tok = 0
+        for o in outs:
+            h = self._handles.get(o.rid)
+            if h is None or h.ro is None:  # aborted meanwhile
+                self.engine.abort(o.rid)
+                continue
+            n_tok += len(o.token_ids)
+            try:
+                delta, done, stop_hit = h.ro.update(o)
+            except Exception as e:
+                log.exception("[%s] output processing failed", h.rid)
+                self._fail(h, RequestFailed(f"output processing failed ({type(e).__name__})"))
+                continue
+            if h.first is None:
+                h.first = now
+                self.metrics.ttft.labels(self.metrics.model).observe(now - h.arrival)
+            if stop_hit:
+                self.engine.abort(o.rid)
+            if delta or done is not None:
+                self._push(h, (delta, done, None))
+            if done is not None:
+                self._finished(h, done, now)
+        if n_tok:
+            self._recent.append((now, n_tok))
+            self.metrics.gen_tokens.labels(self.metrics.model).inc(n_tok)
+
+    def _finished(self, h: _Handle, done: Completion, now: float) -> None:
+        m = self.metrics
+        m.prompt_tokens.labels(m.model).inc(done.usage["prompt_tokens"])
+        m.e2e.labels(m.model).observe(now - h.arrival)
+        if done.timings.get("decode_tokens_per_s"):
+            m.req_tps.labels(m.model).observe(done.timings["decode_tokens_per_s"])
+        log.info("[%s] done: %s, %d prompt + %d generated tokens, %.3fs", h.rid, done.finish_reason,
+                 done.usage["prompt_tokens"], done.usage["completion_tokens"], now - h.arrival)
+        self._release(h, done.finish_reason or "stop")
+
+    def _gauges(self) -> None:
+        m, eng = self.metrics, self.engine
+        now = time.perf_counter()
+        while self._recent and self._recent[0][0] < now - 5.0:
+            self._recent.popleft()
+        m.tps.labels(m.model).set(sum(n for _, n in self._recent) / 5.0)
+        running = list(eng.sched.running)
+        m.running.labels(m.model).set(len(running))
+        m.waiting.labels(m.model).set(self.num_waiting)
+        m.kv_usage.labels(m.model).set(len(running) / max(1, eng.sched.max_num_seqs))
+        m.kv_tokens.labels(m.model).set(sum(s.num_tokens for s in running))

@@ -1,0 +1,295 @@
+"""Request and response schemas of the OpenAI-compatible server (pydantic v2).
+
+Shapes follow OpenAI's `chat.completions`: requests are validated strictly (a string where a number
+belongs is a 400, not a silent coercion), while fields that OpenAI clients send but this server
+ignores (`user`, `metadata`, ...) are accepted as extras. Extensions: `num_crops`, `top_k`,
+`repetition_penalty`, `ignore_eos`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+from phi3v.engine.sampler import SamplingParams
+
+_REQ = ConfigDict(strict=True, extra="allow")
+
+
+class _Req(BaseModel):
+    model_config = _REQ
+
+
+# ---------------------------------------------------------------- requests
+
+
+class ImageURL(_Req):
+    url: Annotated[str, Field(min_length=1, description="data:image/...;base64,..., http(s):// (when enabled) "
+                                                        "or a path / file:// URI under --allowed-media-dir")]
+    detail: Literal["auto", "low", "high"] | None = Field(
+        None, description="low: one 336px crop per image; high/auto: the server's default number of crops")
+
+
+class TextPart(_Req):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Req):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class ChatMessage(_Req):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def to_internal(self) -> dict[str, Any]:
+        """The message as `phi3v.processing.chat.render_chat` takes it (developer -> system)."""
+        role = "system" if self.role == "developer" else self.role
+        if self.content is None:
+            return {"role": role, "content": ""}
+        if isinstance(self.content, str):
+            return {"role": role, "content": self.content}
+        parts: list[dict[str, Any]] = []
+        for p in self.content:
+            if isinstance(p, TextPart):
+                parts.append({"type": "text", "text": p.text})
+            else:
+                parts.append({"type": "image_url", "image_url": {"url": p.image_url.url}})
+        return {"role": role, "content": parts}
+
+
+class StreamOptions(_Req):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Req):
+    model: str
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    seed: int | None = None
+    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                          Field(max_length=16)] | None = None
+    n: Annotated[int, Field(ge=1, le=1, description="only n=1 is supported")] | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    presence_penalty: Annotated[float, Field(ge=0.0, le=0.0, description="not supported: 0 only")] | None = None
+    frequency_penalty: Annotated[float, Field(ge=0.0, le=0.0, description="not supported: 0 only")] | None = None
+    user: str | None = None
+    # extensions
+    num_crops: Annotated[int, Field(ge=1, le=64, description="336px crops per image (extension)")] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    ignore_eos: bool | None = False
+
+    def crops(self, default: int | None) -> int | None:
+        """`num_crops` if given; otherwise 1 when every image asked for detail=low, else `default`."""
+        if self.num_crops is not None:
+            return self.num_crops
+        details = [p.image_url.detail for m in self.messages if isinstance(m.content, list)
+                   for p in m.content if isinstance(p, ImagePart)]
+        if details and all(d == "low" for d in details):
+            return 1
+        return default
+
+    def num_images(self) -> int:
+        return sum(1 for m in self.messages if isinstance(m.content, list)
+                   for p in m.content if isinstance(p, ImagePart))
+
+    def sampling_params(self, context_len: int) -> SamplingParams:
+        """The engine's sampling parameters (ValueError -> 400). max_tokens defaults to the context."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.logprobs and self.stream:
+            raise ValueError("logprobs are not supported with stream: true")
+        return SamplingParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens or context_len,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, seed=self.seed,
+            repetition_penalty=self.repetition_penalty or 1.0, stop=self.stop, ignore_eos=bool(self.ignore_eos),
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+
+
+# ---------------------------------------------------------------- responses
+
+
+class _Resp(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Usage(_Resp):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(_Resp):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChoiceLogprobs(_Resp):
+    content: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(_Resp):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class Choice(_Resp):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletion(_Resp):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(_Resp):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChunkChoice(_Resp):
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(_Resp):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Resp):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "phi3v"
+    max_model_len: int | None = None
+
+
+class ModelList(_Resp):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(_Resp):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Resp):
+    error: ErrorDetail
+
+
+class Health(_Resp):
+    status: Literal["ok", "loading", "error"]
+    detail: str | None = None
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code)).model_dump()
+
+# ---------------------------------------------------------------- conversions
+
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def _token_text(tokenizer: Any, i: int) -> tuple[str, list[int]]:
+    piece = tokenizer.id_to_token(i) or ""
+    m = _BYTE_TOKEN.match(piece)
+    if m:
+        b = bytes([int(m.group(1), 16)])
+        return b.decode("utf-8", errors="replace"), list(b)
+    text = piece.replace("\u2581", " ")
+    return text, list(text.encode())
+
+
+def choice_logprobs(tokenizer: Any, entries: list[dict[str, Any]] | None) -> ChoiceLogprobs | None:
+    """`Completion.logprobs` (token ids) -> OpenAI's logprobs.content (token text and bytes)."""
+    if entries is None:
+        return None
+    out = []
+    for e in entries:
+        tok, b = _token_text(tokenizer, e["token_id"])
+        top = [TopLogprob(token=t, logprob=x["logprob"], bytes=tb)
+               for x in e["top_logprobs"] for t, tb in [_token_text(tokenizer, x["token_id"])]]
+        out.append(TokenLogprob(token=tok, logprob=e["logprob"], bytes=b, top_logprobs=top))
+    return ChoiceLogprobs(content=out)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _clean_loc(loc: Any) -> list[str]:
+    """Field path without 'body' and pydantic's union-branch labels ('str', 'list[...]', 'constrained-str')."""
+    out: list[str] = []
+    for x in loc:
+        if x == "body" or (isinstance(x, str) and (x in _TYPE_TAGS or "[" in x or "-" in x)):
+            continue
+        if out and out[-1] == str(x):  # a tagged-union label followed by the field of the same name
+            continue
+        out.append(str(x))
+    return out
+
+
+def validation_message(errs: list[Any]) -> tuple[str, str | None, str | None]:
+    """(message, param, code) from pydantic errors: the deepest problem, union alternatives joined."""
+    if not errs:
+        return "invalid request", None, None
+    if errs[0].get("type") == "json_invalid":
+        why = errs[0].get("ctx", {}).get("error", "parse error")
+        return f"the request body is not valid JSON ({why})", None, "json_invalid"
+    depth = max(len(_clean_loc(e.get("loc", ()))) for e in errs)
+    group = [e for e in errs if len(_clean_loc(e.get("loc", ()))) == depth]
+    loc = _clean_loc(group[0].get("loc", ()))
+    param = ".".join(loc) or None
+    msgs = list(dict.fromkeys(str(e.get("msg", "invalid value")) for e in group
+                              if _clean_loc(e.get("loc", ())) == loc))[:3]
+    if param is None and group[0].get("type") == "missing":
+        return "the request body is missing: send a JSON object with 'model' and 'messages'", None, "missing"
+    msg = f"{param or 'request body'}: {' or '.join(msgs)}"
+    rest = len(errs) - len(group)
+    if rest > 0:
+        msg += f" (and {rest} more problem{'s' if rest > 1 else ''})"
+    return msg, param, group[0].get("type")
