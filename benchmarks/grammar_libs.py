@@ -106,7 +106,9 @@ def bench_xgrammar(tok_folder: str, instance_ids: dict[str, list[int]], walks: i
     import xgrammar as xgr
     from transformers import PreTrainedTokenizerFast
 
-    res: dict = {"version": getattr(xgr, "__version__", "?")}
+    from importlib.metadata import version
+
+    res: dict = {"version": version("xgrammar")}
     hf = PreTrainedTokenizerFast(tokenizer_file=str(Path(tok_folder) / "tokenizer.json"))
     t0 = time.perf_counter()
     info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=VOCAB, stop_token_ids=EOS)

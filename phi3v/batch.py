@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 from phi3v.engine.sampler import SamplingParams
 
-_PARAM_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "stop", "ignore_eos"}
+_PARAM_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "stop", "ignore_eos",
+               "json_schema", "json_object"}
 
 
 def _done_ids(path: str) -> set[str]:

@@ -164,3 +164,17 @@ def test_cli_json_schema_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "Invalid type: foo" in capsys.readouterr().err
     assert main(base + ["--json-schema", str(tmp_path / "missing.json"), "Read."]) == 2
     assert "cannot read --json-schema" in capsys.readouterr().err
+
+
+def test_batch_lines_may_carry_a_schema(tmp_path: Path) -> None:
+    lines = [{"id": "a", "prompt": "Read the cover.", "json_schema": BOOK, "max_tokens": 60},
+             {"id": "b", "prompt": "Receipt?", "json_object": True, "max_tokens": 2},
+             {"id": "c", "prompt": "Read.", "json_schema": {"type": "foo"}},
+             {"id": "d", "prompt": "Free.", "max_tokens": 5}]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert main(["batch", "--model", CKPT, "--device", "cpu", "--input", str(src), "--output", str(dst)]) == 0
+    out = {r["id"]: r for r in map(json.loads, dst.read_text().splitlines())}
+    jsonschema.validate(json.loads(out["a"]["text"]), BOOK)
+    assert out["b"]["finish_reason"] == "length" and out["b"]["text"].startswith("{")
+    assert "Invalid type: foo" in out["c"]["error"] and out["d"]["usage"]["completion_tokens"] <= 5
