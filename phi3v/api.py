@@ -93,7 +93,7 @@ class LLM:
         inputs, counts = [], []
         for src in images or []:
             img = load_image(src, **load_kwargs)
-            proc = self.image_processor.preprocess(img, num_crops)
+            proc = self.image_processor.preprocess(img, num_crops, device=self.device)
             key = hashlib.blake2b(img.tobytes(), digest_size=16,
                                   person=f"{img.mode[:4]}{proc.crops.shape[0]}".encode()[:16])
             key.update(f"{img.size}|{num_crops or self.image_processor.num_crops}".encode())

@@ -13,6 +13,7 @@ which aborts a request when its text hits one.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from phi3v.engine.kv_cache import KVCache, PrefillAttention
 from phi3v.engine.runner import DecodeRunner
 from phi3v.engine.sampler import SamplingParams, SamplingTensors, sample, top_logprobs
 from phi3v.engine.scheduler import Scheduler, Sequence
+from phi3v.models import kernels
 
 
 @dataclass
@@ -67,6 +69,8 @@ class Engine:
                              config.head_dim, self.device, self.dtype)
         self.sched = Scheduler(n_slots, slot_len)
         self.runner = DecodeRunner(model, self.cache, use_graphs)
+        # Triton-fused norms/RoPE/SiLU on CUDA (PHI3V_FUSED=0 turns them off)
+        model.model.fused = kernels.available(self.device) and os.environ.get("PHI3V_FUSED", "1") != "0"
         self.prefill_chunk = prefill_chunk
         self.vision_batch_crops = 128
         self.image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -220,16 +224,17 @@ class Engine:
 
     def _sample_and_finish(self, rows: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         params = [s.params for s in rows]
-        # structured output: the constrained rows' allowed-token masks, filled on the CPU first,
-        # while the device still runs the forward (the parameter tensors below wait for it)
         constrained = [(i, s.state["grammar"]) for i, s in enumerate(rows) if "grammar" in s.state]
-        masks = self.grammars.fill_masks(constrained, len(rows), self.device) if constrained else None
-        t = SamplingTensors.build(params, [s.seed for s in rows], self.device)
-        steps = torch.tensor([len(s.output_ids) for s in rows], device=self.device)
-        seen = None
-        if t.any_penalty:
-            seen = torch.stack([self._seen(s) for s in rows])
-        tokens = sample(logits, t, steps, seen, masks)
+        if not constrained and all(p.greedy and p.repetition_penalty == 1.0 for p in params):
+            tokens = logits.argmax(dim=-1)  # the common case: no parameter tensors to build
+        else:
+            # structured output: the constrained rows' allowed-token masks, filled on the CPU first,
+            # while the device still runs the forward (the parameter tensors below wait for it)
+            masks = self.grammars.fill_masks(constrained, len(rows), self.device) if constrained else None
+            t = SamplingTensors.build(params, [s.seed for s in rows], self.device)
+            steps = torch.tensor([len(s.output_ids) for s in rows], device=self.device)
+            seen = torch.stack([self._seen(s) for s in rows]) if t.any_penalty else None
+            tokens = sample(logits, t, steps, seen, masks)
         k = max((p.logprobs or 0) for p in params)
         want_lp = any(p.logprobs is not None for p in params)
         if want_lp:
