@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--image-dir", default=None, help="relative image paths are taken from here")
     b.set_defaults(fn=cmd_batch)
     _serve_parser(sub)
+    from phi3v.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return ap
 
 

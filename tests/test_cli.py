@@ -162,3 +162,15 @@ def test_checkpoint_missing_weights_lists_keys(tmp_path) -> None:
     with pytest.raises(ValueError) as e:
         LLM(str(tmp_path), device="cpu")
     assert "model.norm.weight" in str(e.value) and "model.extra.weight" in str(e.value)
+
+
+def test_bench_command_runs_end_to_end_on_cpu(capsys, tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    code, stdout, err = _run(capsys, ["bench", "--model", CKPT, "--device", "cpu", "--decode-tokens", "3",
+                                      "--n-offline", "2", "--offline-tokens", "2", "--max-num-seqs", "2",
+                                      "--max-model-len", "4096", "--json-out", str(out)])
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    assert res["a_prompt_tokens"] > 2509 and res["a_decode_tok_s"] > 0
+    assert res["b_ttft_ms_16crop"] > 0 and res["b_ttft_ms_4crop"] > 0
+    assert res["c_offline_4crop_images_per_s"] > 0 and json.loads(stdout) == res

@@ -1,0 +1,137 @@
+"""`phi3v bench`: the speed numbers of BENCHMARKS.md, measured through the public API.
+
+(a) batch-1 decode tokens/s with one 16-crop image in context; (b) time to first token,
+preprocessing included, at 16 and 4 crops (a new image each time: no embedding-cache hits);
+(c) offline throughput over many images of mixed sizes; (d) peak GPU memory. Output length is
+forced by ignoring eos. With `--random CONFIG_DIR` a full-size checkpoint of random weights is
+written first (speed does not depend on weight values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+PROMPT = "<|user|>\n<|image_1|>\nDescribe the image in detail.<|end|>\n<|assistant|>\n"
+MIXED_SIZES = [(1344, 1344), (1600, 900), (900, 1600), (800, 600), (2000, 500), (640, 640), (1024, 768), (500, 2000)]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def noise_image(w: int, h: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def write_random_checkpoint(config_dir: str, tokenizer_dir: str, out: str, seed: int = 0) -> str:
+    from phi3v.config import Phi3VConfig
+    from phi3v.models.weights import random_checkpoint
+
+    cfg = Phi3VConfig.from_pretrained(config_dir)
+    if not os.path.exists(os.path.join(out, "config.json")):
+        random_checkpoint(cfg, out, device="cuda" if torch.cuda.is_available() else "cpu", seed=seed)
+    for fn in TOKENIZER_FILES:
+        src = os.path.join(tokenizer_dir, fn)
+        if not os.path.exists(src):
+            raise ValueError(f"--tokenizer folder {tokenizer_dir} has no {fn}")
+        shutil.copyfile(src, os.path.join(out, fn))
+    return out
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_bench(llm: Any, decode_tokens: int = 256, ttft_reps: int = 6, n_offline: int = 64,
+              offline_tokens: int = 200, crops: tuple[int, ...] = (16, 4)) -> dict[str, Any]:
+    from phi3v import SamplingParams
+
+    res: dict[str, Any] = {}
+    img16 = noise_image(1344, 1344, 0)
+    llm.generate(PROMPT, [img16], SamplingParams(max_tokens=decode_tokens + 32, ignore_eos=True), num_crops=16)  # warm-up
+    dec = []
+    for _ in range(3):
+        c = llm.generate(PROMPT, [img16], SamplingParams(max_tokens=decode_tokens, ignore_eos=True), num_crops=16)
+        dec.append(c.timings["decode_tokens_per_s"])
+    res["a_decode_tok_s"] = statistics.median(dec)
+    res["a_prompt_tokens"] = c.usage["prompt_tokens"]
+    for nc in crops:
+        size = (1344, 1344) if nc >= 16 else (672, 672) if nc >= 4 else (336, 336)
+        ttft = []
+        for s in range(ttft_reps):
+            img = noise_image(*size, 100 + s)
+            _sync()
+            t = time.perf_counter()
+            llm.generate(PROMPT, [img], SamplingParams(max_tokens=1), num_crops=nc)
+            _sync()
+            ttft.append(time.perf_counter() - t)
+        res[f"b_ttft_ms_{nc}crop"] = 1000 * statistics.median(ttft[1:] or ttft)
+    for nc in crops:
+        t = time.perf_counter()
+        reqs = [llm.prepare(PROMPT, [noise_image(*MIXED_SIZES[i % len(MIXED_SIZES)], 1000 + i)],
+                            SamplingParams(max_tokens=offline_tokens, ignore_eos=True), nc) for i in range(n_offline)]
+        outs = llm.generate_many(reqs)
+        _sync()
+        dt = time.perf_counter() - t  # preprocessing included
+        res[f"c_offline_{nc}crop_images_per_s"] = n_offline / dt
+        res[f"c_offline_{nc}crop_tokens_per_s"] = sum(len(o.token_ids) for o in outs) / dt
+    if torch.cuda.is_available():
+        res["d_peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return res
+
+
+def add_parser(sub: Any) -> None:
+    b = sub.add_parser("bench", help="measure decode tokens/s, time to first token, offline throughput, memory")
+    b.add_argument("--model", default=None, help="checkpoint folder or repo id")
+    b.add_argument("--random", default=None, metavar="CONFIG_DIR",
+                   help="write a random-weight checkpoint with this folder's config.json first (full size)")
+    b.add_argument("--tokenizer", default=None, help="folder with tokenizer.json etc. for --random")
+    b.add_argument("--out-dir", default="/tmp/phi3v-random-checkpoint")
+    b.add_argument("--device", default=None)
+    b.add_argument("--dtype", default=None)
+    b.add_argument("--max-num-seqs", type=int, default=48)
+    b.add_argument("--max-model-len", type=int, default=3072)
+    b.add_argument("--decode-tokens", type=int, default=256)
+    b.add_argument("--n-offline", type=int, default=64)
+    b.add_argument("--offline-tokens", type=int, default=200)
+    b.add_argument("--compare", default=None, help="JSON of the reference recipe's numbers: print ratios")
+    b.add_argument("--json-out", default=None)
+    b.set_defaults(fn=cmd_bench)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from phi3v import LLM
+
+    model = a.model
+    if a.random:
+        model = write_random_checkpoint(a.random, a.tokenizer or a.random, a.out_dir)
+    if not model:
+        raise ValueError("give --model FOLDER_OR_REPO or --random CONFIG_DIR --tokenizer DIR")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    llm = LLM(model, device=a.device, dtype=a.dtype, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len)
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if llm.device.type == "cuda" else "cpu",
+                           "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "load_s": time.perf_counter() - t,
+                           "command": " ".join(["phi3v"] + sys.argv[1:])}
+    res.update(run_bench(llm, a.decode_tokens, n_offline=a.n_offline, offline_tokens=a.offline_tokens))
+    if a.compare:
+        with open(a.compare, encoding="utf-8") as f:
+            ref = json.load(f)
+        res["ratios_vs_reference"] = {k: (res[k] / ref[k] if k.startswith(("a_", "c_")) else ref[k] / res[k])
+                                      for k in res if k in ref and isinstance(ref[k], (int, float)) and ref[k]}
+    text = json.dumps(res, indent=1)
+    print(text)
+    if a.json_out:
+        with open(a.json_out, "w", encoding="utf-8") as f:
+            f.write(text)
+    return 0
