@@ -194,3 +194,48 @@ def test_engine_rejects_placeholders_without_images(llm: LLM) -> None:
     crops = torch.zeros(2, 3, 336, 336)
     with pytest.raises(ValueError, match="vocab"):
         llm.engine.add_request([1, 10**6], [ImageInput(crops, (336, 336))], SamplingParams())
+
+
+def test_run_ahead_gives_the_same_tokens_with_finishes_aborts_and_arrivals(llm: LLM) -> None:
+    """Decode step t+1 launched before step t is read on the host (the CUDA schedule), forced on
+    here: same tokens as the synchronous schedule, wasted tokens of finished/aborted rows dropped."""
+    reqs = [llm.prepare(prompt, [image_path(n) for n in names], SamplingParams(max_tokens=6 + 4 * j, ignore_eos=True), nc)
+            for j, (prompt, names, nc) in enumerate(PROMPTS)]
+    sampled = llm.prepare(PROMPTS[3][0], [], SamplingParams(max_tokens=15, temperature=0.9, seed=5, logprobs=2))
+    reqs.append(sampled)
+
+    def drive(run_ahead: bool) -> tuple[dict[str, list[int]], dict[str, list]]:
+        eng = llm.engine
+        eng.run_ahead = run_ahead
+        got: dict[str, list[int]] = {}
+        lps: dict[str, list] = {}
+        rids = [eng.add_request(r.prompt_ids, r.images, r.params, rid=f"{run_ahead}-{i}") for i, r in enumerate(reqs[:3])]
+        victim = eng.add_request(reqs[0].prompt_ids, reqs[0].images, SamplingParams(max_tokens=40, ignore_eos=True),
+                                 rid=f"{run_ahead}-victim")
+        n = 0
+        while eng.has_unfinished() or n < 4:
+            n += 1
+            if n == 4:  # arrivals while others decode
+                rids += [eng.add_request(r.prompt_ids, r.images, r.params, rid=f"{run_ahead}-{i + 3}")
+                         for i, r in enumerate(reqs[3:])]
+            if n == 6:
+                eng.abort(victim)
+            for o in eng.step():
+                got.setdefault(o.rid.split("-", 1)[1], []).extend(o.token_ids)
+                lps.setdefault(o.rid.split("-", 1)[1], []).extend(o.logprobs)
+        eng.step()  # drains a step still in flight, if any
+        assert eng.num_running == 0 and eng._ahead is None
+        return got, lps
+
+    try:
+        sync, sync_lp = drive(False)
+        ahead, ahead_lp = drive(True)
+    finally:
+        llm.engine.run_ahead = False
+    assert ahead == sync
+    # logprobs: equal up to float noise (a run-ahead step can batch a finished row's wasted token)
+    for k, steps in sync_lp.items():
+        for (t1, v1, top1), (t2, v2, top2) in zip(steps, ahead_lp[k]):
+            assert t1 == t2 and abs(v1 - v2) < 1e-5 and [a for a, _ in top1] == [a for a, _ in top2]
+    assert len(sync["victim"]) < 40 and len(sync["5"]) == 15
+    assert [len(sync[str(i)]) for i in range(5)] == [6 + 4 * j for j in range(5)]

@@ -25,7 +25,7 @@ from phi3v.engine.grammar import Grammars
 from phi3v.engine.kv_cache import KVCache, PrefillAttention
 from phi3v.engine.runner import DecodeRunner
 from phi3v.engine.sampler import SamplingParams, SamplingTensors, sample, top_logprobs
-from phi3v.engine.scheduler import Scheduler, Sequence
+from phi3v.engine.scheduler import RUNNING, Scheduler, Sequence
 from phi3v.models import kernels
 
 
@@ -72,6 +72,9 @@ class Engine:
         # Triton-fused norms/RoPE/SiLU on CUDA (PHI3V_FUSED=0 turns them off)
         model.model.fused = kernels.available(self.device) and os.environ.get("PHI3V_FUSED", "1") != "0"
         self.prefill_chunk = prefill_chunk
+        # launch decode step t+1 before reading step t's tokens (CUDA only; PHI3V_RUN_AHEAD=0 turns it off)
+        self.run_ahead = self.device.type == "cuda" and os.environ.get("PHI3V_RUN_AHEAD", "1") != "0"
+        self._ahead: tuple[list[Sequence], tuple[Any, ...]] | None = None
         self.vision_batch_crops = 128
         self.image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.image_cache_size = image_cache_size
@@ -122,7 +125,10 @@ class Engine:
     def _free(self, seq: Sequence, reason: str) -> None:
         move = self.sched.finish(seq, reason)
         if move is not None:
-            self.cache.move(*move)
+            src, dst, length = move
+            # +2: the moved sequence may be mid-commit (its token of this step not yet appended) and
+            # a run-ahead step may have written one position further still
+            self.cache.move(src, dst, min(length + 2, self.cache.slot_len))
         seq.state.clear()
 
     # ---------------------------------------------------------------- images
@@ -182,18 +188,22 @@ class Engine:
         out = self.model.model.embed_tokens(torch.tensor(seq.output_ids, device=self.device))
         return torch.cat([prompt, out.to(prompt.dtype)], dim=0)
 
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One token for each running sequence (slots 0..n-1). Returns logits (n, V)."""
-        n = len(seqs)
+    def _decode(self, seqs: list[Sequence], ahead: torch.Tensor | None = None) -> torch.Tensor:
+        """One token for each running sequence (slots 0..n-1). Returns logits (n, V).
+
+        `ahead`: the (n,) device tokens of a step not yet committed on the host; this step then
+        feeds them, one position further than the host state says (see `step`)."""
+        d = 0 if ahead is None else 1
         orig = self.cfg.original_max_position_embeddings
         # LongRoPE crossing (Phi-3.5 fix): the first step whose length exceeds original_max
         # recomputes the sequence's whole cache with long factors.
         cross = [s for s in seqs if not s.long_rope and self.cfg.rope_type and s.num_tokens > orig]
         # one host-to-device copy of the step's inputs: (3, n) int64 = last token, position, long flag
-        host = torch.tensor([[s.output_ids[-1] for s in seqs], [s.num_tokens - 1 for s in seqs],
+        host = torch.tensor([[s.output_ids[-1] if d == 0 else 0 for s in seqs], [s.num_tokens - 1 + d for s in seqs],
                              [int(s.long_rope) for s in seqs]], dtype=torch.long)
         dev = host.to(self.device, non_blocking=True)
-        logits = self.runner.decode(dev[0], dev[1], dev[2].bool(), max(s.num_tokens for s in seqs))
+        tokens = dev[0] if ahead is None else ahead
+        logits = self.runner.decode(tokens, dev[1], dev[2].bool(), max(s.num_tokens for s in seqs) + d)
         for s in cross:
             logits[s.slot] = self._prefill(s, self._full_embeds(s), True)[0]
             s.state.pop("prompt_embeds", None)
@@ -203,6 +213,18 @@ class Engine:
     # ---------------------------------------------------------------- the step
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        """Advance every request by one token (or prefill newly admitted ones).
+
+        Decode steps run one ahead on CUDA: before the host reads step t's tokens (the step's one
+        device-to-host copy), step t+1 is already launched with those tokens still on the device,
+        so the GPU does not idle while the host does its bookkeeping. A request that finishes at
+        step t has computed one wasted token in step t+1, which is dropped."""
+        if self._ahead is not None:
+            rows, pending = self._ahead
+            self._ahead = None
+            if self._can_run_ahead(rows):
+                self._ahead = (rows, self._sample_device(rows, self._decode(rows, pending[0]), depth=1))
+            return self._commit(rows, pending)
         admitted = self.sched.admit()
         if admitted:
             self._image_features(admitted)
@@ -214,15 +236,32 @@ class Engine:
                 if not long_rope and self.cfg.rope_type and len(seq.prompt_ids) + seq.params.max_tokens > orig:
                     seq.state["prompt_embeds"] = emb  # kept for the recompute at the crossing
                 logits.append(self._prefill(seq, emb, long_rope))
-            logits = torch.cat(logits, 0)
-        elif self.sched.running:
-            rows = list(self.sched.running)
-            logits = self._decode(rows)
-        else:
+            return self._commit(rows, self._sample_device(rows, torch.cat(logits, 0)))
+        if not self.sched.running:
             return []
-        return self._sample_and_finish(rows, logits)
+        rows = list(self.sched.running)
+        pending = self._sample_device(rows, self._decode(rows))
+        if self._can_run_ahead(rows):
+            self._ahead = (rows, self._sample_device(rows, self._decode(rows, pending[0]), depth=1))
+        return self._commit(rows, pending)
 
-    def _sample_and_finish(self, rows: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+    def _can_run_ahead(self, rows: list[Sequence]) -> bool:
+        """May the next decode be launched before `rows`' in-flight tokens reach the host?"""
+        if not self.run_ahead or rows != self.sched.running:
+            return False  # something finished, was aborted or admitted: resynchronise
+        if self.sched.waiting and self.sched.free_slots:
+            return False  # admit first
+        orig = self.cfg.original_max_position_embeddings
+        for s in rows:
+            if "grammar" in s.state or s.params.repetition_penalty != 1.0:
+                return False  # these need the host to see each token before the next step
+            if s.num_tokens + 2 >= s.max_len or (self.cfg.rope_type and not s.long_rope and s.num_tokens + 1 > orig):
+                return False  # the slot's end, or a LongRoPE recompute, is one step away
+        return True
+
+    def _sample_device(self, rows: list[Sequence], logits: torch.Tensor, depth: int = 0) -> tuple[Any, ...]:
+        """Sample on the device and start the copy of the tokens (and logprobs) to the host.
+        `depth` 1: the rows' host state lags by one uncommitted token."""
         params = [s.params for s in rows]
         constrained = [(i, s.state["grammar"]) for i, s in enumerate(rows) if "grammar" in s.state]
         if not constrained and all(p.greedy and p.repetition_penalty == 1.0 for p in params):
@@ -232,18 +271,33 @@ class Engine:
             # while the device still runs the forward (the parameter tensors below wait for it)
             masks = self.grammars.fill_masks(constrained, len(rows), self.device) if constrained else None
             t = SamplingTensors.build(params, [s.seed for s in rows], self.device)
-            steps = torch.tensor([len(s.output_ids) for s in rows], device=self.device)
+            steps = torch.tensor([len(s.output_ids) + depth for s in rows], device=self.device)
             seen = torch.stack([self._seen(s) for s in rows]) if t.any_penalty else None
             tokens = sample(logits, t, steps, seen, masks)
-        k = max((p.logprobs or 0) for p in params)
         want_lp = any(p.logprobs is not None for p in params)
-        if want_lp:
-            packed = top_logprobs(logits, tokens, k).cpu()  # the step's one device-to-host copy
-            host_tokens = packed[:, 0, 1].long().tolist()
-        else:
-            host_tokens = tokens.cpu().tolist()
+        packed = top_logprobs(logits, tokens, max((p.logprobs or 0) for p in params)) if want_lp else None
+        if self.device.type != "cuda":
+            return tokens, tokens, packed, None
+        # non-blocking copies into pinned memory + an event: the host waits for this step only,
+        # not for a step launched after it
+        host_tok = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True).copy_(tokens, non_blocking=True)
+        host_lp = None if packed is None else torch.empty(packed.shape, pin_memory=True).copy_(packed, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return tokens, host_tok, host_lp, done
+
+    def _commit(self, rows: list[Sequence], pending: tuple[Any, ...]) -> list[StepOutput]:
+        """The host side of a step: read the tokens, append, finish. Rows that finished or were
+        aborted since the step was launched are skipped."""
+        _dev, host_tok, host_lp, done = pending
+        if done is not None:
+            done.synchronize()
+        toks = host_tok.tolist()
+        packed = None if host_lp is None else host_lp.cpu()
         outs = []
-        for i, (seq, tok) in enumerate(zip(rows, host_tokens)):
+        for i, (seq, tok) in enumerate(zip(rows, toks)):
+            if seq.status != RUNNING:
+                continue
             seq.output_ids.append(tok)
             if "seen" in seq.state:
                 seq.state["seen"][tok] = True
