@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -135,6 +136,21 @@ def test_logprobs(client):
     content = resp.choices[0].logprobs.content
     assert len(content) == 4 and all(len(t.top_logprobs) == 3 for t in content)
     assert all(t.logprob <= 0 for t in content)
+
+
+def test_response_format_structured_output(client):
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+              "required": ["answer"], "additionalProperties": False}
+    messages = user("Is it a cat?", data_uri(image_bytes("coffee.png")))
+    resp = _create(client, messages, max_tokens=40,
+                   response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    assert json.loads(resp.choices[0].message.content)["answer"] in ("yes", "no")
+    assert resp.choices[0].message.content == expected(messages, 40, json_schema=schema).text
+    resp = _create(client, user("JSON please"), max_tokens=60, response_format={"type": "json_object"})
+    assert isinstance(json.loads(resp.choices[0].message.content), dict)
+    with pytest.raises(openai.BadRequestError):
+        _create(client, user("x"), response_format={"type": "json_schema", "json_schema": {"name": "a",
+                                                                                       "schema": {"type": "bogus"}}})
 
 
 def test_metrics(srv, client):

@@ -87,6 +87,8 @@ CASES = [
     ("stream_string", chat_body(user("hi"), stream="yes"), 400),
     ("n_two", chat_body(user("hi"), n=2), 400),
     ("seed_string", chat_body(user("hi"), seed="1"), 400),
+    ("seed_over_int64", chat_body(user("hi"), seed=2**64, temperature=1.0), 400),
+    ("top_k_huge", chat_body(user("hi"), top_k=2**63, temperature=1.0), 400),
     ("stop_number", chat_body(user("hi"), stop=5), 400),
     ("stop_empty_string", chat_body(user("hi"), stop=[""]), 400),
     ("content_number", chat_body([{"role": "user", "content": 5}]), 400),

@@ -71,6 +71,18 @@ class StreamOptions(_Req):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Req):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Req):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class ChatCompletionRequest(_Req):
     model: str
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -78,7 +90,7 @@ class ChatCompletionRequest(_Req):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
                                                           Field(max_length=16)] | None = None
     n: Annotated[int, Field(ge=1, le=1, description="only n=1 is supported")] | None = 1
@@ -89,9 +101,10 @@ class ChatCompletionRequest(_Req):
     presence_penalty: Annotated[float, Field(ge=0.0, le=0.0, description="not supported: 0 only")] | None = None
     frequency_penalty: Annotated[float, Field(ge=0.0, le=0.0, description="not supported: 0 only")] | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
     # extensions
     num_crops: Annotated[int, Field(ge=1, le=64, description="336px crops per image (extension)")] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=2**31 - 1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     ignore_eos: bool | None = False
 
@@ -115,7 +128,19 @@ class ChatCompletionRequest(_Req):
             raise ValueError("top_logprobs needs logprobs: true")
         if self.logprobs and self.stream:
             raise ValueError("logprobs are not supported with stream: true")
+        fmt, schema = self.response_format, None
+        if fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise ValueError("response_format json_schema needs json_schema.schema")
+            schema = fmt.json_schema.schema_
+        try:
+            return self._params(context_len, schema, fmt is not None and fmt.type == "json_object")
+        except ImportError as e:
+            raise ValueError(f"structured output is not available on this server ({e.name} is not installed)") from None
+
+    def _params(self, context_len: int, schema: dict[str, Any] | None, json_object: bool) -> SamplingParams:
         return SamplingParams(
+            json_schema=schema, json_object=json_object,
             max_tokens=self.max_completion_tokens or self.max_tokens or context_len,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, seed=self.seed,
