@@ -8,10 +8,12 @@ applies stop strings (the engine never sees text).
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -112,22 +114,42 @@ class LLM:
         return self.prepare(prompt, images, sampling_params, num_crops, **load_kwargs)
 
     # ---------------------------------------------------------------- running
-    def run(self, requests: list[PreparedRequest]) -> Iterator[tuple[int, str, Completion | None]]:
-        """Run prepared requests concurrently through the engine. Yields (index, text delta,
-        Completion when that request is done)."""
+    def run(self, requests: Sequence[PreparedRequest | Callable[[], PreparedRequest]],
+            workers: int | None = None) -> Iterator[tuple[int, str, Completion | None]]:
+        """Run requests concurrently through the engine. Yields (index, text delta, Completion when
+        that request is done). An item may be a zero-argument callable that prepares its request
+        (e.g. `functools.partial(llm.prepare, prompt, images)`): those run on a thread pool while the
+        engine generates, and join the batch as they become ready, in order."""
         with self._lock:
-            yield from self._run(requests)
+            if all(isinstance(r, PreparedRequest) for r in requests):
+                yield from self._run(list(requests))
+                return
+            n = workers or min(8, os.cpu_count() or 2)
+            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="phi3v-prep") as pool:
+                futs = [pool.submit(r) if callable(r) else _done_future(r) for r in requests]
+                try:
+                    yield from self._run(futs)
+                finally:
+                    for f in futs:
+                        f.cancel()
 
-    def _run(self, requests: list[PreparedRequest]) -> Iterator[tuple[int, str, Completion | None]]:
+    def _run(self, requests: list[Any]) -> Iterator[tuple[int, str, Completion | None]]:
+        """`requests`: PreparedRequests, or futures of them (added to the engine once done, in order)."""
         eng = self.engine
         t0 = time.perf_counter()
         outs: dict[str, tuple[int, RequestOutput]] = {}
+        nxt = 0
         try:
-            for i, r in enumerate(requests):
-                rid = eng.add_request(r.prompt_ids, r.images, r.params)
-                outs[rid] = (i, RequestOutput(self.tokenizer, len(r.prompt_ids), r.params, self.config.eos_token_ids,
-                                              r.preprocess_s, t0))
-            while eng.has_unfinished():
+            while True:
+                while nxt < len(requests) and (not isinstance(requests[nxt], Future) or requests[nxt].done()
+                                               or not eng.has_unfinished()):
+                    r = requests[nxt].result() if isinstance(requests[nxt], Future) else requests[nxt]
+                    rid = eng.add_request(r.prompt_ids, r.images, r.params)
+                    outs[rid] = (nxt, RequestOutput(self.tokenizer, len(r.prompt_ids), r.params,
+                                                    self.config.eos_token_ids, r.preprocess_s, t0))
+                    nxt += 1
+                if not eng.has_unfinished():
+                    break
                 for o in eng.step():
                     i, ro = outs[o.rid]
                     delta, done, stop_hit = ro.update(o)
@@ -171,11 +193,18 @@ class LLM:
             if done is not None:
                 self.last_completion = done
 
-    def generate_many(self, requests: list[PreparedRequest]) -> list[Completion]:
-        """Several prepared requests batched together by the engine; results in input order."""
+    def generate_many(self, requests: Sequence[PreparedRequest | Callable[[], PreparedRequest]]) -> list[Completion]:
+        """Several requests batched together by the engine; results in input order. Callables are
+        prepared on a thread pool while the engine runs (see `run`)."""
         out: list[Completion | None] = [None] * len(requests)
         for i, _delta, done in self.run(requests):
             if done is not None:
                 out[i] = done
         return out  # type: ignore[return-value]
 
+
+
+def _done_future(value: Any) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from phi3v.engine.sampler import SamplingParams
@@ -69,11 +70,26 @@ def run_batch(a: argparse.Namespace, base: SamplingParams, load: Callable[[argpa
         chunk: list[tuple[str, Any]] = []
 
         def flush() -> None:
-            nonlocal n_ok
+            """Prepare the chunk on a thread pool (a bad request is recorded, the others go on), then
+            generate all of its good requests as one engine batch."""
+            nonlocal n_ok, n_err
             if not chunk:
                 return
-            results = llm.generate_many([r for _, r in chunk])
-            for (rid, _), c in zip(chunk, results):
+
+            def prep(item: tuple[str, Any]) -> Any:
+                try:
+                    return _prepare(llm, item[1], base, a.image_dir)
+                except (ValueError, OSError) as e:
+                    return " ".join(str(e).split())
+
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
+                prepared = list(pool.map(prep, chunk))
+            good = [(rid, p) for (rid, _), p in zip(chunk, prepared) if not isinstance(p, str)]
+            for (rid, _), p in zip(chunk, prepared):
+                if isinstance(p, str):
+                    out.write(json.dumps({"id": rid, "error": p}, ensure_ascii=False) + "\n")
+                    n_err += 1
+            for (rid, _), c in zip(good, llm.generate_many([p for _, p in good])):
                 out.write(json.dumps({"id": rid, "text": c.text, "finish_reason": c.finish_reason, "usage": c.usage},
                                      ensure_ascii=False) + "\n")
                 n_ok += 1
@@ -92,11 +108,8 @@ def run_batch(a: argparse.Namespace, base: SamplingParams, load: Callable[[argpa
                 n_skip += 1
                 continue
             if err is None:
-                try:
-                    chunk.append((rid, _prepare(llm, rec, base, a.image_dir)))
-                except (ValueError, OSError) as e:
-                    err = " ".join(str(e).split())
-            if err is not None:
+                chunk.append((rid, rec))
+            else:
                 out.write(json.dumps({"id": rid, "error": err}, ensure_ascii=False) + "\n")
                 n_err += 1
             if len(chunk) >= a.batch_size:

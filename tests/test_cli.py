@@ -174,3 +174,27 @@ def test_bench_command_runs_end_to_end_on_cpu(capsys, tmp_path) -> None:
     assert res["a_prompt_tokens"] > 2509 and res["a_decode_tok_s"] > 0
     assert res["b_ttft_ms_16crop"] > 0 and res["b_ttft_ms_4crop"] > 0
     assert res["c_offline_4crop_images_per_s"] > 0 and json.loads(stdout) == res
+
+
+def test_batch_job_records_bad_lines_and_resumes(capsys, llm: LLM, tmp_path) -> None:
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [json.dumps({"id": "a", "prompt": "Describe.", "images": ["astronaut.png"], "num_crops": 1}),
+             "{not json",
+             json.dumps({"id": "b", "prompt": "Read it.", "images": ["missing.png"]}),
+             json.dumps({"id": "c", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}),
+             json.dumps({"id": "d", "prompt": "Compare.", "images": ["coffee.png", "page_L.png"], "num_crops": 1})]
+    inp.write_text("\n".join(lines) + "\n")
+    args = ["batch", "--model", CKPT, "--device", "cpu", "--max-tokens", "6", "--input", str(inp), "--output", str(out),
+            "--image-dir", str(IMG), "--batch-size", "2"]
+    code, _, err = _run(capsys, args)
+    assert code == 0, err
+    recs = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(recs) == {"a", "line-2", "b", "c", "d"}
+    assert "invalid JSON" in recs["line-2"]["error"] and "missing.png" in recs["b"]["error"]
+    assert recs["c"]["usage"]["completion_tokens"] == 4 and recs["a"]["usage"]["completion_tokens"] == 6
+    solo = llm.generate("<|user|>\n<|image_1|>\nDescribe.<|end|>\n<|assistant|>\n", [str(IMG / "astronaut.png")],
+                        SamplingParams(max_tokens=6), num_crops=1)
+    assert recs["a"]["text"] == solo.text
+    code, _, err = _run(capsys, args)  # resume: everything already there is skipped
+    assert code == 0 and "0 done" in err and "5 skipped" in err
+    assert len(out.read_text().splitlines()) == 5

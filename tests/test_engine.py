@@ -239,3 +239,16 @@ def test_run_ahead_gives_the_same_tokens_with_finishes_aborts_and_arrivals(llm: 
             assert t1 == t2 and abs(v1 - v2) < 1e-5 and [a for a, _ in top1] == [a for a, _ in top2]
     assert len(sync["victim"]) < 40 and len(sync["5"]) == 15
     assert [len(sync[str(i)]) for i in range(5)] == [6 + 4 * j for j in range(5)]
+
+
+def test_generate_many_prepares_callables_on_threads_in_order(llm: LLM) -> None:
+    import functools
+
+    specs = [(p, [image_path(n) for n in names], SamplingParams(max_tokens=5, ignore_eos=True), nc)
+             for p, names, nc in PROMPTS]
+    eager = llm.generate_many([llm.prepare(*s) for s in specs])
+    lazy = llm.generate_many([functools.partial(llm.prepare, *s) for s in specs])
+    assert [c.token_ids for c in lazy] == [c.token_ids for c in eager]
+    with pytest.raises(ValueError, match="image_2"):
+        llm.generate_many([functools.partial(llm.prepare, PROMPTS[1][0], [image_path("coffee")])])
+    assert llm.engine.num_running == 0 and not llm.engine.has_unfinished()
