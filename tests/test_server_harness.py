@@ -12,6 +12,7 @@ import base64
 import functools
 import io
 import json
+import os
 import re
 import socket
 import threading
@@ -38,6 +39,7 @@ IMAGE_NAMES = ["astronaut.png", "coffee.png", "extreme_1000x2.png", "logo_RGBA.p
                "thin_10x500.png", "tiny_1x1.png"]
 MODEL_ID = "tiny"
 CTX = 4096
+DEVICE = os.environ.get("PHI3V_TEST_DEVICE", "cpu")  # the server tests run on CPU; cuda for a GPU smoke run
 
 
 @dataclass
@@ -75,7 +77,7 @@ def start_server(name: str, *, before_start: Any = None, wait: bool = True, **ov
     with _lock:
         if name in _servers:
             return _servers[name]
-        kw: dict[str, Any] = dict(model=TINY, served_model_name=MODEL_ID, device="cpu", max_model_len=CTX,
+        kw: dict[str, Any] = dict(model=TINY, served_model_name=MODEL_ID, device=DEVICE, max_model_len=CTX,
                                   max_num_seqs=16, max_queue=512, max_images_per_request=4)
         kw.update(overrides)
         settings = Settings(**kw)
@@ -111,7 +113,7 @@ def reference_llm() -> Any:
     """An LLM of its own (the server's engine belongs to the server thread) for expected outputs."""
     from phi3v.api import LLM
 
-    return LLM(TINY, device="cpu", max_num_seqs=16, max_model_len=CTX)
+    return LLM(TINY, device=DEVICE, max_num_seqs=16, max_model_len=CTX)
 
 
 def expected(messages: list[dict[str, Any]], max_tokens: int, num_crops: int | None = 1, **sp: Any) -> Any:
