@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -91,8 +91,6 @@ class _Handle:
     ro: RequestOutput | None = None
     first: float | None = None
     retried: bool = False
-    emitted: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class RequestStream:
