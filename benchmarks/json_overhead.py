@@ -97,7 +97,8 @@ def decode_run(llm: LLM, batch: int, tokens: int, schema: dict | None, temperatu
     sync(eng.device)
     dt = time.perf_counter() - t
     steps = eng.stats["decode_steps"] - steps0
-    assert n == batch * tokens and steps == tokens - 1 and set(reasons) == {"length"}, (n, steps, set(reasons))
+    # tokens - 1 decode steps, plus one wasted run-ahead step when free rows finish together (CUDA)
+    assert n == batch * tokens and tokens - 1 <= steps <= tokens and set(reasons) == {"length"}, (n, steps, set(reasons))
     return {"decode_tok_s": batch * (tokens - 1) / dt, "step_ms": 1e3 * dt / steps,
             "mask_fill_ms_per_step": 1e3 * (timers.fill - f0) / steps,
             "accept_ms_per_step": 1e3 * (timers.accept - a0) / steps}

@@ -11,7 +11,7 @@ from phi3v.engine.sampler import (SamplingParams, SamplingTensors, apply_repetit
 
 @pytest.mark.parametrize("kw", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
                                 dict(top_k=-2), dict(repetition_penalty=0), dict(stop=[""]), dict(logprobs=99),
-                                dict(seed="x"), dict(max_tokens=True)])
+                                dict(seed="x"), dict(max_tokens=True), dict(seed=2**64), dict(top_k=2**40)])
 def test_bad_parameters_raise_value_error(kw):
     with pytest.raises(ValueError, match="invalid sampling parameter"):
         SamplingParams(**kw)

@@ -49,10 +49,11 @@ class SamplingParams:
             bad(f"temperature must be a number in [0, 100], got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not -1 <= self.top_k < 2**31:
             bad(f"top_k must be an integer >= -1 (0 or -1 disable it), got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            bad(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -2**63 <= self.seed < 2**63):
+            bad(f"seed must be a 64-bit integer, got {self.seed!r}")
         if not isinstance(self.repetition_penalty, (int, float)) or not 0.0 < self.repetition_penalty <= 10.0:
             bad(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
