@@ -52,7 +52,8 @@ def _params(a: argparse.Namespace) -> SamplingParams:
 def _load(a: argparse.Namespace) -> Any:
     from phi3v.api import LLM
 
-    return LLM(a.model, device=a.device, dtype=a.dtype)
+    # the person at the command line names the images, URLs included (private addresses stay refused)
+    return LLM(a.model, device=a.device, dtype=a.dtype, allow_url_images=True)
 
 
 def _user_message(text: str, images: list[str]) -> dict[str, Any]:
