@@ -202,7 +202,9 @@ def test_run_ahead_gives_the_same_tokens_with_finishes_aborts_and_arrivals(llm: 
     reqs = [llm.prepare(prompt, [image_path(n) for n in names], SamplingParams(max_tokens=6 + 4 * j, ignore_eos=True), nc)
             for j, (prompt, names, nc) in enumerate(PROMPTS)]
     sampled = llm.prepare(PROMPTS[3][0], [], SamplingParams(max_tokens=15, temperature=0.9, seed=5, logprobs=2))
-    reqs.append(sampled)
+    penalised = llm.prepare(PROMPTS[0][0], [image_path("astronaut")], SamplingParams(max_tokens=9, repetition_penalty=0.5,
+                                                                                     ignore_eos=True), 1)
+    reqs += [sampled, penalised]
 
     def drive(run_ahead: bool) -> tuple[dict[str, list[int]], dict[str, list]]:
         eng = llm.engine
@@ -237,7 +239,7 @@ def test_run_ahead_gives_the_same_tokens_with_finishes_aborts_and_arrivals(llm: 
     for k, steps in sync_lp.items():
         for (t1, v1, top1), (t2, v2, top2) in zip(steps, ahead_lp[k]):
             assert t1 == t2 and abs(v1 - v2) < 1e-5 and [a for a, _ in top1] == [a for a, _ in top2]
-    assert len(sync["victim"]) < 40 and len(sync["5"]) == 15
+    assert len(sync["victim"]) < 40 and len(sync["5"]) == 15 and len(sync["6"]) == 9
     assert [len(sync[str(i)]) for i in range(5)] == [6 + 4 * j for j in range(5)]
 
 

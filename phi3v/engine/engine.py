@@ -74,7 +74,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         # launch decode step t+1 before reading step t's tokens (CUDA only; PHI3V_RUN_AHEAD=0 turns it off)
         self.run_ahead = self.device.type == "cuda" and os.environ.get("PHI3V_RUN_AHEAD", "1") != "0"
-        self._ahead: tuple[list[Sequence], tuple[Any, ...]] | None = None
+        self._ahead: tuple[list[Sequence], torch.Tensor] | None = None  # rows, logits of a launched forward
         self.vision_batch_crops = 128
         self.image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.image_cache_size = image_cache_size
@@ -216,14 +216,16 @@ class Engine:
         """Advance every request by one token (or prefill newly admitted ones).
 
         Decode steps run one ahead on CUDA: before the host reads step t's tokens (the step's one
-        device-to-host copy), step t+1 is already launched with those tokens still on the device,
-        so the GPU does not idle while the host does its bookkeeping. A request that finishes at
-        step t has computed one wasted token in step t+1, which is dropped."""
+        device-to-host copy), the forward of step t+1 is already launched with those tokens still
+        on the device, so the GPU does not idle while the host does its bookkeeping (grammar
+        masks included: step t+1 is sampled only in the next call, once the host has seen token t).
+        A request that finishes at step t has computed one wasted forward row, which is dropped."""
         if self._ahead is not None:
-            rows, pending = self._ahead
+            rows, logits = self._ahead
             self._ahead = None
+            pending = self._sample_device(rows, logits)
             if self._can_run_ahead(rows):
-                self._ahead = (rows, self._sample_device(rows, self._decode(rows, pending[0]), depth=1))
+                self._ahead = (rows, self._decode(rows, pending[0]))
             return self._commit(rows, pending)
         admitted = self.sched.admit()
         if admitted:
@@ -242,7 +244,7 @@ class Engine:
         rows = list(self.sched.running)
         pending = self._sample_device(rows, self._decode(rows))
         if self._can_run_ahead(rows):
-            self._ahead = (rows, self._sample_device(rows, self._decode(rows, pending[0]), depth=1))
+            self._ahead = (rows, self._decode(rows, pending[0]))
         return self._commit(rows, pending)
 
     def _can_run_ahead(self, rows: list[Sequence]) -> bool:
@@ -253,15 +255,15 @@ class Engine:
             return False  # admit first
         orig = self.cfg.original_max_position_embeddings
         for s in rows:
-            if "grammar" in s.state or s.params.repetition_penalty != 1.0:
-                return False  # these need the host to see each token before the next step
             if s.num_tokens + 2 >= s.max_len or (self.cfg.rope_type and not s.long_rope and s.num_tokens + 1 > orig):
                 return False  # the slot's end, or a LongRoPE recompute, is one step away
         return True
 
-    def _sample_device(self, rows: list[Sequence], logits: torch.Tensor, depth: int = 0) -> tuple[Any, ...]:
+    def _sample_device(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[Any, ...]:
         """Sample on the device and start the copy of the tokens (and logprobs) to the host.
-        `depth` 1: the rows' host state lags by one uncommitted token."""
+        The host state of `rows` is up to date here (a run-ahead step runs only the forward early),
+        so grammar masks and penalties see every earlier token. Rows finished since the forward
+        was launched are sampled without constraints and dropped at commit."""
         params = [s.params for s in rows]
         constrained = [(i, s.state["grammar"]) for i, s in enumerate(rows) if "grammar" in s.state]
         if not constrained and all(p.greedy and p.repetition_penalty == 1.0 for p in params):
@@ -271,7 +273,7 @@ class Engine:
             # while the device still runs the forward (the parameter tensors below wait for it)
             masks = self.grammars.fill_masks(constrained, len(rows), self.device) if constrained else None
             t = SamplingTensors.build(params, [s.seed for s in rows], self.device)
-            steps = torch.tensor([len(s.output_ids) + depth for s in rows], device=self.device)
+            steps = torch.tensor([len(s.output_ids) for s in rows], device=self.device)
             seen = torch.stack([self._seen(s) for s in rows]) if t.any_penalty else None
             tokens = sample(logits, t, steps, seen, masks)
         want_lp = any(p.logprobs is not None for p in params)
@@ -315,6 +317,8 @@ class Engine:
         return outs
 
     def _seen(self, seq: Sequence) -> torch.Tensor:
+        if seq.status != RUNNING:  # a finished row of a run-ahead step: its sample is dropped
+            return torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
         if "seen" not in seq.state:
             seen = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
             ids = [i for i in seq.prompt_ids + seq.output_ids if i >= 0]
