@@ -75,6 +75,7 @@ class Engine:
         # launch decode step t+1 before reading step t's tokens (CUDA only; PHI3V_RUN_AHEAD=0 turns it off)
         self.run_ahead = self.device.type == "cuda" and os.environ.get("PHI3V_RUN_AHEAD", "1") != "0"
         self._ahead: tuple[list[Sequence], torch.Tensor] | None = None  # rows, logits of a launched forward
+        self._samp_cache: tuple[Any, ...] | None = None
         self.vision_batch_crops = 128
         self.image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.image_cache_size = image_cache_size
@@ -272,8 +273,7 @@ class Engine:
             # structured output: the constrained rows' allowed-token masks, filled on the CPU first,
             # while the device still runs the forward (the parameter tensors below wait for it)
             masks = self.grammars.fill_masks(constrained, len(rows), self.device) if constrained else None
-            t = SamplingTensors.build(params, [s.seed for s in rows], self.device)
-            steps = torch.tensor([len(s.output_ids) for s in rows], device=self.device)
+            t, steps = self._sampling_tensors(rows)
             seen = torch.stack([self._seen(s) for s in rows]) if t.any_penalty else None
             tokens = sample(logits, t, steps, seen, masks)
         want_lp = any(p.logprobs is not None for p in params)
@@ -287,6 +287,20 @@ class Engine:
         done = torch.cuda.Event()
         done.record()
         return tokens, host_tok, host_lp, done
+
+    def _sampling_tensors(self, rows: list[Sequence]) -> tuple[SamplingTensors, torch.Tensor]:
+        """Per-row parameter tensors, rebuilt only when the batch changes; the per-row step
+        counters then advance on the device (no host-to-device copy in a steady decode)."""
+        key = tuple(s.rid for s in rows)
+        steps_now = [len(s.output_ids) for s in rows]
+        cached = self._samp_cache
+        if cached is not None and cached[0] == key and cached[3] == [n - 1 for n in steps_now]:
+            t, steps = cached[1], cached[2].add_(1)
+        else:
+            t = SamplingTensors.build([s.params for s in rows], [s.seed for s in rows], self.device)
+            steps = torch.tensor(steps_now, dtype=torch.int64).to(self.device, non_blocking=True)
+        self._samp_cache = (key, t, steps, steps_now)
+        return t, steps
 
     def _commit(self, rows: list[Sequence], pending: tuple[Any, ...]) -> list[StepOutput]:
         """The host side of a step: read the tokens, append, finish. Rows that finished or were

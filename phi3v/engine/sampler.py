@@ -117,13 +117,19 @@ class SamplingTensors:
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], device: torch.device | str) -> "SamplingTensors":
-        f32 = dict(device=device, dtype=torch.float32)
+        dev = torch.device(device)
+        # one (5, B) float64 host tensor -> one (pinned, non-blocking on CUDA) copy; float64 holds every
+        # int32 top_k exactly, and the int64 seeds travel separately as int64
+        host = torch.tensor([[p.temperature for p in params], [p.top_p for p in params],
+                             [max(p.top_k, 0) for p in params], [p.repetition_penalty for p in params]],
+                            dtype=torch.float64)
+        seed_host = torch.tensor(seeds, dtype=torch.int64)
+        if dev.type == "cuda":
+            host, seed_host = host.pin_memory(), seed_host.pin_memory()
+        d = host.to(dev, non_blocking=True)
         return cls(
-            temperature=torch.tensor([p.temperature for p in params], **f32),
-            top_p=torch.tensor([p.top_p for p in params], **f32),
-            top_k=torch.tensor([max(p.top_k, 0) for p in params], device=device, dtype=torch.int64),
-            penalty=torch.tensor([p.repetition_penalty for p in params], **f32),
-            seeds=torch.tensor(seeds, device=device, dtype=torch.int64),
+            temperature=d[0].float(), top_p=d[1].float(), top_k=d[2].long(), penalty=d[3].float(),
+            seeds=seed_host.to(dev, non_blocking=True),
             any_sampling=any(not p.greedy for p in params),
             any_top=any(not p.greedy and (p.top_p < 1.0 or p.top_k > 0) for p in params),
             any_penalty=any(p.repetition_penalty != 1.0 for p in params),
