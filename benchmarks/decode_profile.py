@@ -2,7 +2,7 @@
 fused Triton kernels on and off, plus the top CUDA kernels of one eager step.
 
 Usage: python benchmarks/decode_profile.py --folder /tmp/phi3v-full-random [--out profile.json]
-(the folder is made by benchmarks/gpu_smoke.py; it is written here if missing).
+(the folder is made by `phi3v bench --random ...`; it is written here if missing).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,23 +18,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_smoke import PROMPT, noise_image  # noqa: E402
+from phi3v.bench import PROMPT, noise_image, write_random_checkpoint  # noqa: E402
 from phi3v import LLM, SamplingParams  # noqa: E402
-from phi3v.config import Phi3VConfig  # noqa: E402
-from phi3v.models.weights import random_checkpoint  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 
 
 def ensure_checkpoint(folder: str) -> None:
-    if os.path.exists(os.path.join(folder, "model.safetensors.index.json")):
-        return
-    cfg = Phi3VConfig.from_pretrained(str(DATA / "real-configs" / "phi-3-vision-128k-instruct"))
-    random_checkpoint(cfg, folder, device="cuda", seed=0)
-    for fn in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copyfile(DATA / "tiny-phi3v" / fn, os.path.join(folder, fn))
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        write_random_checkpoint(str(DATA / "real-configs" / "phi-3-vision-128k-instruct"), str(DATA / "tiny-phi3v"), folder)
 
 
 def cuda_ms(fn, n: int) -> float:
