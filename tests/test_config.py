@@ -1,0 +1,62 @@
+"""Config parsing against the real models' files (every key they use) and the tiny checkpoint."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from phi3v.config import Phi3VConfig
+
+DATA = Path(__file__).parent / "data"
+P3 = DATA / "real-configs" / "phi-3-vision-128k-instruct"
+P35 = DATA / "real-configs" / "phi-3.5-vision-instruct"
+
+
+@pytest.mark.parametrize("folder,num_crops", [(P3, 16), (P35, 4)])
+def test_real_configs(folder: Path, num_crops: int) -> None:
+    c = Phi3VConfig.from_pretrained(str(folder))
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.head_dim) == (3072, 32, 32, 96)
+    assert c.num_crops == num_crops  # preprocessor_config.json: 16 for Phi-3-vision, 4 for 3.5
+    assert c.original_max_position_embeddings == 4096 and c.max_position_embeddings == 131072
+    assert c.rope_type == "longrope" and len(c.short_factor) == len(c.long_factor) == 48
+    assert math.isclose(c.rope_mscale, math.sqrt(1 + math.log(32) / math.log(4096)))
+    # CLIP ViT-L/14-336 by default, cut at hidden_states[-2]: 23 of 24 layers run
+    v = c.vision
+    assert (v.hidden_size, v.num_hidden_layers, v.grid, v.num_layers_used) == (1024, 24, 24, 23)
+    assert c.num_img_tokens == 144 and c.merged_dim == 4096 and c.image_dim_out == 1024
+    assert c.hd_transform_order == "sub_glb" and c.projection_cls == "mlp"
+    assert {32000, 32007, 2} <= set(c.eos_token_ids)  # <|endoftext|>, <|end|>, config/generation eos
+
+
+def test_full_size_skeleton_has_the_real_parameter_count() -> None:
+    from phi3v.models.phi3v import Phi3VForCausalLM
+
+    with torch.device("meta"):
+        m = Phi3VForCausalLM(Phi3VConfig.from_pretrained(str(P3)))
+    n = sum(p.numel() for p in m.parameters())
+    assert 4.14e9 < n < 4.16e9  # 4.15 B, as the reference reports for the checkpoint
+
+
+def test_longrope_spelling_and_errors(tmp_path: Path) -> None:
+    cfg = json.loads((P35 / "config.json").read_text())
+    cfg["rope_scaling"] = {**cfg["rope_scaling"], "type": "longrope"}
+    a = Phi3VConfig.from_dict(cfg)
+    assert a.rope_type == "longrope" and a.short_factor == cfg["rope_scaling"]["short_factor"]
+    with pytest.raises(ValueError, match="rope_scaling type"):
+        Phi3VConfig.from_dict({**cfg, "rope_scaling": {**cfg["rope_scaling"], "type": "yarn"}})
+    bad = {**cfg, "rope_scaling": {**cfg["rope_scaling"], "short_factor": [1.0] * 3}}
+    with pytest.raises(ValueError, match="short_factor"):
+        Phi3VConfig.from_dict(bad)
+    with pytest.raises(ValueError, match="config.json"):
+        Phi3VConfig.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="phi3_v"):
+        Phi3VConfig.from_pretrained(str(tmp_path))
+
+
+def test_tiny_checkpoint_vision_override() -> None:
+    c = Phi3VConfig.from_pretrained(str(DATA / "tiny-phi3v"))
+    assert (c.vision.hidden_size, c.vision.num_hidden_layers, c.vision.num_layers_used) == (32, 3, 2)
+    assert c.original_max_position_embeddings == 512 and c.num_crops == 16
