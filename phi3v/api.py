@@ -7,7 +7,6 @@ applies stop strings (the engine never sees text).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -96,10 +95,7 @@ class LLM:
         for src in images or []:
             img = load_image(src, **load_kwargs)
             proc = self.image_processor.preprocess(img, num_crops, device=self.device)
-            key = hashlib.blake2b(img.tobytes(), digest_size=16,
-                                  person=f"{img.mode[:4]}{proc.crops.shape[0]}".encode()[:16])
-            key.update(f"{img.size}|{num_crops or self.image_processor.num_crops}".encode())
-            inputs.append(ImageInput(proc.crops, proc.image_size, key.hexdigest()))
+            inputs.append(ImageInput(proc.crops, proc.image_size, proc.key))
             counts.append(proc.num_tokens)
         ids = tokenize_prompt(self.tokenizer, prompt, counts)
         ctx = self.engine.sched.slot_len

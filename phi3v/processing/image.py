@@ -24,6 +24,7 @@ Deviation (the reference crashes here): when the short side rounds to 0 px (e.g.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ class ProcessedImage:
     image_size: tuple[int, int]  # (H, W) of the padded HD canvas in pixels, multiples of 336
     num_tokens: int  # num_image_tokens(h, w)
     grid: tuple[int, int]  # (h, w) = (H // 336, W // 336)
+    key: str = ""  # sha256 of the HD canvas: the crops (and so the image features) are a function of it
 
 
 @dataclass
@@ -151,6 +153,9 @@ class ImageProcessor:
         # No exif_transpose on purpose: parity with the reference (see module doc, step 1).
         canvas = hd_canvas(image.convert("RGB"), nc)  # (H, W, 3) uint8
         H, W = canvas.shape[:2]
+        # content key for the image-embedding cache: hashing the canvas (no extra copy) identifies
+        # exactly what the vision tower sees, whatever the input format or num_crops
+        key = hashlib.sha256(f"{H}x{W}".encode() + memoryview(canvas).cast("B")).hexdigest()[:32]
         gh, gw = H // CROP, W // CROP
         hd = self.normalize(canvas, device)  # (3, H, W) float32
         # Global view: bicubic resize of the whole normalised canvas; overshoot beyond the range is kept (no clamp).
@@ -158,7 +163,7 @@ class ImageProcessor:
         # (3, gh, 336, gw, 336) -> (gh, gw, 3, 336, 336): row-major sub-crops
         subs = hd.reshape(3, gh, CROP, gw, CROP).permute(1, 3, 0, 2, 4).reshape(gh * gw, 3, CROP, CROP)
         crops = torch.cat([glob, subs], dim=0)
-        return ProcessedImage(crops=crops, image_size=(H, W), num_tokens=num_image_tokens(gh, gw), grid=(gh, gw))
+        return ProcessedImage(crops=crops, image_size=(H, W), num_tokens=num_image_tokens(gh, gw), grid=(gh, gw), key=key)
 
     def __call__(self, images: Any, num_crops: int | None = None) -> ImageBatch:
         """One image or a list of images -> padded batch, shaped like the reference's `pixel_values`."""

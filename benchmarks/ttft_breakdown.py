@@ -1,0 +1,89 @@
+"""Where time to first token goes (GPU): each phase of one request timed alone, synchronised.
+
+Usage: python benchmarks/ttft_breakdown.py [--folder /tmp/phi3v-full-random] [--out ttft.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from phi3v import LLM, SamplingParams  # noqa: E402
+from phi3v.bench import PROMPT, noise_image, write_random_checkpoint  # noqa: E402
+from phi3v.processing.chat import tokenize_prompt  # noqa: E402
+from phi3v.processing.image import hd_canvas  # noqa: E402
+
+DATA = ROOT / "tests" / "data"
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int = 7) -> float:
+    out = []
+    for _ in range(reps):
+        _sync()
+        t = time.perf_counter()
+        fn()
+        _sync()
+        out.append(1000 * (time.perf_counter() - t))
+    return statistics.median(out[1:])
+
+
+@torch.inference_mode()
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--folder", default="/tmp/phi3v-full-random")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if not os.path.exists(os.path.join(a.folder, "config.json")):
+        write_random_checkpoint(str(DATA / "real-configs" / "phi-3-vision-128k-instruct"), str(DATA / "tiny-phi3v"), a.folder)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    llm = LLM(a.folder, device=dev, max_num_seqs=4, max_model_len=3072)
+    m, proc = llm.model, llm.image_processor
+    res: dict = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d")}
+    for nc, size in ((16, (1344, 1344)), (4, (672, 672))):
+        img = noise_image(*size, 7)
+        fresh = iter([noise_image(*size, 100 + i) for i in range(8)])  # new images: no embedding-cache hits
+        p = proc.preprocess(img, nc, device=dev)
+        req = llm.prepare(PROMPT, [img], SamplingParams(max_tokens=1), nc)
+        ids = torch.tensor(req.prompt_ids, device=dev)
+        feats = m.encode_images([p.crops], [p.image_size])
+        emb = m.embed(ids, feats)
+        L = emb.shape[0]
+        r = {
+            "canvas_cpu_ms": timed(lambda: hd_canvas(img.convert("RGB"), nc)),
+            "preprocess_total_ms": timed(lambda: proc.preprocess(img, nc, device=dev)),
+            "hash_ms": timed(lambda: hashlib.blake2b(img.tobytes(), digest_size=16).hexdigest()),
+            "tokenize_ms": timed(lambda: tokenize_prompt(llm.tokenizer, PROMPT, [p.num_tokens])),
+            "prepare_total_ms": timed(lambda: llm.prepare(PROMPT, [img], SamplingParams(max_tokens=1), nc)),
+            "vision_ms": timed(lambda: m.encode_images([p.crops], [p.image_size])),
+            "embed_ms": timed(lambda: m.embed(ids, feats)),
+            "prefill_forward_ms": timed(lambda: m.logits(m(emb[None], torch.arange(L, device=dev)[None],
+                                                             torch.tensor([False], device=dev), None)[:, -1])),
+            "generate_1_token_ms": timed(lambda: llm.generate(PROMPT, [next(fresh)], SamplingParams(max_tokens=1),
+                                                              num_crops=nc)),
+            "prompt_tokens": L,
+        }
+        res[f"nc{nc}"] = r
+    text = json.dumps(res, indent=1)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
