@@ -71,6 +71,9 @@ def main() -> None:
             "tokenize_ms": timed(lambda: tokenize_prompt(llm.tokenizer, PROMPT, [p.num_tokens])),
             "prepare_total_ms": timed(lambda: llm.prepare(PROMPT, [img], SamplingParams(max_tokens=1), nc)),
             "vision_ms": timed(lambda: m.encode_images([p.crops], [p.image_size])),
+            "vision_graph_ms": timed(lambda: m.encode_images([p.crops], [p.image_size], tower=llm.engine.vision_runner)),
+            "vision_graph_vs_eager_max_abs": float((m.encode_images([p.crops], [p.image_size], tower=llm.engine.vision_runner)[0]
+                                                    - feats[0]).abs().max()),
             "embed_ms": timed(lambda: m.embed(ids, feats)),
             "prefill_forward_ms": timed(lambda: m.logits(m(emb[None], torch.arange(L, device=dev)[None],
                                                              torch.tensor([False], device=dev), None)[:, -1])),

@@ -23,7 +23,7 @@ import torch
 from phi3v.config import Phi3VConfig
 from phi3v.engine.grammar import Grammars
 from phi3v.engine.kv_cache import KVCache, PrefillAttention
-from phi3v.engine.runner import DecodeRunner
+from phi3v.engine.runner import DecodeRunner, VisionRunner
 from phi3v.engine.sampler import SamplingParams, SamplingTensors, sample, top_logprobs
 from phi3v.engine.scheduler import RUNNING, Scheduler, Sequence
 from phi3v.models import kernels
@@ -69,6 +69,9 @@ class Engine:
                              config.head_dim, self.device, self.dtype)
         self.sched = Scheduler(n_slots, slot_len)
         self.runner = DecodeRunner(model, self.cache, use_graphs)
+        vision_graphs = ((self.device.type == "cuda") if use_graphs is None else use_graphs) \
+            and os.environ.get("PHI3V_VISION_GRAPHS", "1") != "0"
+        self.vision_runner = VisionRunner(model.model.vision_embed_tokens.img_processor, self.device, vision_graphs)
         # Triton-fused norms/RoPE/SiLU on CUDA (PHI3V_FUSED=0 turns them off)
         model.model.fused = kernels.available(self.device) and os.environ.get("PHI3V_FUSED", "1") != "0"
         self.prefill_chunk = prefill_chunk
@@ -153,7 +156,7 @@ class Engine:
                 group.append(items.pop(0))
                 n += group[-1][1].crops.shape[0]
             feats = self.model.encode_images([i.crops.to(self.device, non_blocking=True) for _, i in group],
-                                             [i.image_size for _, i in group])
+                                             [i.image_size for _, i in group], tower=self.vision_runner)
             self.stats["images_encoded"] += len(group)
             for (key, _), f in zip(group, feats):
                 self.image_cache[key] = f

@@ -79,3 +79,47 @@ class DecodeRunner:
             io["logits"] = self._forward(io["tokens"], io["lengths"], io["flags"], width)
         self.pool = graph.pool()
         return graph, io
+
+
+VISION_BUCKETS = (2, 3, 5, 9, 17, 25, 33, 49, 65, 97, 129)  # 1 + h*w crops: nc=1 -> 2, nc=4 -> <=5, nc=16 -> <=17
+
+
+class VisionRunner:
+    """The CLIP tower over N crops, replayed as a CUDA graph per crop-count bucket.
+
+    At 4 crops the tower is launch-bound (~300 kernels for 5 crops); a graph removes the gaps.
+    Pad crops (zeros) fill a bucket; their features are computed and dropped."""
+
+    def __init__(self, tower: torch.nn.Module, device: torch.device, use_graphs: bool | None = None) -> None:
+        self.tower, self.device = tower, device
+        self.use_graphs = (device.type == "cuda") if use_graphs is None else use_graphs
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.pool = None
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        n = pixels.shape[0]  # pixels (n, 3, 336, 336) -> (n, 576, C)
+        bucket = next((b for b in VISION_BUCKETS if b >= n), None)
+        if not self.use_graphs or bucket is None:
+            return self.tower(pixels)
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self._capture(bucket, pixels)
+        graph, x, y = self.graphs[bucket]
+        x[:n].copy_(pixels)
+        if bucket > n:
+            x[n:].zero_()
+        graph.replay()
+        return y[:n]  # a view of the graph's output: consumed (HD merge) before the next replay
+
+    def _capture(self, bucket: int, like: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        x = torch.zeros((bucket, *like.shape[1:]), dtype=like.dtype, device=self.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.tower(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            y = self.tower(x)
+        self.pool = graph.pool()
+        return graph, x, y

@@ -17,6 +17,8 @@ Image path (reference `Phi3ImageEmbedding.hd_feature_transform`):
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -117,13 +119,15 @@ class Phi3VForCausalLM(nn.Module):
         return h, w
 
     @torch.no_grad()
-    def encode_images(self, crops: list[Tensor], image_sizes: list[tuple[int, int]]) -> list[Tensor]:
+    def encode_images(self, crops: list[Tensor], image_sizes: list[tuple[int, int]],
+                      tower: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
         """Image features for the placeholder tokens, one tensor (num_tokens_i, hidden) per image.
 
         crops[i]: (1 + h*w, 3, 336, 336), the global view then the row-major sub-crops of image i
         (no zero padding crops: the reference encodes and discards them). image_sizes[i] = (H, W) of
         the padded HD canvas in pixels, H = 336*h, W = 336*w.
         num_tokens_i = (h*w + 1)*144 + 1 + (h + 1)*12.
+        `tower`: runs the CLIP tower in place of `img_processor` (the engine passes its CUDA-graph runner).
         """
         if len(crops) != len(image_sizes):
             raise ValueError(f"{len(crops)} crop tensors but {len(image_sizes)} image sizes")
@@ -132,7 +136,7 @@ class Phi3VForCausalLM(nn.Module):
         grids = [self._grid(i, c, sz) for i, (c, sz) in enumerate(zip(crops, image_sizes))]
         emb = self.model.vision_embed_tokens
         pixels = torch.cat([c.to(self.device) for c in crops])  # (sum(1 + h*w), 3, 336, 336)
-        feats = emb.img_processor(pixels)  # (N, 576, C): CLIP runs once, batched over all crops
+        feats = (tower or emb.img_processor)(pixels)  # (N, 576, C): CLIP runs once, batched over all crops
         return emb.hd_transform(feats, grids)
 
     # ------------------------------------------------------------- embeddings
