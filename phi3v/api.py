@@ -19,6 +19,7 @@ import torch
 from phi3v.config import Phi3VConfig
 from phi3v.engine.engine import Engine, ImageInput
 from phi3v.engine.grammar import Grammars
+from phi3v.engine.runner import CAPTURE_LOCK
 from phi3v.engine.sampler import SamplingParams
 from phi3v.hub import resolve_model
 from phi3v.models.weights import load_model
@@ -94,7 +95,8 @@ class LLM:
         inputs, counts = [], []
         for src in images or []:
             img = load_image(src, **load_kwargs)
-            proc = self.image_processor.preprocess(img, num_crops, device=self.device)
+            # the GPU part must not overlap a CUDA-graph capture on the engine's thread
+            proc = self.image_processor.preprocess(img, num_crops, device=self.device, device_lock=CAPTURE_LOCK)
             inputs.append(ImageInput(proc.crops, proc.image_size, proc.key))
             counts.append(proc.num_tokens)
         ids = tokenize_prompt(self.tokenizer, prompt, counts)

@@ -8,9 +8,16 @@ CPU (and with graphs off) the same function runs eagerly.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from phi3v.engine.kv_cache import DecodeAttention, KVCache
+
+# Held while a CUDA graph is captured. Other threads that launch GPU work (image preprocessing on
+# the API's or the server's worker threads) take it too: CUDA work from another thread during a
+# capture invalidates the capture.
+CAPTURE_LOCK = threading.Lock()
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -51,7 +58,8 @@ class DecodeRunner:
             return self._forward(tokens, lengths, flags, width)
         key = (bucket, width)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(bucket, width)
+            with CAPTURE_LOCK:
+                self.graphs[key] = self._capture(bucket, width)
         graph, io = self.graphs[key]
         io["tokens"][:n].copy_(tokens)
         io["lengths"][:n].copy_(lengths)
@@ -102,7 +110,8 @@ class VisionRunner:
         if not self.use_graphs or bucket is None:
             return self.tower(pixels)
         if bucket not in self.graphs:
-            self.graphs[bucket] = self._capture(bucket, pixels)
+            with CAPTURE_LOCK:
+                self.graphs[bucket] = self._capture(bucket, pixels)
         graph, x, y = self.graphs[bucket]
         x[:n].copy_(pixels)
         if bucket > n:

@@ -24,6 +24,7 @@ Deviation (the reference crashes here): when the short side rounds to 0 px (e.g.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import numbers
@@ -138,13 +139,14 @@ class ImageProcessor:
         idx += torch.arange(0, 3 * 256, 256, dtype=torch.int64, device=idx.device)[:, None, None]  # channel c reads lut[c*256:]
         return self._lut.to(idx.device)[idx]  # gather -> contiguous (3, H, W)
 
-    def preprocess(self, image: Any, num_crops: int | None = None,
-                   device: torch.device | str | None = None) -> ProcessedImage:
+    def preprocess(self, image: Any, num_crops: int | None = None, device: torch.device | str | None = None,
+                   device_lock: Any = None) -> ProcessedImage:
         """One image (anything `load_image` accepts) -> global view + sub-crops, without padding crops.
 
         `device`: where the crops are built. The PIL resize/pad runs on the CPU either way; on a GPU the
         normalisation is the same table lookup (bit-exact) and the bicubic global view agrees with the
-        CPU's to float32 rounding (~1e-6), far inside the reference tolerance of 1e-4."""
+        CPU's to float32 rounding (~1e-6), far inside the reference tolerance of 1e-4. `device_lock`
+        (a context manager) is held around the device work only."""
         nc = self.num_crops if num_crops is None else _check_num_crops(num_crops)
         if not isinstance(image, Image.Image):
             image = load_image(image)
@@ -157,12 +159,14 @@ class ImageProcessor:
         # exactly what the vision tower sees, whatever the input format or num_crops
         key = hashlib.sha256(f"{H}x{W}".encode() + memoryview(canvas).cast("B")).hexdigest()[:32]
         gh, gw = H // CROP, W // CROP
-        hd = self.normalize(canvas, device)  # (3, H, W) float32
-        # Global view: bicubic resize of the whole normalised canvas; overshoot beyond the range is kept (no clamp).
-        glob = F.interpolate(hd[None], size=(CROP, CROP), mode="bicubic", align_corners=False)  # (1, 3, 336, 336)
-        # (3, gh, 336, gw, 336) -> (gh, gw, 3, 336, 336): row-major sub-crops
-        subs = hd.reshape(3, gh, CROP, gw, CROP).permute(1, 3, 0, 2, 4).reshape(gh * gw, 3, CROP, CROP)
-        crops = torch.cat([glob, subs], dim=0)
+        on_gpu = device is not None and torch.device(device).type != "cpu"
+        with device_lock if device_lock is not None and on_gpu else contextlib.nullcontext():
+            hd = self.normalize(canvas, device)  # (3, H, W) float32
+            # Global view: bicubic resize of the whole normalised canvas; overshoot beyond the range is kept (no clamp).
+            glob = F.interpolate(hd[None], size=(CROP, CROP), mode="bicubic", align_corners=False)  # (1, 3, 336, 336)
+            # (3, gh, 336, gw, 336) -> (gh, gw, 3, 336, 336): row-major sub-crops
+            subs = hd.reshape(3, gh, CROP, gw, CROP).permute(1, 3, 0, 2, 4).reshape(gh * gw, 3, CROP, CROP)
+            crops = torch.cat([glob, subs], dim=0)
         return ProcessedImage(crops=crops, image_size=(H, W), num_tokens=num_image_tokens(gh, gw), grid=(gh, gw), key=key)
 
     def __call__(self, images: Any, num_crops: int | None = None) -> ImageBatch:
