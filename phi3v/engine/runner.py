@@ -8,6 +8,7 @@ CPU (and with graphs off) the same function runs eagerly.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import torch
@@ -18,6 +19,7 @@ from phi3v.engine.kv_cache import DecodeAttention, KVCache
 # the API's or the server's worker threads) take it too: CUDA work from another thread during a
 # capture invalidates the capture.
 CAPTURE_LOCK = threading.Lock()
+log = logging.getLogger("phi3v.engine")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -58,8 +60,13 @@ class DecodeRunner:
             return self._forward(tokens, lengths, flags, width)
         key = (bucket, width)
         if key not in self.graphs:
-            with CAPTURE_LOCK:
-                self.graphs[key] = self._capture(bucket, width)
+            try:
+                with CAPTURE_LOCK:
+                    self.graphs[key] = self._capture(bucket, width)
+            except RuntimeError as e:  # a failed capture must not fail requests: run eagerly from now on
+                log.warning("CUDA graph capture failed (%s): decode runs without graphs", e)
+                self.use_graphs = False
+                return self._forward(tokens, lengths, flags, width)
         graph, io = self.graphs[key]
         io["tokens"][:n].copy_(tokens)
         io["lengths"][:n].copy_(lengths)
@@ -110,8 +117,13 @@ class VisionRunner:
         if not self.use_graphs or bucket is None:
             return self.tower(pixels)
         if bucket not in self.graphs:
-            with CAPTURE_LOCK:
-                self.graphs[bucket] = self._capture(bucket, pixels)
+            try:
+                with CAPTURE_LOCK:
+                    self.graphs[bucket] = self._capture(bucket, pixels)
+            except RuntimeError as e:
+                log.warning("CUDA graph capture failed (%s): the vision tower runs without graphs", e)
+                self.use_graphs = False
+                return self.tower(pixels)
         graph, x, y = self.graphs[bucket]
         x[:n].copy_(pixels)
         if bucket > n:
