@@ -215,9 +215,18 @@ class Engine:
         return logits
 
     # ---------------------------------------------------------------- the step
-    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """Advance every request by one token (or prefill newly admitted ones).
+        """Advance every request by one token (or prefill newly admitted ones). A step that raises
+        leaves nothing in flight, so the caller can fail its requests and go on."""
+        try:
+            return self._step()
+        except BaseException:
+            self._ahead, self._samp_cache = None, None
+            raise
+
+    @torch.inference_mode()
+    def _step(self) -> list[StepOutput]:
+        """One step; see `step`.
 
         Decode steps run one ahead on CUDA: before the host reads step t's tokens (the step's one
         device-to-host copy), the forward of step t+1 is already launched with those tokens still
