@@ -60,3 +60,23 @@ def test_tiny_checkpoint_vision_override() -> None:
     c = Phi3VConfig.from_pretrained(str(DATA / "tiny-phi3v"))
     assert (c.vision.hidden_size, c.vision.num_hidden_layers, c.vision.num_layers_used) == (32, 3, 2)
     assert c.original_max_position_embeddings == 512 and c.num_crops == 16
+
+
+def test_repo_id_downloads_only_the_needed_files(monkeypatch, tmp_path: Path) -> None:
+    import huggingface_hub
+
+    from phi3v.hub import resolve_model
+
+    calls = {}
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        calls.update(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert resolve_model("microsoft/Phi-3.5-vision-instruct", "main") == str(tmp_path)
+    assert calls["repo_id"] == "microsoft/Phi-3.5-vision-instruct" and calls["revision"] == "main"
+    pats = calls["allow_patterns"]
+    assert "*.safetensors" in pats and "*.json" in pats and not any(p.endswith(".py") or ".bin" in p for p in pats)
+    with pytest.raises(ValueError, match="neither a checkpoint folder"):
+        resolve_model("not a repo id")
