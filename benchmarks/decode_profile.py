@@ -8,7 +8,6 @@ Usage: python benchmarks/decode_profile.py --folder /tmp/phi3v-full-random [--ou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -19,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from phi3v.bench import PROMPT, noise_image, write_random_checkpoint  # noqa: E402
+from phi3v.bench import PROMPT, emit, noise_image, write_random_checkpoint  # noqa: E402
 from phi3v import LLM, SamplingParams  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
@@ -92,10 +91,7 @@ def main() -> None:
         gen_tokens[fused] = c.token_ids
         res["fused" if fused else "unfused"] = r
     res["fused_vs_unfused_same_tokens"] = sum(x == y for x, y in zip(gen_tokens[True], gen_tokens[False]))
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit(res, a.out)
 
 
 if __name__ == "__main__":

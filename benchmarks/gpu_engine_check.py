@@ -8,7 +8,6 @@ Usage: python benchmarks/gpu_engine_check.py [--out check.json]
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from phi3v import LLM, SamplingParams  # noqa: E402
+from phi3v.bench import emit  # noqa: E402
 from phi3v.engine.reference import reference_generate  # noqa: E402
 
 IMG = ROOT / "tests" / "data" / "golden" / "images"
@@ -69,10 +69,7 @@ def main() -> None:
            "cases": {rid: {"equal": got.get(rid) == ref, "n": len(ref)} for rid, ref in zip(rids, refs)},
            "victim_tokens": len(got.get("victim", [])), "slots_free": eng.sched.free_slots == eng.sched.max_num_seqs}
     res["all_equal"] = all(c["equal"] for c in res["cases"].values())
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit(res, a.out)
     sys.exit(0 if res["all_equal"] and res["slots_free"] else 1)
 
 

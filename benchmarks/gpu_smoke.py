@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from phi3v import LLM, SamplingParams  # noqa: E402
+from phi3v.bench import emit  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 
@@ -53,10 +54,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "tiny_cuda_fp32": tiny_parity()}
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit(res, a.out)
 
 
 if __name__ == "__main__":

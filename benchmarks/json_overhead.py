@@ -15,7 +15,6 @@ CPU smoke run with the tiny checkpoint:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from phi3v import LLM, SamplingParams  # noqa: E402
+from phi3v.bench import emit  # noqa: E402
 from phi3v.engine.grammar import Grammars  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
@@ -153,10 +153,7 @@ def main() -> None:
         res["cases"][f"batch{b}_overhead_pct"] = 100 * (1 - cons["decode_tok_s"] / free["decode_tok_s"])
         print(f"batch {b:3d} overhead: {res['cases'][f'batch{b}_overhead_pct']:.1f} %", flush=True)
     res["median_all"] = {k: statistics.median(v["all_tok_s"]) for k, v in res["cases"].items() if isinstance(v, dict)}
-    text = json.dumps(res, indent=1)
-    if a.out:
-        Path(a.out).write_text(text)
-    print(text)
+    emit(res, a.out)
 
 
 if __name__ == "__main__":

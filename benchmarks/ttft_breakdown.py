@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import statistics
 import sys
@@ -20,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from phi3v import LLM, SamplingParams  # noqa: E402
-from phi3v.bench import PROMPT, noise_image, write_random_checkpoint  # noqa: E402
+from phi3v.bench import PROMPT, emit, noise_image, write_random_checkpoint  # noqa: E402
 from phi3v.processing.chat import tokenize_prompt  # noqa: E402
 from phi3v.processing.image import hd_canvas  # noqa: E402
 
@@ -82,10 +81,7 @@ def main() -> None:
             "prompt_tokens": L,
         }
         res[f"nc{nc}"] = r
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit(res, a.out)
 
 
 if __name__ == "__main__":

@@ -133,9 +133,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
             ref = json.load(f)
         res["ratios_vs_reference"] = {k: (res[k] / ref[k] if k.startswith(("a_", "c_")) else ref[k] / res[k])
                                       for k in res if k in ref and isinstance(ref[k], (int, float)) and ref[k]}
+    emit(res, a.json_out)
+    return 0
+
+
+def emit(res: dict[str, Any], path: str | None) -> None:
+    """Print a result dict as JSON, and write it to `path` when given (benchmark scripts share this)."""
     text = json.dumps(res, indent=1)
     print(text)
-    if a.json_out:
-        with open(a.json_out, "w", encoding="utf-8") as f:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
             f.write(text)
-    return 0
