@@ -254,3 +254,22 @@ def test_generate_many_prepares_callables_on_threads_in_order(llm: LLM) -> None:
     with pytest.raises(ValueError, match="image_2"):
         llm.generate_many([functools.partial(llm.prepare, PROMPTS[1][0], [image_path("coffee")])])
     assert llm.engine.num_running == 0 and not llm.engine.has_unfinished()
+
+
+def test_batched_prefill_of_similar_prompts_equals_each_alone(llm: LLM) -> None:
+    # four prompts of similar length (one 1-crop image each, different texts/images) prefill in one
+    # padded forward; a long one goes alone
+    specs = [("<|user|>\n<|image_1|>\nDescribe.<|end|>\n<|assistant|>\n", "astronaut"),
+             ("<|user|>\n<|image_1|>\nWhat is written here, exactly?<|end|>\n<|assistant|>\n", "page_L"),
+             ("<|user|>\n<|image_1|>\nColours?<|end|>\n<|assistant|>\n", "logo_RGBA"),
+             ("<|user|>\n<|image_1|>\nIs this a cup of coffee or tea? Say why.<|end|>\n<|assistant|>\n", "coffee")]
+    reqs = [llm.prepare(p, [image_path(n)], SamplingParams(max_tokens=10, ignore_eos=True), 1) for p, n in specs]
+    reqs.append(llm.prepare(PROMPTS[1][0], [image_path("coffee"), image_path("page_L")],
+                            SamplingParams(max_tokens=10, ignore_eos=True), 4))
+    alone = [llm.generate_many([r])[0].token_ids for r in reqs]
+    before = llm.engine.stats["batched_prefills"]
+    together = [c.token_ids for c in llm.generate_many(reqs)]
+    assert llm.engine.stats["batched_prefills"] == before + 1
+    assert together == alone
+    refs = [_reference(llm, r, 10) for r in reqs]
+    assert together == refs

@@ -22,7 +22,7 @@ import torch
 
 from phi3v.config import Phi3VConfig
 from phi3v.engine.grammar import Grammars
-from phi3v.engine.kv_cache import KVCache, PrefillAttention
+from phi3v.engine.kv_cache import BatchPrefillAttention, KVCache, PrefillAttention
 from phi3v.engine.runner import DecodeRunner, VisionRunner
 from phi3v.engine.sampler import SamplingParams, SamplingTensors, sample, top_logprobs
 from phi3v.engine.scheduler import RUNNING, Scheduler, Sequence
@@ -83,7 +83,8 @@ class Engine:
         self.image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.image_cache_size = image_cache_size
         self.grammars = grammars  # token table for structured output (None: constraints are refused)
-        self.stats = {"image_cache_hits": 0, "images_encoded": 0, "prefill_tokens": 0, "decode_steps": 0}
+        self.stats = {"image_cache_hits": 0, "images_encoded": 0, "prefill_tokens": 0, "decode_steps": 0,
+                      "batched_prefills": 0}
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_ids: list[int], images: list[ImageInput] | None = None,
@@ -183,6 +184,49 @@ class Engine:
         self.stats["prefill_tokens"] += T
         return self.model.logits(h[:, -1])
 
+    def _prefill_many(self, seqs: list[Sequence], embs: list[torch.Tensor], longs: list[bool]) -> torch.Tensor:
+        """Prefill admitted sequences, batching prompts of similar length into one padded forward
+        (short prompts are launch-bound one at a time). Returns last-position logits (n, V)."""
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: embs[i].shape[0])
+        group: list[int] = []
+
+        def flush() -> None:
+            if len(group) == 1:
+                i = group[0]
+                out[i] = self._prefill(seqs[i], embs[i], longs[i])
+            elif group:
+                for i, lg in zip(group, self._prefill_batch([seqs[i] for i in group], [embs[i] for i in group],
+                                                             [longs[i] for i in group])):
+                    out[i] = lg[None]  # (1, V)
+            group.clear()
+
+        for i in order:
+            T = embs[i].shape[0]
+            # pad at most 25 % and keep the padded batch within one prefill chunk's worth of tokens
+            if group and ((len(group) + 1) * T > self.prefill_chunk or T > 1.25 * embs[group[0]].shape[0]):
+                flush()
+            group.append(i)
+        flush()
+        return torch.cat(out, 0)  # type: ignore[arg-type]
+
+    def _prefill_batch(self, seqs: list[Sequence], embs: list[torch.Tensor], longs: list[bool]) -> torch.Tensor:
+        lens = [e.shape[0] for e in embs]
+        T = max(lens)
+        x = embs[0].new_zeros(len(seqs), T, embs[0].shape[1])  # (B, T, hidden), zero padding at the end
+        for b, e in enumerate(embs):
+            x[b, : e.shape[0]] = e
+        dev = self.device
+        pos = torch.arange(T, device=dev)[None].expand(len(seqs), T)
+        slots = torch.tensor([s.slot for s in seqs], device=dev)
+        h = self.model(x, pos, torch.tensor(longs, device=dev), BatchPrefillAttention(self.cache, slots))
+        last = h[torch.arange(len(seqs), device=dev), torch.tensor(lens, device=dev) - 1]  # (B, hidden)
+        for s, lr in zip(seqs, longs):
+            s.long_rope = lr
+        self.stats["prefill_tokens"] += sum(lens)
+        self.stats["batched_prefills"] += 1
+        return self.model.logits(last)
+
     def _full_embeds(self, seq: Sequence) -> torch.Tensor:
         prompt = seq.state.get("prompt_embeds")
         if prompt is None:
@@ -243,15 +287,17 @@ class Engine:
         admitted = self.sched.admit()
         if admitted:
             self._image_features(admitted)
-            rows, logits = admitted, []
             orig = self.cfg.original_max_position_embeddings
+            embs, longs = [], []
             for seq in admitted:
                 emb = self._prompt_embeds(seq)
                 long_rope = bool(self.cfg.rope_type) and len(seq.prompt_ids) > orig
                 if not long_rope and self.cfg.rope_type and len(seq.prompt_ids) + seq.params.max_tokens > orig:
                     seq.state["prompt_embeds"] = emb  # kept for the recompute at the crossing
-                logits.append(self._prefill(seq, emb, long_rope))
-            return self._commit(rows, self._sample_device(rows, torch.cat(logits, 0)))
+                embs.append(emb)
+                longs.append(long_rope)
+            logits = self._prefill_many(admitted, embs, longs)
+            return self._commit(admitted, self._sample_device(admitted, logits))
         if not self.sched.running:
             return []
         rows = list(self.sched.running)

@@ -79,3 +79,20 @@ class DecodeAttention:
         kl[self.rows, :, self.lengths] = k[:, :, 0]
         vl[self.rows, :, self.lengths] = v[:, :, 0]
         return _sdpa(q, kl[:n, :, : self.max_len], vl[:n, :, : self.max_len], self.mask)
+
+
+class BatchPrefillAttention:
+    """Several sequences' whole prompts at once, padded to T: row b is written to slot slots[b] at
+    positions 0..T-1 (padding positions past its length hold garbage that the sequence overwrites
+    as it decodes, and that no mask ever shows). Causal attention over the new tokens is exact for
+    every real query: padding only follows the real tokens."""
+
+    def __init__(self, cache: KVCache, slots: torch.Tensor) -> None:
+        self.cache, self.slots = cache, slots
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q (B, n_heads, T, D); k, v (B, n_kv, T, D)
+        T = q.shape[2]
+        self.cache.k[layer, self.slots, :, :T] = k
+        self.cache.v[layer, self.slots, :, :T] = v
+        return _sdpa(q, k, v, None, causal=True)
