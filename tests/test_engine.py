@@ -29,6 +29,15 @@ def llm() -> LLM:
     return LLM(CKPT, device="cpu", dtype="fp32", max_num_seqs=6, max_model_len=4096)
 
 
+@pytest.fixture(autouse=True)
+def kv_memory_is_free_after_each_test(llm: LLM):
+    yield
+    eng = llm.engine
+    eng.step()  # drains a run-ahead step still in flight, if any
+    assert not eng.has_unfinished() and eng._ahead is None
+    assert eng.sched.free_slots == eng.sched.max_num_seqs and not eng.sched.seqs
+
+
 # Crossing cases follow Microsoft's later fix (the Phi-3.5 code); all others are identical in both.
 CASES = [k for k, v in MANIFEST["model"].items()
          if v.get("status") == "ok" and v.get("file") and (k.endswith("phi35v") or
