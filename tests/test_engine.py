@@ -282,3 +282,17 @@ def test_batched_prefill_of_similar_prompts_equals_each_alone(llm: LLM) -> None:
     assert together == alone
     refs = [_reference(llm, r, 10) for r in reqs]
     assert together == refs
+
+
+def test_small_image_cache_keeps_every_image_a_step_needs(llm: LLM) -> None:
+    eng = llm.engine
+    size = eng.image_cache_size
+    prompt = "<|user|>\n<|image_1|>\nWhat?<|end|>\n<|assistant|>\n"
+    reqs = [llm.prepare(prompt, [image_path(n)], SamplingParams(max_tokens=3), 1) for n in ("coffee", "page_L", "logo_RGBA")]
+    try:
+        eng.image_cache_size = 1
+        first = llm.generate_many(reqs[:1])[0].token_ids  # "coffee" is now cached: a hit in the next step
+        got = [c.token_ids for c in llm.generate_many(reqs)]  # one step needs the hit and two new images
+    finally:
+        eng.image_cache_size = size
+    assert got[0] == first and len(eng.image_cache) >= 3

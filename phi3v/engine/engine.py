@@ -140,11 +140,12 @@ class Engine:
     def _image_features(self, seqs: list[Sequence]) -> None:
         """Encode every image of the admitted sequences not in the cache, in one vision batch."""
         todo: dict[str, ImageInput] = {}
+        needed: set[str] = set()
         for seq in seqs:
             for img in seq.images:
                 if img.key is None:
-                    img.key = hashlib.blake2b(img.crops.numpy().tobytes() if img.crops.device.type == "cpu"
-                                              else img.crops.cpu().numpy().tobytes(), digest_size=16).hexdigest()
+                    img.key = hashlib.blake2b(img.crops.cpu().numpy().tobytes(), digest_size=16).hexdigest()
+                needed.add(img.key)
                 if img.key in self.image_cache:
                     self.image_cache.move_to_end(img.key)
                     self.stats["image_cache_hits"] += 1
@@ -161,7 +162,8 @@ class Engine:
             self.stats["images_encoded"] += len(group)
             for (key, _), f in zip(group, feats):
                 self.image_cache[key] = f
-        while len(self.image_cache) > max(self.image_cache_size, len(todo)):
+        # hits were moved to the end and new entries appended: the newest len(needed) are this step's
+        while len(self.image_cache) > max(self.image_cache_size, len(needed)):
             self.image_cache.popitem(last=False)
 
     def _prompt_embeds(self, seq: Sequence) -> torch.Tensor:
