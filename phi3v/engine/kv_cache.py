@@ -1,4 +1,4 @@
-"""KV cache in fixed slots, and the two attention backends the decoder calls.
+"""KV cache in fixed slots, and the attention backends (prefill, batched prefill, decode) the decoder calls.
 
 Layout: one K and one V tensor of shape (n_layers, n_slots, n_kv_heads, slot_len, head_dim).
 Running sequences always occupy slots 0..n-1 (the scheduler compacts by moving the last slot into
@@ -9,7 +9,8 @@ lengths: no gather, no padding to the longest sequence beyond the bucketed `max_
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from phi3v.models.phi3 import attention, causal_attention
 
 
 class KVCache:
@@ -32,13 +33,6 @@ class KVCache:
             self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: repeat kv heads
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-
-
 class PrefillAttention:
     """One sequence, T new tokens written at positions start..start+T-1 of its slot.
     Attends over the slot's first start+T positions (chunked prefill when start > 0)."""
@@ -54,11 +48,11 @@ class PrefillAttention:
         kc[:, s:] = k[0]
         vc[:, s:] = v[0]
         if s == 0:
-            return _sdpa(q, k, v, None, causal=True)
+            return causal_attention(q, k, v)
         # query i sits at position s+i and sees keys 0..s+i
         qpos = torch.arange(s, s + T, device=q.device)[:, None]
         mask = torch.arange(s + T, device=q.device)[None, :] <= qpos  # (T, s+T)
-        return _sdpa(q, kc[None], vc[None], mask)
+        return attention(q, kc[None], vc[None], mask)
 
 
 class DecodeAttention:
@@ -78,7 +72,7 @@ class DecodeAttention:
         kl, vl = self.cache.k[layer], self.cache.v[layer]  # (n_slots, n_kv, slot_len, D)
         kl[self.rows, :, self.lengths] = k[:, :, 0]
         vl[self.rows, :, self.lengths] = v[:, :, 0]
-        return _sdpa(q, kl[:n, :, : self.max_len], vl[:n, :, : self.max_len], self.mask)
+        return attention(q, kl[:n, :, : self.max_len], vl[:n, :, : self.max_len], self.mask)
 
 
 class BatchPrefillAttention:
@@ -95,4 +89,4 @@ class BatchPrefillAttention:
         T = q.shape[2]
         self.cache.k[layer, self.slots, :, :T] = k
         self.cache.v[layer, self.slots, :, :T] = v
-        return _sdpa(q, k, v, None, causal=True)
+        return causal_attention(q, k, v)

@@ -28,6 +28,7 @@ from phi3v.models import kernels
 
 __all__ = [
     "AttentionBackend",
+    "attention",
     "causal_attention",
     "RMSNorm",
     "LongRoPE",
@@ -50,11 +51,11 @@ class AttentionBackend(Protocol):
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal self-attention over the T given tokens (no cache), with GQA support.
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """Scaled dot-product attention with GQA support (scale 1/sqrt(D), as in the reference).
 
-    q: (B, Hq, T, D), k/v: (B, Hkv, T, D) with Hq % Hkv == 0 -> (B, Hq, T, D).
-    Scale is 1/sqrt(D), as in the reference.
+    q: (B, Hq, Tq, D), k/v: (B, Hkv, Tk, D) with Hq % Hkv == 0 -> (B, Hq, Tq, D). `mask`: bool, True = may
+    attend; `causal`: top-left aligned causal mask (Tq == Tk).
     """
     hq, hkv = q.shape[1], k.shape[1]
     if hq != hkv:
@@ -64,7 +65,12 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         b, _, t, d = k.shape
         k = k[:, :, None].expand(b, hkv, rep, t, d).reshape(b, hq, t, d)
         v = v[:, :, None].expand(b, hkv, rep, t, d).reshape(b, hq, t, d)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal self-attention over the T given tokens (no cache): q (B, Hq, T, D), k/v (B, Hkv, T, D)."""
+    return attention(q, k, v, causal=True)
 
 
 class RMSNorm(nn.Module):
