@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any, Callable
 
 import torch
 
@@ -20,6 +21,22 @@ from phi3v.engine.kv_cache import DecodeAttention, KVCache
 # capture invalidates the capture.
 CAPTURE_LOCK = threading.Lock()
 log = logging.getLogger("phi3v.engine")
+
+
+def capture_graph(fn: Callable[[], Any], pool: Any) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Warm `fn` up twice on a side stream (allocator, cuBLAS handles), then capture it into a CUDA
+    graph sharing `pool`, holding CAPTURE_LOCK throughout. Returns (graph, fn's output buffers)."""
+    with CAPTURE_LOCK:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+    return graph, out
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -61,8 +78,7 @@ class DecodeRunner:
         key = (bucket, width)
         if key not in self.graphs:
             try:
-                with CAPTURE_LOCK:
-                    self.graphs[key] = self._capture(bucket, width)
+                self.graphs[key] = self._capture(bucket, width)
             except RuntimeError as e:  # a failed capture must not fail requests: run eagerly from now on
                 log.warning("CUDA graph capture failed (%s): decode runs without graphs", e)
                 self.use_graphs = False
@@ -83,15 +99,8 @@ class DecodeRunner:
         io = {"tokens": torch.zeros(bucket, dtype=torch.long, device=self.device),
               "lengths": torch.full((bucket,), self.cache.slot_len - 1, dtype=torch.long, device=self.device),
               "flags": torch.zeros(bucket, dtype=torch.bool, device=self.device)}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up outside the graph (allocator, cuBLAS handles)
-                self._forward(io["tokens"], io["lengths"], io["flags"], width)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            io["logits"] = self._forward(io["tokens"], io["lengths"], io["flags"], width)
+        graph, io["logits"] = capture_graph(lambda: self._forward(io["tokens"], io["lengths"], io["flags"], width),
+                                            self.pool)
         self.pool = graph.pool()
         return graph, io
 
@@ -118,8 +127,7 @@ class VisionRunner:
             return self.tower(pixels)
         if bucket not in self.graphs:
             try:
-                with CAPTURE_LOCK:
-                    self.graphs[bucket] = self._capture(bucket, pixels)
+                self.graphs[bucket] = self._capture(bucket, pixels)
             except RuntimeError as e:
                 log.warning("CUDA graph capture failed (%s): the vision tower runs without graphs", e)
                 self.use_graphs = False
@@ -133,14 +141,6 @@ class VisionRunner:
 
     def _capture(self, bucket: int, like: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         x = torch.zeros((bucket, *like.shape[1:]), dtype=like.dtype, device=self.device)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.tower(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            y = self.tower(x)
+        graph, y = capture_graph(lambda: self.tower(x), self.pool)
         self.pool = graph.pool()
         return graph, x, y
