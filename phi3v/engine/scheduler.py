@@ -15,7 +15,7 @@ from typing import Any
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared by identity, never field by field
 class Sequence:
     rid: str
     prompt_ids: list[int]  # image placeholders are negative (-k for image k)
