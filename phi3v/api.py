@@ -58,7 +58,8 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, *, revision: str | None = None,
                  max_num_seqs: int = 8, max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.9, allow_url_images: bool = False) -> None:
+                 gpu_memory_utilization: float = 0.9, kv_block_size: int = 64,
+                 allow_url_images: bool = False) -> None:
         if device is None or device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -75,7 +76,7 @@ class LLM:
         self.image_processor = ImageProcessor.from_config(self.config)
         self.model = load_model(self.folder, self.config, self.device, self.dtype)
         self.engine = Engine(self.model, self.config, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                             gpu_memory_utilization=gpu_memory_utilization,
+                             gpu_memory_utilization=gpu_memory_utilization, block_size=kv_block_size,
                              grammars=Grammars.from_tokenizer(self.tokenizer, self.config.vocab_size,
                                                               self.config.eos_token_ids))
         self.allow_url_images = allow_url_images
@@ -100,7 +101,7 @@ class LLM:
             inputs.append(ImageInput(proc.crops, proc.image_size, proc.key))
             counts.append(proc.num_tokens)
         ids = tokenize_prompt(self.tokenizer, prompt, counts)
-        ctx = self.engine.sched.slot_len
+        ctx = self.engine.sched.max_model_len
         if len(ids) >= ctx:
             raise ValueError(f"the prompt is {len(ids)} tokens (images included) but the context holds {ctx}: "
                              "use fewer images, fewer crops (num_crops) or a shorter prompt")

@@ -35,7 +35,7 @@ def kv_memory_is_free_after_each_test(llm: LLM):
     eng = llm.engine
     eng.step()  # drains a run-ahead step still in flight, if any
     assert not eng.has_unfinished() and eng._ahead is None
-    assert eng.sched.free_slots == eng.sched.max_num_seqs and not eng.sched.seqs
+    assert eng.sched.all_free and not eng.sched.seqs
 
 
 # Crossing cases follow Microsoft's later fix (the Phi-3.5 code); all others are identical in both.
@@ -118,7 +118,7 @@ def test_mixed_batch_with_arrivals_equals_each_alone(llm: LLM) -> None:
     for rid, ids in eng.run_to_completion().items():
         got.setdefault(rid, []).extend(ids)
     assert [got[r] for r in rids] == alone
-    assert eng.num_running == 0 and eng.num_waiting == 0 and eng.sched.free_slots == eng.sched.max_num_seqs
+    assert eng.num_running == 0 and eng.num_waiting == 0 and eng.sched.all_free
 
 
 def test_image_embedding_cache_encodes_an_image_once(llm: LLM) -> None:
@@ -296,3 +296,31 @@ def test_small_image_cache_keeps_every_image_a_step_needs(llm: LLM) -> None:
     finally:
         eng.image_cache_size = size
     assert got[0] == first and len(eng.image_cache) >= 3
+
+
+def test_paged_kv_admits_by_free_blocks_and_matches_each_alone(llm: LLM) -> None:
+    """A second engine on the same model with room for about half of these requests' KV, in blocks of 16:
+    requests wait for blocks (FIFO), reuse freed blocks in scrambled order, and give the same tokens."""
+    from phi3v.engine.engine import Engine
+
+    reqs = [llm.prepare(prompt, [image_path(n) for n in names], SamplingParams(max_tokens=6 + 3 * j, ignore_eos=True), nc)
+            for j, (prompt, names, nc) in enumerate(PROMPTS)]
+    alone = [llm.generate_many([r])[0].token_ids for r in reqs]
+    cfg = llm.config
+    bpt = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4  # fp32
+    longest = max(len(r.prompt_ids) + r.params.max_tokens for r in reqs)
+    eng = Engine(llm.model, cfg, max_num_seqs=6, max_model_len=longest + 8, block_size=16,
+                 kv_budget_bytes=int(1.8 * longest) * bpt)
+    assert eng.cache.n_blocks * 16 < sum(len(r.prompt_ids) + r.params.max_tokens for r in reqs) / 1.5
+    rids = [eng.add_request(r.prompt_ids, r.images, r.params) for r in reqs]
+    most = 0
+    got: dict[str, list[int]] = {}
+    while eng.has_unfinished():
+        most = max(most, eng.num_running)
+        assert eng.sched.kv_usage <= 1.0
+        for o in eng.step():
+            got.setdefault(o.rid, []).extend(o.token_ids)
+    eng.step()
+    assert [got[r] for r in rids] == alone
+    assert 1 <= most < len(reqs)  # memory, not max_num_seqs, bounded the batch
+    assert eng.sched.all_free

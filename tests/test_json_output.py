@@ -105,7 +105,7 @@ def test_mixed_batch_free_rows_get_their_solo_tokens(llm: LLM) -> None:
         got.setdefault(rid, []).extend(ids)
     assert [got[r] for r in rids] == alone
     assert [got[r] for r in crids] == [mixed[i].token_ids for i in (0, 2, 5)]
-    assert eng.num_running == 0 and eng.sched.free_slots == eng.sched.max_num_seqs
+    assert eng.num_running == 0 and eng.sched.all_free
 
 
 def test_masks_leave_free_rows_exact_and_never_allow_ids_past_the_tokenizer(llm: LLM) -> None:

@@ -1,12 +1,12 @@
 """The engine: token ids + image crops in, token ids out, many requests at once.
 
-Data flow of one `step()`: the scheduler admits waiting requests into free KV slots; admitted
-requests are prefilled (vision tower batched over all their images not already in the
-image-embedding cache, then the decoder over the prompt in chunks) and sample their first
-token; otherwise every running request decodes one token in a single batched forward over the
-slot view `[:n]`. Sampling runs on the device; the only device-to-host copy of a step is the
-sampled ids (plus logprobs when asked). Finished requests free their slot (the last slot is
-moved into it). The engine never sees text or PIL images: stop strings live in the API layer,
+Data flow of one `step()`: the scheduler admits waiting requests whose KV blocks are free;
+admitted requests are prefilled (vision tower batched over all their images not already in the
+image-embedding cache, then the decoder over the prompts, similar lengths batched, long ones in
+chunks) and sample their first token; otherwise every running request decodes one token in a
+single batched forward, each row attending over its own blocks. Sampling runs on the device; the
+only device-to-host copy of a step is the sampled ids (plus logprobs when asked). Finished
+requests return their blocks. The engine never sees text or PIL images: stop strings live in the API layer,
 which aborts a request when its text hits one.
 """
 
@@ -48,12 +48,12 @@ class StepOutput:
 class Engine:
     def __init__(self, model: torch.nn.Module, config: Phi3VConfig, *, max_num_seqs: int = 8,
                  max_model_len: int | None = None, kv_budget_bytes: int | None = None,
-                 gpu_memory_utilization: float = 0.9, prefill_chunk: int = 4096,
+                 gpu_memory_utilization: float = 0.9, prefill_chunk: int = 4096, block_size: int = 64,
                  image_cache_size: int = 32, use_graphs: bool | None = None, grammars: Grammars | None = None) -> None:
         self.model, self.cfg = model, config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        slot_len = min(max_model_len or 16384, config.max_position_embeddings)
+        max_len = min(max_model_len or 16384, config.max_position_embeddings)
         bpt = KVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, self.dtype)
         if kv_budget_bytes is None:
             if self.device.type == "cuda":
@@ -61,14 +61,17 @@ class Engine:
                 kv_budget_bytes = int(free * gpu_memory_utilization) - (2 << 30)  # headroom for activations
             else:
                 kv_budget_bytes = 2 << 30
-        n_slots = min(max_num_seqs, kv_budget_bytes // (slot_len * bpt))
-        if n_slots < 1:
+        max_blocks = -(-max_len // block_size)  # block-table width: one sequence of max_len tokens
+        # no more blocks than max_num_seqs full-length sequences can use
+        n_blocks = min(kv_budget_bytes // (block_size * bpt), max_num_seqs * max_blocks)
+        if n_blocks < max_blocks:
             raise ValueError(f"KV memory budget of {kv_budget_bytes / 2**30:.2f} GiB does not fit one sequence of "
-                             f"{slot_len} tokens: lower max_model_len or raise gpu_memory_utilization")
-        self.cache = KVCache(config.num_hidden_layers, n_slots, slot_len, config.num_key_value_heads,
+                             f"{max_len} tokens: lower max_model_len or raise gpu_memory_utilization")
+        self.cache = KVCache(config.num_hidden_layers, n_blocks, block_size, config.num_key_value_heads,
                              config.head_dim, self.device, self.dtype)
-        self.sched = Scheduler(n_slots, slot_len)
-        self.runner = DecodeRunner(model, self.cache, use_graphs)
+        self.sched = Scheduler(max_num_seqs, max_len, n_blocks, block_size)
+        self.runner = DecodeRunner(model, self.cache, max_blocks, use_graphs)
+        self._bt_cache: tuple[tuple[Sequence, ...], torch.Tensor] | None = None  # device block table of a batch
         vision_graphs = ((self.device.type == "cuda") if use_graphs is None else use_graphs) \
             and os.environ.get("PHI3V_VISION_GRAPHS", "1") != "0"
         self.vision_runner = VisionRunner(model.model.vision_embed_tokens.img_processor, self.device, vision_graphs)
@@ -128,12 +131,9 @@ class Engine:
         return len(self.sched.waiting)
 
     def _free(self, seq: Sequence, reason: str) -> None:
-        move = self.sched.finish(seq, reason)
-        if move is not None:
-            src, dst, length = move
-            # +2: the moved sequence may be mid-commit (its token of this step not yet appended) and
-            # a run-ahead step may have written one position further still
-            self.cache.move(src, dst, min(length + 2, self.cache.slot_len))
+        # a run-ahead forward still in flight may write into these blocks: harmless, a new owner's
+        # prefill is queued after it on the same stream
+        self.sched.finish(seq, reason)
         seq.state.clear()
 
     # ---------------------------------------------------------------- images
@@ -173,15 +173,20 @@ class Engine:
 
     # ---------------------------------------------------------------- forward passes
     def _prefill(self, seq: Sequence, embeds: torch.Tensor, long_rope: bool) -> torch.Tensor:
-        """Run the decoder over `embeds` (T, hidden) into seq's slot from position 0; return the
+        """Run the decoder over `embeds` (T, hidden) into seq's blocks from position 0; return the
         last position's logits (1, V)."""
         T = embeds.shape[0]
-        flag = torch.tensor([long_rope], device=self.device)
+        dev = self.device
+        flag = torch.tensor([long_rope], device=dev)
         h = None
         for s in range(0, T, self.prefill_chunk):
             x = embeds[s: s + self.prefill_chunk][None]
-            pos = torch.arange(s, s + x.shape[1], device=self.device)[None]
-            h = self.model(x, pos, flag, PrefillAttention(self.cache, seq.slot, s))
+            e = s + x.shape[1]
+            pos = torch.arange(s, e, device=dev)[None]
+            where = torch.tensor(self.cache.positions(seq.blocks, s, e)).to(dev, non_blocking=True)  # (2, T)
+            past = torch.tensor(self.cache.positions(seq.blocks, 0, s)).to(dev, non_blocking=True) if s else None
+            attn = PrefillAttention(self.cache, where[0], where[1], s, None if past is None else (past[0], past[1]))
+            h = self.model(x, pos, flag, attn)
         seq.long_rope = long_rope
         self.stats["prefill_tokens"] += T
         return self.model.logits(h[:, -1])
@@ -220,8 +225,15 @@ class Engine:
             x[b, : e.shape[0]] = e
         dev = self.device
         pos = torch.arange(T, device=dev)[None].expand(len(seqs), T)
-        slots = torch.tensor([s.slot for s in seqs], device=dev)
-        h = self.model(x, pos, torch.tensor(longs, device=dev), BatchPrefillAttention(self.cache, slots))
+        valid = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]  # (B, T) real tokens
+        blk, off = [], []
+        for s, n in zip(seqs, lens):
+            b, o = self.cache.positions(s.blocks, 0, n)
+            blk += b
+            off += o
+        where = torch.tensor([blk, off]).to(dev, non_blocking=True)
+        attn = BatchPrefillAttention(self.cache, valid.to(dev, non_blocking=True), where[0], where[1])
+        h = self.model(x, pos, torch.tensor(longs, device=dev), attn)
         last = h[torch.arange(len(seqs), device=dev), torch.tensor(lens, device=dev) - 1]  # (B, hidden)
         for s, lr in zip(seqs, longs):
             s.long_rope = lr
@@ -239,7 +251,7 @@ class Engine:
         return torch.cat([prompt, out.to(prompt.dtype)], dim=0)
 
     def _decode(self, seqs: list[Sequence], ahead: torch.Tensor | None = None) -> torch.Tensor:
-        """One token for each running sequence (slots 0..n-1). Returns logits (n, V).
+        """One token for each running sequence (rows in `seqs` order). Returns logits (n, V).
 
         `ahead`: the (n,) device tokens of a step not yet committed on the host; this step then
         feeds them, one position further than the host state says (see `step`)."""
@@ -253,12 +265,25 @@ class Engine:
                              [int(s.long_rope) for s in seqs]], dtype=torch.long)
         dev = host.to(self.device, non_blocking=True)
         tokens = dev[0] if ahead is None else ahead
-        logits = self.runner.decode(tokens, dev[1], dev[2].bool(), max(s.num_tokens for s in seqs) + d)
-        for s in cross:
-            logits[s.slot] = self._prefill(s, self._full_embeds(s), True)[0]
+        logits = self.runner.decode(tokens, dev[1], dev[2].bool(), self._block_table(seqs),
+                                    max(s.num_tokens for s in seqs) + d)
+        for i, s in enumerate(seqs):
+            if s in cross:
+                logits[i] = self._prefill(s, self._full_embeds(s), True)[0]
             s.state.pop("prompt_embeds", None)
         self.stats["decode_steps"] += 1
         return logits
+
+    def _block_table(self, seqs: list[Sequence]) -> torch.Tensor:
+        """(n, max_blocks) int32 on the device; rebuilt only when the batch changes (a sequence's
+        blocks are fixed from admission to finish)."""
+        key = tuple(seqs)
+        if self._bt_cache is None or self._bt_cache[0] != key:
+            bt = torch.full((len(seqs), self.runner.max_blocks), self.cache.scratch, dtype=torch.int32)
+            for i, s in enumerate(seqs):
+                bt[i, : len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int32)
+            self._bt_cache = (key, bt.to(self.device, non_blocking=True))
+        return self._bt_cache[1]
 
     # ---------------------------------------------------------------- the step
     def step(self) -> list[StepOutput]:
@@ -312,12 +337,12 @@ class Engine:
         """May the next decode be launched before `rows`' in-flight tokens reach the host?"""
         if not self.run_ahead or rows != self.sched.running:
             return False  # something finished, was aborted or admitted: resynchronise
-        if self.sched.waiting and self.sched.free_slots:
+        if self.sched.can_admit():
             return False  # admit first
         orig = self.cfg.original_max_position_embeddings
         for s in rows:
             if s.num_tokens + 2 >= s.max_len or (self.cfg.rope_type and not s.long_rope and s.num_tokens + 1 > orig):
-                return False  # the slot's end, or a LongRoPE recompute, is one step away
+                return False  # the reserved KV's end, or a LongRoPE recompute, is one step away
         return True
 
     def _sample_device(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[Any, ...]:

@@ -1,92 +1,112 @@
-"""KV cache in fixed slots, and the attention backends (prefill, batched prefill, decode) the decoder calls.
+"""Paged KV cache, and the attention backends (prefill, batched prefill, decode) the decoder calls.
 
-Layout: one K and one V tensor of shape (n_layers, n_slots, n_kv_heads, slot_len, head_dim).
-Running sequences always occupy slots 0..n-1 (the scheduler compacts by moving the last slot into
-a freed one), so a decode batch of n rows is a plain view `[:, :n, :, :max_len]` with per-row
-lengths: no gather, no padding to the longest sequence beyond the bucketed `max_len` view.
+Layout: one K and one V tensor of shape (n_layers, n_blocks + 1, n_kv_heads, block_size, head_dim).
+A sequence owns a list of blocks (its block table; the scheduler hands them out); position p of
+the sequence lives in block table[p // block_size] at offset p % block_size. Rows of a decode
+batch attend over their own lengths only: no padding to the longest sequence, no compaction.
+The extra last block is scratch: padding rows of a captured decode graph write there.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
+from phi3v.engine import paged_attention
+from phi3v.models import kernels
 from phi3v.models.phi3 import attention, causal_attention
 
 
 class KVCache:
-    def __init__(self, n_layers: int, n_slots: int, slot_len: int, n_kv_heads: int, head_dim: int,
+    def __init__(self, n_layers: int, n_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
                  device: torch.device | str, dtype: torch.dtype) -> None:
-        shape = (n_layers, n_slots, n_kv_heads, slot_len, head_dim)
+        shape = (n_layers, n_blocks + 1, n_kv_heads, block_size, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.n_slots, self.slot_len = n_slots, slot_len
+        self.n_blocks, self.block_size, self.scratch = n_blocks, block_size, n_blocks
+        self.device = self.k.device
+        # the Triton decode kernel on CUDA (and in Triton's CPU interpreter, for tests)
+        self.triton = kernels.available(self.device)
 
     @staticmethod
     def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         # K and V, every layer: 32*2*32*96*2 B = 384 KiB for Phi-3-vision in bf16
         return 2 * n_layers * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy slot src's first `length` positions into slot dst (compaction after a finish)."""
-        if src != dst and length > 0:
-            self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-            self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+    def positions(self, blocks: list[int], start: int, end: int) -> tuple[list[int], list[int]]:
+        """(block ids, offsets) of positions start..end-1 of a sequence with block table `blocks`."""
+        bs = self.block_size
+        return [blocks[p // bs] for p in range(start, end)], [p % bs for p in range(start, end)]
+
+    def write(self, layer: int, blk: Tensor, off: Tensor, k: Tensor, v: Tensor) -> None:
+        """k, v (N, n_kv, D) at (blk[i], off[i])."""
+        self.k[layer][blk, :, off] = k
+        self.v[layer][blk, :, off] = v
+
+    def read(self, layer: int, blk: Tensor, off: Tensor) -> tuple[Tensor, Tensor]:
+        """K, V at (blk[i], off[i]) as (n_kv, N, D) each."""
+        return self.k[layer][blk, :, off].transpose(0, 1), self.v[layer][blk, :, off].transpose(0, 1)
 
 
 class PrefillAttention:
-    """One sequence, T new tokens written at positions start..start+T-1 of its slot.
-    Attends over the slot's first start+T positions (chunked prefill when start > 0)."""
+    """One sequence, T new tokens at positions start..start+T-1 (blk/off: their places in the cache).
+    Attends over positions 0..start+T-1 (chunked prefill when start > 0; `past` = (blk, off) of 0..start-1)."""
 
-    def __init__(self, cache: KVCache, slot: int, start: int) -> None:
-        self.cache, self.slot, self.start = cache, slot, start
+    def __init__(self, cache: KVCache, blk: Tensor, off: Tensor, start: int,
+                 past: tuple[Tensor, Tensor] | None = None) -> None:
+        self.cache, self.blk, self.off, self.start, self.past = cache, blk, off, start, past
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # q (1, n_heads, T, D); k, v (1, n_kv, T, D)
-        T, s = q.shape[2], self.start
-        kc = self.cache.k[layer, self.slot, :, : s + T]  # (n_kv, s+T, D)
-        vc = self.cache.v[layer, self.slot, :, : s + T]
-        kc[:, s:] = k[0]
-        vc[:, s:] = v[0]
-        if s == 0:
+        self.cache.write(layer, self.blk, self.off, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        if self.start == 0:
             return causal_attention(q, k, v)
+        pk, pv = self.cache.read(layer, *self.past)  # (n_kv, s, D)
+        kc = torch.cat([pk[None], k], 2)  # (1, n_kv, s+T, D)
+        vc = torch.cat([pv[None], v], 2)
+        T, s = q.shape[2], self.start
         # query i sits at position s+i and sees keys 0..s+i
-        qpos = torch.arange(s, s + T, device=q.device)[:, None]
-        mask = torch.arange(s + T, device=q.device)[None, :] <= qpos  # (T, s+T)
-        return attention(q, kc[None], vc[None], mask)
-
-
-class DecodeAttention:
-    """n rows, one new token each, row b in slot b at position lengths[b] (device tensor, no sync).
-    `max_len` is a host-side bound on lengths+1 (bucketed), the width of the attended view."""
-
-    def __init__(self, cache: KVCache, lengths: torch.Tensor, max_len: int) -> None:
-        self.cache, self.lengths, self.max_len = cache, lengths, max_len
-        n = lengths.shape[0]
-        self.rows = torch.arange(n, device=lengths.device)
-        # (n, 1, 1, max_len): row b sees positions 0..lengths[b]
-        self.mask = (torch.arange(max_len, device=lengths.device)[None, :] <= lengths[:, None])[:, None, None, :]
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q (n, n_heads, 1, D); k, v (n, n_kv, 1, D)
-        n = q.shape[0]
-        kl, vl = self.cache.k[layer], self.cache.v[layer]  # (n_slots, n_kv, slot_len, D)
-        kl[self.rows, :, self.lengths] = k[:, :, 0]
-        vl[self.rows, :, self.lengths] = v[:, :, 0]
-        return attention(q, kl[:n, :, : self.max_len], vl[:n, :, : self.max_len], self.mask)
+        mask = torch.arange(s + T, device=q.device)[None, :] <= torch.arange(s, s + T, device=q.device)[:, None]
+        return attention(q, kc, vc, mask)
 
 
 class BatchPrefillAttention:
-    """Several sequences' whole prompts at once, padded to T: row b is written to slot slots[b] at
-    positions 0..T-1 (padding positions past its length hold garbage that the sequence overwrites
-    as it decodes, and that no mask ever shows). Causal attention over the new tokens is exact for
-    every real query: padding only follows the real tokens."""
+    """Several sequences' whole prompts at once, padded to T. `valid` (B, T) marks real tokens; only
+    they are stored, at (blk, off) (flattened in `valid` order). Causal attention over the new
+    tokens is exact for every real query: padding only follows the real tokens."""
 
-    def __init__(self, cache: KVCache, slots: torch.Tensor) -> None:
-        self.cache, self.slots = cache, slots
+    def __init__(self, cache: KVCache, valid: Tensor, blk: Tensor, off: Tensor) -> None:
+        self.cache, self.valid, self.blk, self.off = cache, valid, blk, off
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # q (B, n_heads, T, D); k, v (B, n_kv, T, D)
-        T = q.shape[2]
-        self.cache.k[layer, self.slots, :, :T] = k
-        self.cache.v[layer, self.slots, :, :T] = v
+        self.cache.write(layer, self.blk, self.off, k.transpose(1, 2)[self.valid], v.transpose(1, 2)[self.valid])
         return causal_attention(q, k, v)
+
+
+class DecodeAttention:
+    """n rows, one new token each: row b's token goes to position lengths[b] (a device tensor) of the
+    sequence with block table block_table[b] (n, max_blocks) int32. `width`: host-side bound on
+    lengths+1, used only by the gather fallback (the Triton kernel reads each row's own length)."""
+
+    def __init__(self, cache: KVCache, lengths: Tensor, block_table: Tensor, width: int, nsplit: int = 1) -> None:
+        self.cache, self.lengths, self.block_table, self.width, self.nsplit = cache, lengths, block_table, width, nsplit
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        # q (n, n_heads, 1, D); k, v (n, n_kv, 1, D) -> (n, n_heads, 1, D)
+        c = self.cache
+        if c.triton:
+            o = paged_attention.paged_decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], c.k[layer], c.v[layer],
+                                                       self.block_table, self.lengths, self.nsplit)
+            return o[:, :, None]
+        # gather fallback: the rows' blocks as a padded (n, n_kv, width, D) view, masked per row
+        bs = c.block_size
+        rows = torch.arange(q.shape[0], device=q.device)
+        c.k[layer][self.block_table[rows, self.lengths // bs].long(), :, self.lengths % bs] = k[:, :, 0]
+        c.v[layer][self.block_table[rows, self.lengths // bs].long(), :, self.lengths % bs] = v[:, :, 0]
+        nb = (self.width + bs - 1) // bs
+        bt = self.block_table[:, :nb].long()
+        kk = c.k[layer][bt].transpose(1, 2).flatten(2, 3)  # (n, n_kv, nb*bs, D)
+        vv = c.v[layer][bt].transpose(1, 2).flatten(2, 3)
+        mask = (torch.arange(nb * bs, device=q.device)[None, :] <= self.lengths[:, None])[:, None, None, :]
+        return attention(q, kk, vv, mask)

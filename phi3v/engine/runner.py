@@ -1,8 +1,8 @@
 """The decode hot path: one token for rows 0..n-1 of the KV cache, replayed as CUDA graphs.
 
 A decode step is ~15 small kernels per layer (~500 for Phi-3-vision); at batch 1 launching them
-costs more than running them. Each (batch bucket, attended-width bucket) shape is captured once
-into a CUDA graph over static input buffers; a step copies its inputs in and replays. On the
+costs more than running them. Each batch bucket is captured once into a CUDA graph over static
+input buffers (tokens, positions, LongRoPE flags, block tables); a step copies its inputs in and replays. On the
 CPU (and with graphs off) the same function runs eagerly.
 """
 
@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from phi3v.engine.kv_cache import DecodeAttention, KVCache
+from phi3v.engine.paged_attention import num_splits
 
 # Held while a CUDA graph is captured. Other threads that launch GPU work (image preprocessing on
 # the API's or the server's worker threads) take it too: CUDA work from another thread during a
@@ -41,17 +42,19 @@ def capture_graph(fn: Callable[[], Any], pool: Any) -> tuple[torch.cuda.CUDAGrap
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
-def width_bucket(n: int, cap: int) -> int:
-    """Attended width: lengths+1 rounded up to a multiple of 256, so shapes repeat across steps."""
-    return min(cap, (n + 255) // 256 * 256)
-
-
 class DecodeRunner:
-    def __init__(self, model: torch.nn.Module, cache: KVCache, use_graphs: bool | None = None) -> None:
-        self.model, self.cache = model, cache
+    """Decode steps for rows 0..n-1, each a sequence with its own block table and length.
+
+    With the Triton attention kernel the graph's shape depends on the batch bucket alone (the
+    kernel reads each row's length on the device); padding rows write into the scratch block."""
+
+    def __init__(self, model: torch.nn.Module, cache: KVCache, max_blocks: int, use_graphs: bool | None = None) -> None:
+        self.model, self.cache, self.max_blocks = model, cache, max_blocks
         self.device = cache.k.device
-        self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
+        self.n_heads = model.config.num_attention_heads
+        # graphs need the kernel: the gather fallback's shapes follow the longest row
+        self.use_graphs = (self.device.type == "cuda" and cache.triton) if use_graphs is None else use_graphs
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
         self.pool = None
 
     def reset(self) -> None:
@@ -62,45 +65,51 @@ class DecodeRunner:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
 
-    def _forward(self, tokens: torch.Tensor, lengths: torch.Tensor, flags: torch.Tensor, width: int) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, lengths: torch.Tensor, flags: torch.Tensor, block_table: torch.Tensor,
+                 width: int, nsplit: int) -> torch.Tensor:
         x = self.model.model.embed_tokens(tokens)[:, None]  # (n, 1, hidden)
-        h = self.model(x, lengths[:, None], flags, DecodeAttention(self.cache, lengths, width))
+        attn = DecodeAttention(self.cache, lengths, block_table, width, nsplit)
+        h = self.model(x, lengths[:, None], flags, attn)
         return self.model.logits(h[:, 0])  # (n, V) float32
 
-    def decode(self, tokens: torch.Tensor, lengths: torch.Tensor, flags: torch.Tensor, max_tokens: int) -> torch.Tensor:
-        """tokens, lengths (n,) int64 and flags (n,) bool on the device; row b's new token goes to
-        position lengths[b] of slot b. max_tokens: host-side bound on lengths+1. Returns (n, V)."""
+    def decode(self, tokens: torch.Tensor, lengths: torch.Tensor, flags: torch.Tensor, block_table: torch.Tensor,
+               max_tokens: int) -> torch.Tensor:
+        """tokens, lengths (n,) int64, flags (n,) bool, block_table (n, max_blocks) int32, all on the
+        device; row b's new token goes to position lengths[b]. max_tokens: host-side bound on
+        lengths+1 (for the gather fallback). Returns logits (n, V)."""
         n = tokens.shape[0]
-        width = width_bucket(max_tokens, self.cache.slot_len)
         bucket = next((b for b in BATCH_BUCKETS if b >= n), None)
-        if not self.use_graphs or bucket is None or bucket > self.cache.n_slots:
-            return self._forward(tokens, lengths, flags, width)
-        key = (bucket, width)
-        if key not in self.graphs:
+        if not self.use_graphs or bucket is None:
+            return self._forward(tokens, lengths, flags, block_table, max_tokens, num_splits(n, self.n_heads))
+        if bucket not in self.graphs:
             try:
-                self.graphs[key] = self._capture(bucket, width)
+                self.graphs[bucket] = self._capture(bucket)
             except RuntimeError as e:  # a failed capture must not fail requests: run eagerly from now on
                 log.warning("CUDA graph capture failed (%s): decode runs without graphs", e)
                 self.use_graphs = False
-                return self._forward(tokens, lengths, flags, width)
-        graph, io = self.graphs[key]
+                return self._forward(tokens, lengths, flags, block_table, max_tokens, num_splits(n, self.n_heads))
+        graph, io = self.graphs[bucket]
         io["tokens"][:n].copy_(tokens)
         io["lengths"][:n].copy_(lengths)
         io["flags"][:n].copy_(flags)
-        if bucket > n:  # padding rows write into free slots, at a position no sequence reaches
+        io["block_table"][:n].copy_(block_table)
+        if bucket > n:  # padding rows: token 0 at position 0 of the scratch block
             io["tokens"][n:].zero_()
-            io["lengths"][n:].fill_(self.cache.slot_len - 1)
+            io["lengths"][n:].zero_()
+            io["block_table"][n:].fill_(self.cache.scratch)
         graph.replay()
         return io["logits"][:n]
 
-    def _capture(self, bucket: int, width: int) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
-        # The warm-up runs for real: point it at the last position of each slot, which no
-        # sequence writes (a sequence finishes when it fills its slot, before feeding that token).
+    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
+        # the warm-up runs for real: every row points at the scratch block
         io = {"tokens": torch.zeros(bucket, dtype=torch.long, device=self.device),
-              "lengths": torch.full((bucket,), self.cache.slot_len - 1, dtype=torch.long, device=self.device),
-              "flags": torch.zeros(bucket, dtype=torch.bool, device=self.device)}
-        graph, io["logits"] = capture_graph(lambda: self._forward(io["tokens"], io["lengths"], io["flags"], width),
-                                            self.pool)
+              "lengths": torch.zeros(bucket, dtype=torch.long, device=self.device),
+              "flags": torch.zeros(bucket, dtype=torch.bool, device=self.device),
+              "block_table": torch.full((bucket, self.max_blocks), self.cache.scratch, dtype=torch.int32,
+                                        device=self.device)}
+        nsplit = num_splits(bucket, self.n_heads)
+        graph, io["logits"] = capture_graph(
+            lambda: self._forward(io["tokens"], io["lengths"], io["flags"], io["block_table"], 0, nsplit), self.pool)
         self.pool = graph.pool()
         return graph, io
 

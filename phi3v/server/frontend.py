@@ -73,7 +73,7 @@ class ServerMetrics:
                          registry=r)
         self.running = Gauge("phi3v_num_requests_running", "Requests decoding in the engine", lbl, registry=r)
         self.waiting = Gauge("phi3v_num_requests_waiting", "Accepted requests not yet running", lbl, registry=r)
-        self.kv_usage = Gauge("phi3v_kv_cache_usage_ratio", "Fraction of KV slots in use", lbl, registry=r)
+        self.kv_usage = Gauge("phi3v_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", lbl, registry=r)
         self.kv_tokens = Gauge("phi3v_kv_cache_tokens_used", "Tokens held in the KV cache", lbl, registry=r)
         self.model = model
 
@@ -368,5 +368,5 @@ class Frontend:
         running = list(eng.sched.running)
         m.running.labels(m.model).set(len(running))
         m.waiting.labels(m.model).set(self.num_waiting)
-        m.kv_usage.labels(m.model).set(len(running) / max(1, eng.sched.max_num_seqs))
+        m.kv_usage.labels(m.model).set(eng.sched.kv_usage)
         m.kv_tokens.labels(m.model).set(sum(s.num_tokens for s in running))

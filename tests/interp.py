@@ -1,0 +1,34 @@
+"""Run a script under Triton's CPU interpreter (TRITON_INTERPRET=1) in a subprocess: the interpreter
+must be chosen before triton is imported.
+
+Triton 3.6's interpreter turns a loop bound into an int with `int(array)`, which numpy >= 2.3
+refuses for the 1-element arrays it uses as scalars; the prelude reads the element instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PRELUDE = r"""
+import numpy as _np
+import triton.runtime.interpreter as _ti
+_orig_patch = _ti._patch_lang_tensor
+def _patch(tensor, scope):
+    _orig_patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(_np.asarray(self.handle.data).reshape(-1)[0]))
+_ti._patch_lang_tensor = _patch
+"""
+
+
+def run_interpreted(script: str, timeout: int = 600) -> str:
+    """Run `script` with the interpreter; assert it exits 0 and return its stdout."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", PRELUDE + script], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout

@@ -1,0 +1,60 @@
+"""The paged decode-attention Triton kernel against the gather fallback, in Triton's CPU interpreter
+(a subprocess: the interpreter must be chosen before triton is imported). fp32, GQA (4 query heads
+on 2 KV heads), head_dim 96 (not a power of two), rows of length 0, mid-block and many blocks,
+block tables in scrambled order, 1 and 4 KV splits; the kernel must also store the new K/V."""
+
+from interp import run_interpreted
+
+SCRIPT = r"""
+import torch
+from phi3v.engine import paged_attention
+from phi3v.engine.kv_cache import DecodeAttention, KVCache
+torch.manual_seed(0)
+L, NB, HKV, HQ, BS, D = 2, 24, 2, 4, 16, 96
+cache = KVCache(L, NB, BS, HKV, D, "cpu", torch.float32)
+assert cache.triton
+cache.k.normal_(); cache.v.normal_()
+lengths = torch.tensor([0, 37, 100, 16])
+perm = torch.randperm(NB).int()
+bt = torch.full((4, 8), cache.scratch, dtype=torch.int32)
+bt[0, :1] = perm[:1]; bt[1, :3] = perm[1:4]; bt[2, :7] = perm[4:11]; bt[3, :2] = perm[11:13]
+q, k, v = torch.randn(4, HQ, 1, D), torch.randn(4, HKV, 1, D), torch.randn(4, HKV, 1, D)
+ref_k, ref_v = cache.k.clone(), cache.v.clone()
+cache.triton = False
+ref = DecodeAttention(cache, lengths, bt, 101)(1, q, k, v)
+want_k, want_v = cache.k.clone(), cache.v.clone()
+for nsplit in (1, 4):
+    cache.k.copy_(ref_k); cache.v.copy_(ref_v)
+    cache.triton = True
+    got = DecodeAttention(cache, lengths, bt, 101, nsplit)(1, q, k, v)
+    assert got.shape == ref.shape, got.shape
+    d = (got - ref).abs().max().item()
+    assert d < 1e-5, (nsplit, d)
+    assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v), "new K/V not stored where expected"
+assert [paged_attention.num_splits(b, 32) for b in (1, 2, 4, 8, 16)] == [16, 8, 4, 2, 1]
+print("ok", d)
+"""
+
+
+def test_paged_decode_kernel_matches_gather_attention_in_the_interpreter() -> None:
+    assert run_interpreted(SCRIPT).startswith("ok")
+
+
+ENGINE_SCRIPT = r"""
+from phi3v import LLM, SamplingParams
+llm = LLM("tests/data/tiny-phi3v", device="cpu", dtype="fp32", max_num_seqs=4, max_model_len=256, kv_block_size=16)
+eng = llm.engine
+assert eng.cache.triton and llm.model.model.fused
+prompts = ["<|user|>\nHello there, who are you?<|end|>\n<|assistant|>\n", "<|user|>\nCount: one two three four five six seven eight.<|end|>\n<|assistant|>\n"]
+reqs = [llm.prepare(p, [], SamplingParams(max_tokens=12, ignore_eos=True)) for p in prompts]
+kern = [c.token_ids for c in llm.generate_many(reqs)]
+eng.cache.triton = False
+llm.model.model.fused = False
+plain = [c.token_ids for c in llm.generate_many(reqs)]
+assert kern == plain, (kern, plain)
+print("ok", kern)
+"""
+
+
+def test_engine_with_paged_kernel_and_fused_kernels_equals_plain_torch_in_the_interpreter() -> None:
+    assert run_interpreted(ENGINE_SCRIPT).startswith("ok")
