@@ -3,12 +3,7 @@ subprocess because the interpreter must be chosen before triton is imported. fp3
 interpreter does not round bf16 like the GPU, so bf16 equality is checked by the GPU run
 (benchmarks/decode_profile.py, benchmarks/gpu_smoke.py)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+from interp import run_interpreted
 
 SCRIPT = r"""
 import torch
@@ -41,7 +36,4 @@ print("ok", d)
 
 
 def test_fused_kernels_match_eager_math_in_the_interpreter() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.startswith("ok")
+    assert run_interpreted(SCRIPT).startswith("ok")

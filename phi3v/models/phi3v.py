@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from phi3v.config import Phi3VConfig
 from phi3v.models.clip import CLIPVisionModel
-from phi3v.models.phi3 import AttentionBackend, Phi3Model
+from phi3v.models.phi3 import AttentionBackend, Phi3Model, proj
 
 __all__ = ["Phi3ImageEmbedding", "Phi3VForCausalLM"]
 
@@ -191,4 +191,4 @@ class Phi3VForCausalLM(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., hidden) -> (..., vocab) float32 logits."""
-        return self.lm_head(hidden).float()
+        return proj(self.lm_head, hidden, self.model.fused).float()

@@ -1,0 +1,173 @@
+"""y = x @ W.T for decode-sized x (1..8 rows) on CUDA (Triton), tuned by benchmarks/gemv_sweep.py.
+
+At batch 1..8 a Phi-3-mini decode step is bound by streaming the weights once (7.6 GB per token), so a
+GEMV's speed is the fraction of HBM bandwidth it reaches. Each program streams a (BLOCK_N, BLOCK_K) tile
+of W per step, contiguous along K, and reuses it for every row of x. Small N (o_proj, down: 3072) gives
+too few programs to fill 132 SMs, so K can be split: each split writes fp32 partials (splits, M, N) and a
+second kernel sums them in a fixed order (deterministic, no atomics) and casts to x's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .kernels import HAVE_TRITON, available
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+MAX_M = 8
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int = 8  # output features (rows of W) per program; power of 2
+    block_k: int = 512  # K elements per W tile load; power of 2
+    split_k: int = 1  # K chunks per row block (more programs); fewer are launched if K is short
+    num_warps: int = 4
+    num_stages: int = 2  # pipelining depth of the K loop; only the dot path's loads get pipelined
+    dot: bool = False  # tl.dot with x padded to 16 rows (tensor cores), else multiply-and-sum in fp32
+
+    def __post_init__(self) -> None:
+        for v in (self.block_n, self.block_k):
+            assert v >= 1 and v & (v - 1) == 0, "block sizes must be powers of 2"
+        assert self.split_k >= 1 and (not self.dot or min(self.block_n, self.block_k) >= 16), self
+
+
+# Measured winners, pasted from benchmarks/gemv_sweep.py's output; the comment is the speedup vs cuBLAS.
+# (M, N, K): GemvConfig(block_n, block_k, split_k, num_warps, num_stages, dot)
+# NVIDIA H100 80GB HBM3, bf16, Triton 3.6, torch 2.11, CUDA-graph replays over 32 weight copies (past L2)
+BEST: dict[tuple[int, int, int], GemvConfig] = {
+    (1, 9216, 3072): GemvConfig(2, 1024, 1, 2, 1, False),  # qkv 1.068x
+    (2, 9216, 3072): GemvConfig(32, 128, 1, 2, 4, True),  # qkv 1.016x
+    (4, 9216, 3072): GemvConfig(32, 128, 1, 2, 4, True),  # qkv 1.015x
+    (8, 9216, 3072): GemvConfig(32, 128, 1, 2, 4, True),  # qkv 1.017x
+    (1, 3072, 3072): GemvConfig(4, 1024, 1, 4, 1, False),  # o_proj 1.330x
+    (2, 3072, 3072): GemvConfig(4, 512, 1, 2, 1, False),  # o_proj 1.199x
+    (4, 3072, 3072): GemvConfig(32, 128, 4, 4, 3, True),  # o_proj 1.061x
+    (8, 3072, 3072): GemvConfig(32, 128, 4, 4, 3, True),  # o_proj 1.063x
+    (1, 16384, 3072): GemvConfig(4, 1024, 1, 2, 1, False),  # gate_up 1.081x
+    (2, 16384, 3072): GemvConfig(64, 128, 1, 4, 3, True),  # gate_up 1.036x
+    (4, 16384, 3072): GemvConfig(64, 128, 1, 4, 3, True),  # gate_up 1.037x
+    (8, 16384, 3072): GemvConfig(64, 128, 1, 4, 3, True),  # gate_up 1.038x
+    (1, 3072, 8192): GemvConfig(2, 2048, 1, 4, 1, False),  # down 1.147x
+    (2, 3072, 8192): GemvConfig(2, 2048, 1, 4, 1, False),  # down 1.036x
+    (4, 3072, 8192): GemvConfig(32, 128, 4, 4, 3, True),  # down 1.018x
+    (8, 3072, 8192): GemvConfig(32, 128, 4, 4, 4, True),  # down 1.018x
+    (1, 32064, 3072): GemvConfig(4, 1024, 1, 4, 1, False),  # lm_head 1.121x
+    (2, 32064, 3072): GemvConfig(64, 128, 1, 2, 3, True),  # lm_head 1.068x
+    (4, 32064, 3072): GemvConfig(64, 128, 1, 2, 3, True),  # lm_head 1.082x
+    (8, 32064, 3072): GemvConfig(32, 256, 1, 2, 4, True),  # lm_head 1.077x
+}
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+        # grid (cdiv(N, BLOCK_N), splits); x (M, K), w (N, K), out (splits, M, N): the fp32 partials, or
+        # directly y (M, N) in x's dtype when there is one split. k_per_split is a multiple of BLOCK_K.
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
+        ms = tl.arange(0, M_PAD)  # (M_PAD,) rows of x; those >= M are masked to 0
+        n_ok = rows < N
+        m_ok = ms < M
+        w_row = rows.to(tl.int64) * K  # int64: N*K is 1e8 for lm_head, larger models overflow int32
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)  # the last split may be shorter
+        if USE_DOT:
+            acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+        else:  # elementwise products, summed over K once after the loop (no shuffles inside it)
+            acc = tl.zeros((M_PAD, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            x = tl.load(x_ptr + ms[:, None] * K + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if USE_DOT:  # W tile read as (BLOCK_K, BLOCK_N), still contiguous along K
+                w = tl.load(w_ptr + w_row[None, :] + ks[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0,
+                            eviction_policy="evict_first")
+                if IEEE:  # fp32 inputs: no TF32 rounding
+                    acc = tl.dot(x, w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, w, acc)
+            else:  # (BLOCK_N, BLOCK_K), streamed once: evict_first keeps x and the partials in L2
+                w = tl.load(w_ptr + w_row[:, None] + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                            eviction_policy="evict_first")
+                acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        if USE_DOT:
+            y = acc
+        else:
+            y = tl.sum(acc, axis=2)  # (M_PAD, BLOCK_N)
+        dst = out_ptr + pid_k * M * N + ms[:, None] * N + rows[None, :]  # splits * M * N < 2**31: int32
+        tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _splitk_sum_kernel(part_ptr, out_ptr, MN, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+        # part (SPLITS, M*N) fp32 -> out (M*N) in out's dtype, summed in split order (deterministic)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            acc += tl.load(part_ptr + s * MN + offs, mask=ok, other=0.0)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_least(v: int) -> int:
+    return 1 << max(v - 1, 0).bit_length()
+
+
+def default_config(m: int, n: int, k: int) -> GemvConfig:
+    """BEST[(m, n, k)], else the entry for the next larger tabled M of the same shape, else a heuristic."""
+    for mm in range(m, MAX_M + 1):
+        if (mm, n, k) in BEST:
+            return BEST[(mm, n, k)]
+    # Fallback, from the H100 sweep's winners: fp32 FMA with long K tiles for 1-2 rows, tensor cores beyond;
+    # split K only while there are under 2 programs per SM (o_proj, down at block_n 32).
+    dot = m > 2
+    block_n, block_k, stages = (32, 128, 3) if dot else (4, 1024 if m == 1 else 512, 1)
+    block_k = min(block_k, max(_pow2_at_least(k), 16 if dot else 1))
+    split = 1
+    while split < 8 and _cdiv(n, block_n) * split < 2 * 132 and k >= 2 * split * block_k:
+        split *= 2
+    return GemvConfig(block_n, block_k, split, num_warps=4, num_stages=stages, dot=dot)
+
+
+def supported(x: Tensor, weight: Tensor) -> bool:
+    """Whether linear() takes this: Triton on CUDA (or the interpreter), weight (N, K) contiguous,
+    x (..., K) of the same dtype with 1..8 rows."""
+    if not HAVE_TRITON or weight.dim() != 2 or x.dim() < 1 or not weight.is_contiguous():
+        return False
+    n, k = weight.shape
+    if k == 0 or n == 0 or x.shape[-1] != k or x.dtype != weight.dtype or x.dtype not in _DTYPES:
+        return False
+    return 1 <= x.numel() // k <= MAX_M and x.device == weight.device and available(x.device)
+
+
+def linear(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
+    """F.linear(x, weight) without bias for x (..., K) with at most 8 rows; check supported() first."""
+    k, n = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, k).contiguous()  # (M, K)
+    m = x2.shape[0]
+    cfg = config or default_config(m, n, k)
+    k_per_split = _cdiv(_cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    splits = _cdiv(k, k_per_split)  # no empty splits when K is short
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    dst = out if splits == 1 else torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
+    _gemv_kernel[(_cdiv(n, cfg.block_n), splits)](
+        x2, weight, dst, m, n, k, k_per_split, M_PAD=16 if cfg.dot else _pow2_at_least(m), BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, USE_DOT=cfg.dot, IEEE=x.dtype == torch.float32, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    if splits > 1:
+        _splitk_sum_kernel[(_cdiv(m * n, 1024),)](dst, out, m * n, SPLITS=splits, BLOCK=1024, num_warps=4)
+    return out.view(*x.shape[:-1], n)
