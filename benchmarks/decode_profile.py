@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from phi3v.bench import PROMPT, emit, noise_image, write_random_checkpoint  # noqa: E402
 from phi3v import LLM, SamplingParams  # noqa: E402
+from phi3v.engine.paged_attention import num_splits  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 
@@ -65,8 +66,10 @@ def main() -> None:
         seq = eng.sched.get(rid)
         n_tok = seq.num_tokens
         dev = torch.tensor([[seq.output_ids[-1]], [n_tok - 1], [0]], device="cuda")
-        r["graph_replay_ms"] = cuda_ms(lambda: eng.runner.decode(dev[0], dev[1], dev[2].bool(), n_tok), 100)
-        r["eager_forward_ms"] = cuda_ms(lambda: eng.runner._forward(dev[0], dev[1], dev[2].bool(), 2816), 20)
+        bt = eng._block_table([seq])
+        nsplit = num_splits(1, llm.config.num_attention_heads)
+        r["graph_replay_ms"] = cuda_ms(lambda: eng.runner.decode(dev[0], dev[1], dev[2].bool(), bt, n_tok), 100)
+        r["eager_forward_ms"] = cuda_ms(lambda: eng.runner._forward(dev[0], dev[1], dev[2].bool(), bt, n_tok, nsplit), 20)
         t = time.perf_counter()
         for _ in range(100):
             eng.step()
@@ -75,7 +78,7 @@ def main() -> None:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                eng.runner._forward(dev[0], dev[1], dev[2].bool(), 2816)
+                eng.runner._forward(dev[0], dev[1], dev[2].bool(), bt, n_tok, nsplit)
                 torch.cuda.synchronize()
             rows = []
             for ev in prof.key_averages():

@@ -102,7 +102,7 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--out-dir", default="/tmp/phi3v-random-checkpoint")
     b.add_argument("--device", default=None)
     b.add_argument("--dtype", default=None)
-    b.add_argument("--max-num-seqs", type=int, default=48)
+    b.add_argument("--max-num-seqs", type=int, default=64)
     b.add_argument("--max-model-len", type=int, default=3072)
     b.add_argument("--decode-tokens", type=int, default=256)
     b.add_argument("--n-offline", type=int, default=64)

@@ -324,3 +324,23 @@ def test_paged_kv_admits_by_free_blocks_and_matches_each_alone(llm: LLM) -> None
     assert [got[r] for r in rids] == alone
     assert 1 <= most < len(reqs)  # memory, not max_num_seqs, bounded the batch
     assert eng.sched.all_free
+
+
+def test_padded_prefill_of_the_graph_path_equals_unpadded(llm: LLM) -> None:
+    """Short prompts are prefilled padded to a length bucket (a CUDA graph on the GPU; here the same
+    padded forward, eagerly): padding writes only the scratch block and the tokens do not change."""
+    reqs = [llm.prepare(prompt, [image_path(n) for n in names], SamplingParams(max_tokens=8, ignore_eos=True), nc)
+            for prompt, names, nc in PROMPTS]
+    plain = [llm.generate_many([r])[0].token_ids for r in reqs]
+    eng = llm.engine
+    runner = eng.prefill_runner
+    scratch = eng.cache.k[:, eng.cache.scratch].clone()
+    try:
+        runner.pad_eager = True
+        padded = [llm.generate_many([r])[0].token_ids for r in reqs]
+    finally:
+        runner.pad_eager = False
+    assert padded == plain
+    assert sorted(runner.graphs) == sorted({next(b for b in (128, 256, 384, 512, 640, 768, 896, 1024)
+                                                 if b >= len(r.prompt_ids)) for r in reqs})
+    assert not torch.equal(eng.cache.k[:, eng.cache.scratch], scratch)  # the padding went there

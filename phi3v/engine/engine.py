@@ -23,7 +23,7 @@ import torch
 from phi3v.config import Phi3VConfig
 from phi3v.engine.grammar import Grammars
 from phi3v.engine.kv_cache import BatchPrefillAttention, KVCache, PrefillAttention
-from phi3v.engine.runner import DecodeRunner, VisionRunner
+from phi3v.engine.runner import DecodeRunner, PrefillRunner, VisionRunner
 from phi3v.engine.sampler import SamplingParams, SamplingTensors, sample, top_logprobs
 from phi3v.engine.scheduler import RUNNING, Scheduler, Sequence
 from phi3v.models import kernels
@@ -74,6 +74,7 @@ class Engine:
         self._bt_cache: tuple[tuple[Sequence, ...], torch.Tensor] | None = None  # device block table of a batch
         vision_graphs = ((self.device.type == "cuda") if use_graphs is None else use_graphs) \
             and os.environ.get("PHI3V_VISION_GRAPHS", "1") != "0"
+        self.prefill_runner = PrefillRunner(model, self.cache, self.runner.use_graphs)
         self.vision_runner = VisionRunner(model.model.vision_embed_tokens.img_processor, self.device, vision_graphs)
         # Triton-fused norms/RoPE/SiLU on CUDA (PHI3V_FUSED=0 turns them off)
         model.model.fused = kernels.available(self.device) and os.environ.get("PHI3V_FUSED", "1") != "0"
@@ -178,6 +179,13 @@ class Engine:
         T = embeds.shape[0]
         dev = self.device
         flag = torch.tensor([long_rope], device=dev)
+        seq.long_rope = long_rope
+        self.stats["prefill_tokens"] += T
+        if self.prefill_runner.bucket(T) is not None and T <= self.prefill_chunk:
+            where = torch.tensor(self.cache.positions(seq.blocks, 0, T)).to(dev, non_blocking=True)  # (2, T)
+            logits = self.prefill_runner.run(embeds, flag, where[0], where[1])
+            if logits is not None:
+                return logits
         h = None
         for s in range(0, T, self.prefill_chunk):
             x = embeds[s: s + self.prefill_chunk][None]
@@ -187,8 +195,6 @@ class Engine:
             past = torch.tensor(self.cache.positions(seq.blocks, 0, s)).to(dev, non_blocking=True) if s else None
             attn = PrefillAttention(self.cache, where[0], where[1], s, None if past is None else (past[0], past[1]))
             h = self.model(x, pos, flag, attn)
-        seq.long_rope = long_rope
-        self.stats["prefill_tokens"] += T
         return self.model.logits(h[:, -1])
 
     def _prefill_many(self, seqs: list[Sequence], embs: list[torch.Tensor], longs: list[bool]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The decode hot path: one token for rows 0..n-1 of the KV cache, replayed as CUDA graphs.
+"""The hot paths replayed as CUDA graphs: decode steps, short prefills and the vision tower.
 
 A decode step is ~15 small kernels per layer (~500 for Phi-3-vision); at batch 1 launching them
 costs more than running them. Each batch bucket is captured once into a CUDA graph over static
@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from phi3v.engine.kv_cache import DecodeAttention, KVCache
+from phi3v.engine.kv_cache import DecodeAttention, KVCache, PrefillAttention
 from phi3v.engine.paged_attention import num_splits
 
 # Held while a CUDA graph is captured. Other threads that launch GPU work (image preprocessing on
@@ -110,6 +110,75 @@ class DecodeRunner:
         nsplit = num_splits(bucket, self.n_heads)
         graph, io["logits"] = capture_graph(
             lambda: self._forward(io["tokens"], io["lengths"], io["flags"], io["block_table"], 0, nsplit), self.pool)
+        self.pool = graph.pool()
+        return graph, io
+
+
+PREFILL_BUCKETS = tuple(range(128, 1025, 128))  # prompt lengths replayed as graphs (4 crops: ~790 tokens)
+
+
+class PrefillRunner:
+    """One short prompt's prefill (T <= 1024 tokens, from position 0) replayed as a CUDA graph per
+    length bucket. Such a prefill is launch-bound (~500 kernels for ~10 ms of math at 790 tokens).
+    Padding tokens follow the real ones (causal attention keeps them out of every real query) and
+    store their K/V in the scratch block. `pad_eager` runs the same padded forward without graphs
+    (how the CPU tests check the padding)."""
+
+    def __init__(self, model: torch.nn.Module, cache: KVCache, use_graphs: bool, pad_eager: bool = False) -> None:
+        self.model, self.cache, self.use_graphs, self.pad_eager = model, cache, use_graphs, pad_eager
+        self.device = cache.k.device
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, dict[str, torch.Tensor]]] = {}
+        self.pool = None
+
+    def bucket(self, n: int) -> int | None:
+        if not (self.use_graphs or self.pad_eager):
+            return None
+        return next((b for b in PREFILL_BUCKETS if b >= n), None)
+
+    def _forward(self, io: dict[str, torch.Tensor]) -> torch.Tensor:
+        attn = PrefillAttention(self.cache, io["blk"], io["off"], 0)
+        h = self.model(io["x"], io["pos"], io["flag"], attn)  # (1, Tb, hidden)
+        return self.model.logits(h[0, io["last"]])  # (1, V)
+
+    def run(self, embeds: torch.Tensor, flag: torch.Tensor, blk: torch.Tensor, off: torch.Tensor) -> torch.Tensor | None:
+        """embeds (T, hidden), flag (1,) bool, blk/off (T,) cache places -> last logits (1, V), or
+        None when there is no graph for this length (the caller runs it unpadded)."""
+        T = embeds.shape[0]
+        b = self.bucket(T)
+        if b is None:
+            return None
+        if b not in self.graphs:
+            try:
+                self.graphs[b] = self._capture(b, embeds)
+            except RuntimeError as e:
+                log.warning("CUDA graph capture failed (%s): prefill runs without graphs", e)
+                self.use_graphs = False
+                return None
+        graph, io = self.graphs[b]
+        io["x"][0, :T].copy_(embeds)
+        io["x"][0, T:].zero_()
+        io["flag"].copy_(flag)
+        io["blk"][:T].copy_(blk)
+        io["blk"][T:].fill_(self.cache.scratch)
+        io["off"][:T].copy_(off)
+        io["off"][T:].copy_(torch.arange(T, b, device=self.device) % self.cache.block_size)
+        io["last"].fill_(T - 1)
+        if graph is None:
+            return self._forward(io)
+        graph.replay()
+        return io["logits"]
+
+    def _capture(self, b: int, like: torch.Tensor) -> tuple[torch.cuda.CUDAGraph | None, dict[str, torch.Tensor]]:
+        dev = self.device
+        io = {"x": torch.zeros(1, b, like.shape[1], dtype=like.dtype, device=dev),
+              "pos": torch.arange(b, device=dev)[None],
+              "flag": torch.zeros(1, dtype=torch.bool, device=dev),
+              "blk": torch.full((b,), self.cache.scratch, dtype=torch.long, device=dev),
+              "off": torch.arange(b, device=dev) % self.cache.block_size,
+              "last": torch.zeros(1, dtype=torch.long, device=dev)}
+        if not self.use_graphs:
+            return None, io
+        graph, io["logits"] = capture_graph(lambda: self._forward(io), self.pool)
         self.pool = graph.pool()
         return graph, io
 
