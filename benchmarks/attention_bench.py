@@ -58,11 +58,30 @@ def case(batch: int, ctx: int, spread: float) -> dict:
     k, v = torch.randn(batch, H, D, device=dev, dtype=dt), torch.randn(batch, H, D, device=dev, dtype=dt)
     kv_bytes = sum(lens) * H * D * 2 * 2  # K and V of every row's own length
     res = {"batch": batch, "mean_len": sum(lens) / batch, "max_len": max(lens), "kv_mb_per_layer": kv_bytes / 1e6}
-    for ns in sorted({1, 2, 4, 8, 16, num_splits(batch, H)}):
-        ms = graph_ms(lambda: [paged_decode_attention(q, k, v, kc[i], vc[i], bt, lengths, ns) for i in range(LAYERS)])
-        res[f"paged_nsplit{ns}_us"] = 1000 * ms / LAYERS
-        res[f"paged_nsplit{ns}_tb_s"] = kv_bytes * LAYERS / ms / 1e9
-    res["paged_default_nsplit"] = num_splits(batch, H)
+    default = num_splits(batch, H)
+    res["paged_default_nsplit"] = default
+    res["paged_default_us"] = 1000 * graph_ms(
+        lambda: [paged_decode_attention(q, k, v, kc[i], vc[i], bt, lengths, default) for i in range(LAYERS)]) / LAYERS
+    splits = (8, 16, 32) if batch == 1 else (2, 4, 8, 16) if batch <= 8 else (1, 2, 4)
+    sweep = []
+    for ns in splits:
+        for tile in (64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    def fn(ns=ns, tile=tile, warps=warps, stages=stages):
+                        return [paged_decode_attention(q, k, v, kc[i], vc[i], bt, lengths, ns, tile, warps, stages)
+                                for i in range(LAYERS)]
+                    try:
+                        us = 1000 * graph_ms(fn, 10) / LAYERS
+                    except Exception as e:  # e.g. out of shared memory for this tile
+                        sweep.append({"nsplit": ns, "tile": tile, "warps": warps, "stages": stages, "error": str(e)[:80]})
+                        continue
+                    sweep.append({"nsplit": ns, "tile": tile, "warps": warps, "stages": stages, "us": us,
+                                  "tb_s": kv_bytes / us / 1e6})
+    ok = sorted((x for x in sweep if "us" in x), key=lambda x: x["us"])
+    res["paged_best"] = ok[0] if ok else None
+    res["paged_top5"] = ok[:5]
+    res["paged_errors"] = [x for x in sweep if "error" in x][:3]
     # old path: contiguous (batch, H, W, D) slots, index_put the new token, SDPA over the bucketed width
     width = (max(lens) + 1 + 255) // 256 * 256
     ks = torch.randn(LAYERS, batch, H, width, D, device=dev, dtype=dt)

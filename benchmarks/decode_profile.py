@@ -67,7 +67,7 @@ def main() -> None:
         n_tok = seq.num_tokens
         dev = torch.tensor([[seq.output_ids[-1]], [n_tok - 1], [0]], device="cuda")
         bt = eng._block_table([seq])
-        nsplit = num_splits(1, llm.config.num_attention_heads)
+        nsplit = num_splits(1, llm.config.num_key_value_heads)
         r["graph_replay_ms"] = cuda_ms(lambda: eng.runner.decode(dev[0], dev[1], dev[2].bool(), bt, n_tok), 100)
         r["eager_forward_ms"] = cuda_ms(lambda: eng.runner._forward(dev[0], dev[1], dev[2].bool(), bt, n_tok, nsplit), 20)
         t = time.perf_counter()

@@ -83,9 +83,15 @@ def run_bench(llm: Any, decode_tokens: int = 256, ttft_reps: int = 6, n_offline:
         def job(i: int, nc: int = nc) -> Any:  # image decode stand-in + preprocessing, on the prep threads
             return llm.prepare(PROMPT, [noise_image(*MIXED_SIZES[i % len(MIXED_SIZES)], 1000 + i)], params, nc)
 
+        before = dict(llm.engine.stats)
         outs = llm.generate_many([functools.partial(job, i) for i in range(n_offline)])
         _sync()
         dt = time.perf_counter() - t  # preprocessing included
+        st = {k: v - before[k] for k, v in llm.engine.stats.items()}
+        res[f"c_offline_{nc}crop_phases"] = {  # where the wall time went (host view)
+            "wall_s": dt, "prefill_s": st["prefill_s"], "decode_s": st["decode_s"], "prefill_steps": st["prefill_steps"],
+            "decode_steps": st["decode_steps"], "mean_decode_batch": st["decode_rows"] / max(1, st["decode_steps"]),
+            "prompt_tokens_mean": st["prefill_tokens"] / n_offline}
         res[f"c_offline_{nc}crop_images_per_s"] = n_offline / dt
         res[f"c_offline_{nc}crop_tokens_per_s"] = sum(len(o.token_ids) for o in outs) / dt
     if torch.cuda.is_available():

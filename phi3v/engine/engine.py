@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,12 +84,14 @@ class Engine:
         self.run_ahead = self.device.type == "cuda" and os.environ.get("PHI3V_RUN_AHEAD", "1") != "0"
         self._ahead: tuple[list[Sequence], torch.Tensor] | None = None  # rows, logits of a launched forward
         self._samp_cache: tuple[Any, ...] | None = None
+        self._last_kind = "decode"
         self.vision_batch_crops = 128
         self.image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.image_cache_size = image_cache_size
         self.grammars = grammars  # token table for structured output (None: constraints are refused)
+        # host wall time per kind of step (prefill steps end with a sync, decode steps with the token copy)
         self.stats = {"image_cache_hits": 0, "images_encoded": 0, "prefill_tokens": 0, "decode_steps": 0,
-                      "batched_prefills": 0}
+                      "batched_prefills": 0, "prefill_steps": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_rows": 0}
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_ids: list[int], images: list[ImageInput] | None = None,
@@ -278,6 +281,7 @@ class Engine:
                 logits[i] = self._prefill(s, self._full_embeds(s), True)[0]
             s.state.pop("prompt_embeds", None)
         self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += len(seqs)
         return logits
 
     def _block_table(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -295,8 +299,11 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """Advance every request by one token (or prefill newly admitted ones). A step that raises
         leaves nothing in flight, so the caller can fail its requests and go on."""
+        t = time.perf_counter()
         try:
-            return self._step()
+            out = self._step()
+            self.stats["prefill_s" if self._last_kind == "prefill" else "decode_s"] += time.perf_counter() - t
+            return out
         except BaseException:
             self._ahead, self._samp_cache = None, None
             raise
@@ -317,8 +324,11 @@ class Engine:
             if self._can_run_ahead(rows):
                 self._ahead = (rows, self._decode(rows, pending[0]))
             return self._commit(rows, pending)
+        self._last_kind = "decode"
         admitted = self.sched.admit()
         if admitted:
+            self._last_kind = "prefill"
+            self.stats["prefill_steps"] += 1
             self._image_features(admitted)
             orig = self.cfg.original_max_position_embeddings
             embs, longs = [], []

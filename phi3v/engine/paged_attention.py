@@ -4,11 +4,12 @@ One decode token per row attends over its own cached positions 0..L-1 (read thro
 table, so no row pays for another's length) plus the new token at position L, whose K/V comes in
 registers and is written to the cache by the same kernel (no separate scatter launches).
 
-Grid (rows, q heads, NSPLIT): each program streams 1/NSPLIT of its row's blocks and keeps an
-online softmax (max m, sum l, weighted V acc) in fp32; the last split adds the new token. With
+Grid (rows, kv heads, NSPLIT): each program streams 1/NSPLIT of its row's tokens, TILE at a time,
+for the query heads of its kv head, and keeps an online softmax (max m, sum l, weighted V acc) in
+fp32; the last split adds the new token. With
 NSPLIT > 1 a second kernel merges the partials. NSPLIT is fixed per batch bucket (the grid must
 not depend on lengths, so that a CUDA graph replays for any length): small batches split more, so
-that batch 1 still puts ~16 programs per head on the GPU's 132 SMs.
+that batch 1 still puts ~16 programs per kv head on the GPU's 132 SMs.
 """
 
 from __future__ import annotations
@@ -25,62 +26,75 @@ if HAVE_TRITON:
     @triton.jit
     def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, out_ptr, pacc_ptr, pml_ptr,
                        sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, sbt, so_b, so_h, scale,
-                       GROUP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                       NSPLIT: tl.constexpr):
+                       GROUP: tl.constexpr, QR: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+                       BLOCK_D: tl.constexpr, TILE: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr):
+        # program (row b, kv head, split s): the GROUP query heads of this kv head are the rows of a
+        # (QR >= 16, BLOCK_D) tile so that both products are tl.dot, whose operand loads Triton
+        # software-pipelines (num_stages) -- the scalar-FMA form streams one tile at a time.
         b = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
+        kvh = tl.program_id(1)
         s = tl.program_id(2)
-        kvh = h // GROUP
         L = tl.load(len_ptr + b)  # cached positions 0..L-1; the new token sits at L
         offs_d = tl.arange(0, BLOCK_D)
         dm = offs_d < D
-        offs_t = tl.arange(0, BS)
-        q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_d, mask=dm, other=0.0).to(tl.float32) * scale
+        offs_t = tl.arange(0, TILE)
+        offs_g = tl.arange(0, QR)
+        heads = kvh * GROUP + offs_g
+        gm = offs_g < GROUP
+        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=gm[:, None] & dm[None, :],
+                    other=0.0)  # (QR, BLOCK_D)
         kn = tl.load(kn_ptr + b * sk_b + kvh * sk_h + offs_d, mask=dm, other=0.0)
         vn = tl.load(vn_ptr + b * sv_b + kvh * sv_h + offs_d, mask=dm, other=0.0)
-        n_blk = tl.cdiv(L, BS)
-        per = tl.cdiv(n_blk, NSPLIT)
+        per = tl.cdiv(tl.cdiv(L, TILE), NSPLIT) * TILE  # tokens per split, whole tiles
         lo = s * per
-        hi = tl.minimum(lo + per, n_blk)
-        m = tl.full((), float("-inf"), tl.float32)
-        l = tl.zeros((), tl.float32)
-        acc = tl.zeros((BLOCK_D,), tl.float32)
-        for i in range(lo, hi):
-            phys = tl.load(bt_ptr + b * sbt + i).to(tl.int64)
-            base = phys * sc_b + kvh * sc_h + offs_t[:, None] * sc_t + offs_d[None, :]
-            tm = (i * BS + offs_t) < L
+        hi = tl.minimum(lo + per, L)
+        m = tl.full((QR,), float("-inf"), tl.float32)
+        l = tl.zeros((QR,), tl.float32)
+        acc = tl.zeros((QR, BLOCK_D), tl.float32)
+        for t0 in range(lo, hi, TILE):
+            t = t0 + offs_t
+            tm = t < hi
+            phys = tl.load(bt_ptr + b * sbt + t // BS, mask=tm, other=0).to(tl.int64)
+            base = phys * sc_b + kvh * sc_h + (t % BS) * sc_t  # (TILE,)
             msk = tm[:, None] & dm[None, :]
-            k = tl.load(kc_ptr + base, mask=msk, other=0.0).to(tl.float32)  # (BS, BLOCK_D)
-            sc = tl.sum(k * q[None, :], axis=1)
-            sc = tl.where(tm, sc, float("-inf"))
-            m_new = tl.maximum(m, tl.max(sc, axis=0))
-            p = tl.exp(sc - m_new)
+            k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=msk, other=0.0)  # (TILE, BLOCK_D)
+            v = tl.load(vc_ptr + base[:, None] + offs_d[None, :], mask=msk, other=0.0)
+            if IEEE:
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(k))
+            sc = tl.where(tm[None, :], sc * scale, float("-inf"))  # (QR, TILE) fp32
+            m_new = tl.maximum(m, tl.max(sc, axis=1))
+            p = tl.exp(sc - m_new[:, None])
             alpha = tl.exp(m - m_new)
-            v = tl.load(vc_ptr + base, mask=msk, other=0.0).to(tl.float32)
-            l = l * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l = l * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:  # P rounded to the activation dtype for the second product, as flash attention does
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
         if s == NSPLIT - 1:  # the new token, from registers
-            sn = tl.sum(kn.to(tl.float32) * q, axis=0)
+            sn = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], axis=1) * scale  # (QR,)
             m_new = tl.maximum(m, sn)
             p = tl.exp(sn - m_new)
             alpha = tl.exp(m - m_new)
             l = l * alpha + p
-            acc = acc * alpha + p * vn.to(tl.float32)
+            acc = acc * alpha[:, None] + p[:, None] * vn.to(tl.float32)[None, :]
             m = m_new
-        if s == 0:
-            if h % GROUP == 0:  # one program per kv head stores the new K/V; no program reads position L
-                phys = tl.load(bt_ptr + b * sbt + L // BS).to(tl.int64)
-                dst = phys * sc_b + kvh * sc_h + (L % BS) * sc_t + offs_d
-                tl.store(kc_ptr + dst, kn, mask=dm)
-                tl.store(vc_ptr + dst, vn, mask=dm)
+        if s == 0:  # store the new K/V; no program reads position L from the cache
+            phys = tl.load(bt_ptr + b * sbt + L // BS).to(tl.int64)
+            dst = phys * sc_b + kvh * sc_h + (L % BS) * sc_t + offs_d
+            tl.store(kc_ptr + dst, kn, mask=dm)
+            tl.store(vc_ptr + dst, vn, mask=dm)
+        om = gm[:, None] & dm[None, :]
         if NSPLIT == 1:
-            tl.store(out_ptr + b * so_b + h * so_h + offs_d, (acc / l).to(out_ptr.dtype.element_ty), mask=dm)
+            dst = out_ptr + b * so_b + heads[:, None] * so_h + offs_d[None, :]
+            tl.store(dst, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=om)
         else:
-            row = (b * tl.num_programs(1) + h) * NSPLIT + s
-            tl.store(pacc_ptr + row * BLOCK_D + offs_d, acc)
-            tl.store(pml_ptr + row * 2, m)
-            tl.store(pml_ptr + row * 2 + 1, l)
+            row = (b * tl.num_programs(1) * GROUP + heads) * NSPLIT + s  # (QR,) partial rows (b, head, s)
+            tl.store(pacc_ptr + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=gm[:, None])
+            tl.store(pml_ptr + row * 2, m, mask=gm)
+            tl.store(pml_ptr + row * 2 + 1, l, mask=gm)
 
     @triton.jit
     def _merge_kernel(pacc_ptr, pml_ptr, out_ptr, so_b, so_h, D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -90,7 +104,7 @@ if HAVE_TRITON:
         row0 = (b * tl.num_programs(1) + h) * NSPLIT
         offs_s = tl.arange(0, NSPLIT)
         offs_d = tl.arange(0, BLOCK_D)
-        m = tl.load(pml_ptr + (row0 + offs_s) * 2)  # (NSPLIT,), -inf for splits without blocks
+        m = tl.load(pml_ptr + (row0 + offs_s) * 2)  # (NSPLIT,), -inf for splits without tokens
         l = tl.load(pml_ptr + (row0 + offs_s) * 2 + 1)
         acc = tl.load(pacc_ptr + (row0 + offs_s)[:, None] * BLOCK_D + offs_d[None, :])  # (NSPLIT, BLOCK_D)
         mx = tl.max(m, axis=0)  # finite: the last split always holds the new token
@@ -108,12 +122,14 @@ def num_splits(batch: int, n_heads: int) -> int:
 
 
 def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                           block_table: Tensor, lengths: Tensor, nsplit: int) -> Tensor:
+                           block_table: Tensor, lengths: Tensor, nsplit: int, tile: int = 64,
+                           num_warps: int = 4, num_stages: int = 3) -> Tensor:
     """q (n, Hq, D), k/v (n, Hkv, D) new tokens (last dim contiguous); k_cache/v_cache one layer's
     (n_blocks, Hkv, BS, D); block_table (n, max_blocks) int32; lengths (n,) int64 cached tokens per
     row. Stores k/v at position lengths[b] and returns attention (n, Hq, D) with scale 1/sqrt(D)."""
     n, hq, d = q.shape
     hkv, bs = k_cache.shape[1], k_cache.shape[2]
+    group = hq // hkv
     assert q.stride(2) == k.stride(2) == v.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     out = torch.empty(n, hq, d, device=q.device, dtype=q.dtype)
     block_d = triton.next_power_of_2(d)
@@ -122,11 +138,12 @@ def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_c
         pml = torch.empty(n * hq * nsplit, 2, device=q.device, dtype=torch.float32)
     else:
         pacc = pml = out  # unused
-    _decode_kernel[(n, hq, nsplit)](
+    _decode_kernel[(n, hkv, nsplit)](
         q, k, v, k_cache, v_cache, block_table, lengths, out, pacc, pml,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1),
-        d ** -0.5, GROUP=hq // hkv, BS=bs, D=d, BLOCK_D=block_d, NSPLIT=nsplit, num_warps=4)
+        d ** -0.5, GROUP=group, QR=max(16, triton.next_power_of_2(group)), BS=bs, D=d, BLOCK_D=block_d, TILE=tile,
+        NSPLIT=nsplit, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
     if nsplit > 1:
         _merge_kernel[(n, hq)](pacc, pml, out, out.stride(0), out.stride(1), D=d, BLOCK_D=block_d, NSPLIT=nsplit,
                                num_warps=2)

@@ -51,7 +51,7 @@ class DecodeRunner:
     def __init__(self, model: torch.nn.Module, cache: KVCache, max_blocks: int, use_graphs: bool | None = None) -> None:
         self.model, self.cache, self.max_blocks = model, cache, max_blocks
         self.device = cache.k.device
-        self.n_heads = model.config.num_attention_heads
+        self.n_heads = model.config.num_key_value_heads  # decode-attention programs per row and split
         # graphs need the kernel: the gather fallback's shapes follow the longest row
         self.use_graphs = (self.device.type == "cuda" and cache.triton) if use_graphs is None else use_graphs
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
