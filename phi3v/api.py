@@ -192,11 +192,12 @@ class LLM:
             if done is not None:
                 self.last_completion = done
 
-    def generate_many(self, requests: Sequence[PreparedRequest | Callable[[], PreparedRequest]]) -> list[Completion]:
+    def generate_many(self, requests: Sequence[PreparedRequest | Callable[[], PreparedRequest]],
+                      workers: int | None = None) -> list[Completion]:
         """Several requests batched together by the engine; results in input order. Callables are
-        prepared on a thread pool while the engine runs (see `run`)."""
+        prepared on a thread pool of `workers` threads while the engine runs (see `run`)."""
         out: list[Completion | None] = [None] * len(requests)
-        for i, _delta, done in self.run(requests):
+        for i, _delta, done in self.run(requests, workers):
             if done is not None:
                 out[i] = done
         return out  # type: ignore[return-value]

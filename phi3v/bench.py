@@ -53,10 +53,23 @@ def _sync() -> None:
 
 
 def run_bench(llm: Any, decode_tokens: int = 256, ttft_reps: int = 6, n_offline: int = 64,
-              offline_tokens: int = 200, crops: tuple[int, ...] = (16, 4)) -> dict[str, Any]:
+              offline_tokens: int = 200, crops: tuple[int, ...] = (16, 4), parts: str = "abc",
+              prep_workers: int | None = None) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    if "a" in parts:
+        _decode(llm, res, decode_tokens)
+    if "b" in parts:
+        _ttft(llm, res, crops, ttft_reps)
+    if "c" in parts:
+        _offline(llm, res, crops, n_offline, offline_tokens, prep_workers)
+    if torch.cuda.is_available():
+        res["d_peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return res
+
+
+def _decode(llm: Any, res: dict[str, Any], decode_tokens: int) -> None:
     from phi3v import SamplingParams
 
-    res: dict[str, Any] = {}
     img16 = noise_image(1344, 1344, 0)
     llm.generate(PROMPT, [img16], SamplingParams(max_tokens=decode_tokens + 32, ignore_eos=True), num_crops=16)  # warm-up
     dec = []
@@ -65,6 +78,11 @@ def run_bench(llm: Any, decode_tokens: int = 256, ttft_reps: int = 6, n_offline:
         dec.append(c.timings["decode_tokens_per_s"])
     res["a_decode_tok_s"] = statistics.median(dec)
     res["a_prompt_tokens"] = c.usage["prompt_tokens"]
+
+
+def _ttft(llm: Any, res: dict[str, Any], crops: tuple[int, ...], ttft_reps: int) -> None:
+    from phi3v import SamplingParams
+
     for nc in crops:
         size = (1344, 1344) if nc >= 16 else (672, 672) if nc >= 4 else (336, 336)
         ttft = []
@@ -76,6 +94,12 @@ def run_bench(llm: Any, decode_tokens: int = 256, ttft_reps: int = 6, n_offline:
             _sync()
             ttft.append(time.perf_counter() - t)
         res[f"b_ttft_ms_{nc}crop"] = 1000 * statistics.median(ttft[1:] or ttft)
+
+
+def _offline(llm: Any, res: dict[str, Any], crops: tuple[int, ...], n_offline: int, offline_tokens: int,
+             prep_workers: int | None) -> None:
+    from phi3v import SamplingParams
+
     for nc in crops:
         t = time.perf_counter()
         params = SamplingParams(max_tokens=offline_tokens, ignore_eos=True)
@@ -84,7 +108,10 @@ def run_bench(llm: Any, decode_tokens: int = 256, ttft_reps: int = 6, n_offline:
             return llm.prepare(PROMPT, [noise_image(*MIXED_SIZES[i % len(MIXED_SIZES)], 1000 + i)], params, nc)
 
         before = dict(llm.engine.stats)
-        outs = llm.generate_many([functools.partial(job, i) for i in range(n_offline)])
+        jobs = [functools.partial(job, i) for i in range(n_offline)]
+        if prep_workers == 0:  # everything prepared first, on this thread: the engine runs alone
+            jobs = [j() for j in jobs]
+        outs = llm.generate_many(jobs, prep_workers)
         _sync()
         dt = time.perf_counter() - t  # preprocessing included
         st = {k: v - before[k] for k, v in llm.engine.stats.items()}
@@ -94,9 +121,6 @@ def run_bench(llm: Any, decode_tokens: int = 256, ttft_reps: int = 6, n_offline:
             "prompt_tokens_mean": st["prefill_tokens"] / n_offline}
         res[f"c_offline_{nc}crop_images_per_s"] = n_offline / dt
         res[f"c_offline_{nc}crop_tokens_per_s"] = sum(len(o.token_ids) for o in outs) / dt
-    if torch.cuda.is_available():
-        res["d_peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return res
 
 
 def add_parser(sub: Any) -> None:
@@ -113,6 +137,8 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--decode-tokens", type=int, default=256)
     b.add_argument("--n-offline", type=int, default=64)
     b.add_argument("--offline-tokens", type=int, default=200)
+    b.add_argument("--parts", default="abc", help="which of (a) decode, (b) TTFT, (c) offline to run")
+    b.add_argument("--prep-workers", type=int, default=None, help="(c): preparation threads (default min(8, cpus); 0: prepare all first)")
     b.add_argument("--compare", default=None, help="JSON of the reference recipe's numbers: print ratios")
     b.add_argument("--json-out", default=None)
     b.set_defaults(fn=cmd_bench)
@@ -133,7 +159,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if llm.device.type == "cuda" else "cpu",
                            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "load_s": time.perf_counter() - t,
                            "command": " ".join(["phi3v"] + sys.argv[1:])}
-    res.update(run_bench(llm, a.decode_tokens, n_offline=a.n_offline, offline_tokens=a.offline_tokens))
+    res.update(run_bench(llm, a.decode_tokens, n_offline=a.n_offline, offline_tokens=a.offline_tokens, parts=a.parts,
+                         prep_workers=a.prep_workers))
     if a.compare:
         with open(a.compare, encoding="utf-8") as f:
             ref = json.load(f)

@@ -31,6 +31,15 @@ rr = (r + a).float()
 assert (n - w * (rr * torch.rsqrt(rr.pow(2).mean(-1, keepdim=True) + 1e-5))).abs().max() < 1e-5
 gu = torch.randn(3, 300)
 assert (kernels.silu_mul(gu) - gu[:, 150:] * torch.nn.functional.silu(gu[:, :150])).abs().max() < 1e-6
+h = torch.randn(3, 577, 40) * 4
+assert (kernels.quick_gelu(h) - h * torch.sigmoid(1.702 * h)).abs().max() < 1e-5
+tower_in = torch.randn(2, 3, 336, 336)
+with torch.inference_mode():
+    m.set_fused(False)
+    ref_v = m.model.vision_embed_tokens.img_processor(tower_in)
+    m.set_fused(True)
+    got_v = m.model.vision_embed_tokens.img_processor(tower_in)
+assert (ref_v - got_v).abs().max() < 1e-4, (ref_v - got_v).abs().max()
 print("ok", d)
 """
 

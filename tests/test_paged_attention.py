@@ -31,7 +31,7 @@ for nsplit in (1, 4):
     d = (got - ref).abs().max().item()
     assert d < 1e-5, (nsplit, d)
     assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v), "new K/V not stored where expected"
-assert [paged_attention.num_splits(b, 32) for b in (1, 2, 4, 8, 16)] == [16, 8, 4, 2, 1]
+assert [paged_attention.num_splits(b, 32) for b in (1, 2, 8, 16, 48, 64)] == [16, 8, 8, 4, 2, 1]
 print("ok", d)
 """
 

@@ -78,7 +78,7 @@ class Engine:
         self.prefill_runner = PrefillRunner(model, self.cache, self.runner.use_graphs)
         self.vision_runner = VisionRunner(model.model.vision_embed_tokens.img_processor, self.device, vision_graphs)
         # Triton-fused norms/RoPE/SiLU on CUDA (PHI3V_FUSED=0 turns them off)
-        model.model.fused = kernels.available(self.device) and os.environ.get("PHI3V_FUSED", "1") != "0"
+        model.set_fused(kernels.available(self.device) and os.environ.get("PHI3V_FUSED", "1") != "0")
         self.prefill_chunk = prefill_chunk
         # launch decode step t+1 before reading step t's tokens (CUDA only; PHI3V_RUN_AHEAD=0 turns it off)
         self.run_ahead = self.device.type == "cuda" and os.environ.get("PHI3V_RUN_AHEAD", "1") != "0"

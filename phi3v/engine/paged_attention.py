@@ -113,17 +113,20 @@ if HAVE_TRITON:
         tl.store(out_ptr + b * so_b + h * so_h + offs_d, o.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
-def num_splits(batch: int, n_heads: int) -> int:
-    """Splits per (row, head): ~512 programs in all, at most 16 (a power of two, for the merge)."""
-    n = 1
-    while n < 16 and batch * n_heads * n * 2 <= 512:
-        n *= 2
-    return n
+def num_splits(batch: int, n_kv_heads: int) -> int:
+    """KV splits per (row, kv head), from the H100 sweep in benchmarks/attention_bench.py (32 kv heads,
+    2.6k-token rows): 16 at batch 1, 8 up to batch 8, then fewer as rows alone fill the GPU; a power
+    of two (the merge kernel's arange)."""
+    programs = batch * n_kv_heads
+    for limit, n in ((32, 16), (256, 8), (512, 4), (1536, 2)):
+        if programs <= limit:
+            return n
+    return 1
 
 
 def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                            block_table: Tensor, lengths: Tensor, nsplit: int, tile: int = 64,
-                           num_warps: int = 4, num_stages: int = 3) -> Tensor:
+                           num_warps: int = 4, num_stages: int = 2) -> Tensor:
     """q (n, Hq, D), k/v (n, Hkv, D) new tokens (last dim contiguous); k_cache/v_cache one layer's
     (n_blocks, Hkv, BS, D); block_table (n, max_blocks) int32; lengths (n,) int64 cached tokens per
     row. Stores k/v at position lengths[b] and returns attention (n, Hq, D) with scale 1/sqrt(D)."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from phi3v.config import VisionConfig
+from phi3v.models import kernels
 
 __all__ = ["CLIPVisionModel", "activation"]
 
@@ -86,8 +87,13 @@ class CLIPMLP(nn.Module):
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = activation(cfg.hidden_act)
 
+    fused = False  # Triton activation (CUDA); set with the decoder's fused kernels
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)  # (N, T, intermediate)
+        if self.fused and self.act is _quick_gelu:
+            return self.fc2(kernels.quick_gelu(h))
+        return self.fc2(self.act(h))
 
 
 class CLIPEncoderLayer(nn.Module):

@@ -84,6 +84,18 @@ if HAVE_TRITON:
         tl.store(dst + HALF + offs, o2, mask=m)
 
 
+    @triton.jit
+    def _quick_gelu_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        x = tl.load(x_ptr + offs, mask=m, other=0.0)
+        dt = x.dtype
+        xf = x.to(tl.float32)
+        t = (1.702 * xf).to(dt).to(tl.float32)  # eager rounds 1.702*x, then sigmoid, then the product
+        sg = (1.0 / (1.0 + tl.exp(-t))).to(dt).to(tl.float32)
+        tl.store(out_ptr + offs, (xf * sg).to(dt), mask=m)
+
+
 def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(normed, new_residual): new_residual = residual + x (or x), normed = RMSNorm(new_residual)."""
     n = x.shape[-1]
@@ -116,4 +128,13 @@ def rope_qk(qkv: Tensor, cos: Tensor, sin: Tensor, n_q: int, n_kv: int, head_dim
     half = head_dim // 2
     _rope_kernel[(rows, n_q + n_kv)](qkv, cos, sin, out, qkv.stride(0), n_q + n_kv, D=head_dim, HALF=half,
                                      BLOCK=triton.next_power_of_2(half))
+    return out
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """x * sigmoid(1.702 * x) (CLIP's activation) in one pass instead of three over a (crops*577, 4096) tensor."""
+    xc = x.contiguous()
+    out = torch.empty_like(xc)
+    n = xc.numel()
+    _quick_gelu_kernel[(triton.cdiv(n, 4096),)](xc, out, n, BLOCK=4096)
     return out

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from phi3v.config import Phi3VConfig
-from phi3v.models.clip import CLIPVisionModel
+from phi3v.models.clip import CLIPMLP, CLIPVisionModel
 from phi3v.models.phi3 import AttentionBackend, Phi3Model, proj
 
 __all__ = ["Phi3ImageEmbedding", "Phi3VForCausalLM"]
@@ -96,6 +96,13 @@ class Phi3VForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def set_fused(self, on: bool) -> None:
+        """Triton kernels (CUDA) in the decoder (norms, RoPE, SiLU, small-M GEMV) and the CLIP MLP."""
+        self.model.fused = on
+        for m in self.modules():
+            if isinstance(m, CLIPMLP):
+                m.fused = on
 
     @property
     def device(self) -> torch.device:
