@@ -54,14 +54,14 @@ def _sync() -> None:
 
 def run_bench(llm: Any, decode_tokens: int = 256, ttft_reps: int = 6, n_offline: int = 64,
               offline_tokens: int = 200, crops: tuple[int, ...] = (16, 4), parts: str = "abc",
-              prep_workers: int | None = None) -> dict[str, Any]:
+              prep_workers: int | None = None, profile: bool = False) -> dict[str, Any]:
     res: dict[str, Any] = {}
     if "a" in parts:
         _decode(llm, res, decode_tokens)
     if "b" in parts:
         _ttft(llm, res, crops, ttft_reps)
     if "c" in parts:
-        _offline(llm, res, crops, n_offline, offline_tokens, prep_workers)
+        _offline(llm, res, crops, n_offline, offline_tokens, prep_workers, profile)
     if torch.cuda.is_available():
         res["d_peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return res
@@ -96,9 +96,32 @@ def _ttft(llm: Any, res: dict[str, Any], crops: tuple[int, ...], ttft_reps: int)
         res[f"b_ttft_ms_{nc}crop"] = 1000 * statistics.median(ttft[1:] or ttft)
 
 
+def _instrument(eng: Any) -> dict[str, float]:
+    """Benchmark-only: time the parts of a prefill step (synchronising around each, which costs a
+    little overlap) by wrapping the engine instance's methods."""
+    acc = {"vision_s": 0.0, "embeds_s": 0.0, "decoder_prefill_s": 0.0, "sample_commit_s": 0.0}
+
+    def wrap(name: str, fn: Any) -> Any:
+        def timed(*args: Any, **kw: Any) -> Any:
+            _sync()
+            t = time.perf_counter()
+            out = fn(*args, **kw)
+            _sync()
+            acc[name] += time.perf_counter() - t
+            return out
+        return timed
+
+    eng._image_features = wrap("vision_s", eng._image_features)
+    eng._prompt_embeds = wrap("embeds_s", eng._prompt_embeds)
+    eng._prefill_many = wrap("decoder_prefill_s", eng._prefill_many)
+    return acc
+
+
 def _offline(llm: Any, res: dict[str, Any], crops: tuple[int, ...], n_offline: int, offline_tokens: int,
-             prep_workers: int | None) -> None:
+             prep_workers: int | None, profile: bool = False) -> None:
     from phi3v import SamplingParams
+
+    parts = _instrument(llm.engine) if profile else None
 
     for nc in crops:
         t = time.perf_counter()
@@ -108,6 +131,9 @@ def _offline(llm: Any, res: dict[str, Any], crops: tuple[int, ...], n_offline: i
             return llm.prepare(PROMPT, [noise_image(*MIXED_SIZES[i % len(MIXED_SIZES)], 1000 + i)], params, nc)
 
         before = dict(llm.engine.stats)
+        retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
+        if parts:
+            parts.update({k: 0.0 for k in parts})
         jobs = [functools.partial(job, i) for i in range(n_offline)]
         if prep_workers == 0:  # everything prepared first, on this thread: the engine runs alone
             jobs = [j() for j in jobs]
@@ -118,7 +144,9 @@ def _offline(llm: Any, res: dict[str, Any], crops: tuple[int, ...], n_offline: i
         res[f"c_offline_{nc}crop_phases"] = {  # where the wall time went (host view)
             "wall_s": dt, "prefill_s": st["prefill_s"], "decode_s": st["decode_s"], "prefill_steps": st["prefill_steps"],
             "decode_steps": st["decode_steps"], "mean_decode_batch": st["decode_rows"] / max(1, st["decode_steps"]),
-            "prompt_tokens_mean": st["prefill_tokens"] / n_offline}
+            "prompt_tokens_mean": st["prefill_tokens"] / n_offline,
+            "alloc_retries": (torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries)
+            if torch.cuda.is_available() else 0, **(dict(parts) if parts else {})}
         res[f"c_offline_{nc}crop_images_per_s"] = n_offline / dt
         res[f"c_offline_{nc}crop_tokens_per_s"] = sum(len(o.token_ids) for o in outs) / dt
 
@@ -139,6 +167,9 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--offline-tokens", type=int, default=200)
     b.add_argument("--parts", default="abc", help="which of (a) decode, (b) TTFT, (c) offline to run")
     b.add_argument("--prep-workers", type=int, default=None, help="(c): preparation threads (default min(8, cpus); 0: prepare all first)")
+    b.add_argument("--profile-prefill", action="store_true", help="(c): time vision / embeds / decoder prefill "
+                   "(adds syncs)")
+    b.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     b.add_argument("--compare", default=None, help="JSON of the reference recipe's numbers: print ratios")
     b.add_argument("--json-out", default=None)
     b.set_defaults(fn=cmd_bench)
@@ -155,12 +186,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    llm = LLM(model, device=a.device, dtype=a.dtype, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len)
+    llm = LLM(model, device=a.device, dtype=a.dtype, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
+              gpu_memory_utilization=a.gpu_memory_utilization)
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if llm.device.type == "cuda" else "cpu",
                            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "load_s": time.perf_counter() - t,
                            "command": " ".join(["phi3v"] + sys.argv[1:])}
     res.update(run_bench(llm, a.decode_tokens, n_offline=a.n_offline, offline_tokens=a.offline_tokens, parts=a.parts,
-                         prep_workers=a.prep_workers))
+                         prep_workers=a.prep_workers, profile=a.profile_prefill))
     if a.compare:
         with open(a.compare, encoding="utf-8") as f:
             ref = json.load(f)

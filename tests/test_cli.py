@@ -176,6 +176,19 @@ def test_bench_command_runs_end_to_end_on_cpu(capsys, tmp_path) -> None:
     assert res["c_offline_4crop_images_per_s"] > 0 and json.loads(stdout) == res
 
 
+def test_bench_offline_part_alone_with_the_prefill_profile(capsys, tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    code, _stdout, err = _run(capsys, ["bench", "--model", CKPT, "--device", "cpu", "--parts", "c", "--n-offline", "3",
+                                       "--offline-tokens", "2", "--max-num-seqs", "3", "--prep-workers", "0",
+                                       "--profile-prefill", "--max-model-len", "4096", "--json-out", str(out)])
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    assert not any(k.startswith(("a_", "b_")) for k in res)
+    ph = res["c_offline_16crop_phases"]
+    assert ph["prefill_steps"] >= 1 and ph["decode_steps"] >= 1 and ph["vision_s"] > 0 and ph["decoder_prefill_s"] > 0
+    assert ph["vision_s"] + ph["embeds_s"] + ph["decoder_prefill_s"] <= ph["prefill_s"] + 1e-6
+
+
 def test_batch_job_records_bad_lines_and_resumes(capsys, llm: LLM, tmp_path) -> None:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     lines = [json.dumps({"id": "a", "prompt": "Describe.", "images": ["astronaut.png"], "num_crops": 1}),
