@@ -31,6 +31,16 @@ for nsplit in (1, 4):
     d = (got - ref).abs().max().item()
     assert d < 1e-5, (nsplit, d)
     assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v), "new K/V not stored where expected"
+from phi3v.models import kernels
+kk, vv = torch.randn(40, 6, D)[:, 1:1 + HKV], torch.randn(40, HKV, D)  # k: a strided view, as in the model
+blk, off = torch.randint(0, NB, (40,)), torch.randint(0, BS, (40,))
+keys = set(zip(blk.tolist(), off.tolist()))
+sel = torch.tensor([list(zip(blk.tolist(), off.tolist())).index(p) for p in keys])  # one writer per place
+blk, off, kk, vv = blk[sel], off[sel], kk[sel], vv[sel]
+want_k, want_v = cache.k[0].clone(), cache.v[0].clone()
+want_k[blk, :, off], want_v[blk, :, off] = kk, vv
+kernels.store_kv(kk, vv, cache.k[0], cache.v[0], blk, off)
+assert torch.equal(cache.k[0], want_k) and torch.equal(cache.v[0], want_v)
 assert [paged_attention.num_splits(b, 32) for b in (1, 2, 8, 16, 48, 64)] == [16, 8, 8, 4, 2, 1]
 print("ok", d)
 """

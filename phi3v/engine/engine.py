@@ -171,7 +171,7 @@ class Engine:
             self.image_cache.popitem(last=False)
 
     def _prompt_embeds(self, seq: Sequence) -> torch.Tensor:
-        ids = torch.tensor(seq.prompt_ids, device=self.device)
+        ids = torch.tensor(seq.prompt_ids)  # on the CPU: placeholder bookkeeping without a device sync
         feats = [self.image_cache[i.key] for i in seq.images]
         return self.model.embed(ids, feats)  # (L, hidden)
 
@@ -181,7 +181,7 @@ class Engine:
         last position's logits (1, V)."""
         T = embeds.shape[0]
         dev = self.device
-        flag = torch.tensor([long_rope], device=dev)
+        flag = torch.tensor([long_rope]).to(dev, non_blocking=True)  # (a blocking copy would sync)
         seq.long_rope = long_rope
         self.stats["prefill_tokens"] += T
         if self.prefill_runner.bucket(T) is not None and T <= self.prefill_chunk:
@@ -234,16 +234,16 @@ class Engine:
             x[b, : e.shape[0]] = e
         dev = self.device
         pos = torch.arange(T, device=dev)[None].expand(len(seqs), T)
-        valid = torch.arange(T)[None, :] < torch.tensor(lens)[:, None]  # (B, T) real tokens
-        blk, off = [], []
-        for s, n in zip(seqs, lens):
+        rows, blk, off = [], [], []  # flat index b*T+t of each real token, and its cache place
+        for i, (s, n) in enumerate(zip(seqs, lens)):
             b, o = self.cache.positions(s.blocks, 0, n)
+            rows += range(i * T, i * T + n)
             blk += b
             off += o
-        where = torch.tensor([blk, off]).to(dev, non_blocking=True)
-        attn = BatchPrefillAttention(self.cache, valid.to(dev, non_blocking=True), where[0], where[1])
-        h = self.model(x, pos, torch.tensor(longs, device=dev), attn)
-        last = h[torch.arange(len(seqs), device=dev), torch.tensor(lens, device=dev) - 1]  # (B, hidden)
+        where = torch.tensor([rows, blk, off]).to(dev, non_blocking=True)
+        attn = BatchPrefillAttention(self.cache, where[0], where[1], where[2])
+        h = self.model(x, pos, torch.tensor(longs).to(dev, non_blocking=True), attn)
+        last = h[torch.arange(len(seqs), device=dev), torch.tensor(lens).to(dev, non_blocking=True) - 1]  # (B, hidden)
         for s, lr in zip(seqs, longs):
             s.long_rope = lr
         self.stats["prefill_tokens"] += sum(lens)

@@ -40,6 +40,9 @@ class KVCache:
 
     def write(self, layer: int, blk: Tensor, off: Tensor, k: Tensor, v: Tensor) -> None:
         """k, v (N, n_kv, D) at (blk[i], off[i])."""
+        if self.triton:
+            kernels.store_kv(k, v, self.k[layer], self.v[layer], blk, off)
+            return
         self.k[layer][blk, :, off] = k
         self.v[layer][blk, :, off] = v
 
@@ -71,16 +74,18 @@ class PrefillAttention:
 
 
 class BatchPrefillAttention:
-    """Several sequences' whole prompts at once, padded to T. `valid` (B, T) marks real tokens; only
-    they are stored, at (blk, off) (flattened in `valid` order). Causal attention over the new
-    tokens is exact for every real query: padding only follows the real tokens."""
+    """Several sequences' whole prompts at once, padded to T. `rows` holds the flat indices b*T+t of
+    the real tokens; only they are stored, at (blk, off). Causal attention over the new tokens is
+    exact for every real query: padding only follows the real tokens."""
 
-    def __init__(self, cache: KVCache, valid: Tensor, blk: Tensor, off: Tensor) -> None:
-        self.cache, self.valid, self.blk, self.off = cache, valid, blk, off
+    def __init__(self, cache: KVCache, rows: Tensor, blk: Tensor, off: Tensor) -> None:
+        self.cache, self.rows, self.blk, self.off = cache, rows, blk, off
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        # q (B, n_heads, T, D); k, v (B, n_kv, T, D)
-        self.cache.write(layer, self.blk, self.off, k.transpose(1, 2)[self.valid], v.transpose(1, 2)[self.valid])
+        # q (B, n_heads, T, D); k, v (B, n_kv, T, D); an integer gather (a boolean mask would sync)
+        kk = k.transpose(1, 2).flatten(0, 1).index_select(0, self.rows)  # (N, n_kv, D)
+        vv = v.transpose(1, 2).flatten(0, 1).index_select(0, self.rows)
+        self.cache.write(layer, self.blk, self.off, kk, vv)
         return causal_attention(q, k, v)
 
 

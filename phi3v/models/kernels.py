@@ -60,29 +60,43 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rope_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, row_stride, n_heads,
-                     D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
-        # one program per (token, head) of the q and k heads; rotate_half layout
+                     D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
+        # one program per (token, BLOCK_H heads) of the q and k heads; rotate_half layout
         row = tl.program_id(0).to(tl.int64)
-        head = tl.program_id(1)
+        hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         offs = tl.arange(0, BLOCK)
-        m = offs < HALF
-        src = qkv_ptr + row * row_stride + head * D
-        x1 = tl.load(src + offs, mask=m, other=0.0)
-        x2 = tl.load(src + HALF + offs, mask=m, other=0.0)
+        m = (hs < n_heads)[:, None] & (offs < HALF)[None, :]
+        src = qkv_ptr + row * row_stride + hs[:, None] * D + offs[None, :]  # (BLOCK_H, BLOCK)
+        x1 = tl.load(src, mask=m, other=0.0)
+        x2 = tl.load(src + HALF, mask=m, other=0.0)
         dt = x1.dtype
-        c1 = tl.load(cos_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptr + row * D + HALF + offs, mask=m, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptr + row * D + HALF + offs, mask=m, other=0.0).to(tl.float32)
+        cm = offs < HALF
+        c1 = tl.load(cos_ptr + row * D + offs, mask=cm, other=0.0).to(tl.float32)[None, :]
+        c2 = tl.load(cos_ptr + row * D + HALF + offs, mask=cm, other=0.0).to(tl.float32)[None, :]
+        s1 = tl.load(sin_ptr + row * D + offs, mask=cm, other=0.0).to(tl.float32)[None, :]
+        s2 = tl.load(sin_ptr + row * D + HALF + offs, mask=cm, other=0.0).to(tl.float32)[None, :]
         a1 = x1.to(tl.float32)
         a2 = x2.to(tl.float32)
         # x*cos + rotate_half(x)*sin with each product rounded, as eager bf16 does
         o1 = ((a1 * c1).to(dt).to(tl.float32) + (-a2 * s1).to(dt).to(tl.float32)).to(dt)
         o2 = ((a2 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)).to(dt)
-        dst = out_ptr + (row * n_heads + head) * D
-        tl.store(dst + offs, o1, mask=m)
-        tl.store(dst + HALF + offs, o2, mask=m)
+        dst = out_ptr + (row * n_heads + hs[:, None]) * D + offs[None, :]
+        tl.store(dst, o1, mask=m)
+        tl.store(dst + HALF, o2, mask=m)
 
+    @triton.jit
+    def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, blk_ptr, off_ptr, sk_t, sk_h, sv_t, sv_h,
+                         sc_b, sc_h, sc_t, n_heads, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+        # one program per (token, BLOCK_H heads): k/v (T, H, D) rows -> cache[blk[t], h, off[t], :]
+        t = tl.program_id(0).to(tl.int64)
+        hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        offs = tl.arange(0, BLOCK_D)
+        m = (hs < n_heads)[:, None] & (offs < D)[None, :]
+        blk = tl.load(blk_ptr + t).to(tl.int64)
+        off = tl.load(off_ptr + t).to(tl.int64)
+        dst = blk * sc_b + hs[:, None] * sc_h + off * sc_t + offs[None, :]
+        tl.store(kc_ptr + dst, tl.load(k_ptr + t * sk_t + hs[:, None] * sk_h + offs[None, :], mask=m), mask=m)
+        tl.store(vc_ptr + dst, tl.load(v_ptr + t * sv_t + hs[:, None] * sv_h + offs[None, :], mask=m), mask=m)
 
     @triton.jit
     def _quick_gelu_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
@@ -126,9 +140,21 @@ def rope_qk(qkv: Tensor, cos: Tensor, sin: Tensor, n_q: int, n_kv: int, head_dim
     rows = qkv.shape[0]
     out = torch.empty(rows, n_q + n_kv, head_dim, device=qkv.device, dtype=qkv.dtype)
     half = head_dim // 2
-    _rope_kernel[(rows, n_q + n_kv)](qkv, cos, sin, out, qkv.stride(0), n_q + n_kv, D=head_dim, HALF=half,
-                                     BLOCK=triton.next_power_of_2(half))
+    bh = 16  # heads per program: a prefill row's 64 heads in 4 programs, not 64 tiny ones
+    _rope_kernel[(rows, triton.cdiv(n_q + n_kv, bh))](qkv, cos, sin, out, qkv.stride(0), n_q + n_kv, D=head_dim,
+                                                      HALF=half, BLOCK=triton.next_power_of_2(half), BLOCK_H=bh)
     return out
+
+
+def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, blk: Tensor, off: Tensor) -> None:
+    """k, v (T, H, D) (last dim contiguous) -> k_cache/v_cache (n_blocks, H, BS, D) at [blk[t], :, off[t]].
+    Replaces two advanced-index puts, which run at a tenth of the bandwidth."""
+    t, h, d = k.shape
+    assert k.stride(2) == v.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    bh = 8
+    _store_kv_kernel[(t, triton.cdiv(h, bh))](k, v, k_cache, v_cache, blk, off, k.stride(0), k.stride(1),
+                                              v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1),
+                                              k_cache.stride(2), h, D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_H=bh)
 
 
 def quick_gelu(x: Tensor) -> Tensor:

@@ -152,11 +152,12 @@ class Phi3VForCausalLM(nn.Module):
         """input_ids (T,) with image k's placeholders as -k -> embeddings (T, hidden).
 
         Placeholders -k receive image k's features, in order. A block repeated (same tag twice) gets
-        the same features again. Counts are validated (one host sync; this runs in prefill only).
+        the same features again. Counts are validated: on the CPU when `input_ids` is a CPU tensor
+        (what the engine passes: no device sync), else with a few host syncs.
         """
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be 1-D (T,), got shape {tuple(input_ids.shape)}")
-        ids = input_ids.to(self.device)
+        ids = input_ids  # index math stays on the ids' device; only results move to the model's
         n = len(image_features)
         vocab = self.config.vocab_size
         if ids.numel() == 0:
@@ -166,7 +167,7 @@ class Phi3VForCausalLM(nn.Module):
             raise ValueError(f"token id {hi} out of range for vocab size {vocab}")
         if lo < -n:
             raise ValueError(f"placeholder id {lo} refers to image {-lo}, but only {n} image(s) were given")
-        tok = self.model.embed_tokens(ids.clamp_min(0))  # (T, hidden)
+        tok = self.model.embed_tokens(ids.clamp_min(0).to(self.device, non_blocking=True))  # (T, hidden)
         if n == 0:
             return tok
         neg = ids < 0
@@ -183,12 +184,13 @@ class Phi3VForCausalLM(nn.Module):
             if f.dim() != 2 or f.shape[1] != tok.shape[1]:
                 raise ValueError(f"image {k + 1}: features of shape {tuple(f.shape)}, expected (n, {tok.shape[1]})")
         table = torch.cat([f.to(device=tok.device, dtype=tok.dtype) for f in image_features])  # (sum n_k, hidden)
-        lens_t = torch.tensor(lens, device=tok.device)
+        lens_t = torch.tensor(lens, device=ids.device)
         offsets = lens_t.cumsum(0) - lens_t  # (n,) first row of image k in `table`
         onehot = F.one_hot(img, n) * neg[:, None]  # (T, n)
         rank = (onehot.cumsum(0) * onehot).sum(-1) - 1  # index of this token among image k's tokens
         src = offsets[img] + rank.clamp_min(0) % lens_t[img]  # (T,) row in `table`
-        return torch.where(neg[:, None], table[src], tok)
+        dev = tok.device
+        return torch.where(neg.to(dev, non_blocking=True)[:, None], table[src.to(dev, non_blocking=True)], tok)
 
     # ---------------------------------------------------------------- decoder
     def forward(self, x: Tensor, positions: Tensor, long_rope: Tensor,
