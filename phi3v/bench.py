@@ -111,7 +111,7 @@ def _instrument(eng: Any) -> dict[str, float]:
             return out
         return timed
 
-    eng._image_features = wrap("vision_s", eng._image_features)
+    eng.images.encode = wrap("vision_s", eng.images.encode)
     eng._prompt_embeds = wrap("embeds_s", eng._prompt_embeds)
     eng._prefill_many = wrap("decoder_prefill_s", eng._prefill_many)
     return acc

@@ -104,7 +104,7 @@ def test_220_concurrent_mixed_requests_all_correct(srv):
     print(f"220 concurrent requests in {elapsed:.1f}s, peak batch {peak[0]}")
     wait_idle(srv)
     assert not srv.frontend._handles and srv.frontend.active == 0
-    assert len(srv.engine.image_cache) <= srv.engine.image_cache_size
+    assert len(srv.engine.images.cache) <= srv.engine.images.size
     for name in ("phi3v_num_requests_running", "phi3v_num_requests_waiting", "phi3v_kv_cache_usage_ratio",
                  "phi3v_kv_cache_tokens_used"):
         assert metric(srv.url, name) == 0, name

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,18 +22,12 @@ import torch
 
 from phi3v.config import Phi3VConfig
 from phi3v.engine.grammar import Grammars
+from phi3v.engine.images import ImageFeatures, ImageInput
 from phi3v.engine.kv_cache import BatchPrefillAttention, KVCache, PrefillAttention
 from phi3v.engine.runner import DecodeRunner, PrefillRunner, VisionRunner
 from phi3v.engine.sampler import SamplingParams, SamplingTensors, sample, top_logprobs
 from phi3v.engine.scheduler import RUNNING, Scheduler, Sequence
 from phi3v.models import kernels
-
-
-@dataclass
-class ImageInput:
-    crops: torch.Tensor  # (1 + h*w, 3, 336, 336): global view + sub-crops, no padding crops
-    image_size: tuple[int, int]  # (H, W) of the padded HD canvas
-    key: str | None = None  # content key for the image-embedding cache (None: hash the crops)
 
 
 @dataclass
@@ -85,9 +78,7 @@ class Engine:
         self._ahead: tuple[list[Sequence], torch.Tensor] | None = None  # rows, logits of a launched forward
         self._samp_cache: tuple[Any, ...] | None = None
         self._last_kind = "decode"
-        self.vision_batch_crops = 128
-        self.image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.image_cache_size = image_cache_size
+        self.images = ImageFeatures(model, self.vision_runner, self.device, image_cache_size)
         self.grammars = grammars  # token table for structured output (None: constraints are refused)
         # host wall time per kind of step (prefill steps end with a sync, decode steps with the token copy)
         self.stats = {"image_cache_hits": 0, "images_encoded": 0, "prefill_tokens": 0, "decode_steps": 0,
@@ -141,38 +132,9 @@ class Engine:
         seq.state.clear()
 
     # ---------------------------------------------------------------- images
-    def _image_features(self, seqs: list[Sequence]) -> None:
-        """Encode every image of the admitted sequences not in the cache, in one vision batch."""
-        todo: dict[str, ImageInput] = {}
-        needed: set[str] = set()
-        for seq in seqs:
-            for img in seq.images:
-                if img.key is None:
-                    img.key = hashlib.blake2b(img.crops.cpu().numpy().tobytes(), digest_size=16).hexdigest()
-                needed.add(img.key)
-                if img.key in self.image_cache:
-                    self.image_cache.move_to_end(img.key)
-                    self.stats["image_cache_hits"] += 1
-                else:
-                    todo[img.key] = img
-        items = list(todo.items())
-        while items:  # vision batches of at most ~vision_batch_crops crops bound activation memory
-            group, n = [], 0
-            while items and (not group or n + items[0][1].crops.shape[0] <= self.vision_batch_crops):
-                group.append(items.pop(0))
-                n += group[-1][1].crops.shape[0]
-            feats = self.model.encode_images([i.crops.to(self.device, non_blocking=True) for _, i in group],
-                                             [i.image_size for _, i in group], tower=self.vision_runner)
-            self.stats["images_encoded"] += len(group)
-            for (key, _), f in zip(group, feats):
-                self.image_cache[key] = f
-        # hits were moved to the end and new entries appended: the newest len(needed) are this step's
-        while len(self.image_cache) > max(self.image_cache_size, len(needed)):
-            self.image_cache.popitem(last=False)
-
     def _prompt_embeds(self, seq: Sequence) -> torch.Tensor:
         ids = torch.tensor(seq.prompt_ids)  # on the CPU: placeholder bookkeeping without a device sync
-        feats = [self.image_cache[i.key] for i in seq.images]
+        feats = [self.images[i.key] for i in seq.images]
         return self.model.embed(ids, feats)  # (L, hidden)
 
     # ---------------------------------------------------------------- forward passes
@@ -329,7 +291,7 @@ class Engine:
         if admitted:
             self._last_kind = "prefill"
             self.stats["prefill_steps"] += 1
-            self._image_features(admitted)
+            self.images.encode([img for seq in admitted for img in seq.images], self.stats)
             orig = self.cfg.original_max_position_embeddings
             embs, longs = [], []
             for seq in admitted:

@@ -39,6 +39,19 @@ def capture_graph(fn: Callable[[], Any], pool: Any) -> tuple[torch.cuda.CUDAGrap
             out = fn()
     return graph, out
 
+def cached_graph(runner: Any, key: Any, capture: Callable[[], Any], what: str) -> Any | None:
+    """runner.graphs[key], captured on first use; None when the capture fails, after which the
+    runner stays eager (a failed capture must not fail requests)."""
+    if key not in runner.graphs:
+        try:
+            runner.graphs[key] = capture()
+        except RuntimeError as e:
+            log.warning("CUDA graph capture failed (%s): %s runs without graphs", e, what)
+            runner.use_graphs = False
+            return None
+    return runner.graphs[key]
+
+
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
@@ -81,14 +94,10 @@ class DecodeRunner:
         bucket = next((b for b in BATCH_BUCKETS if b >= n), None)
         if not self.use_graphs or bucket is None:
             return self._forward(tokens, lengths, flags, block_table, max_tokens, num_splits(n, self.n_heads))
-        if bucket not in self.graphs:
-            try:
-                self.graphs[bucket] = self._capture(bucket)
-            except RuntimeError as e:  # a failed capture must not fail requests: run eagerly from now on
-                log.warning("CUDA graph capture failed (%s): decode runs without graphs", e)
-                self.use_graphs = False
-                return self._forward(tokens, lengths, flags, block_table, max_tokens, num_splits(n, self.n_heads))
-        graph, io = self.graphs[bucket]
+        entry = cached_graph(self, bucket, lambda: self._capture(bucket), "decode")
+        if entry is None:
+            return self._forward(tokens, lengths, flags, block_table, max_tokens, num_splits(n, self.n_heads))
+        graph, io = entry
         io["tokens"][:n].copy_(tokens)
         io["lengths"][:n].copy_(lengths)
         io["flags"][:n].copy_(flags)
@@ -147,14 +156,10 @@ class PrefillRunner:
         b = self.bucket(T)
         if b is None:
             return None
-        if b not in self.graphs:
-            try:
-                self.graphs[b] = self._capture(b, embeds)
-            except RuntimeError as e:
-                log.warning("CUDA graph capture failed (%s): prefill runs without graphs", e)
-                self.use_graphs = False
-                return None
-        graph, io = self.graphs[b]
+        entry = cached_graph(self, b, lambda: self._capture(b, embeds), "prefill")
+        if entry is None:
+            return None
+        graph, io = entry
         io["x"][0, :T].copy_(embeds)
         io["x"][0, T:].zero_()
         io["flag"].copy_(flag)
@@ -203,14 +208,10 @@ class VisionRunner:
         bucket = next((b for b in VISION_BUCKETS if b >= n), None)
         if not self.use_graphs or bucket is None:
             return self.tower(pixels)
-        if bucket not in self.graphs:
-            try:
-                self.graphs[bucket] = self._capture(bucket, pixels)
-            except RuntimeError as e:
-                log.warning("CUDA graph capture failed (%s): the vision tower runs without graphs", e)
-                self.use_graphs = False
-                return self.tower(pixels)
-        graph, x, y = self.graphs[bucket]
+        entry = cached_graph(self, bucket, lambda: self._capture(bucket, pixels), "the vision tower")
+        if entry is None:
+            return self.tower(pixels)
+        graph, x, y = entry
         x[:n].copy_(pixels)
         if bucket > n:
             x[n:].zero_()
