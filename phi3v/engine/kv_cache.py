@@ -107,8 +107,9 @@ class DecodeAttention:
         # gather fallback: the rows' blocks as a padded (n, n_kv, width, D) view, masked per row
         bs = c.block_size
         rows = torch.arange(q.shape[0], device=q.device)
-        c.k[layer][self.block_table[rows, self.lengths // bs].long(), :, self.lengths % bs] = k[:, :, 0]
-        c.v[layer][self.block_table[rows, self.lengths // bs].long(), :, self.lengths % bs] = v[:, :, 0]
+        blk = self.block_table[rows, self.lengths // bs].long()  # (n,) the new token's block
+        c.k[layer][blk, :, self.lengths % bs] = k[:, :, 0]
+        c.v[layer][blk, :, self.lengths % bs] = v[:, :, 0]
         nb = (self.width + bs - 1) // bs
         bt = self.block_table[:, :nb].long()
         kk = c.k[layer][bt].transpose(1, 2).flatten(2, 3)  # (n, n_kv, nb*bs, D)

@@ -85,12 +85,9 @@ class Scheduler:
     def admit(self, limit: int | None = None) -> list[Sequence]:
         """Move waiting sequences to running (FIFO) while their blocks and a batch row are free."""
         admitted: list[Sequence] = []
-        while self.waiting and len(self.running) < self.max_num_seqs and (limit is None or len(admitted) < limit):
-            need = self.blocks_for(self.waiting[0].max_len)
-            if need > len(self.free_blocks):
-                break
+        while self.can_admit() and (limit is None or len(admitted) < limit):
             seq = self.waiting.popleft()
-            seq.blocks = [self.free_blocks.pop() for _ in range(need)]
+            seq.blocks = [self.free_blocks.pop() for _ in range(self.blocks_for(seq.max_len))]
             seq.status = RUNNING
             self.running.append(seq)
             admitted.append(seq)
