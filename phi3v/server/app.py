@@ -291,7 +291,7 @@ def create_app(settings: Settings) -> FastAPI:
                 watch.cancel()
                 if not task.done():
                     task.cancel()
-                    stream.close()  # the client left: abort, free the KV slot
+                    stream.close()  # the client left: abort, free its KV blocks
             if not task.done() or task.cancelled():
                 return Response(status_code=499)
             done = task.result()

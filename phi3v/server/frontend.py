@@ -117,7 +117,7 @@ class RequestStream:
             self.close()
 
     def close(self) -> None:
-        """Abort the request unless it finished (client gone, handler cancelled): frees its KV slot."""
+        """Abort the request unless it finished (client gone, handler cancelled): frees its KV blocks."""
         if not self.finished:
             self.finished = True
             self._fe.abort(self.rid)
