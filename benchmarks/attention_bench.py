@@ -69,8 +69,7 @@ def case(batch: int, ctx: int, spread: float) -> dict:
             for warps in (4, 8):
                 for stages in (2, 3, 4):
                     def fn(ns=ns, tile=tile, warps=warps, stages=stages):
-                        return [paged_decode_attention(q, k, v, kc[i], vc[i], bt, lengths, ns, tile=tile,
-                                                       num_warps=warps, num_stages=stages)
+                        return [paged_decode_attention(q, k, v, kc[i], vc[i], bt, lengths, ns, tile, warps, stages)
                                 for i in range(LAYERS)]
                     try:
                         us = 1000 * graph_ms(fn, 10) / LAYERS

@@ -31,7 +31,6 @@ for nsplit in (1, 4):
     d = (got - ref).abs().max().item()
     assert d < 1e-5, (nsplit, d)
     assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v), "new K/V not stored where expected"
-    assert not cache.counters.any(), "the split-merge counters must be left at zero"
 from phi3v.models import kernels
 kk, vv = torch.randn(40, 6, D)[:, 1:1 + HKV], torch.randn(40, HKV, D)  # k: a strided view, as in the model
 blk, off = torch.randint(0, NB, (40,)), torch.randint(0, BS, (40,))

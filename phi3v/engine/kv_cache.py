@@ -24,9 +24,6 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.n_blocks, self.block_size, self.scratch = n_blocks, block_size, n_blocks
-        # one int32 per (decode row, kv head) for the decode kernel's split merge; splits stop at 1536
-        # programs (num_splits), so no call needs more than 1536
-        self.counters = torch.zeros(2048, dtype=torch.int32, device=device)
         self.device = self.k.device
         # the Triton decode kernel on CUDA (and in Triton's CPU interpreter, for tests)
         self.triton = kernels.available(self.device)
@@ -105,7 +102,7 @@ class DecodeAttention:
         c = self.cache
         if c.triton:
             o = paged_attention.paged_decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], c.k[layer], c.v[layer],
-                                                       self.block_table, self.lengths, self.nsplit, c.counters)
+                                                       self.block_table, self.lengths, self.nsplit)
             return o[:, :, None]
         # gather fallback: the rows' blocks as a padded (n, n_kv, width, D) view, masked per row
         bs = c.block_size

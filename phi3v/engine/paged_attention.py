@@ -6,10 +6,10 @@ registers and is written to the cache by the same kernel (no separate scatter la
 
 Grid (rows, kv heads, NSPLIT): each program streams 1/NSPLIT of its row's tokens, TILE at a time,
 for the query heads of its kv head, and keeps an online softmax (max m, sum l, weighted V acc) in
-fp32; the last split adds the new token. With NSPLIT > 1 the split that finishes last (an atomic
-counter per row and kv head) merges the partials, in split order. NSPLIT is fixed per batch bucket
-(the grid must not depend on lengths, so that a CUDA graph replays for any length): small batches
-split more, so that batch 1 still puts ~16 programs per kv head on the GPU's 132 SMs.
+fp32; the last split adds the new token. With
+NSPLIT > 1 a second kernel merges the partials. NSPLIT is fixed per batch bucket (the grid must
+not depend on lengths, so that a CUDA graph replays for any length): small batches split more, so
+that batch 1 still puts ~16 programs per kv head on the GPU's 132 SMs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, out_ptr, pacc_ptr, pml_ptr, cnt_ptr,
+    def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, out_ptr, pacc_ptr, pml_ptr,
                        sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, sbt, so_b, so_h, scale,
                        GROUP: tl.constexpr, QR: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
                        BLOCK_D: tl.constexpr, TILE: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr):
@@ -95,28 +95,28 @@ if HAVE_TRITON:
             tl.store(pacc_ptr + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=gm[:, None])
             tl.store(pml_ptr + row * 2, m, mask=gm)
             tl.store(pml_ptr + row * 2 + 1, l, mask=gm)
-            # the last split of this (row, kv head) to finish merges all of them, in split order (so the
-            # result does not depend on which one is last); acq_rel makes every split's partials visible
-            cnt = cnt_ptr + b * tl.num_programs(1) + kvh
-            if tl.atomic_add(cnt, 1, sem="acq_rel") == NSPLIT - 1:
-                offs_s = tl.arange(0, NSPLIT)
-                for g in tl.static_range(GROUP):
-                    row0 = (b * tl.num_programs(1) * GROUP + kvh * GROUP + g) * NSPLIT
-                    pm = tl.load(pml_ptr + (row0 + offs_s) * 2, cache_modifier=".cg")  # -inf: split had no tokens
-                    pl = tl.load(pml_ptr + (row0 + offs_s) * 2 + 1, cache_modifier=".cg")
-                    pa = tl.load(pacc_ptr + (row0 + offs_s)[:, None] * BLOCK_D + offs_d[None, :], cache_modifier=".cg")
-                    mx = tl.max(pm, axis=0)  # finite: the last split always holds the new token
-                    w = tl.exp(pm - mx)
-                    o = tl.sum(pa * w[:, None], axis=0) / tl.sum(pl * w, axis=0)
-                    dst = out_ptr + b * so_b + (kvh * GROUP + g) * so_h + offs_d
-                    tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=dm)
-                tl.atomic_xchg(cnt, 0)  # ready for the next call (CUDA-graph replays reuse the counters)
+
+    @triton.jit
+    def _merge_kernel(pacc_ptr, pml_ptr, out_ptr, so_b, so_h, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                      NSPLIT: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        row0 = (b * tl.num_programs(1) + h) * NSPLIT
+        offs_s = tl.arange(0, NSPLIT)
+        offs_d = tl.arange(0, BLOCK_D)
+        m = tl.load(pml_ptr + (row0 + offs_s) * 2)  # (NSPLIT,), -inf for splits without tokens
+        l = tl.load(pml_ptr + (row0 + offs_s) * 2 + 1)
+        acc = tl.load(pacc_ptr + (row0 + offs_s)[:, None] * BLOCK_D + offs_d[None, :])  # (NSPLIT, BLOCK_D)
+        mx = tl.max(m, axis=0)  # finite: the last split always holds the new token
+        w = tl.exp(m - mx)
+        o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+        tl.store(out_ptr + b * so_b + h * so_h + offs_d, o.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
 def num_splits(batch: int, n_kv_heads: int) -> int:
     """KV splits per (row, kv head), from the H100 sweep in benchmarks/attention_bench.py (32 kv heads,
     2.6k-token rows): 16 at batch 1, 8 up to batch 8, then fewer as rows alone fill the GPU; a power
-    of two (the merge's arange)."""
+    of two (the merge kernel's arange)."""
     programs = batch * n_kv_heads
     for limit, n in ((32, 16), (256, 8), (512, 4), (1536, 2)):
         if programs <= limit:
@@ -125,12 +125,11 @@ def num_splits(batch: int, n_kv_heads: int) -> int:
 
 
 def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                           block_table: Tensor, lengths: Tensor, nsplit: int, counters: Tensor | None = None,
-                           tile: int = 64, num_warps: int = 4, num_stages: int = 2) -> Tensor:
+                           block_table: Tensor, lengths: Tensor, nsplit: int, tile: int = 64,
+                           num_warps: int = 4, num_stages: int = 2) -> Tensor:
     """q (n, Hq, D), k/v (n, Hkv, D) new tokens (last dim contiguous); k_cache/v_cache one layer's
     (n_blocks, Hkv, BS, D); block_table (n, max_blocks) int32; lengths (n,) int64 cached tokens per
-    row. Stores k/v at position lengths[b] and returns attention (n, Hq, D) with scale 1/sqrt(D).
-    `counters`: >= n*Hkv int32 zeros, left zeroed (one per (row, kv head) for the split merge)."""
+    row. Stores k/v at position lengths[b] and returns attention (n, Hq, D) with scale 1/sqrt(D)."""
     n, hq, d = q.shape
     hkv, bs = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
@@ -140,15 +139,15 @@ def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_c
     if nsplit > 1:
         pacc = torch.empty(n * hq * nsplit, block_d, device=q.device, dtype=torch.float32)
         pml = torch.empty(n * hq * nsplit, 2, device=q.device, dtype=torch.float32)
-        if counters is None:
-            counters = torch.zeros(n * hkv, dtype=torch.int32, device=q.device)
-        assert counters.numel() >= n * hkv and counters.dtype == torch.int32
     else:
-        pacc = pml = counters = out  # unused
+        pacc = pml = out  # unused
     _decode_kernel[(n, hkv, nsplit)](
-        q, k, v, k_cache, v_cache, block_table, lengths, out, pacc, pml, counters,
+        q, k, v, k_cache, v_cache, block_table, lengths, out, pacc, pml,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1),
         d ** -0.5, GROUP=group, QR=max(16, triton.next_power_of_2(group)), BS=bs, D=d, BLOCK_D=block_d, TILE=tile,
         NSPLIT=nsplit, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+    if nsplit > 1:
+        _merge_kernel[(n, hq)](pacc, pml, out, out.stride(0), out.stride(1), D=d, BLOCK_D=block_d, NSPLIT=nsplit,
+                               num_warps=2)
     return out
