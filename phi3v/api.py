@@ -114,23 +114,25 @@ class LLM:
 
     # ---------------------------------------------------------------- running
     def run(self, requests: Sequence[PreparedRequest | Callable[[], PreparedRequest]],
-            workers: int | None = None) -> Iterator[tuple[int, str, Completion | None]]:
+            workers: int | None = None) -> Iterator[tuple[int, str, Completion | Exception | None]]:
         """Run requests concurrently through the engine. Yields (index, text delta, Completion when
         that request is done). An item may be a zero-argument callable that prepares its request
         (e.g. `functools.partial(llm.prepare, prompt, images)`): those run on a thread pool while the
-        engine generates, and join the batch as they become ready, in order."""
+        engine generates, and join the batch as they become ready, in order. At most max_num_seqs
+        wait in the engine and 2 * max_num_seqs (at least 16) more are prepared ahead, so the crops
+        of thousands of requests are never held at once. A callable may return an Exception instead of raising: that request
+        is then yielded with the exception in place of its Completion and the others go on."""
         with self._lock:
             if all(isinstance(r, PreparedRequest) for r in requests):
                 yield from self._run(list(requests))
                 return
             n = workers or min(8, os.cpu_count() or 2)
             with ThreadPoolExecutor(max_workers=n, thread_name_prefix="phi3v-prep") as pool:
-                futs = [pool.submit(r) if callable(r) else _done_future(r) for r in requests]
+                futs = _Prefetch(pool, requests, max(16, 2 * self.engine.sched.max_num_seqs))
                 try:
                     yield from self._run(futs)
                 finally:
-                    for f in futs:
-                        f.cancel()
+                    futs.cancel()
 
     def _run(self, requests: list[Any]) -> Iterator[tuple[int, str, Completion | None]]:
         """`requests`: PreparedRequests, or futures of them (added to the engine once done, in order)."""
@@ -140,9 +142,16 @@ class LLM:
         nxt = 0
         try:
             while True:
-                while nxt < len(requests) and (not isinstance(requests[nxt], Future) or requests[nxt].done()
-                                               or not eng.has_unfinished()):
+                # join while the engine's queue is short (prepared crops wait there, on the device)
+                # and the next request is ready, or whenever the engine would otherwise idle
+                while nxt < len(requests) and (not eng.has_unfinished() or (
+                        eng.num_waiting < eng.sched.max_num_seqs
+                        and (not isinstance(requests[nxt], Future) or requests[nxt].done()))):
                     r = requests[nxt].result() if isinstance(requests[nxt], Future) else requests[nxt]
+                    if isinstance(r, Exception):  # a preparation that failed softly: reported, not raised
+                        yield nxt, "", r
+                        nxt += 1
+                        continue
                     rid = eng.add_request(r.prompt_ids, r.images, r.params)
                     outs[rid] = (nxt, RequestOutput(self.tokenizer, len(r.prompt_ids), r.params,
                                                     self.config.eos_token_ids, r.preprocess_s, t0))
@@ -202,6 +211,28 @@ class LLM:
                 out[i] = done
         return out  # type: ignore[return-value]
 
+
+
+class _Prefetch:
+    """A list-like view of `requests` as futures, submitting callables to `pool` only up to `window`
+    items past the highest index asked for (preparation stays a bounded distance ahead)."""
+
+    def __init__(self, pool: ThreadPoolExecutor, requests: Sequence[Any], window: int) -> None:
+        self.pool, self.requests, self.window = pool, requests, window
+        self.futs: list[Future] = []
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __getitem__(self, i: int) -> Future:
+        while len(self.futs) < min(len(self.requests), i + 1 + self.window):
+            r = self.requests[len(self.futs)]
+            self.futs.append(self.pool.submit(r) if callable(r) else _done_future(r))
+        return self.futs[i]
+
+    def cancel(self) -> None:
+        for f in self.futs:
+            f.cancel()
 
 
 def _done_future(value: Any) -> Future:

@@ -3,18 +3,19 @@
 Each input line is `{"id": ..., "prompt": "..."|"messages": [...], "images": [...], "max_tokens": ...,
 "temperature": ..., "num_crops": ...}` (`prompt` may be plain text: it is wrapped in a user turn
 with the images first). Each output line is `{"id", "text", "finish_reason", "usage"}` or
-`{"id", "error"}`: a bad request is recorded and the others go on. Requests whose id is already in
-the output file are skipped, so an interrupted run continues where it stopped.
+`{"id", "error"}`: a bad request is recorded and the others go on. Results are written in the order
+they finish. Requests whose id is already in the output file are skipped, so an interrupted run
+continues where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from phi3v.engine.sampler import SamplingParams
@@ -59,6 +60,10 @@ def _prepare(llm: Any, rec: dict[str, Any], base: SamplingParams, image_dir: str
 
 
 def run_batch(a: argparse.Namespace, base: SamplingParams, load: Callable[[argparse.Namespace], Any]) -> int:
+    """Stream every request not yet in the output through one engine run: requests are prepared on
+    threads a bounded window ahead and join the running batch as they become ready, and each result
+    is written (and flushed) as soon as it finishes, so the GPU never waits for a chunk's slowest
+    request and an interrupted run loses nothing that finished."""
     if a.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
     with open(a.input, encoding="utf-8") as f:
@@ -66,36 +71,19 @@ def run_batch(a: argparse.Namespace, base: SamplingParams, load: Callable[[argpa
     done = _done_ids(a.output)
     llm = load(a)
     n_ok = n_err = n_skip = 0
+
+    def prep(rec: dict[str, Any]) -> Any:  # a bad request becomes its error, returned, not raised
+        try:
+            return _prepare(llm, rec, base, a.image_dir)
+        except (ValueError, OSError) as e:
+            return ValueError(" ".join(str(e).split()))
+
     with open(a.output, "a", encoding="utf-8") as out:
-        chunk: list[tuple[str, Any]] = []
-
-        def flush() -> None:
-            """Prepare the chunk on a thread pool (a bad request is recorded, the others go on), then
-            generate all of its good requests as one engine batch."""
-            nonlocal n_ok, n_err
-            if not chunk:
-                return
-
-            def prep(item: tuple[str, Any]) -> Any:
-                try:
-                    return _prepare(llm, item[1], base, a.image_dir)
-                except (ValueError, OSError) as e:
-                    return " ".join(str(e).split())
-
-            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
-                prepared = list(pool.map(prep, chunk))
-            good = [(rid, p) for (rid, _), p in zip(chunk, prepared) if not isinstance(p, str)]
-            for (rid, _), p in zip(chunk, prepared):
-                if isinstance(p, str):
-                    out.write(json.dumps({"id": rid, "error": p}, ensure_ascii=False) + "\n")
-                    n_err += 1
-            for (rid, _), c in zip(good, llm.generate_many([p for _, p in good])):
-                out.write(json.dumps({"id": rid, "text": c.text, "finish_reason": c.finish_reason, "usage": c.usage},
-                                     ensure_ascii=False) + "\n")
-                n_ok += 1
+        def write(rec: dict[str, Any]) -> None:
+            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
             out.flush()
-            chunk.clear()
 
+        todo: list[tuple[str, dict[str, Any]]] = []
         for n, line in enumerate(lines):
             try:
                 rec = json.loads(line)
@@ -106,14 +94,20 @@ def run_batch(a: argparse.Namespace, base: SamplingParams, load: Callable[[argpa
             rid = str(rec.get("id", f"line-{n + 1}")) if isinstance(rec, dict) else f"line-{n + 1}"
             if rid in done:
                 n_skip += 1
-                continue
-            if err is None:
-                chunk.append((rid, rec))
+            elif err is None:
+                todo.append((rid, rec))
             else:
-                out.write(json.dumps({"id": rid, "error": err}, ensure_ascii=False) + "\n")
+                write({"id": rid, "error": err})
                 n_err += 1
-            if len(chunk) >= a.batch_size:
-                flush()
-        flush()
+        for i, _delta, result in llm.run([functools.partial(prep, rec) for _, rec in todo]):
+            if result is None:
+                continue
+            if isinstance(result, Exception):
+                write({"id": todo[i][0], "error": str(result)})
+                n_err += 1
+            else:
+                write({"id": todo[i][0], "text": result.text, "finish_reason": result.finish_reason,
+                       "usage": result.usage})
+                n_ok += 1
     print(f"phi3v batch: {n_ok} done, {n_err} failed, {n_skip} skipped (already in {a.output})", file=sys.stderr)
     return 0

@@ -53,7 +53,9 @@ def _load(a: argparse.Namespace) -> Any:
     from phi3v.api import LLM
 
     # the person at the command line names the images, URLs included (private addresses stay refused)
-    return LLM(a.model, device=a.device, dtype=a.dtype, allow_url_images=True)
+    # `batch` decodes up to --batch-size requests at once (KV memory permitting)
+    return LLM(a.model, device=a.device, dtype=a.dtype, allow_url_images=True,
+               max_num_seqs=getattr(a, "batch_size", 8))
 
 
 def _user_message(text: str, images: list[str]) -> dict[str, Any]:
@@ -221,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(b)
     b.add_argument("--input", required=True, help="JSONL: {id, prompt|messages, images?, max_tokens?, ...} per line")
     b.add_argument("--output", required=True, help="JSONL results; requests already there are skipped (resume)")
-    b.add_argument("--batch-size", type=int, default=8, help="requests sent to the engine at once")
+    b.add_argument("--batch-size", type=int, default=64,
+                   help="requests decoded at once (KV memory permitting); more wait and join as others finish")
     b.add_argument("--image-dir", default=None, help="relative image paths are taken from here")
     b.set_defaults(fn=cmd_batch)
     _serve_parser(sub)

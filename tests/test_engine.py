@@ -361,3 +361,31 @@ def test_chunked_prefill_across_blocks_equals_one_pass(llm: LLM) -> None:
         got.append(eng.run_to_completion()[rid])
     assert max(len(r.prompt_ids) for r in reqs) > 300  # several chunks
     assert got == alone and eng.sched.all_free
+
+
+def test_run_prepares_a_bounded_window_ahead_and_reports_soft_failures(llm: LLM) -> None:
+    """40 callables: preparation stays a bounded distance ahead of the engine (max_num_seqs waiting +
+    a prefetch window), results come back complete and in order, and a callable that returns an
+    exception is reported in place of its completion while the others go on."""
+    called: list[int] = []
+    prompt = "<|user|>\nSay something.<|end|>\n<|assistant|>\n"
+
+    def make(i: int):
+        def prep():
+            called.append(i)
+            if i == 7:
+                return ValueError("bad request 7")
+            return llm.prepare(prompt, [], SamplingParams(max_tokens=2 + i % 3, ignore_eos=True))
+        return prep
+
+    seen_at_first, results = None, {}
+    for i, _delta, done in llm.run([make(i) for i in range(40)], workers=2):
+        if done is not None:
+            if seen_at_first is None:
+                seen_at_first = len(called)
+            results[i] = done
+    cap = llm.engine.sched.max_num_seqs
+    assert seen_at_first is not None and seen_at_first <= 2 * cap + max(16, 2 * cap) + 2
+    assert sorted(results) == list(range(40))
+    assert isinstance(results[7], ValueError)
+    assert all(len(results[i].token_ids) == 2 + i % 3 for i in range(40) if i != 7)
