@@ -57,7 +57,7 @@ class LLM:
 
     def __init__(self, model: str = DEFAULT_MODEL, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, *, revision: str | None = None,
-                 max_num_seqs: int = 8, max_model_len: int | None = None,
+                 max_num_seqs: int = 32, max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.9, kv_block_size: int = 64,
                  allow_url_images: bool = False) -> None:
         if device is None or device == "auto":

@@ -188,7 +188,7 @@ def _serve_parser(sub: Any) -> None:
                    help="fetch http(s) image URLs (public addresses only)")
     s.add_argument("--allowed-media-dir", default=_env("ALLOWED_MEDIA_DIR"),
                    help="local image paths are allowed under this folder")
-    s.add_argument("--max-num-seqs", type=int, default=_env("MAX_NUM_SEQS", 8), help="requests decoded at once")
+    s.add_argument("--max-num-seqs", type=int, default=_env("MAX_NUM_SEQS", 32), help="requests decoded at once")
     s.add_argument("--max-model-len", type=int, default=_env("MAX_MODEL_LEN", None), help="context per request")
     s.add_argument("--max-queue", type=int, default=_env("MAX_QUEUE", 256), help="waiting requests before 429")
     s.add_argument("--max-images-per-request", type=int, default=_env("MAX_IMAGES_PER_REQUEST", 8))

@@ -40,7 +40,7 @@ class StepOutput:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, config: Phi3VConfig, *, max_num_seqs: int = 8,
+    def __init__(self, model: torch.nn.Module, config: Phi3VConfig, *, max_num_seqs: int = 32,
                  max_model_len: int | None = None, kv_budget_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, prefill_chunk: int = 4096, block_size: int = 64,
                  image_cache_size: int = 32, use_graphs: bool | None = None, grammars: Grammars | None = None) -> None:

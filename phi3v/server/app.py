@@ -44,7 +44,7 @@ class Settings:
     api_key: str | None = None
     allow_url_images: bool = False
     allowed_media_dir: str | None = None
-    max_num_seqs: int = 8
+    max_num_seqs: int = 32
     max_model_len: int | None = None
     max_queue: int = 256
     max_images_per_request: int = 8
