@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import statistics
 import sys
 import time
@@ -19,11 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from phi3v import LLM, SamplingParams  # noqa: E402
-from phi3v.bench import PROMPT, emit, noise_image, write_random_checkpoint  # noqa: E402
+from phi3v.bench import PROMPT, emit, noise_image  # noqa: E402
 from phi3v.processing.chat import tokenize_prompt  # noqa: E402
 from phi3v.processing.image import hd_canvas  # noqa: E402
+from decode_profile import ensure_checkpoint  # noqa: E402  (benchmarks/ is the script's folder)
 
-DATA = ROOT / "tests" / "data"
 
 
 def _sync() -> None:
@@ -48,8 +47,7 @@ def main() -> None:
     ap.add_argument("--folder", default="/tmp/phi3v-full-random")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    if not os.path.exists(os.path.join(a.folder, "config.json")):
-        write_random_checkpoint(str(DATA / "real-configs" / "phi-3-vision-128k-instruct"), str(DATA / "tiny-phi3v"), a.folder)
+    ensure_checkpoint(a.folder)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     llm = LLM(a.folder, device=dev, max_num_seqs=4, max_model_len=3072)
     m, proc = llm.model, llm.image_processor

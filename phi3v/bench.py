@@ -99,7 +99,7 @@ def _ttft(llm: Any, res: dict[str, Any], crops: tuple[int, ...], ttft_reps: int)
 def _instrument(eng: Any) -> dict[str, float]:
     """Benchmark-only: time the parts of a prefill step (synchronising around each, which costs a
     little overlap) by wrapping the engine instance's methods."""
-    acc = {"vision_s": 0.0, "embeds_s": 0.0, "decoder_prefill_s": 0.0, "sample_commit_s": 0.0}
+    acc = {"vision_s": 0.0, "embeds_s": 0.0, "decoder_prefill_s": 0.0}
 
     def wrap(name: str, fn: Any) -> Any:
         def timed(*args: Any, **kw: Any) -> Any:

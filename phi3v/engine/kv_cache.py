@@ -24,7 +24,6 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.n_blocks, self.block_size, self.scratch = n_blocks, block_size, n_blocks
-        self.device = self.k.device
         # the Triton decode kernel on CUDA (and in Triton's CPU interpreter, for tests)
         self.triton = kernels.available(self.device)
 
