@@ -25,7 +25,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.n_blocks, self.block_size, self.scratch = n_blocks, block_size, n_blocks
         # the Triton decode kernel on CUDA (and in Triton's CPU interpreter, for tests)
-        self.triton = kernels.available(self.device)
+        self.triton = kernels.available(self.k.device)
 
     @staticmethod
     def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
