@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from phi3v.engine.engine import KV_CACHE_DTYPES
+
 PROMPT = "<|user|>\n<|image_1|>\nDescribe the image in detail.<|end|>\n<|assistant|>\n"
 MIXED_SIZES = [(1344, 1344), (1600, 900), (900, 1600), (800, 600), (2000, 500), (640, 640), (1024, 768), (500, 2000)]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -173,6 +175,8 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--profile-prefill", action="store_true", help="(c): time vision / embeds / decoder prefill "
                    "(adds syncs)")
     b.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    b.add_argument("--kv-cache-dtype", default="auto",
+                   help=f"{' | '.join(KV_CACHE_DTYPES)}; fp8: e4m3 KV cache (changed numerics; not the reference's outputs)")
     b.add_argument("--compare", default=None, help="JSON of the reference recipe's numbers: print ratios")
     b.add_argument("--json-out", default=None)
     b.set_defaults(fn=cmd_bench)
@@ -190,8 +194,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     llm = LLM(model, device=a.device, dtype=a.dtype, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
-              gpu_memory_utilization=a.gpu_memory_utilization)
+              gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_dtype=a.kv_cache_dtype)
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if llm.device.type == "cuda" else "cpu",
+                           "kv_cache_dtype": a.kv_cache_dtype,
                            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "load_s": time.perf_counter() - t,
                            "command": " ".join(["phi3v"] + sys.argv[1:])}
     res.update(run_bench(llm, a.decode_tokens, n_offline=a.n_offline, offline_tokens=a.offline_tokens, parts=a.parts,

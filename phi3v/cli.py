@@ -9,7 +9,11 @@ import sys
 from typing import Any, Callable
 
 from phi3v.api import DEFAULT_MODEL
+from phi3v.engine.engine import KV_CACHE_DTYPES
 from phi3v.engine.sampler import SamplingParams
+
+KV_HELP = ("KV cache storage, auto or fp8: auto = the model's dtype (outputs as the reference's); fp8 = e4m3, half the KV "
+           "memory and decode bandwidth, changed numerics (default: auto)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -28,6 +32,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-schema", metavar="FILE", default=None,
                    help="answer with JSON valid against the JSON Schema in FILE (constrained decoding)")
     p.add_argument("--json-object", action="store_true", help="answer with a JSON object (any)")
+    p.add_argument("--kv-cache-dtype", default="auto", help=KV_HELP)
 
 
 def _read_schema(path: str) -> Any:
@@ -55,7 +60,7 @@ def _load(a: argparse.Namespace) -> Any:
     # the person at the command line names the images, URLs included (private addresses stay refused)
     # `batch` decodes up to --batch-size requests at once (KV memory permitting)
     return LLM(a.model, device=a.device, dtype=a.dtype, allow_url_images=True,
-               max_num_seqs=getattr(a, "batch_size", 8))
+               max_num_seqs=getattr(a, "batch_size", 8), kv_cache_dtype=a.kv_cache_dtype)
 
 
 def _user_message(text: str, images: list[str]) -> dict[str, Any]:
@@ -152,6 +157,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                              ("--num-crops", a.num_crops, 1)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be at least {low}, got {value}")
+    if a.kv_cache_dtype not in KV_CACHE_DTYPES:  # before the server starts loading
+        raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {a.kv_cache_dtype!r}")
     try:
         import uvicorn
 
@@ -165,7 +172,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                  allow_url_images=a.allow_url_images, allowed_media_dir=a.allowed_media_dir,
                  max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, max_queue=a.max_queue,
                  max_images_per_request=a.max_images_per_request, max_image_pixels=a.max_image_pixels,
-                 num_crops=a.num_crops, device=a.device, dtype=a.dtype)
+                 num_crops=a.num_crops, device=a.device, dtype=a.dtype, kv_cache_dtype=a.kv_cache_dtype)
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"phi3v: warning: listening on {a.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -196,6 +203,7 @@ def _serve_parser(sub: Any) -> None:
     s.add_argument("--num-crops", type=int, default=_env("NUM_CROPS", None), help="default crops per image")
     s.add_argument("--device", default=_env("DEVICE"), help="cpu, cuda, cuda:N (default: cuda if available)")
     s.add_argument("--dtype", default=_env("DTYPE"), help="auto, bf16, fp16, fp32")
+    s.add_argument("--kv-cache-dtype", default=_env("KV_CACHE_DTYPE", "auto"), help=KV_HELP)
     s.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
     s.set_defaults(fn=cmd_serve)
 

@@ -2,7 +2,8 @@
 must be chosen before triton is imported.
 
 Triton 3.6's interpreter turns a loop bound into an int with `int(array)`, which numpy >= 2.3
-refuses for the 1-element arrays it uses as scalars; the prelude reads the element instead.
+refuses for the 1-element arrays it uses as scalars; the prelude reads the element instead. It also
+fixes the interpreter's float -> fp8 rounding (see PRELUDE).
 """
 
 from __future__ import annotations
@@ -22,6 +23,20 @@ def _patch(tensor, scope):
     _orig_patch(tensor, scope)
     scope.set_attr(tensor, "__index__", lambda self: int(_np.asarray(self.handle.data).reshape(-1)[0]))
 _ti._patch_lang_tensor = _patch
+
+# Its float -> fp8 e4m3 downcast neither carries a rounded-up mantissa into the exponent (1.98 becomes
+# 1.0) nor rounds ties to even; the GPU's conversion does both. Downcast through torch's cast instead.
+import torch as _torch
+import triton.language as _tl
+_orig_fp_to_fp = _ti.InterpreterBuilder.create_fp_to_fp
+def _fp_to_fp(self, src, dst_type, rounding_mode):
+    if dst_type.scalar != _tl.float8e4nv:
+        return _orig_fp_to_fp(self, src, dst_type, rounding_mode)
+    f32 = src.data if src.dtype.scalar == _tl.float32 else \
+        _ti._convert_float(src.data, src.dtype.scalar, _tl.float32, None).view(_np.float32)  # exact upcast
+    out = _torch.from_numpy(_np.ascontiguousarray(f32)).to(_torch.float8_e4m3fn).view(_torch.uint8).numpy()
+    return _ti.TensorHandle(out, dst_type.scalar)
+_ti.InterpreterBuilder.create_fp_to_fp = _fp_to_fp
 """
 
 

@@ -128,6 +128,7 @@ def test_prompt_longer_than_context(capsys) -> None:
 @pytest.mark.parametrize("args,pattern", [
     (["--temperature", "-1"], "temperature"), (["--max-tokens", "0"], "max_tokens"), (["--num-crops", "0"], "num_crops"),
     (["--dtype", "fp8"], "dtype"), (["--device", "tpu"], "device"), (["--top-p", "0"], "top_p"),
+    (["--kv-cache-dtype", "int4"], "kv_cache_dtype"),
 ])
 def test_bad_parameters_one_line_error(capsys, args: list[str], pattern: str) -> None:
     code, out, err = _run(capsys, ["run", "--model", CKPT, "--device", "cpu", *args, "--image", str(IMG / "tiny_1x1.png"), "Hi"]
@@ -180,9 +181,11 @@ def test_bench_offline_part_alone_with_the_prefill_profile(capsys, tmp_path) -> 
     out = tmp_path / "bench.json"
     code, _stdout, err = _run(capsys, ["bench", "--model", CKPT, "--device", "cpu", "--parts", "c", "--n-offline", "3",
                                        "--offline-tokens", "2", "--max-num-seqs", "3", "--prep-workers", "0",
-                                       "--profile-prefill", "--max-model-len", "4096", "--json-out", str(out)])
+                                       "--profile-prefill", "--max-model-len", "4096", "--kv-cache-dtype", "fp8",
+                                       "--json-out", str(out)])
     assert code == 0, err
     res = json.loads(out.read_text())
+    assert res["kv_cache_dtype"] == "fp8"
     assert not any(k.startswith(("a_", "b_")) for k in res)
     ph = res["c_offline_16crop_phases"]
     assert ph["prefill_steps"] >= 1 and ph["decode_steps"] >= 1 and ph["vision_s"] > 0 and ph["decoder_prefill_s"] > 0

@@ -70,3 +70,60 @@ print("ok", kern)
 
 def test_engine_with_paged_kernel_and_fused_kernels_equals_plain_torch_in_the_interpreter() -> None:
     assert run_interpreted(ENGINE_SCRIPT).startswith("ok")
+
+
+FP8_SCRIPT = r"""
+import torch
+from phi3v.engine.kv_cache import FP8, DecodeAttention, KVCache
+from phi3v.models import kernels
+torch.manual_seed(1)
+L, NB, HKV, HQ, BS, D = 1, 12, 2, 4, 16, 96
+cache = KVCache(L, NB, BS, HKV, D, "cpu", torch.float32, FP8)
+assert cache.k.dtype == FP8 and cache.triton
+cache.k.copy_((torch.randn(cache.k.shape) * 3).to(FP8)); cache.v.copy_((torch.randn(cache.v.shape) * 3).to(FP8))
+lengths = torch.tensor([5, 40, 0])
+bt = torch.full((3, 4), cache.scratch, dtype=torch.int32)
+bt[0, :1] = torch.tensor([7]); bt[1, :3] = torch.tensor([2, 9, 4]); bt[2, :1] = torch.tensor([0])
+q, k, v = torch.randn(3, HQ, 1, D), torch.randn(3, HKV, 1, D) * 3, torch.randn(3, HKV, 1, D)
+k[1, 0, 0, 5] = 1000.0  # beyond e4m3's range: saturates to 448, never NaN
+before = (cache.k.clone(), cache.v.clone())
+cache.triton = False
+ref = DecodeAttention(cache, lengths, bt, 41)(0, q, k, v)
+want = (cache.k.view(torch.uint8).clone(), cache.v.view(torch.uint8).clone())
+assert float(cache.k[0, 4, 0, 40 % 16, 5]) == 448.0  # position 40: third block (4), offset 8
+for nsplit in (1, 2):
+    cache.k.copy_(before[0]); cache.v.copy_(before[1])
+    cache.triton = True
+    got = DecodeAttention(cache, lengths, bt, 41, nsplit)(0, q, k, v)
+    d = (got - ref).abs().max().item()
+    assert d < 1e-5 and not got.isnan().any(), (nsplit, d)
+    assert torch.equal(cache.k.view(torch.uint8), want[0]) and torch.equal(cache.v.view(torch.uint8), want[1])
+# the prefill store: rounded like torch's cast, saturated
+kk, vv = torch.randn(6, HKV, D) * 100, torch.randn(6, HKV, D)
+blk, off = torch.tensor([1, 1, 3, 3, 5, 6]), torch.tensor([0, 1, 2, 3, 4, 5])
+kernels.store_kv(kk, vv, cache.k[0], cache.v[0], blk, off)
+assert torch.equal(cache.k[0][blk, :, off].float(), kk.clamp(-448, 448).to(FP8).float())
+assert torch.equal(cache.v[0][blk, :, off].float(), vv.to(FP8).float())
+# the engine, every kernel interpreted, equals its torch fallbacks with the fp8 cache too
+from phi3v import LLM, SamplingParams
+from phi3v.models import gemv
+gemv.MAX_M = 0
+llm = LLM("tests/data/tiny-phi3v", device="cpu", dtype="fp32", max_num_seqs=4, max_model_len=256, kv_block_size=16,
+          kv_cache_dtype="fp8")
+assert llm.engine.cache.k.dtype == FP8 and llm.engine.cache.triton
+prompts = ["<|user|>\nHello there, who are you?<|end|>\n<|assistant|>\n", "<|user|>\nCount: one two three.<|end|>\n<|assistant|>\n"]
+reqs = [llm.prepare(p, [], SamplingParams(max_tokens=10, ignore_eos=True)) for p in prompts]
+kern = [c.token_ids for c in llm.generate_many(reqs)]
+llm.engine.cache.triton = False
+llm.model.model.fused = False
+plain = [c.token_ids for c in llm.generate_many(reqs)]
+assert kern == plain, (kern, plain)
+print("ok", d)
+"""
+
+
+def test_fp8_kv_cache_kernels_match_the_torch_fallbacks_in_the_interpreter() -> None:
+    """fp8 (e4m3) KV storage: the decode kernel widens cached K/V and rounds the new token as the
+    fallback does, stores saturate at +-448 instead of overflowing to NaN, and the whole engine
+    gives the same tokens with the kernels as without."""
+    assert run_interpreted(FP8_SCRIPT).startswith("ok")

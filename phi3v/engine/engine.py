@@ -23,7 +23,7 @@ import torch
 from phi3v.config import Phi3VConfig
 from phi3v.engine.grammar import Grammars
 from phi3v.engine.images import ImageFeatures, ImageInput
-from phi3v.engine.kv_cache import BatchPrefillAttention, KVCache, PrefillAttention
+from phi3v.engine.kv_cache import FP8, BatchPrefillAttention, KVCache, PrefillAttention
 from phi3v.engine.runner import DecodeRunner, PrefillRunner, VisionRunner
 from phi3v.engine.sampler import SamplingParams, SamplingTensors, sample, top_logprobs
 from phi3v.engine.scheduler import RUNNING, Scheduler, Sequence
@@ -39,16 +39,29 @@ class StepOutput:
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
+def kv_storage_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's storage dtype for a `kv_cache_dtype` option: "auto" = the model's dtype (exact),
+    "fp8" = e4m3 (half the KV bytes, changed numerics; see kv_cache.py)."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {name!r}")
+    return FP8 if name == "fp8" else dtype
+
+
 class Engine:
     def __init__(self, model: torch.nn.Module, config: Phi3VConfig, *, max_num_seqs: int = 32,
                  max_model_len: int | None = None, kv_budget_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, prefill_chunk: int = 4096, block_size: int = 64,
-                 image_cache_size: int = 32, use_graphs: bool | None = None, grammars: Grammars | None = None) -> None:
+                 image_cache_size: int = 32, use_graphs: bool | None = None, grammars: Grammars | None = None,
+                 kv_cache_dtype: str = "auto") -> None:
         self.model, self.cfg = model, config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         max_len = min(max_model_len or 16384, config.max_position_embeddings)
-        bpt = KVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, self.dtype)
+        kv_dtype = kv_storage_dtype(kv_cache_dtype, self.dtype)
+        bpt = KVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, kv_dtype)
         if kv_budget_bytes is None:
             if self.device.type == "cuda":
                 free, _total = torch.cuda.mem_get_info(self.device)
@@ -62,7 +75,7 @@ class Engine:
             raise ValueError(f"KV memory budget of {kv_budget_bytes / 2**30:.2f} GiB does not fit one sequence of "
                              f"{max_len} tokens: lower max_model_len or raise gpu_memory_utilization")
         self.cache = KVCache(config.num_hidden_layers, n_blocks, block_size, config.num_key_value_heads,
-                             config.head_dim, self.device, self.dtype)
+                             config.head_dim, self.device, self.dtype, kv_dtype)
         self.sched = Scheduler(max_num_seqs, max_len, n_blocks, block_size)
         self.runner = DecodeRunner(model, self.cache, max_blocks, use_graphs)
         self._bt_cache: tuple[tuple[Sequence, ...], torch.Tensor] | None = None  # device block table of a batch

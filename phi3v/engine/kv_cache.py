@@ -5,6 +5,13 @@ A sequence owns a list of blocks (its block table; the scheduler hands them out)
 the sequence lives in block table[p // block_size] at offset p % block_size. Rows of a decode
 batch attend over their own lengths only: no padding to the longest sequence, no compaction.
 The extra last block is scratch: padding rows of a captured decode graph write there.
+
+The cache may be stored in fp8 (e4m3, opt-in, `kv_dtype`): half the bytes per token, so decode
+attention streams half as much and twice the tokens fit. Values are saturated to +-448 (e4m3's
+range) and rounded on the way in, and widened to the activation dtype on the way out. A prefill's
+tokens attend to each other at full precision; a decode step reads every position from the cache,
+its own new token included. This changes the numerics: outputs
+are no longer those of the reference.
 """
 
 from __future__ import annotations
@@ -17,12 +24,27 @@ from phi3v.models import kernels
 from phi3v.models.phi3 import attention, causal_attention
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite value; a plain cast of anything beyond gives NaN
+
+
+def to_cache_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x in the cache's dtype (saturated to e4m3's range when that is fp8)."""
+    if dtype == FP8:
+        return x.clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    return x.to(dtype)
+
+
 class KVCache:
     def __init__(self, n_layers: int, n_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
-                 device: torch.device | str, dtype: torch.dtype) -> None:
+                 device: torch.device | str, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> None:
+        """dtype: the activations'; kv_dtype: the storage's (default: dtype; or FP8)."""
         shape = (n_layers, n_blocks + 1, n_kv_heads, block_size, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.dtype, self.kv_dtype = dtype, kv_dtype or dtype
+        if self.kv_dtype not in (dtype, FP8):
+            raise ValueError(f"KV cache dtype {self.kv_dtype} is neither the model's {dtype} nor fp8 (e4m3)")
+        self.k = torch.zeros(shape, device=device, dtype=self.kv_dtype)
+        self.v = torch.zeros(shape, device=device, dtype=self.kv_dtype)
         self.n_blocks, self.block_size, self.scratch = n_blocks, block_size, n_blocks
         # the Triton decode kernel on CUDA (and in Triton's CPU interpreter, for tests)
         self.triton = kernels.available(self.k.device)
@@ -42,12 +64,13 @@ class KVCache:
         if self.triton:
             kernels.store_kv(k, v, self.k[layer], self.v[layer], blk, off)
             return
-        self.k[layer][blk, :, off] = k
-        self.v[layer][blk, :, off] = v
+        self.k[layer][blk, :, off] = to_cache_dtype(k, self.kv_dtype)
+        self.v[layer][blk, :, off] = to_cache_dtype(v, self.kv_dtype)
 
     def read(self, layer: int, blk: Tensor, off: Tensor) -> tuple[Tensor, Tensor]:
-        """K, V at (blk[i], off[i]) as (n_kv, N, D) each."""
-        return self.k[layer][blk, :, off].transpose(0, 1), self.v[layer][blk, :, off].transpose(0, 1)
+        """K, V at (blk[i], off[i]) as (n_kv, N, D) each, in the activation dtype."""
+        k, v = self.k[layer][blk, :, off], self.v[layer][blk, :, off]
+        return k.transpose(0, 1).to(self.dtype), v.transpose(0, 1).to(self.dtype)
 
 
 class PrefillAttention:
@@ -107,11 +130,11 @@ class DecodeAttention:
         bs = c.block_size
         rows = torch.arange(q.shape[0], device=q.device)
         blk = self.block_table[rows, self.lengths // bs].long()  # (n,) the new token's block
-        c.k[layer][blk, :, self.lengths % bs] = k[:, :, 0]
-        c.v[layer][blk, :, self.lengths % bs] = v[:, :, 0]
+        c.k[layer][blk, :, self.lengths % bs] = to_cache_dtype(k[:, :, 0], c.kv_dtype)
+        c.v[layer][blk, :, self.lengths % bs] = to_cache_dtype(v[:, :, 0], c.kv_dtype)
         nb = (self.width + bs - 1) // bs
         bt = self.block_table[:, :nb].long()
-        kk = c.k[layer][bt].transpose(1, 2).flatten(2, 3)  # (n, n_kv, nb*bs, D)
-        vv = c.v[layer][bt].transpose(1, 2).flatten(2, 3)
+        kk = c.k[layer][bt].transpose(1, 2).flatten(2, 3).to(q.dtype)  # (n, n_kv, nb*bs, D)
+        vv = c.v[layer][bt].transpose(1, 2).flatten(2, 3).to(q.dtype)
         mask = (torch.arange(nb * bs, device=q.device)[None, :] <= self.lengths[:, None])[:, None, None, :]
         return attention(q, kk, vv, mask)

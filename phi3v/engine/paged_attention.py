@@ -23,11 +23,14 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from phi3v.models.kernels import to_cache
+
     @triton.jit
     def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, out_ptr, pacc_ptr, pml_ptr,
                        sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, sbt, so_b, so_h, scale,
                        GROUP: tl.constexpr, QR: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-                       BLOCK_D: tl.constexpr, TILE: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr):
+                       BLOCK_D: tl.constexpr, TILE: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr,
+                       FP8: tl.constexpr):
         # program (row b, kv head, split s): the GROUP query heads of this kv head are the rows of a
         # (QR >= 16, BLOCK_D) tile so that both products are tl.dot, whose operand loads Triton
         # software-pipelines (num_stages) -- the scalar-FMA form streams one tile at a time.
@@ -45,6 +48,9 @@ if HAVE_TRITON:
                     other=0.0)  # (QR, BLOCK_D)
         kn = tl.load(kn_ptr + b * sk_b + kvh * sk_h + offs_d, mask=dm, other=0.0)
         vn = tl.load(vn_ptr + b * sv_b + kvh * sv_h + offs_d, mask=dm, other=0.0)
+        if FP8:  # the new token as the cache will hold it (every position is read as stored)
+            kn = to_cache(kn, kc_ptr.dtype.element_ty, FP8).to(q.dtype)
+            vn = to_cache(vn, vc_ptr.dtype.element_ty, FP8).to(q.dtype)
         per = tl.cdiv(tl.cdiv(L, TILE), NSPLIT) * TILE  # tokens per split, whole tiles
         lo = s * per
         hi = tl.minimum(lo + per, L)
@@ -59,6 +65,9 @@ if HAVE_TRITON:
             msk = tm[:, None] & dm[None, :]
             k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=msk, other=0.0)  # (TILE, BLOCK_D)
             v = tl.load(vc_ptr + base[:, None] + offs_d[None, :], mask=msk, other=0.0)
+            if FP8:  # widened in registers: the dots run in the activation dtype
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
             if IEEE:
                 sc = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -84,8 +93,8 @@ if HAVE_TRITON:
         if s == 0:  # store the new K/V; no program reads position L from the cache
             phys = tl.load(bt_ptr + b * sbt + L // BS).to(tl.int64)
             dst = phys * sc_b + kvh * sc_h + (L % BS) * sc_t + offs_d
-            tl.store(kc_ptr + dst, kn, mask=dm)
-            tl.store(vc_ptr + dst, vn, mask=dm)
+            tl.store(kc_ptr + dst, to_cache(kn, kc_ptr.dtype.element_ty, FP8), mask=dm)
+            tl.store(vc_ptr + dst, to_cache(vn, vc_ptr.dtype.element_ty, FP8), mask=dm)
         om = gm[:, None] & dm[None, :]
         if NSPLIT == 1:
             dst = out_ptr + b * so_b + heads[:, None] * so_h + offs_d[None, :]
@@ -128,7 +137,7 @@ def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_c
                            block_table: Tensor, lengths: Tensor, nsplit: int, tile: int = 64,
                            num_warps: int = 4, num_stages: int = 2) -> Tensor:
     """q (n, Hq, D), k/v (n, Hkv, D) new tokens (last dim contiguous); k_cache/v_cache one layer's
-    (n_blocks, Hkv, BS, D); block_table (n, max_blocks) int32; lengths (n,) int64 cached tokens per
+    (n_blocks, Hkv, BS, D), in q's dtype or fp8 e4m3; block_table (n, max_blocks) int32; lengths (n,) int64 cached tokens per
     row. Stores k/v at position lengths[b] and returns attention (n, Hq, D) with scale 1/sqrt(D)."""
     n, hq, d = q.shape
     hkv, bs = k_cache.shape[1], k_cache.shape[2]
@@ -146,7 +155,8 @@ def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_c
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1),
         d ** -0.5, GROUP=group, QR=max(16, triton.next_power_of_2(group)), BS=bs, D=d, BLOCK_D=block_d, TILE=tile,
-        NSPLIT=nsplit, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+        NSPLIT=nsplit, IEEE=q.dtype == torch.float32, FP8=k_cache.dtype == torch.float8_e4m3fn,
+        num_warps=num_warps, num_stages=num_stages)
     if nsplit > 1:
         _merge_kernel[(n, hq)](pacc, pml, out, out.stride(0), out.stride(1), D=d, BLOCK_D=block_d, NSPLIT=nsplit,
                                num_warps=2)

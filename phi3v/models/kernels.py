@@ -85,8 +85,16 @@ if HAVE_TRITON:
         tl.store(dst + HALF, o2, mask=m)
 
     @triton.jit
+    def to_cache(x, dtype, FP8: tl.constexpr):
+        """x cast to the KV cache's dtype, saturated to e4m3's +-448 when that is fp8 (see kv_cache.py)."""
+        if FP8:
+            x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
+        return x.to(dtype)
+
+    @triton.jit
     def _store_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, blk_ptr, off_ptr, sk_t, sk_h, sv_t, sv_h,
-                         sc_b, sc_h, sc_t, n_heads, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+                         sc_b, sc_h, sc_t, n_heads, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                         FP8: tl.constexpr):
         # one program per (token, BLOCK_H heads): k/v (T, H, D) rows -> cache[blk[t], h, off[t], :]
         t = tl.program_id(0).to(tl.int64)
         hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -95,8 +103,10 @@ if HAVE_TRITON:
         blk = tl.load(blk_ptr + t).to(tl.int64)
         off = tl.load(off_ptr + t).to(tl.int64)
         dst = blk * sc_b + hs[:, None] * sc_h + off * sc_t + offs[None, :]
-        tl.store(kc_ptr + dst, tl.load(k_ptr + t * sk_t + hs[:, None] * sk_h + offs[None, :], mask=m), mask=m)
-        tl.store(vc_ptr + dst, tl.load(v_ptr + t * sv_t + hs[:, None] * sv_h + offs[None, :], mask=m), mask=m)
+        k = tl.load(k_ptr + t * sk_t + hs[:, None] * sk_h + offs[None, :], mask=m)
+        v = tl.load(v_ptr + t * sv_t + hs[:, None] * sv_h + offs[None, :], mask=m)
+        tl.store(kc_ptr + dst, to_cache(k, kc_ptr.dtype.element_ty, FP8), mask=m)
+        tl.store(vc_ptr + dst, to_cache(v, vc_ptr.dtype.element_ty, FP8), mask=m)
 
     @triton.jit
     def _quick_gelu_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
@@ -154,7 +164,8 @@ def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, blk: Tensor
     bh = 8
     _store_kv_kernel[(t, triton.cdiv(h, bh))](k, v, k_cache, v_cache, blk, off, k.stride(0), k.stride(1),
                                               v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1),
-                                              k_cache.stride(2), h, D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_H=bh)
+                                              k_cache.stride(2), h, D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_H=bh,
+                                              FP8=k_cache.dtype == torch.float8_e4m3fn)
 
 
 def quick_gelu(x: Tensor) -> Tensor:

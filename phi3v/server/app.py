@@ -54,6 +54,7 @@ class Settings:
     num_crops: int | None = None
     device: str | None = None
     dtype: str | None = None
+    kv_cache_dtype: str = "auto"
     max_body_bytes: int = 100 * 2**20
 
     @property
@@ -88,7 +89,8 @@ class _State:
 
             t0 = time.perf_counter()
             llm = LLM(s.model, device=s.device, dtype=s.dtype, max_num_seqs=s.max_num_seqs,
-                      max_model_len=s.max_model_len, allow_url_images=s.allow_url_images)
+                      max_model_len=s.max_model_len, allow_url_images=s.allow_url_images,
+                      kv_cache_dtype=s.kv_cache_dtype)
             load_kwargs = dict(allowed_dir=s.allowed_media_dir, allow_paths=s.allowed_media_dir is not None,
                                allow_urls=s.allow_url_images, max_bytes=s.max_image_bytes, timeout=s.image_timeout,
                                max_pixels=s.max_image_pixels)
