@@ -98,6 +98,19 @@ for nsplit in (1, 2):
     d = (got - ref).abs().max().item()
     assert d < 1e-5 and not got.isnan().any(), (nsplit, d)
     assert torch.equal(cache.k.view(torch.uint8), want[0]) and torch.equal(cache.v.view(torch.uint8), want[1])
+# half-precision activations: the kernel's dots run in fp16 on the widened fp8 values
+c16 = KVCache(L, NB, BS, HKV, D, "cpu", torch.float16, FP8)
+c16.k.copy_(before[0]); c16.v.copy_(before[1])
+q16, k16, v16 = q.half(), k.half(), v.half()
+c16.triton = False
+ref16 = DecodeAttention(c16, lengths, bt, 41)(0, q16, k16, v16).float()
+want16 = (c16.k.view(torch.uint8).clone(), c16.v.view(torch.uint8).clone())
+c16.k.copy_(before[0]); c16.v.copy_(before[1])
+c16.triton = True
+got16 = DecodeAttention(c16, lengths, bt, 41, 2)(0, q16, k16, v16).float()
+rel = ((got16 - ref16).norm() / ref16.norm()).item()
+assert rel < 2e-3, rel
+assert torch.equal(c16.k.view(torch.uint8), want16[0]) and torch.equal(c16.v.view(torch.uint8), want16[1])
 # the prefill store: rounded like torch's cast, saturated
 kk, vv = torch.randn(6, HKV, D) * 100, torch.randn(6, HKV, D)
 blk, off = torch.tensor([1, 1, 3, 3, 5, 6]), torch.tensor([0, 1, 2, 3, 4, 5])

@@ -48,9 +48,13 @@ if HAVE_TRITON:
                     other=0.0)  # (QR, BLOCK_D)
         kn = tl.load(kn_ptr + b * sk_b + kvh * sk_h + offs_d, mask=dm, other=0.0)
         vn = tl.load(vn_ptr + b * sv_b + kvh * sv_h + offs_d, mask=dm, other=0.0)
+        qd = q
         if FP8:  # the new token as the cache will hold it (every position is read as stored)
             kn = to_cache(kn, kc_ptr.dtype.element_ty, FP8).to(q.dtype)
             vn = to_cache(vn, vc_ptr.dtype.element_ty, FP8).to(q.dtype)
+            if not IEEE:  # half-precision dots in fp16: e4m3 -> fp16 is one native conversion per two values
+                # (-> bf16 is not, and made the kernel compute-bound); q fits fp16's range after the clamp
+                qd = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
         per = tl.cdiv(tl.cdiv(L, TILE), NSPLIT) * TILE  # tokens per split, whole tiles
         lo = s * per
         hi = tl.minimum(lo + per, L)
@@ -65,13 +69,13 @@ if HAVE_TRITON:
             msk = tm[:, None] & dm[None, :]
             k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=msk, other=0.0)  # (TILE, BLOCK_D)
             v = tl.load(vc_ptr + base[:, None] + offs_d[None, :], mask=msk, other=0.0)
-            if FP8:  # widened in registers: the dots run in the activation dtype
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
+            if FP8:  # widened in registers (exactly: e4m3 fits fp16 and fp32)
+                k = k.to(qd.dtype)
+                v = v.to(qd.dtype)
             if IEEE:
-                sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+                sc = tl.dot(qd, tl.trans(k), input_precision="ieee")
             else:
-                sc = tl.dot(q, tl.trans(k))
+                sc = tl.dot(qd, tl.trans(k))
             sc = tl.where(tm[None, :], sc * scale, float("-inf"))  # (QR, TILE) fp32
             m_new = tl.maximum(m, tl.max(sc, axis=1))
             p = tl.exp(sc - m_new[:, None])
