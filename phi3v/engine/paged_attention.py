@@ -14,6 +14,8 @@ that batch 1 still puts ~16 programs per kv head on the GPU's 132 SMs.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -137,14 +139,31 @@ def num_splits(batch: int, n_kv_heads: int) -> int:
     return 1
 
 
+def _env_config() -> dict[str, tuple[int, int, int]]:
+    """PHI3V_ATTN_CONFIG="bf16=64,4,2;fp8=128,4,3" overrides (tile, warps, stages) per KV dtype (tuning runs)."""
+    out = {}
+    for part in filter(None, os.environ.get("PHI3V_ATTN_CONFIG", "").split(";")):
+        name, _, vals = part.partition("=")
+        tile, warps, stages = (int(x) for x in vals.split(","))
+        out[name.strip()] = (tile, warps, stages)
+    return out
+
+
+# (tile, warps, stages) per KV storage: bf16/fp16/fp32 from the H100 sweep (benchmarks/attention_bench.py)
+CONFIGS = {"bf16": (64, 4, 2), "fp8": (64, 4, 2)} | _env_config()
+
+
 def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                           block_table: Tensor, lengths: Tensor, nsplit: int, tile: int = 64,
-                           num_warps: int = 4, num_stages: int = 2) -> Tensor:
+                           block_table: Tensor, lengths: Tensor, nsplit: int, tile: int | None = None,
+                           num_warps: int | None = None, num_stages: int | None = None) -> Tensor:
     """q (n, Hq, D), k/v (n, Hkv, D) new tokens (last dim contiguous); k_cache/v_cache one layer's
     (n_blocks, Hkv, BS, D), in q's dtype or fp8 e4m3; block_table (n, max_blocks) int32; lengths (n,) int64 cached tokens per
     row. Stores k/v at position lengths[b] and returns attention (n, Hq, D) with scale 1/sqrt(D)."""
     n, hq, d = q.shape
     hkv, bs = k_cache.shape[1], k_cache.shape[2]
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    t0, w0, s0 = CONFIGS["fp8" if fp8 else "bf16"]
+    tile, num_warps, num_stages = tile or t0, num_warps or w0, num_stages or s0
     group = hq // hkv
     assert q.stride(2) == k.stride(2) == v.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     out = torch.empty(n, hq, d, device=q.device, dtype=q.dtype)
@@ -159,7 +178,7 @@ def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_c
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1),
         d ** -0.5, GROUP=group, QR=max(16, triton.next_power_of_2(group)), BS=bs, D=d, BLOCK_D=block_d, TILE=tile,
-        NSPLIT=nsplit, IEEE=q.dtype == torch.float32, FP8=k_cache.dtype == torch.float8_e4m3fn,
+        NSPLIT=nsplit, IEEE=q.dtype == torch.float32, FP8=fp8,
         num_warps=num_warps, num_stages=num_stages)
     if nsplit > 1:
         _merge_kernel[(n, hq)](pacc, pml, out, out.stride(0), out.stride(1), D=d, BLOCK_D=block_d, NSPLIT=nsplit,
