@@ -102,7 +102,9 @@ class LLM:
             img = load_image(src, **load_kwargs)
             # the GPU part must not overlap a CUDA-graph capture on the engine's thread
             proc = self.image_processor.preprocess(img, num_crops, device=self.device, device_lock=CAPTURE_LOCK)
-            inputs.append(ImageInput(proc.crops, proc.image_size, proc.key))
+            # in the model's dtype: what CLIP casts them to first anyway, at half the memory of fp32
+            # crops waiting on the device (~12 MB instead of 23 MB for a 16-crop image in bf16)
+            inputs.append(ImageInput(proc.crops.to(self.dtype), proc.image_size, proc.key))
             counts.append(proc.num_tokens)
         ids = tokenize_prompt(self.tokenizer, prompt, counts)
         ctx = self.engine.sched.max_model_len
@@ -152,6 +154,8 @@ class LLM:
                         eng.num_waiting < eng.sched.max_num_seqs
                         and (not isinstance(requests[nxt], Future) or requests[nxt].done()))):
                     r = requests[nxt].result() if isinstance(requests[nxt], Future) else requests[nxt]
+                    if isinstance(requests, _Prefetch):
+                        requests.release(nxt)  # the engine holds what it needs (crops until prefilled)
                     if isinstance(r, Exception):  # a preparation that failed softly: reported, not raised
                         yield nxt, "", r
                         nxt += 1
@@ -159,6 +163,7 @@ class LLM:
                     rid = eng.add_request(r.prompt_ids, r.images, r.params)
                     outs[rid] = (nxt, RequestOutput(self.tokenizer, len(r.prompt_ids), r.params,
                                                     self.config.eos_token_ids, r.preprocess_s, t0))
+                    r = None  # nor does this frame keep the last one's crops
                     nxt += 1
                 if not eng.has_unfinished():
                     break
@@ -234,9 +239,14 @@ class _Prefetch:
             self.futs.append(self.pool.submit(r) if callable(r) else _done_future(r))
         return self.futs[i]
 
+    def release(self, i: int) -> None:
+        """Drop item i (consumed): over thousands of requests, the prepared crops must not pile up."""
+        self.futs[i] = None  # type: ignore[call-overload]
+
     def cancel(self) -> None:
         for f in self.futs:
-            f.cancel()
+            if f is not None:
+                f.cancel()
 
 
 def _done_future(value: Any) -> Future:

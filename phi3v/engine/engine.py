@@ -315,6 +315,9 @@ class Engine:
                 embs.append(emb)
                 longs.append(long_rope)
             logits = self._prefill_many(admitted, embs, longs)
+            for seq in admitted:  # the crops are never read again: let their memory go (keys stay)
+                seq.images = [ImageInput(i.crops.new_empty((0, *i.crops.shape[1:])), i.image_size, i.key)
+                              for i in seq.images]  # (a view, crops[:0], would keep the storage)
             return self._commit(admitted, self._sample_device(admitted, logits))
         if not self.sched.running:
             return []
