@@ -150,8 +150,9 @@ def _env_config() -> dict[str, tuple[int, int, int]]:
 
 
 # (tile, warps, stages) per KV storage, from H100 sweeps: bf16/fp16/fp32 (benchmarks/attention_bench.py); fp8
-# (benchmarks/fp8_attention_sweep.py: best at batch 64, where fp8 pays; at batch 1 (64, 4, 4) is 8 % faster)
-CONFIGS = {"bf16": (64, 4, 2), "fp8": (128, 4, 2)} | _env_config()
+# the same (benchmarks/fp8_attention_sweep.py: (128, 4, 2) was 8 % faster alone at batch 64 x 2.4k tokens,
+# but made 4-crop offline decoding 2.7x slower; see BENCHMARKS.md)
+CONFIGS = {"bf16": (64, 4, 2), "fp8": (64, 4, 2)} | _env_config()
 
 
 def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
