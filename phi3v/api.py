@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from phi3v.config import Phi3VConfig
-from phi3v.engine.engine import Engine, ImageInput, kv_storage_dtype
+from phi3v.engine.engine import Engine, ImageInput
+from phi3v.engine.kv_cache import kv_storage_dtype
 from phi3v.engine.grammar import Grammars
 from phi3v.engine.runner import CAPTURE_LOCK
 from phi3v.engine.sampler import SamplingParams
@@ -61,7 +62,7 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, kv_block_size: int = 64, kv_cache_dtype: str = "auto",
                  allow_url_images: bool = False) -> None:
         """kv_cache_dtype: "auto" keeps the KV cache in the model's dtype (outputs as the reference's);
-        "fp8" stores it in e4m3: half the KV memory and decode bandwidth, at changed numerics."""
+        "fp8" stores it in e4m3: half the KV memory, at changed numerics."""
         if device is None or device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from phi3v.engine.engine import KV_CACHE_DTYPES
+from phi3v.engine.kv_cache import KV_CACHE_DTYPES
 
 PROMPT = "<|user|>\n<|image_1|>\nDescribe the image in detail.<|end|>\n<|assistant|>\n"
 MIXED_SIZES = [(1344, 1344), (1600, 900), (900, 1600), (800, 600), (2000, 500), (640, 640), (1024, 768), (500, 2000)]

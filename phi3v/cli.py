@@ -9,11 +9,11 @@ import sys
 from typing import Any, Callable
 
 from phi3v.api import DEFAULT_MODEL
-from phi3v.engine.engine import KV_CACHE_DTYPES
+from phi3v.engine.kv_cache import KV_CACHE_DTYPES
 from phi3v.engine.sampler import SamplingParams
 
 KV_HELP = ("KV cache storage, auto or fp8: auto = the model's dtype (outputs as the reference's); fp8 = e4m3, half the KV "
-           "memory and decode bandwidth, changed numerics (default: auto)")
+           "memory, changed numerics (default: auto)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ import torch
 from phi3v.config import Phi3VConfig
 from phi3v.engine.grammar import Grammars
 from phi3v.engine.images import ImageFeatures, ImageInput
-from phi3v.engine.kv_cache import FP8, BatchPrefillAttention, KVCache, PrefillAttention
+from phi3v.engine.kv_cache import BatchPrefillAttention, KVCache, PrefillAttention, kv_storage_dtype
 from phi3v.engine.runner import DecodeRunner, PrefillRunner, VisionRunner
 from phi3v.engine.sampler import SamplingParams, SamplingTensors, sample, top_logprobs
 from phi3v.engine.scheduler import RUNNING, Scheduler, Sequence
@@ -37,17 +37,6 @@ class StepOutput:
     finished: bool = False
     finish_reason: str | None = None
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
-
-
-KV_CACHE_DTYPES = ("auto", "fp8")
-
-
-def kv_storage_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    """The KV cache's storage dtype for a `kv_cache_dtype` option: "auto" = the model's dtype (exact),
-    "fp8" = e4m3 (half the KV bytes, changed numerics; see kv_cache.py)."""
-    if name not in KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {name!r}")
-    return FP8 if name == "fp8" else dtype
 
 
 class Engine:

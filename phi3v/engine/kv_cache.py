@@ -6,12 +6,11 @@ the sequence lives in block table[p // block_size] at offset p % block_size. Row
 batch attend over their own lengths only: no padding to the longest sequence, no compaction.
 The extra last block is scratch: padding rows of a captured decode graph write there.
 
-The cache may be stored in fp8 (e4m3, opt-in, `kv_dtype`): half the bytes per token, so decode
-attention streams half as much and twice the tokens fit. Values are saturated to +-448 (e4m3's
-range) and rounded on the way in, and widened to the activation dtype on the way out. A prefill's
-tokens attend to each other at full precision; a decode step reads every position from the cache,
-its own new token included. This changes the numerics: outputs
-are no longer those of the reference.
+The cache may be stored in fp8 (e4m3, opt-in, `kv_dtype`): half the bytes per token, so twice the
+tokens fit (decode attention streams half the bytes, but the present kernel is no faster for it:
+BENCHMARKS.md). Values are saturated to +-448 (e4m3's range) and rounded on the way in, and widened
+on the way out. A prefill's tokens attend to each other at full precision; a decode step reads every
+position from the cache, its own new token included. Outputs are then no longer the reference's.
 """
 
 from __future__ import annotations
@@ -26,6 +25,17 @@ from phi3v.models.phi3 import attention, causal_attention
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3's largest finite value; a plain cast of anything beyond gives NaN
+
+
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
+def kv_storage_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's storage dtype for a `kv_cache_dtype` option: "auto" = the model's dtype (exact),
+    "fp8" = e4m3 (half the KV bytes, changed numerics)."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {name!r}")
+    return FP8 if name == "fp8" else dtype
 
 
 def to_cache_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:

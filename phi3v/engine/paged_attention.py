@@ -142,9 +142,13 @@ def num_splits(batch: int, n_kv_heads: int) -> int:
 def _env_config() -> dict[str, tuple[int, int, int]]:
     """PHI3V_ATTN_CONFIG="bf16=64,4,2;fp8=128,4,3" overrides (tile, warps, stages) per KV dtype (tuning runs)."""
     out = {}
-    for part in filter(None, os.environ.get("PHI3V_ATTN_CONFIG", "").split(";")):
+    raw = os.environ.get("PHI3V_ATTN_CONFIG", "")
+    for part in filter(None, raw.split(";")):
         name, _, vals = part.partition("=")
-        tile, warps, stages = (int(x) for x in vals.split(","))
+        try:
+            tile, warps, stages = (int(x) for x in vals.split(","))
+        except ValueError:
+            raise ValueError(f"PHI3V_ATTN_CONFIG={raw!r}: expected e.g. 'bf16=64,4,2;fp8=64,4,2'") from None
         out[name.strip()] = (tile, warps, stages)
     return out
 
