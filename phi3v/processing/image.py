@@ -89,7 +89,7 @@ def hd_canvas(img: Image.Image, num_crops: int) -> np.ndarray:
 
 @dataclass
 class ProcessedImage:
-    crops: torch.Tensor  # (1 + h*w, 3, 336, 336) float32: global view first, then row-major sub-crops; no padding
+    crops: torch.Tensor  # (1 + h*w, 3, 336, 336) float32 (or as asked): global view, then row-major sub-crops; no padding
     image_size: tuple[int, int]  # (H, W) of the padded HD canvas in pixels, multiples of 336
     num_tokens: int  # num_image_tokens(h, w)
     grid: tuple[int, int]  # (h, w) = (H // 336, W // 336)
@@ -140,13 +140,14 @@ class ImageProcessor:
         return self._lut.to(idx.device)[idx]  # gather -> contiguous (3, H, W)
 
     def preprocess(self, image: Any, num_crops: int | None = None, device: torch.device | str | None = None,
-                   device_lock: Any = None) -> ProcessedImage:
+                   device_lock: Any = None, dtype: torch.dtype = torch.float32) -> ProcessedImage:
         """One image (anything `load_image` accepts) -> global view + sub-crops, without padding crops.
 
         `device`: where the crops are built. The PIL resize/pad runs on the CPU either way; on a GPU the
         normalisation is the same table lookup (bit-exact) and the bicubic global view agrees with the
         CPU's to float32 rounding (~1e-6), far inside the reference tolerance of 1e-4. `device_lock`
-        (a context manager) is held around the device work only."""
+        (a context manager) is held around the device work only. `dtype`: of the returned crops (the
+        float32 crops, rounded; the engine keeps them in the model's dtype)."""
         nc = self.num_crops if num_crops is None else _check_num_crops(num_crops)
         if not isinstance(image, Image.Image):
             image = load_image(image)
@@ -166,7 +167,7 @@ class ImageProcessor:
             glob = F.interpolate(hd[None], size=(CROP, CROP), mode="bicubic", align_corners=False)  # (1, 3, 336, 336)
             # (3, gh, 336, gw, 336) -> (gh, gw, 3, 336, 336): row-major sub-crops
             subs = hd.reshape(3, gh, CROP, gw, CROP).permute(1, 3, 0, 2, 4).reshape(gh * gw, 3, CROP, CROP)
-            crops = torch.cat([glob, subs], dim=0)
+            crops = torch.cat([glob, subs], dim=0).to(dtype)
         return ProcessedImage(crops=crops, image_size=(H, W), num_tokens=num_image_tokens(gh, gw), grid=(gh, gw), key=key)
 
     def __call__(self, images: Any, num_crops: int | None = None) -> ImageBatch:
