@@ -14,11 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kernels import HAVE_TRITON, available
+from .kernels import HAVE_TRITON, available, pdl_args
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    from .kernels import pdl_start, pdl_trigger, pdl_wait
 
 MAX_M = 8
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -69,8 +71,33 @@ BEST: dict[tuple[int, int, int], GemvConfig] = {
 if HAVE_TRITON:
 
     @triton.jit
+    def _w_tile(w_ptr, w_row, n_ok, k0, K, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
+        # streamed once: evict_first keeps x and the partials in L2; contiguous along K either way
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        if USE_DOT:  # (BLOCK_K, BLOCK_N)
+            return tl.load(w_ptr + w_row[None, :] + ks[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0,
+                           eviction_policy="evict_first")
+        else:  # (BLOCK_N, BLOCK_K)
+            return tl.load(w_ptr + w_row[:, None] + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                           eviction_policy="evict_first")
+
+    @triton.jit
+    def _gemv_step(x_ptr, w, acc, ms, m_ok, k0, K, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+                   IEEE: tl.constexpr):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + ms[:, None] * K + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0.0)
+        if USE_DOT:
+            if IEEE:  # fp32 inputs: no TF32 rounding
+                return tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                return tl.dot(x, w, acc)
+        else:
+            return acc + x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+                     BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
         # grid (cdiv(N, BLOCK_N), splits); x (M, K), w (N, K), out (splits, M, N): the fp32 partials, or
         # directly y (M, N) in x's dtype when there is one split. k_per_split is a multiple of BLOCK_K.
         pid_n = tl.program_id(0)
@@ -86,21 +113,16 @@ if HAVE_TRITON:
             acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
         else:  # elementwise products, summed over K once after the loop (no shuffles inside it)
             acc = tl.zeros((M_PAD, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            x = tl.load(x_ptr + ms[:, None] * K + ks[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            if USE_DOT:  # W tile read as (BLOCK_K, BLOCK_N), still contiguous along K
-                w = tl.load(w_ptr + w_row[None, :] + ks[:, None], mask=n_ok[None, :] & k_ok[:, None], other=0.0,
-                            eviction_policy="evict_first")
-                if IEEE:  # fp32 inputs: no TF32 rounding
-                    acc = tl.dot(x, w, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(x, w, acc)
-            else:  # (BLOCK_N, BLOCK_K), streamed once: evict_first keeps x and the partials in L2
-                w = tl.load(w_ptr + w_row[:, None] + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
-                            eviction_policy="evict_first")
-                acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        start = k_lo
+        if PDL:  # the first W tile is read before waiting for x: no kernel writes weights
+            pdl_trigger(PDL)
+            w = _w_tile(w_ptr, w_row, n_ok, k_lo, K, BLOCK_K, USE_DOT)
+            pdl_wait(PDL)
+            acc = _gemv_step(x_ptr, w, acc, ms, m_ok, k_lo, K, BLOCK_K, USE_DOT, IEEE)
+            start = k_lo + BLOCK_K
+        for k0 in range(start, k_hi, BLOCK_K):
+            w = _w_tile(w_ptr, w_row, n_ok, k0, K, BLOCK_K, USE_DOT)
+            acc = _gemv_step(x_ptr, w, acc, ms, m_ok, k0, K, BLOCK_K, USE_DOT, IEEE)
         if USE_DOT:
             y = acc
         else:
@@ -109,8 +131,9 @@ if HAVE_TRITON:
         tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _splitk_sum_kernel(part_ptr, out_ptr, MN, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    def _splitk_sum_kernel(part_ptr, out_ptr, MN, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         # part (SPLITS, M*N) fp32 -> out (M*N) in out's dtype, summed in split order (deterministic)
+        pdl_start(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < MN
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -167,7 +190,8 @@ def linear(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tenso
     _gemv_kernel[(_cdiv(n, cfg.block_n), splits)](
         x2, weight, dst, m, n, k, k_per_split, M_PAD=16 if cfg.dot else _pow2_at_least(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, USE_DOT=cfg.dot, IEEE=x.dtype == torch.float32, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        num_stages=cfg.num_stages, **pdl_args(x2))
     if splits > 1:
-        _splitk_sum_kernel[(_cdiv(m * n, 1024),)](dst, out, m * n, SPLITS=splits, BLOCK=1024, num_warps=4)
+        _splitk_sum_kernel[(_cdiv(m * n, 1024),)](dst, out, m * n, SPLITS=splits, BLOCK=1024, num_warps=4,
+                                                      **pdl_args(x2))
     return out.view(*x.shape[:-1], n)

@@ -9,6 +9,9 @@ their sum), so outputs match the eager path up to fp32 reduction order in the no
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 from torch import Tensor
 
@@ -22,17 +25,56 @@ except ImportError:  # pragma: no cover - depends on the install
 
 
 def available(device: torch.device) -> bool:
-    import os
-
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     return HAVE_TRITON and (device.type == "cuda" or interpret)
 
 
+# Programmatic dependent launch (Hopper+): a decode step is ~300 kernels in a row, each waiting for the
+# previous one to drain and the next to be launched and ramp up. With PDL a kernel lets the next one launch
+# as soon as all its programs have started (pdl_trigger); the next one's programs sit on the SMs, read what
+# no earlier kernel writes (weights), and wait (pdl_wait) for the previous kernel's results before they read
+# or write anything else. PHI3V_PDL=0 turns it off.
+PDL_ENABLED = os.environ.get("PHI3V_PDL", "1") != "0"
+
+
+@functools.cache
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(x: Tensor) -> bool:
+    """Whether kernels on x's device launch with PDL (CUDA, compute capability >= 9, not turned off)."""
+    return PDL_ENABLED and HAVE_TRITON and x.is_cuda and _sm90(x.device.index or 0)
+
+
+def pdl_args(x: Tensor) -> dict:
+    """Launch kwargs for a kernel with a `PDL` constexpr: its value, and the launch attribute when on."""
+    on = pdl(x)
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+
+
 if HAVE_TRITON:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def pdl_trigger(PDL: tl.constexpr):
+        if PDL:  # the next kernel may launch once every program of this one got here
+            gdc_launch_dependents()
+
+    @triton.jit
+    def pdl_wait(PDL: tl.constexpr):
+        if PDL:  # the previous kernel has finished and its writes are visible
+            gdc_wait()
+
+    @triton.jit
+    def pdl_start(PDL: tl.constexpr):
+        pdl_trigger(PDL)
+        pdl_wait(PDL)
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, N, eps,
-                             HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                             HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         m = cols < N
@@ -48,7 +90,8 @@ if HAVE_TRITON:
         tl.store(out_ptr + row * N + cols, (w.to(tl.float32) * h.to(tl.float32)).to(x.dtype), mask=m)
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = cols < inter
@@ -60,8 +103,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rope_kernel(qkv_ptr, cos_ptr, sin_ptr, out_ptr, row_stride, n_heads,
-                     D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
+                     D: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr,
+                     PDL: tl.constexpr):
         # one program per (token, BLOCK_H heads) of the q and k heads; rotate_half layout
+        pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         offs = tl.arange(0, BLOCK)
@@ -127,11 +172,11 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float)
     out = torch.empty_like(x2)
     if residual is None:
         _add_rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, out, n, eps, HAS_RES=False,
-                                             BLOCK=triton.next_power_of_2(n))
+                                             BLOCK=triton.next_power_of_2(n), **pdl_args(x2))
         return out.view(x.shape), x
     res_out = torch.empty_like(x2)
     _add_rms_norm_kernel[(x2.shape[0],)](x2, residual.reshape(-1, n), weight, out, res_out, n, eps, HAS_RES=True,
-                                         BLOCK=triton.next_power_of_2(n))
+                                         BLOCK=triton.next_power_of_2(n), **pdl_args(x2))
     return out.view(x.shape), res_out.view(x.shape)
 
 
@@ -141,7 +186,7 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     gu = gate_up.reshape(-1, 2 * inter)
     out = torch.empty(gu.shape[0], inter, device=gu.device, dtype=gu.dtype)
     block = 1024
-    _silu_mul_kernel[(gu.shape[0], triton.cdiv(inter, block))](gu, out, inter, BLOCK=block)
+    _silu_mul_kernel[(gu.shape[0], triton.cdiv(inter, block))](gu, out, inter, BLOCK=block, **pdl_args(gu))
     return out.view(*gate_up.shape[:-1], inter)
 
 
@@ -152,7 +197,8 @@ def rope_qk(qkv: Tensor, cos: Tensor, sin: Tensor, n_q: int, n_kv: int, head_dim
     half = head_dim // 2
     bh = 16  # heads per program: a prefill row's 64 heads in 4 programs, not 64 tiny ones
     _rope_kernel[(rows, triton.cdiv(n_q + n_kv, bh))](qkv, cos, sin, out, qkv.stride(0), n_q + n_kv, D=head_dim,
-                                                      HALF=half, BLOCK=triton.next_power_of_2(half), BLOCK_H=bh)
+                                                      HALF=half, BLOCK=triton.next_power_of_2(half), BLOCK_H=bh,
+                                                      **pdl_args(qkv))
     return out
 
 
