@@ -74,30 +74,36 @@ def test_engine_with_paged_kernel_and_fused_kernels_equals_plain_torch_in_the_in
 
 FP8_SCRIPT = r"""
 import torch
+from phi3v.engine import paged_attention
 from phi3v.engine.kv_cache import FP8, DecodeAttention, KVCache
 from phi3v.models import kernels
 torch.manual_seed(1)
-L, NB, HKV, HQ, BS, D = 1, 12, 2, 4, 16, 96
-cache = KVCache(L, NB, BS, HKV, D, "cpu", torch.float32, FP8)
-assert cache.k.dtype == FP8 and cache.triton
-cache.k.copy_((torch.randn(cache.k.shape) * 3).to(FP8)); cache.v.copy_((torch.randn(cache.v.shape) * 3).to(FP8))
-lengths = torch.tensor([5, 40, 0])
-bt = torch.full((3, 4), cache.scratch, dtype=torch.int32)
-bt[0, :1] = torch.tensor([7]); bt[1, :3] = torch.tensor([2, 9, 4]); bt[2, :1] = torch.tensor([0])
-q, k, v = torch.randn(3, HQ, 1, D), torch.randn(3, HKV, 1, D) * 3, torch.randn(3, HKV, 1, D)
-k[1, 0, 0, 5] = 1000.0  # beyond e4m3's range: saturates to 448, never NaN
-before = (cache.k.clone(), cache.v.clone())
-cache.triton = False
-ref = DecodeAttention(cache, lengths, bt, 41)(0, q, k, v)
-want = (cache.k.view(torch.uint8).clone(), cache.v.view(torch.uint8).clone())
-assert float(cache.k[0, 4, 0, 40 % 16, 5]) == 448.0  # position 40: third block (4), offset 8
-for nsplit in (1, 2):
-    cache.k.copy_(before[0]); cache.v.copy_(before[1])
-    cache.triton = True
-    got = DecodeAttention(cache, lengths, bt, 41, nsplit)(0, q, k, v)
-    d = (got - ref).abs().max().item()
-    assert d < 1e-5 and not got.isnan().any(), (nsplit, d)
-    assert torch.equal(cache.k.view(torch.uint8), want[0]) and torch.equal(cache.v.view(torch.uint8), want[1])
+L, NB, HKV, BS, D = 1, 12, 2, 16, 96
+for HQ in (4, 2):  # GQA: the tl.dot form; one query head per kv head (Phi-3): the fp32-FMA form
+    cache = KVCache(L, NB, BS, HKV, D, "cpu", torch.float32, FP8)
+    assert cache.k.dtype == FP8 and cache.triton
+    cache.k.copy_((torch.randn(cache.k.shape) * 3).to(FP8)); cache.v.copy_((torch.randn(cache.v.shape) * 3).to(FP8))
+    lengths = torch.tensor([5, 40, 0])
+    bt = torch.full((3, 4), cache.scratch, dtype=torch.int32)
+    bt[0, :1] = torch.tensor([7]); bt[1, :3] = torch.tensor([2, 9, 4]); bt[2, :1] = torch.tensor([0])
+    q, k, v = torch.randn(3, HQ, 1, D), torch.randn(3, HKV, 1, D) * 3, torch.randn(3, HKV, 1, D)
+    k[1, 0, 0, 5] = 1000.0  # beyond e4m3's range: saturates to 448, never NaN
+    if HQ == HKV:  # row 1, position 30 (block 9, offset 14): a key whose score jumps ~20 above the others,
+        cache.k[0, 9, 0, 14] = (q[1, 0, 0] * 2.5).to(FP8)  # so that a running max is rescaled mid-row
+    before = (cache.k.clone(), cache.v.clone())
+    cache.triton = False
+    ref = DecodeAttention(cache, lengths, bt, 41)(0, q, k, v)
+    want = (cache.k.view(torch.uint8).clone(), cache.v.view(torch.uint8).clone())
+    assert float(cache.k[0, 4, 0, 40 % 16, 5]) == 448.0  # position 40: third block (4), offset 8
+    for nsplit, tile in ((1, 64), (1, 16), (2, 16), (4, 16), (4, 64)):
+        paged_attention.CONFIGS["fp8"] = (tile, 2, 1)  # tiles of 16: rows span several
+        cache.k.copy_(before[0]); cache.v.copy_(before[1])
+        cache.triton = True
+        got = DecodeAttention(cache, lengths, bt, 41, nsplit)(0, q, k, v)
+        d = (got - ref).abs().max().item()
+        assert d < 1e-5 and not got.isnan().any(), (HQ, nsplit, tile, d)
+        assert torch.equal(cache.k.view(torch.uint8), want[0]) and torch.equal(cache.v.view(torch.uint8), want[1])
+paged_attention.CONFIGS["fp8"] = (64, 2, 1)
 # half-precision activations: the kernel's dots run in fp16 on the widened fp8 values
 c16 = KVCache(L, NB, BS, HKV, D, "cpu", torch.float16, FP8)
 c16.k.copy_(before[0]); c16.v.copy_(before[1])

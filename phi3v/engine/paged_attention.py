@@ -7,7 +7,9 @@ registers and is written to the cache by the same kernel (no separate scatter la
 Grid (rows, kv heads, NSPLIT): each program streams 1/NSPLIT of its row's tokens, TILE at a time,
 for the query heads of its kv head, and keeps an online softmax (max m, sum l, weighted V acc) in
 fp32; the last split adds the new token. With
-NSPLIT > 1 a second kernel merges the partials. NSPLIT is fixed per batch bucket (the grid must
+NSPLIT > 1 a second kernel merges the partials. Two forms of the inner loop: tensor-core tl.dot (bf16/fp16/
+fp32 caches, and GQA), and fp32 multiply-and-sum with per-lane softmax (fp8 caches with one query head per
+kv head, as Phi-3 has: `_decode_fma`). NSPLIT is fixed per batch bucket (the grid must
 not depend on lengths, so that a CUDA graph replays for any length): small batches split more, so
 that batch 1 still puts ~16 programs per kv head on the GPU's 132 SMs.
 """
@@ -19,27 +21,124 @@ import os
 import torch
 from torch import Tensor
 
-from phi3v.models.kernels import HAVE_TRITON
+from phi3v.models.kernels import HAVE_TRITON, pdl_args
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from phi3v.models.kernels import to_cache
+    from phi3v.models.kernels import pdl_start, to_cache
+
+    @triton.jit
+    def _decode_fma(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, pacc_ptr, pml_ptr, b, kvh, s, L,
+                    sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, sbt, so_b, so_h, scale,
+                    BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
+                    NSPLIT: tl.constexpr, FP8: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr):
+        # One query head per kv head, without tensor cores: products in fp32, and an online softmax per
+        # token lane of the tile (running max m, sum l, weighted V rows), so that nothing is reduced across
+        # threads inside the loop; the lanes merge once at the end. head_dim as two power-of-2 halves
+        # (96 = 64 + 32): no masked lanes. For an fp8 cache this streams 2x the bytes/s of the tl.dot form,
+        # which moves 8-bit tiles through shared memory into the MMA layouts (attention_variants.py).
+        lo = tl.arange(0, D_LO)
+        hi = D_LO + tl.arange(0, D_HI)
+        hm = hi < D
+        offs_t = tl.arange(0, TILE)
+        qb = q_ptr + b * sq_b + kvh * sq_h
+        q_lo = tl.load(qb + lo).to(tl.float32)
+        q_hi = tl.load(qb + hi, mask=hm, other=0.0).to(tl.float32)
+        per = tl.cdiv(tl.cdiv(L, TILE), NSPLIT) * TILE  # tokens per split, whole tiles
+        t_lo = s * per
+        t_hi = tl.minimum(t_lo + per, L)
+        m = tl.full((TILE,), float("-inf"), tl.float32)
+        l = tl.zeros((TILE,), tl.float32)
+        a_lo = tl.zeros((TILE, D_LO), tl.float32)
+        a_hi = tl.zeros((TILE, D_HI), tl.float32)
+        for t0 in range(t_lo, t_hi, TILE):
+            t = t0 + offs_t
+            tm = t < t_hi
+            phys = tl.load(bt_ptr + b * sbt + t // BS, mask=tm, other=0).to(tl.int64)
+            base = (phys * sc_b + kvh * sc_h + (t % BS) * sc_t)[:, None]  # (TILE, 1)
+            k_lo = _widen(tl.load(kc_ptr + base + lo[None, :], mask=tm[:, None], other=0.0), FP8)
+            k_hi = _widen(tl.load(kc_ptr + base + hi[None, :], mask=tm[:, None] & hm[None, :], other=0.0), FP8)
+            v_lo = _widen(tl.load(vc_ptr + base + lo[None, :], mask=tm[:, None], other=0.0), FP8)
+            v_hi = _widen(tl.load(vc_ptr + base + hi[None, :], mask=tm[:, None] & hm[None, :], other=0.0), FP8)
+            sc = tl.sum(k_lo * q_lo[None, :], axis=1) + tl.sum(k_hi * q_hi[None, :], axis=1)
+            sc = tl.where(tm, sc * scale, float("-inf"))  # (TILE,)
+            m_new = tl.maximum(m, sc)
+            ms = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes with no token yet: exp(-inf) = 0, no NaN
+            alpha = tl.exp(m - ms)
+            p = tl.exp(sc - ms)
+            l = l * alpha + p
+            a_lo = a_lo * alpha[:, None] + p[:, None] * v_lo
+            a_hi = a_hi * alpha[:, None] + p[:, None] * v_hi
+            m = m_new
+        mx = tl.max(m, axis=0)  # merge the lanes; -inf when this split has no tokens
+        w = tl.exp(m - tl.where(mx == float("-inf"), 0.0, mx))
+        l = tl.sum(l * w, axis=0)
+        o_lo = tl.sum(a_lo * w[:, None], axis=0)  # (D_LO,)
+        o_hi = tl.sum(a_hi * w[:, None], axis=0)
+        m = mx
+        kb = kn_ptr + b * sk_b + kvh * sk_h
+        vb = vn_ptr + b * sv_b + kvh * sv_h
+        kn_lo = to_cache(tl.load(kb + lo), kc_ptr.dtype.element_ty, FP8)
+        kn_hi = to_cache(tl.load(kb + hi, mask=hm, other=0.0), kc_ptr.dtype.element_ty, FP8)
+        vn_lo = to_cache(tl.load(vb + lo), vc_ptr.dtype.element_ty, FP8)
+        vn_hi = to_cache(tl.load(vb + hi, mask=hm, other=0.0), vc_ptr.dtype.element_ty, FP8)
+        if s == NSPLIT - 1:  # the new token, as the cache holds it
+            sn = (tl.sum(q_lo * _widen(kn_lo, FP8), axis=0) + tl.sum(q_hi * _widen(kn_hi, FP8), axis=0)) * scale
+            m_new = tl.maximum(m, sn)
+            p = tl.exp(sn - m_new)
+            alpha = tl.exp(m - m_new)
+            l = l * alpha + p
+            o_lo = o_lo * alpha + p * _widen(vn_lo, FP8)
+            o_hi = o_hi * alpha + p * _widen(vn_hi, FP8)
+            m = m_new
+        if s == 0:  # store the new K/V; no program reads position L from the cache
+            phys = tl.load(bt_ptr + b * sbt + L // BS).to(tl.int64)
+            dst = phys * sc_b + kvh * sc_h + (L % BS) * sc_t
+            tl.store(kc_ptr + dst + lo, kn_lo)
+            tl.store(kc_ptr + dst + hi, kn_hi, mask=hm)
+            tl.store(vc_ptr + dst + lo, vn_lo)
+            tl.store(vc_ptr + dst + hi, vn_hi, mask=hm)
+        if NSPLIT == 1:
+            ob = out_ptr + b * so_b + kvh * so_h
+            tl.store(ob + lo, (o_lo / l).to(out_ptr.dtype.element_ty))
+            tl.store(ob + hi, (o_hi / l).to(out_ptr.dtype.element_ty), mask=hm)
+        else:
+            row = (b * tl.num_programs(1) + kvh) * NSPLIT + s  # partial row (b, head, s)
+            tl.store(pacc_ptr + row * BLOCK_D + lo, o_lo)
+            tl.store(pacc_ptr + row * BLOCK_D + hi, o_hi, mask=hm)
+            tl.store(pml_ptr + row * 2, m)
+            tl.store(pml_ptr + row * 2 + 1, l)
+
+    @triton.jit
+    def _widen(x, FP8: tl.constexpr):
+        # e4m3 -> fp16 is one native conversion per two values (-> fp32 is not); both exact. (Moving the bits
+        # into an fp32 by integer ops instead was 15 % slower on the H100: attention_variants.py.)
+        if FP8:
+            x = x.to(tl.float16)
+        return x.to(tl.float32)
 
     @triton.jit
     def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, out_ptr, pacc_ptr, pml_ptr,
                        sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, sbt, so_b, so_h, scale,
                        GROUP: tl.constexpr, QR: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
                        BLOCK_D: tl.constexpr, TILE: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr,
-                       FP8: tl.constexpr):
+                       FP8: tl.constexpr, PDL: tl.constexpr, FMA: tl.constexpr, D_LO: tl.constexpr,
+                       D_HI: tl.constexpr):
         # program (row b, kv head, split s): the GROUP query heads of this kv head are the rows of a
         # (QR >= 16, BLOCK_D) tile so that both products are tl.dot, whose operand loads Triton
         # software-pipelines (num_stages) -- the scalar-FMA form streams one tile at a time.
+        pdl_start(PDL)
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         s = tl.program_id(2)
         L = tl.load(len_ptr + b)  # cached positions 0..L-1; the new token sits at L
+        if FMA:
+            _decode_fma(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, pacc_ptr, pml_ptr, b, kvh, s, L,
+                        sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, sbt, so_b, so_h, scale,
+                        BS, D, BLOCK_D, TILE, NSPLIT, FP8, D_LO, D_HI)
+            return
         offs_d = tl.arange(0, BLOCK_D)
         dm = offs_d < D
         offs_t = tl.arange(0, TILE)
@@ -113,7 +212,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _merge_kernel(pacc_ptr, pml_ptr, out_ptr, so_b, so_h, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                      NSPLIT: tl.constexpr):
+                      NSPLIT: tl.constexpr, PDL: tl.constexpr):
+        pdl_start(PDL)
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         row0 = (b * tl.num_programs(1) + h) * NSPLIT
@@ -153,10 +253,10 @@ def _env_config() -> dict[str, tuple[int, int, int]]:
     return out
 
 
-# (tile, warps, stages) per KV storage, from H100 sweeps: bf16/fp16/fp32 (benchmarks/attention_bench.py); fp8
-# the same (benchmarks/fp8_attention_sweep.py: (128, 4, 2) was 8 % faster alone at batch 64 x 2.4k tokens,
-# but made 4-crop offline decoding 2.7x slower; see BENCHMARKS.md)
-CONFIGS = {"bf16": (64, 4, 2), "fp8": (64, 4, 2)} | _env_config()
+# (tile, warps, stages) per KV storage, from H100 sweeps: bf16/fp16/fp32 the tl.dot form
+# (benchmarks/attention_bench.py); fp8 the FMA form (benchmarks/attention_variants.py --real: 343 us per layer at
+# batch 64 x 2.4k tokens against 359 with 4 warps; stages do not apply, its loads feed no tl.dot)
+CONFIGS = {"bf16": (64, 4, 2), "fp8": (64, 2, 1)} | _env_config()
 
 
 def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -174,6 +274,9 @@ def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_c
     assert q.stride(2) == k.stride(2) == v.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     out = torch.empty(n, hq, d, device=q.device, dtype=q.dtype)
     block_d = triton.next_power_of_2(d)
+    fma = fp8 and group == 1  # see _decode_fma; bf16 streams as fast through the tl.dot form
+    d_lo = 1 << ((d - 1).bit_length() - 1)  # the largest power of 2 below d (d > 1): 96 -> 64 + 32, 128 -> 64 + 64
+    d_hi = triton.next_power_of_2(d - d_lo)
     if nsplit > 1:
         pacc = torch.empty(n * hq * nsplit, block_d, device=q.device, dtype=torch.float32)
         pml = torch.empty(n * hq * nsplit, 2, device=q.device, dtype=torch.float32)
@@ -184,9 +287,9 @@ def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_c
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1),
         d ** -0.5, GROUP=group, QR=max(16, triton.next_power_of_2(group)), BS=bs, D=d, BLOCK_D=block_d, TILE=tile,
-        NSPLIT=nsplit, IEEE=q.dtype == torch.float32, FP8=fp8,
-        num_warps=num_warps, num_stages=num_stages)
+        NSPLIT=nsplit, IEEE=q.dtype == torch.float32, FP8=fp8, FMA=fma, D_LO=d_lo, D_HI=d_hi,
+        num_warps=num_warps, num_stages=num_stages, **pdl_args(q))
     if nsplit > 1:
         _merge_kernel[(n, hq)](pacc, pml, out, out.stride(0), out.stride(1), D=d, BLOCK_D=block_d, NSPLIT=nsplit,
-                               num_warps=2)
+                               num_warps=2, **pdl_args(q))
     return out
