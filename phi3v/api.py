@@ -87,6 +87,13 @@ class LLM:
         self.allow_url_images = allow_url_images
         self._lock = threading.Lock()
 
+    def warmup(self) -> int:
+        """Capture the decode graphs of every batch size up to max_num_seqs now (the server and batch
+        jobs do at start; otherwise the first step at each new batch size pays its capture and Triton
+        compiles mid-run). Returns how many were captured."""
+        with self._lock:
+            return self.engine.runner.warmup(self.engine.sched.max_num_seqs)
+
     # ---------------------------------------------------------------- preparation
     def prepare(self, prompt: str, images: list[Any] | None = None, sampling_params: SamplingParams | None = None,
                 num_crops: int | None = None, **load_kwargs: Any) -> PreparedRequest:

@@ -389,3 +389,25 @@ def test_run_prepares_a_bounded_window_ahead_and_reports_soft_failures(llm: LLM)
     assert sorted(results) == list(range(40))
     assert isinstance(results[7], ValueError)
     assert all(len(results[i].token_ids) == 2 + i % 3 for i in range(40) if i != 7)
+
+
+def test_warmup_captures_every_decode_bucket_up_to_max_num_seqs(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `LLM.warmup` (server and batch start) captures: each batch bucket up to the one holding
+    max_num_seqs, once; nothing when graphs are off (the CPU); a failed capture turns graphs off."""
+    runner = llm.engine.runner
+    assert llm.warmup() == 0 and runner.graphs == {}  # CPU: no graphs
+    captured: list[int] = []
+    monkeypatch.setattr(runner, "use_graphs", True)
+    monkeypatch.setattr(runner, "graphs", {})
+    monkeypatch.setattr(runner, "_capture", lambda b: captured.append(b) or ("graph", {}))
+    assert runner.warmup(20) == 6 and captured == [1, 2, 4, 8, 16, 24]
+    assert runner.warmup(48) == 2 and captured[6:] == [32, 48]  # the ones already there are kept
+    monkeypatch.setattr(llm.engine.sched, "max_num_seqs", 64)
+    assert llm.warmup() == 1 and captured[-1] == 64
+
+    def fail(b: int) -> None:
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(runner, "graphs", {})
+    monkeypatch.setattr(runner, "_capture", fail)
+    assert runner.warmup(8) == 0 and runner.use_graphs is False

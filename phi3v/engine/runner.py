@@ -78,6 +78,20 @@ class DecodeRunner:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
 
+    def warmup(self, max_batch: int) -> int:
+        """Capture the graph of every batch bucket up to max_batch's now (a capture also compiles the
+        Triton kernels for its bucket's KV split count: seconds on a fresh machine), so that a batch
+        that shrinks or grows mid-run does not stall on it. Returns how many graphs were captured."""
+        if not self.use_graphs:
+            return 0
+        n = 0
+        for bucket in BATCH_BUCKETS:
+            if self.use_graphs and bucket not in self.graphs:
+                n += cached_graph(self, bucket, lambda b=bucket: self._capture(b), "decode") is not None
+            if bucket >= max_batch:
+                break
+        return n
+
     def _forward(self, tokens: torch.Tensor, lengths: torch.Tensor, flags: torch.Tensor, block_table: torch.Tensor,
                  width: int, nsplit: int) -> torch.Tensor:
         x = self.model.model.embed_tokens(tokens)[:, None]  # (n, 1, hidden)
