@@ -233,8 +233,8 @@ def real_kernel(layers: int, h: int, d: int, bs: int, dev: str) -> dict:
             lengths = torch.tensor(lens, device=dev) - 1  # the new token goes to the last cached position
             nbytes = sum(lens) * h * d * 2 * (1 if dtype == FP8 else 2)
             kn = torch.randn(batch, h, d, device=dev, dtype=torch.bfloat16)
-            splits = (16, 32) if batch == 1 else (1, 2)
-            cfgs = ((64, 2, 1), (64, 4, 1), (32, 2, 1), (32, 4, 1)) if dtype == FP8 else ((64, 4, 2),)
+            splits = (16,) if batch == 1 else (1, 2)
+            cfgs = ((64, 2, 1), (32, 2, 1), (32, 4, 1), (64, 4, 1), (16, 2, 1)) if dtype == FP8 else ((64, 4, 2),)
             for ns in splits:
                 for tile, warps, stages in cfgs:
                     us = time_us(lambda: [paged_decode_attention(q, kn, kn, c[1], c[2], bt, lengths, ns, tile, warps,

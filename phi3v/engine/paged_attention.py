@@ -56,12 +56,8 @@ if HAVE_TRITON:
         for t0 in range(t_lo, t_hi, TILE):
             t = t0 + offs_t
             tm = t < t_hi
-            phys = tl.load(bt_ptr + b * sbt + t // BS, mask=tm, other=0).to(tl.int64)
-            base = (phys * sc_b + kvh * sc_h + (t % BS) * sc_t)[:, None]  # (TILE, 1)
-            k_lo = _widen(tl.load(kc_ptr + base + lo[None, :], mask=tm[:, None], other=0.0), FP8)
-            k_hi = _widen(tl.load(kc_ptr + base + hi[None, :], mask=tm[:, None] & hm[None, :], other=0.0), FP8)
-            v_lo = _widen(tl.load(vc_ptr + base + lo[None, :], mask=tm[:, None], other=0.0), FP8)
-            v_hi = _widen(tl.load(vc_ptr + base + hi[None, :], mask=tm[:, None] & hm[None, :], other=0.0), FP8)
+            kl, kh, vl, vh = _kv_tile(kc_ptr, vc_ptr, bt_ptr + b * sbt, kvh * sc_h, sc_b, sc_t, t, t_hi, lo, hi, hm, BS)
+            k_lo, k_hi, v_lo, v_hi = _widen(kl, FP8), _widen(kh, FP8), _widen(vl, FP8), _widen(vh, FP8)
             sc = tl.sum(k_lo * q_lo[None, :], axis=1) + tl.sum(k_hi * q_hi[None, :], axis=1)
             sc = tl.where(tm, sc * scale, float("-inf"))  # (TILE,)
             m_new = tl.maximum(m, sc)
@@ -112,9 +108,22 @@ if HAVE_TRITON:
             tl.store(pml_ptr + row * 2 + 1, l)
 
     @triton.jit
+    def _kv_tile(kc_ptr, vc_ptr, bt_row, head_off, sc_b, sc_t, t, t_hi, lo, hi, hm, BS: tl.constexpr):
+        # positions t (TILE,) of one row and kv head, as stored: K and V, each as its lo and hi halves
+        tm = t < t_hi
+        phys = tl.load(bt_row + t // BS, mask=tm, other=0).to(tl.int64)
+        base = (phys * sc_b + head_off + (t % BS) * sc_t)[:, None]  # (TILE, 1)
+        mh = tm[:, None] & hm[None, :]
+        return (tl.load(kc_ptr + base + lo[None, :], mask=tm[:, None], other=0.0),
+                tl.load(kc_ptr + base + hi[None, :], mask=mh, other=0.0),
+                tl.load(vc_ptr + base + lo[None, :], mask=tm[:, None], other=0.0),
+                tl.load(vc_ptr + base + hi[None, :], mask=mh, other=0.0))
+
+    @triton.jit
     def _widen(x, FP8: tl.constexpr):
         # e4m3 -> fp16 is one native conversion per two values (-> fp32 is not); both exact. (Moving the bits
-        # into an fp32 by integer ops instead was 15 % slower on the H100: attention_variants.py.)
+        # into an fp32 by integer ops instead was 15 % slower on the H100; loading tile i+1 before computing
+        # tile i, which Triton does not pipeline here, gained nothing: BENCHMARKS.md.)
         if FP8:
             x = x.to(tl.float16)
         return x.to(tl.float32)
@@ -255,7 +264,8 @@ def _env_config() -> dict[str, tuple[int, int, int]]:
 
 # (tile, warps, stages) per KV storage, from H100 sweeps: bf16/fp16/fp32 the tl.dot form
 # (benchmarks/attention_bench.py); fp8 the FMA form (benchmarks/attention_variants.py --real: 343 us per layer at
-# batch 64 x 2.4k tokens against 359 with 4 warps; stages do not apply, its loads feed no tl.dot)
+# batch 64 x 2.4k tokens against 359 with 4 warps, 321-328 against 328-370 in a later call; stages do not
+# apply, its loads feed no tl.dot)
 CONFIGS = {"bf16": (64, 4, 2), "fp8": (64, 2, 1)} | _env_config()
 
 
