@@ -11,6 +11,8 @@
   the loop itself never dies.
 - Bounded: at most `max_num_seqs + max_queue` requests are accepted at once; beyond that
   `submit` raises `QueueFull` (the route answers 429 with Retry-After).
+- A backlog costs no GPU memory: once more than `device_waiting` accepted requests are not running,
+  new ones move their crops to pinned host memory (the engine copies them back when it encodes them).
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ class Frontend:
         self.llm, self.engine = llm, llm.engine
         self.max_queue, self.max_images = max_queue, max_images
         self.capacity = self.engine.sched.max_num_seqs + max_queue
+        # beyond this many accepted requests not yet running, new ones keep their crops in host memory
+        self.device_waiting = max(16, self.engine.sched.max_num_seqs)
         self.load_kwargs = dict(load_kwargs or {})
         self.default_num_crops = default_num_crops
         self.metrics = metrics or ServerMetrics(getattr(llm, "model_name", "model"))
@@ -186,8 +190,7 @@ class Frontend:
             loop = asyncio.get_running_loop()
             crops = num_crops if num_crops is not None else self.default_num_crops
             pool = self._fetch_pool if _downloads(messages) else self._pool
-            prep = await loop.run_in_executor(
-                pool, lambda: self.llm.prepare_chat(messages, params, crops, **self.load_kwargs))
+            prep = await loop.run_in_executor(pool, lambda: self._prepare(messages, params, crops))
             h = _Handle(rid, loop, asyncio.Queue(), prep, arrival)
             self._cmds.put(("add", h))
             handed = True
@@ -206,6 +209,12 @@ class Frontend:
             if not handed:
                 with self._lock:
                     self.active -= 1
+
+    def _prepare(self, messages: list[dict[str, Any]], params: Any, crops: int | None) -> Any:
+        prep = self.llm.prepare_chat(messages, params, crops, **self.load_kwargs)
+        if self.num_waiting > self.device_waiting:  # it will wait behind a backlog: off the GPU meanwhile
+            prep.to_host()
+        return prep
 
     def abort(self, rid: str) -> None:
         self._cmds.put(("abort", rid))
