@@ -30,6 +30,13 @@ if HAVE_TRITON:
     from phi3v.models.kernels import pdl_start, to_cache
 
     @triton.jit
+    def _split_range(L, s, TILE: tl.constexpr, NSPLIT: tl.constexpr):
+        # split s's positions [lo, hi) of 0..L-1: whole tiles each, the last ones shorter or empty
+        per = tl.cdiv(tl.cdiv(L, TILE), NSPLIT) * TILE
+        lo = s * per
+        return lo, tl.minimum(lo + per, L)
+
+    @triton.jit
     def _decode_fma(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, pacc_ptr, pml_ptr, b, kvh, s, L,
                     sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, sbt, so_b, so_h, scale,
                     BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
@@ -46,9 +53,7 @@ if HAVE_TRITON:
         qb = q_ptr + b * sq_b + kvh * sq_h
         q_lo = tl.load(qb + lo).to(tl.float32)
         q_hi = tl.load(qb + hi, mask=hm, other=0.0).to(tl.float32)
-        per = tl.cdiv(tl.cdiv(L, TILE), NSPLIT) * TILE  # tokens per split, whole tiles
-        t_lo = s * per
-        t_hi = tl.minimum(t_lo + per, L)
+        t_lo, t_hi = _split_range(L, s, TILE, NSPLIT)
         m = tl.full((TILE,), float("-inf"), tl.float32)
         l = tl.zeros((TILE,), tl.float32)
         a_lo = tl.zeros((TILE, D_LO), tl.float32)
@@ -165,9 +170,7 @@ if HAVE_TRITON:
             if not IEEE:  # half-precision dots in fp16: e4m3 -> fp16 is one native conversion per two values
                 # (-> bf16 is not, and made the kernel compute-bound); q fits fp16's range after the clamp
                 qd = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
-        per = tl.cdiv(tl.cdiv(L, TILE), NSPLIT) * TILE  # tokens per split, whole tiles
-        lo = s * per
-        hi = tl.minimum(lo + per, L)
+        lo, hi = _split_range(L, s, TILE, NSPLIT)
         m = tl.full((QR,), float("-inf"), tl.float32)
         l = tl.zeros((QR,), tl.float32)
         acc = tl.zeros((QR, BLOCK_D), tl.float32)
