@@ -44,7 +44,7 @@ def _sm90(index: int) -> bool:
 
 def pdl(x: Tensor) -> bool:
     """Whether kernels on x's device launch with PDL (CUDA, compute capability >= 9, not turned off)."""
-    return PDL_ENABLED and HAVE_TRITON and x.is_cuda and _sm90(x.device.index or 0)
+    return PDL_ENABLED and HAVE_TRITON and gdc_wait is not None and x.is_cuda and _sm90(x.device.index or 0)
 
 
 def pdl_args(x: Tensor) -> dict:
@@ -54,7 +54,10 @@ def pdl_args(x: Tensor) -> dict:
 
 
 if HAVE_TRITON:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    try:  # Triton >= 3.3
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # pragma: no cover - older Triton: no PDL (the branches below are never compiled)
+        gdc_launch_dependents = gdc_wait = None
 
     @triton.jit
     def pdl_trigger(PDL: tl.constexpr):
