@@ -51,6 +51,10 @@ def test_fused_kernels_match_eager_math_in_the_interpreter() -> None:
 def test_pdl_is_off_off_the_gpu() -> None:
     """Programmatic dependent launch only for CUDA tensors on compute capability >= 9: on the CPU (and in
     Triton's interpreter) kernels get PDL=False and no launch attribute."""
+    import torch
+
+    from phi3v.models import kernels
+
     x = torch.zeros(2)
     assert kernels.pdl(x) is False
     assert kernels.pdl_args(x) == {"PDL": False}
