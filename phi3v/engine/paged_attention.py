@@ -61,7 +61,7 @@ if HAVE_TRITON:
         for t0 in range(t_lo, t_hi, TILE):
             t = t0 + offs_t
             tm = t < t_hi
-            kl, kh, vl, vh = _kv_tile(kc_ptr, vc_ptr, bt_ptr + b * sbt, kvh * sc_h, sc_b, sc_t, t, t_hi, lo, hi, hm, BS)
+            kl, kh, vl, vh = _kv_tile(kc_ptr, vc_ptr, bt_ptr + b * sbt, kvh * sc_h, sc_b, sc_t, t, tm, lo, hi, hm, BS)
             k_lo, k_hi, v_lo, v_hi = _widen(kl, FP8), _widen(kh, FP8), _widen(vl, FP8), _widen(vh, FP8)
             sc = tl.sum(k_lo * q_lo[None, :], axis=1) + tl.sum(k_hi * q_hi[None, :], axis=1)
             sc = tl.where(tm, sc * scale, float("-inf"))  # (TILE,)
@@ -113,9 +113,9 @@ if HAVE_TRITON:
             tl.store(pml_ptr + row * 2 + 1, l)
 
     @triton.jit
-    def _kv_tile(kc_ptr, vc_ptr, bt_row, head_off, sc_b, sc_t, t, t_hi, lo, hi, hm, BS: tl.constexpr):
-        # positions t (TILE,) of one row and kv head, as stored: K and V, each as its lo and hi halves
-        tm = t < t_hi
+    def _kv_tile(kc_ptr, vc_ptr, bt_row, head_off, sc_b, sc_t, t, tm, lo, hi, hm, BS: tl.constexpr):
+        # positions t (TILE,) of one row and kv head (tm: those in range), as stored: K and V, each as its
+        # lo and hi halves
         phys = tl.load(bt_row + t // BS, mask=tm, other=0).to(tl.int64)
         base = (phys * sc_b + head_off + (t % BS) * sc_t)[:, None]  # (TILE, 1)
         mh = tm[:, None] & hm[None, :]
@@ -142,7 +142,8 @@ if HAVE_TRITON:
                        D_HI: tl.constexpr):
         # program (row b, kv head, split s): the GROUP query heads of this kv head are the rows of a
         # (QR >= 16, BLOCK_D) tile so that both products are tl.dot, whose operand loads Triton
-        # software-pipelines (num_stages) -- the scalar-FMA form streams one tile at a time.
+        # software-pipelines (num_stages). For 16-bit caches this beats an FMA form; for fp8 with one query
+        # head per kv head, _decode_fma (FMA) is faster, because 8-bit tiles reach the MMA layouts slowly.
         pdl_start(PDL)
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
