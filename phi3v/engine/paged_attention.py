@@ -27,7 +27,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from phi3v.models.kernels import pdl_start, to_cache
+    from phi3v.models.kernels import pdl_start, pdl_trigger, pdl_wait, to_cache
 
     @triton.jit
     def _split_range(L, s, TILE: tl.constexpr, NSPLIT: tl.constexpr):
@@ -40,7 +40,8 @@ if HAVE_TRITON:
     def _decode_fma(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, pacc_ptr, pml_ptr, b, kvh, s, L,
                     sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, sbt, so_b, so_h, scale,
                     BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
-                    NSPLIT: tl.constexpr, FP8: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr):
+                    NSPLIT: tl.constexpr, FP8: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr,
+                    PDL: tl.constexpr):
         # One query head per kv head, without tensor cores: products in fp32, and an online softmax per
         # token lane of the tile (running max m, sum l, weighted V rows), so that nothing is reduced across
         # threads inside the loop; the lanes merge once at the end. head_dim as two power-of-2 halves
@@ -50,29 +51,25 @@ if HAVE_TRITON:
         hi = D_LO + tl.arange(0, D_HI)
         hm = hi < D
         offs_t = tl.arange(0, TILE)
+        bt_row = bt_ptr + b * sbt
+        t_lo, t_hi = _split_range(L, s, TILE, NSPLIT)
+        t = t_lo + offs_t
+        tm = t < t_hi
+        kl, kh, vl, vh = _kv_tile(kc_ptr, vc_ptr, bt_row, kvh * sc_h, sc_b, sc_t, t, tm, lo, hi, hm, BS)
+        pdl_wait(PDL)  # the first tile is read before waiting (see _decode_kernel); q, k, v now
         qb = q_ptr + b * sq_b + kvh * sq_h
         q_lo = tl.load(qb + lo).to(tl.float32)
         q_hi = tl.load(qb + hi, mask=hm, other=0.0).to(tl.float32)
-        t_lo, t_hi = _split_range(L, s, TILE, NSPLIT)
         m = tl.full((TILE,), float("-inf"), tl.float32)
         l = tl.zeros((TILE,), tl.float32)
         a_lo = tl.zeros((TILE, D_LO), tl.float32)
         a_hi = tl.zeros((TILE, D_HI), tl.float32)
-        for t0 in range(t_lo, t_hi, TILE):
+        m, l, a_lo, a_hi = _fma_tile(kl, kh, vl, vh, tm, q_lo, q_hi, m, l, a_lo, a_hi, scale, FP8)
+        for t0 in range(t_lo + TILE, t_hi, TILE):
             t = t0 + offs_t
             tm = t < t_hi
-            kl, kh, vl, vh = _kv_tile(kc_ptr, vc_ptr, bt_ptr + b * sbt, kvh * sc_h, sc_b, sc_t, t, tm, lo, hi, hm, BS)
-            k_lo, k_hi, v_lo, v_hi = _widen(kl, FP8), _widen(kh, FP8), _widen(vl, FP8), _widen(vh, FP8)
-            sc = tl.sum(k_lo * q_lo[None, :], axis=1) + tl.sum(k_hi * q_hi[None, :], axis=1)
-            sc = tl.where(tm, sc * scale, float("-inf"))  # (TILE,)
-            m_new = tl.maximum(m, sc)
-            ms = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes with no token yet: exp(-inf) = 0, no NaN
-            alpha = tl.exp(m - ms)
-            p = tl.exp(sc - ms)
-            l = l * alpha + p
-            a_lo = a_lo * alpha[:, None] + p[:, None] * v_lo
-            a_hi = a_hi * alpha[:, None] + p[:, None] * v_hi
-            m = m_new
+            kl, kh, vl, vh = _kv_tile(kc_ptr, vc_ptr, bt_row, kvh * sc_h, sc_b, sc_t, t, tm, lo, hi, hm, BS)
+            m, l, a_lo, a_hi = _fma_tile(kl, kh, vl, vh, tm, q_lo, q_hi, m, l, a_lo, a_hi, scale, FP8)
         mx = tl.max(m, axis=0)  # merge the lanes; -inf when this split has no tokens
         w = tl.exp(m - tl.where(mx == float("-inf"), 0.0, mx))
         l = tl.sum(l * w, axis=0)
@@ -113,6 +110,51 @@ if HAVE_TRITON:
             tl.store(pml_ptr + row * 2 + 1, l)
 
     @triton.jit
+    def _fma_tile(kl, kh, vl, vh, tm, q_lo, q_hi, m, l, a_lo, a_hi, scale, FP8: tl.constexpr):
+        # one tile of _decode_fma's loop: per-lane online softmax; a tile with no token in range changes nothing
+        k_lo, k_hi, v_lo, v_hi = _widen(kl, FP8), _widen(kh, FP8), _widen(vl, FP8), _widen(vh, FP8)
+        sc = tl.sum(k_lo * q_lo[None, :], axis=1) + tl.sum(k_hi * q_hi[None, :], axis=1)
+        sc = tl.where(tm, sc * scale, float("-inf"))  # (TILE,)
+        m_new = tl.maximum(m, sc)
+        ms = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes with no token yet: exp(-inf) = 0, no NaN
+        alpha = tl.exp(m - ms)
+        p = tl.exp(sc - ms)
+        l = l * alpha + p
+        a_lo = a_lo * alpha[:, None] + p[:, None] * v_lo
+        a_hi = a_hi * alpha[:, None] + p[:, None] * v_hi
+        return m_new, l, a_lo, a_hi
+
+    @triton.jit
+    def _dot_tile(qd, k, v, tm, m, l, acc, scale, IEEE: tl.constexpr, FP8: tl.constexpr):
+        # one tile of the tl.dot loop (the caller skips a tile with no token in range: its max would be -inf)
+        if FP8:  # widened in registers (exactly: e4m3 fits fp16 and fp32)
+            k = k.to(qd.dtype)
+            v = v.to(qd.dtype)
+        if IEEE:
+            sc = tl.dot(qd, tl.trans(k), input_precision="ieee")
+        else:
+            sc = tl.dot(qd, tl.trans(k))
+        sc = tl.where(tm[None, :], sc * scale, float("-inf"))  # (QR, TILE) fp32
+        m_new = tl.maximum(m, tl.max(sc, axis=1))
+        p = tl.exp(sc - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:  # P rounded to the activation dtype for the second product, as flash attention does
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l, acc
+
+    @triton.jit
+    def _kv_full_tile(kc_ptr, vc_ptr, bt_row, head_off, sc_b, sc_t, t, tm, offs_d, dm, BS: tl.constexpr):
+        # positions t (TILE,) of one row and kv head: K and V as (TILE, BLOCK_D), zero where out of range
+        phys = tl.load(bt_row + t // BS, mask=tm, other=0).to(tl.int64)
+        base = phys * sc_b + head_off + (t % BS) * sc_t  # (TILE,)
+        msk = tm[:, None] & dm[None, :]
+        return (tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=msk, other=0.0),
+                tl.load(vc_ptr + base[:, None] + offs_d[None, :], mask=msk, other=0.0))
+
+    @triton.jit
     def _kv_tile(kc_ptr, vc_ptr, bt_row, head_off, sc_b, sc_t, t, tm, lo, hi, hm, BS: tl.constexpr):
         # positions t (TILE,) of one row and kv head (tm: those in range), as stored: K and V, each as its
         # lo and hi halves
@@ -144,7 +186,13 @@ if HAVE_TRITON:
         # (QR >= 16, BLOCK_D) tile so that both products are tl.dot, whose operand loads Triton
         # software-pipelines (num_stages). For 16-bit caches this beats an FMA form; for fp8 with one query
         # head per kv head, _decode_fma (FMA) is faster, because 8-bit tiles reach the MMA layouts slowly.
-        pdl_start(PDL)
+        #
+        # PDL: the first KV tile is read before waiting for the previous kernel (q, k, v come from it). Safe
+        # because nothing read before the wait is written by this decode step's kernels: lengths and the
+        # block table are inputs copied before the step, positions < L of the cache were written by earlier
+        # steps, and each step starts with a kernel launched without PDL (the embedding lookup), which runs
+        # only once all earlier work is done.
+        pdl_trigger(PDL)
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
         s = tl.program_id(2)
@@ -152,11 +200,17 @@ if HAVE_TRITON:
         if FMA:
             _decode_fma(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, pacc_ptr, pml_ptr, b, kvh, s, L,
                         sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, sbt, so_b, so_h, scale,
-                        BS, D, BLOCK_D, TILE, NSPLIT, FP8, D_LO, D_HI)
+                        BS, D, BLOCK_D, TILE, NSPLIT, FP8, D_LO, D_HI, PDL)
             return
         offs_d = tl.arange(0, BLOCK_D)
         dm = offs_d < D
         offs_t = tl.arange(0, TILE)
+        bt_row = bt_ptr + b * sbt
+        lo, hi = _split_range(L, s, TILE, NSPLIT)
+        t = lo + offs_t
+        tm = t < hi
+        k0, v0 = _kv_full_tile(kc_ptr, vc_ptr, bt_row, kvh * sc_h, sc_b, sc_t, t, tm, offs_d, dm, BS)
+        pdl_wait(PDL)
         offs_g = tl.arange(0, QR)
         heads = kvh * GROUP + offs_g
         gm = offs_g < GROUP
@@ -171,35 +225,16 @@ if HAVE_TRITON:
             if not IEEE:  # half-precision dots in fp16: e4m3 -> fp16 is one native conversion per two values
                 # (-> bf16 is not, and made the kernel compute-bound); q fits fp16's range after the clamp
                 qd = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
-        lo, hi = _split_range(L, s, TILE, NSPLIT)
         m = tl.full((QR,), float("-inf"), tl.float32)
         l = tl.zeros((QR,), tl.float32)
         acc = tl.zeros((QR, BLOCK_D), tl.float32)
-        for t0 in range(lo, hi, TILE):
+        if lo < hi:
+            m, l, acc = _dot_tile(qd, k0, v0, tm, m, l, acc, scale, IEEE, FP8)
+        for t0 in range(lo + TILE, hi, TILE):
             t = t0 + offs_t
             tm = t < hi
-            phys = tl.load(bt_ptr + b * sbt + t // BS, mask=tm, other=0).to(tl.int64)
-            base = phys * sc_b + kvh * sc_h + (t % BS) * sc_t  # (TILE,)
-            msk = tm[:, None] & dm[None, :]
-            k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=msk, other=0.0)  # (TILE, BLOCK_D)
-            v = tl.load(vc_ptr + base[:, None] + offs_d[None, :], mask=msk, other=0.0)
-            if FP8:  # widened in registers (exactly: e4m3 fits fp16 and fp32)
-                k = k.to(qd.dtype)
-                v = v.to(qd.dtype)
-            if IEEE:
-                sc = tl.dot(qd, tl.trans(k), input_precision="ieee")
-            else:
-                sc = tl.dot(qd, tl.trans(k))
-            sc = tl.where(tm[None, :], sc * scale, float("-inf"))  # (QR, TILE) fp32
-            m_new = tl.maximum(m, tl.max(sc, axis=1))
-            p = tl.exp(sc - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            l = l * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:  # P rounded to the activation dtype for the second product, as flash attention does
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+            k, v = _kv_full_tile(kc_ptr, vc_ptr, bt_row, kvh * sc_h, sc_b, sc_t, t, tm, offs_d, dm, BS)
+            m, l, acc = _dot_tile(qd, k, v, tm, m, l, acc, scale, IEEE, FP8)
         if s == NSPLIT - 1:  # the new token, from registers
             sn = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], axis=1) * scale  # (QR,)
             m_new = tl.maximum(m, sn)
