@@ -1,5 +1,7 @@
 """GPU parity check: the tiny golden checkpoint on CUDA fp32 (TF32 off) gives the reference's
-greedy tokens and step-0 logprobs for every golden case. (The full-size speed numbers that an
+greedy tokens and step-0 logprobs for every golden case; and the image processor's GPU path (pinned
+canvas, table lookup, bicubic global view on the device) gives the CPU path's crops and content key
+(sub-crops bit-equal, global view to float32 rounding). (The full-size speed numbers that an
 earlier version of this script also took are now `phi3v bench`.)
 
 Usage: python benchmarks/gpu_smoke.py [--out results.json]
@@ -49,11 +51,38 @@ def tiny_parity() -> dict:
     return res
 
 
+def gpu_pixels() -> dict:
+    """CPU vs GPU preprocessing on the golden images and synthetic ones (portrait, padding, exact size, RGBA)."""
+    from PIL import Image
+
+    from phi3v.processing.image import ImageProcessor
+
+    proc = ImageProcessor()
+    rng = np.random.default_rng(0)
+    noise = lambda w, h, mode="RGB": Image.fromarray(rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8), mode)  # noqa: E731
+    images = {p.stem: Image.open(p) for p in sorted((DATA / "golden" / "images").glob("*.png"))}
+    images |= {"portrait_500x1700": noise(500, 1700), "wide_1900x300": noise(1900, 300),
+               "exact_1344x1344": noise(1344, 1344), "rgba_700x400": noise(700, 400, "RGBA")}
+    res = {}
+    for name, img in images.items():
+        for nc in (1, 4, 16):
+            cpu = proc.preprocess(img, nc)
+            gpu = proc.preprocess(img, nc, device="cuda")
+            res[f"{name}/nc{nc}"] = {"grid": list(cpu.grid), "same_key": cpu.key == gpu.key,
+                                     "same_size": cpu.image_size == gpu.image_size,
+                                     "subcrops_equal": bool(torch.equal(cpu.crops[1:], gpu.crops[1:].cpu())),
+                                     "global_max_abs": float((cpu.crops[0] - gpu.crops[0].cpu()).abs().max())}
+    ok = all(r["same_key"] and r["same_size"] and r["subcrops_equal"] and r["global_max_abs"] < 1e-4
+             for r in res.values())
+    return {"ok": ok, "cases": res}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "tiny_cuda_fp32": tiny_parity()}
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "gpu_pixels": gpu_pixels(),
+           "tiny_cuda_fp32": tiny_parity()}
     emit(res, a.out)
 
 

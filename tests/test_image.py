@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from phi3v.processing import image_io
-from phi3v.processing.image import ImageBatch, ImageProcessor, ProcessedImage, hd_canvas, num_image_tokens
+from phi3v.processing.image import (ImageBatch, ImageProcessor, ProcessedImage, content_key, hd_canvas, hd_resized,
+                                    num_image_tokens)
 from phi3v.processing.image_io import ImageInputError, load_image
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -200,6 +201,34 @@ def test_canvas_padding_is_centred_white() -> None:
 
 
 # ----------------------------------------------------------------------------------------- load_image: inputs
+
+
+def test_canvas_at_the_target_size_is_the_image() -> None:
+    # a 1344x1344 image at 16 crops needs no resize and no padding: the canvas is its pixels (the resize is skipped)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (1344, 1344, 3), dtype=np.uint8))
+    pixels, target_h, transposed = hd_resized(img, 16)
+    assert (target_h, transposed) == (1344, False)
+    np.testing.assert_array_equal(hd_canvas(img, 16), np.asarray(img))
+
+
+def test_content_key() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (1100, 1000, 3), dtype=np.uint8)  # 3.3 MB: hashed in chunks on threads
+    b = a.copy()
+    b[550, 500, 1] ^= 1  # one bit in the middle
+    assert content_key(a, 1344, False) == content_key(a.copy(), 1344, False)  # content, not identity
+    assert len({content_key(a, 1344, False), content_key(b, 1344, False), content_key(a, 1680, False),
+                content_key(a, 1344, True), content_key(a.reshape(1000, 1100, 3), 1344, False)}) == 5
+    small = a[:10]  # one sha256, same rules
+    assert content_key(small, 336, False) == content_key(small.copy(), 336, False) != content_key(small, 336, True)
+
+
+def test_cache_key_tells_a_portrait_from_its_landscape() -> None:
+    proc = ImageProcessor(num_crops=4)
+    land = Image.fromarray(np.random.default_rng(2).integers(0, 256, (300, 700, 3), dtype=np.uint8))
+    a, b = proc.preprocess(land), proc.preprocess(land.transpose(Image.Transpose.TRANSPOSE))
+    assert a.grid == b.grid[::-1] and a.key != b.key
+    assert proc.preprocess(land.copy()).key == a.key and ImageProcessor(num_crops=16).preprocess(land).key != a.key
 
 
 def test_load_image_every_input_kind(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Images of requests, and the image-embedding cache in front of the vision tower.
 
-Features are cached by content key (the processor's sha256 of the HD canvas, which fixes num_crops
-too), so the same image asked about twice is encoded once. A step's missing images are encoded
+Features are cached by content key (the processor's `content_key` of the resized image and its
+padding, which fixes num_crops too), so the same image asked about twice is encoded once. A step's missing images are encoded
 together, in vision batches of at most `batch_crops` crops (bounding activation memory).
 """
 
