@@ -9,7 +9,7 @@ varied (num_stages only changes the tl.dot path: Triton does not pipeline the FM
 candidate's output is checked against F.linear first. Kernels are compiled ahead by --jobs worker processes
 into Triton's on-disk cache, so the main process only loads them.
 Last, a whole M=1 decode's GEMVs (32 x (qkv, o, gate_up, down) + lm_head) in one graph: cuBLAS, the best
-Triton config per shape, and the faster of the two per shape.
+Triton config per shape, the faster of the two per shape, and gemv.py's current table.
 
 Usage: python benchmarks/gemv_sweep.py [--quick] [--m 1 2 4 8] [--json-out benchmarks/results/gemv_sweep.json]
 """
@@ -273,13 +273,15 @@ def main(argv: list[str] | None = None) -> None:
             return lambda x, w: gemv.linear(x, w, best_cfg[(s, m)][0])
 
         res = {"cublas_ms": run(lambda s: F.linear), "triton_ms": run(tri),
-               "best_of_ms": run(lambda s: tri(s) if best_cfg[(s, m)][1] > 1 else F.linear), "gbytes": nbytes / 1e9}
-        for key in ("cublas", "triton", "best_of"):
+               "best_of_ms": run(lambda s: tri(s) if best_cfg[(s, m)][1] > 1 else F.linear),
+               "table_ms": run(lambda s: gemv.linear), "gbytes": nbytes / 1e9}  # table: gemv.py's BEST as it is
+        for key in ("cublas", "triton", "best_of", "table"):
             res[f"{key}_tbs"] = tbs(nbytes, res[f"{key}_ms"])
         out["decode"][f"M={m}"] = res
         print(f"\nwhole decode M={m} ({nbytes / 1e9:.2f} GB): cuBLAS {res['cublas_ms']:.3f} ms "
               f"({res['cublas_tbs']:.2f} TB/s), Triton {res['triton_ms']:.3f} ms ({res['triton_tbs']:.2f} TB/s), "
-              f"best of both {res['best_of_ms']:.3f} ms ({res['best_of_tbs']:.2f} TB/s)")
+              f"best of both {res['best_of_ms']:.3f} ms ({res['best_of_tbs']:.2f} TB/s), "
+              f"gemv.py's table now {res['table_ms']:.3f} ms ({res['table_tbs']:.2f} TB/s)")
 
     print(f"\n# (M, N, K): GemvConfig(block_n, block_k, split_k, num_warps, num_stages, dot)  # vs cuBLAS\n"
           f"# {out['device']}, bf16, {time.strftime('%Y-%m-%d')}, benchmarks/gemv_sweep.py\n"
