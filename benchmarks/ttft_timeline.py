@@ -30,8 +30,8 @@ from phi3v.processing import image as image_mod  # noqa: E402
 from decode_profile import ensure_checkpoint  # noqa: E402  (benchmarks/ is the script's folder)
 
 # (owner, attribute) of every host phase that gets a label
-PHASES = [(api.LLM, "prepare"), (image_mod.ImageProcessor, "preprocess"), (image_mod, "hd_canvas"),
-          (image_mod.ImageProcessor, "normalize"), (api, "tokenize_prompt"), (engine_mod.Engine, "add_request"),
+PHASES = [(api.LLM, "prepare"), (image_mod.ImageProcessor, "preprocess"), (image_mod, "hd_resized"),
+          (image_mod, "pad_canvas"), (image_mod.ImageProcessor, "normalize"), (api, "tokenize_prompt"), (engine_mod.Engine, "add_request"),
           (engine_mod.Engine, "_step"), (images_mod.ImageFeatures, "encode"), (engine_mod.Engine, "_prompt_embeds"),
           (engine_mod.Engine, "_prefill_many"), (engine_mod.Engine, "_sample_device"), (engine_mod.Engine, "_commit")]
 LABELS = {f"phase:{a}" for _, a in PHASES}

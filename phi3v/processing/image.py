@@ -31,7 +31,7 @@ import numbers
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -110,22 +110,34 @@ _hash_pool: ThreadPoolExecutor | None = None
 
 
 def content_key(pixels: np.ndarray, *meta: Any) -> str:
-    """A sha256-based key of a C-contiguous uint8 array and `meta`. Arrays of several MB are hashed in chunks on
-    threads (hashlib lets go of the GIL) and the chunk digests hashed together: a 16-crop canvas (5.4 MB) took
-    6 ms in one sha256 on the H100 machine's CPU, on the path to the first token."""
+    """A sha256-based key of a C-contiguous uint8 array and `meta` (see `content_key_later`)."""
+    return content_key_later(pixels, *meta)()
+
+
+def content_key_later(pixels: np.ndarray, *meta: Any) -> Callable[[], str]:
+    """Start hashing; the returned function gives the key. Arrays of several MB are hashed in chunks on threads
+    (hashlib lets go of the GIL) and the chunk digests hashed together: one sha256 of a 16-crop canvas (5.4 MB)
+    took 6 ms of the H100 machine's CPU, on the path to the first token; the caller does its device work
+    while the chunks hash."""
     global _hash_pool
     h = hashlib.sha256(repr((pixels.shape, *meta)).encode())
     buf = memoryview(pixels).cast("B")
     n = min(8, os.cpu_count() or 1, len(buf) // _HASH_CHUNK)
     if n < 2:
         h.update(buf)
-    else:
-        if _hash_pool is None:
-            _hash_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="phi3v-hash")
-        step = -(-len(buf) // n)
-        for d in _hash_pool.map(lambda i: hashlib.sha256(buf[i: i + step]).digest(), range(0, len(buf), step)):
-            h.update(d)
-    return h.hexdigest()[:32]
+        key = h.hexdigest()[:32]
+        return lambda: key
+    if _hash_pool is None:
+        _hash_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="phi3v-hash")
+    step = -(-len(buf) // n)
+    futs = [_hash_pool.submit(lambda i: hashlib.sha256(buf[i: i + step]).digest(), i) for i in range(0, len(buf), step)]
+
+    def key() -> str:
+        for f in futs:
+            h.update(f.result())
+        return h.hexdigest()[:32]
+
+    return key
 
 
 @dataclass
@@ -203,8 +215,8 @@ class ImageProcessor:
         pixels, target_h, transposed = hd_resized(rgb, nc)  # (new_h, new_w, 3) uint8, landscape
         H, W = (pixels.shape[1], target_h) if transposed else (target_h, pixels.shape[1])
         # content key for the image-embedding cache: the resized pixels and the padding fix exactly what the
-        # vision tower sees, whatever the input format or num_crops
-        key = content_key(pixels, target_h, transposed)
+        # vision tower sees, whatever the input format or num_crops (hashed while the device work is queued)
+        key = content_key_later(pixels, target_h, transposed)
         gh, gw = H // CROP, W // CROP
         on_gpu = device is not None and torch.device(device).type != "cpu"
         with device_lock if device_lock is not None and on_gpu else contextlib.nullcontext():
@@ -222,7 +234,8 @@ class ImageProcessor:
             # (3, gh, 336, gw, 336) -> (gh, gw, 3, 336, 336): row-major sub-crops
             subs = hd.reshape(3, gh, CROP, gw, CROP).permute(1, 3, 0, 2, 4).reshape(gh * gw, 3, CROP, CROP)
             crops = torch.cat([glob, subs], dim=0).to(dtype)
-        return ProcessedImage(crops=crops, image_size=(H, W), num_tokens=num_image_tokens(gh, gw), grid=(gh, gw), key=key)
+        return ProcessedImage(crops=crops, image_size=(H, W), num_tokens=num_image_tokens(gh, gw), grid=(gh, gw),
+                              key=key())
 
     def __call__(self, images: Any, num_crops: int | None = None) -> ImageBatch:
         """One image or a list of images -> padded batch, shaped like the reference's `pixel_values`."""
