@@ -8,6 +8,11 @@ Usage: python benchmarks/overlap_probe.py [--folder /tmp/phi3v-full-random] [--o
 On the H100 (2026-11-25) the 16-crop case saved 3 %; the 4-crop case, where both streams replay CUDA
 graphs, hung in `graph.replay()` and the watchdog (--watchdog, default 330 s) ended the run after
 dumping every thread's stack. --only 16c skips it.
+
+--carveout N [N ...]: also time the two streams with cuBLAS(Lt) told to leave N SMs free
+(`torch._C._set_sm_carveout_experimental`, all GEMMs routed through cuBLASLt), so that the prefill's
+GEMMs cannot take every SM and the decode kernels (Triton, high priority) always find some: does
+partitioning the SMs buy the overlap that plain streams do not?
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ def main() -> None:
     ap.add_argument("--prefills", type=int, default=10)
     ap.add_argument("--only", choices=sorted(CASES), default=None, help="run one case")
     ap.add_argument("--watchdog", type=float, default=330, help="dump every thread's stack and exit after this many s")
+    ap.add_argument("--carveout", type=int, nargs="*", default=[], help="SMs that cuBLAS leaves free (extra runs)")
     a = ap.parse_args()
     faulthandler.dump_traceback_later(a.watchdog, exit=True)
     t0 = time.perf_counter()
@@ -124,6 +130,19 @@ def main() -> None:
             log(f"{name} prio {prio}: decode {d:.1f} ms ({a.steps} steps of batch {B}), prefill {p:.1f} ms "
                   f"({a.prefills} x {T} tok), one stream {same:.1f}, two streams {both:.1f} "
                   f"(saved {100 * (1 - both / (d + p)):.0f} %)")
+        for n in a.carveout:  # the prefill's GEMMs on 132 - n SMs; the decode stream at high priority
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+            torch._C._set_sm_carveout_experimental(n)
+            sd, sp = torch.cuda.Stream(priority=-1), torch.cuda.Stream(priority=0)
+            p = min(timed(0, a.prefills, sd, sp) for _ in range(2))
+            both = min(timed(a.steps, a.prefills, sd, sp) for _ in range(2))
+            d = r["decode_prio-1"]["decode_ms"]
+            r[f"carveout{n}"] = {"decode_ms": d, "prefill_ms": p, "two_streams_ms": both,
+                                 "saved_frac_vs_full_gpu_sum": 1 - both / (d + r["decode_prio-1"]["prefill_ms"])}
+            log(f"{name} carveout {n} SMs: prefill {p:.1f} ms, two streams {both:.1f} (against {d:.1f} + "
+                f"{r['decode_prio-1']['prefill_ms']:.1f} one after the other on the whole GPU)")
+            torch._C._set_sm_carveout_experimental(None)
+            torch.backends.cuda.preferred_blas_library("cublas")
         res["cases"][name] = r
     if a.out:
         with open(a.out, "w") as f:
