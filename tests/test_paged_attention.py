@@ -1,9 +1,33 @@
 """The paged decode-attention Triton kernel against the gather fallback, in Triton's CPU interpreter
 (a subprocess: the interpreter must be chosen before triton is imported). fp32, GQA (4 query heads
 on 2 KV heads), head_dim 96 (not a power of two), rows of length 0, mid-block and many blocks,
-block tables in scrambled order, 1 and 4 KV splits; the kernel must also store the new K/V."""
+block tables in scrambled order, 1 and 4 KV splits; the kernel must also store the new K/V, and, given q/k
+unrotated with cos/sin, rotate them itself exactly as kernels.rope_qk does."""
 
 from interp import run_interpreted
+
+ROPE_CHECK = r"""
+def rope_fused_equals_rotated(cache, lengths, bt, width, n, HQ, HKV, D, before, nsplit):
+    # RoPE inside the kernel (q, k unrotated + cos/sin) equals rotating first with kernels.rope_qk:
+    # outputs and stored K/V bytes bit-equal
+    from phi3v.models import kernels
+    cs, sn = torch.randn(n, D), torch.randn(n, D)
+    raw = torch.randn(n, (HQ + 2 * HKV) * D)
+    rot = kernels.rope_qk(raw, cs, sn, HQ, HKV, D)  # (n, HQ + HKV, D)
+    heads = raw.view(n, HQ + 2 * HKV, 1, D)
+    outs = []
+    for fused in (False, True):
+        cache.k.copy_(before[0]); cache.v.copy_(before[1])
+        att = DecodeAttention(cache, lengths, bt, width, nsplit)
+        assert att.fused_rope
+        if fused:
+            o = att(0, heads[:, :HQ], heads[:, HQ:HQ + HKV], heads[:, HQ + HKV:], rope=(cs, sn))
+        else:
+            o = att(0, rot[:, :HQ, None], rot[:, HQ:, None], heads[:, HQ + HKV:])
+        outs.append((o, cache.k.view(torch.uint8).clone(), cache.v.view(torch.uint8).clone()))
+    assert not torch.equal(rot[:, :HQ], raw.view(n, -1, D)[:, :HQ])  # the rotation does something
+    assert all(torch.equal(a, b) for a, b in zip(*outs)), (HQ, nsplit)
+"""
 
 SCRIPT = r"""
 import torch
@@ -31,6 +55,8 @@ for nsplit in (1, 4):
     d = (got - ref).abs().max().item()
     assert d < 1e-5, (nsplit, d)
     assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v), "new K/V not stored where expected"
+""" + ROPE_CHECK + r"""for nsplit in (1, 4):
+    rope_fused_equals_rotated(cache, lengths, bt, 101, 4, HQ, HKV, D, (ref_k, ref_v), nsplit)
 from phi3v.models import kernels
 kk, vv = torch.randn(40, 6, D)[:, 1:1 + HKV], torch.randn(40, HKV, D)  # k: a strided view, as in the model
 blk, off = torch.randint(0, NB, (40,)), torch.randint(0, BS, (40,))
@@ -77,7 +103,7 @@ import torch
 from phi3v.engine import paged_attention
 from phi3v.engine.kv_cache import FP8, DecodeAttention, KVCache
 from phi3v.models import kernels
-torch.manual_seed(1)
+""" + ROPE_CHECK + r"""torch.manual_seed(1)
 L, NB, HKV, BS, D = 1, 12, 2, 16, 96
 for HQ in (4, 2):  # GQA: the tl.dot form; one query head per kv head (Phi-3): the fp32-FMA form
     cache = KVCache(L, NB, BS, HKV, D, "cpu", torch.float32, FP8)
@@ -103,6 +129,8 @@ for HQ in (4, 2):  # GQA: the tl.dot form; one query head per kv head (Phi-3): t
         d = (got - ref).abs().max().item()
         assert d < 1e-5 and not got.isnan().any(), (HQ, nsplit, tile, d)
         assert torch.equal(cache.k.view(torch.uint8), want[0]) and torch.equal(cache.v.view(torch.uint8), want[1])
+    paged_attention.CONFIGS["fp8"] = (16, 2, 1)
+    rope_fused_equals_rotated(cache, lengths, bt, 41, 3, HQ, HKV, D, before, 2)
 paged_attention.CONFIGS["fp8"] = (64, 2, 1)
 # half-precision activations: the kernel's dots run in fp16 on the widened fp8 values
 c16 = KVCache(L, NB, BS, HKV, D, "cpu", torch.float16, FP8)

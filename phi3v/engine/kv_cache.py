@@ -127,14 +127,18 @@ class DecodeAttention:
 
     def __init__(self, cache: KVCache, lengths: Tensor, block_table: Tensor, width: int, nsplit: int = 1) -> None:
         self.cache, self.lengths, self.block_table, self.width, self.nsplit = cache, lengths, block_table, width, nsplit
+        self.fused_rope = cache.triton  # the kernel can rotate q and k itself (see AttentionBackend)
 
-    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        # q (n, n_heads, 1, D); k, v (n, n_kv, 1, D) -> (n, n_heads, 1, D)
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
+                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        # q (n, n_heads, 1, D); k, v (n, n_kv, 1, D) -> (n, n_heads, 1, D); rope: (cos, sin) (n, D) when q, k
+        # come unrotated (only with fused_rope)
         c = self.cache
         if c.triton:
             o = paged_attention.paged_decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], c.k[layer], c.v[layer],
-                                                       self.block_table, self.lengths, self.nsplit)
+                                                       self.block_table, self.lengths, self.nsplit, rope=rope)
             return o[:, :, None]
+        assert rope is None, "unrotated q/k need the Triton kernel (fused_rope)"
         # gather fallback: the rows' blocks as a padded (n, n_kv, width, D) view, masked per row
         bs = c.block_size
         rows = torch.arange(q.shape[0], device=q.device)

@@ -37,11 +37,11 @@ if HAVE_TRITON:
         return lo, tl.minimum(lo + per, L)
 
     @triton.jit
-    def _decode_fma(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, pacc_ptr, pml_ptr, b, kvh, s, L,
-                    sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, sbt, so_b, so_h, scale,
+    def _decode_fma(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, pacc_ptr, pml_ptr, cos_ptr, sin_ptr,
+                    b, kvh, s, L, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, sbt, so_b, so_h, scs, scale,
                     BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
                     NSPLIT: tl.constexpr, FP8: tl.constexpr, D_LO: tl.constexpr, D_HI: tl.constexpr,
-                    PDL: tl.constexpr):
+                    PDL: tl.constexpr, ROPE: tl.constexpr):
         # One query head per kv head, without tensor cores: products in fp32, and an online softmax per
         # token lane of the tile (running max m, sum l, weighted V rows), so that nothing is reduced across
         # threads inside the loop; the lanes merge once at the end. head_dim as two power-of-2 halves
@@ -58,8 +58,8 @@ if HAVE_TRITON:
         kl, kh, vl, vh = _kv_tile(kc_ptr, vc_ptr, bt_row, kvh * sc_h, sc_b, sc_t, t, tm, lo, hi, hm, BS)
         pdl_wait(PDL)  # the first tile is read before waiting (see _decode_kernel); q, k, v now
         qb = q_ptr + b * sq_b + kvh * sq_h
-        q_lo = tl.load(qb + lo).to(tl.float32)
-        q_hi = tl.load(qb + hi, mask=hm, other=0.0).to(tl.float32)
+        q_lo = _load_rope(qb, lo, lo < D, cos_ptr + b * scs, sin_ptr + b * scs, D, ROPE).to(tl.float32)
+        q_hi = _load_rope(qb, hi, hm, cos_ptr + b * scs, sin_ptr + b * scs, D, ROPE).to(tl.float32)
         m = tl.full((TILE,), float("-inf"), tl.float32)
         l = tl.zeros((TILE,), tl.float32)
         a_lo = tl.zeros((TILE, D_LO), tl.float32)
@@ -78,8 +78,10 @@ if HAVE_TRITON:
         m = mx
         kb = kn_ptr + b * sk_b + kvh * sk_h
         vb = vn_ptr + b * sv_b + kvh * sv_h
-        kn_lo = to_cache(tl.load(kb + lo), kc_ptr.dtype.element_ty, FP8)
-        kn_hi = to_cache(tl.load(kb + hi, mask=hm, other=0.0), kc_ptr.dtype.element_ty, FP8)
+        kn_lo = to_cache(_load_rope(kb, lo, lo < D, cos_ptr + b * scs, sin_ptr + b * scs, D, ROPE),
+                         kc_ptr.dtype.element_ty, FP8)
+        kn_hi = to_cache(_load_rope(kb, hi, hm, cos_ptr + b * scs, sin_ptr + b * scs, D, ROPE),
+                         kc_ptr.dtype.element_ty, FP8)
         vn_lo = to_cache(tl.load(vb + lo), vc_ptr.dtype.element_ty, FP8)
         vn_hi = to_cache(tl.load(vb + hi, mask=hm, other=0.0), vc_ptr.dtype.element_ty, FP8)
         if s == NSPLIT - 1:  # the new token, as the cache holds it
@@ -108,6 +110,21 @@ if HAVE_TRITON:
             tl.store(pacc_ptr + row * BLOCK_D + hi, o_hi, mask=hm)
             tl.store(pml_ptr + row * 2, m)
             tl.store(pml_ptr + row * 2 + 1, l)
+
+    @triton.jit
+    def _load_rope(base, d, dm, cos_row, sin_row, D: tl.constexpr, ROPE: tl.constexpr):
+        # x[d] of one head (base: its row pointer(s), d: head_dim lanes), rotated by RoPE when ROPE:
+        # x*cos + rotate_half(x)*sin, each product rounded to x's dtype, in kernels._rope_kernel's order
+        x = tl.load(base + d, mask=dm, other=0.0)
+        if ROPE:
+            first = d < D // 2
+            x2 = tl.load(base + tl.where(first, d + D // 2, d - D // 2), mask=dm, other=0.0).to(tl.float32)
+            c = tl.load(cos_row + d, mask=dm, other=0.0).to(tl.float32)
+            sn = tl.load(sin_row + d, mask=dm, other=0.0).to(tl.float32)
+            dt = x.dtype
+            x = ((x.to(tl.float32) * c).to(dt).to(tl.float32)
+                 + (tl.where(first, -x2, x2) * sn).to(dt).to(tl.float32)).to(dt)
+        return x
 
     @triton.jit
     def _fma_tile(kl, kh, vl, vh, tm, q_lo, q_hi, m, l, a_lo, a_hi, scale, FP8: tl.constexpr):
@@ -177,11 +194,12 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, out_ptr, pacc_ptr, pml_ptr,
-                       sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, sbt, so_b, so_h, scale,
+                       cos_ptr, sin_ptr, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, sbt, so_b, so_h, scs,
+                       scale,
                        GROUP: tl.constexpr, QR: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
                        BLOCK_D: tl.constexpr, TILE: tl.constexpr, NSPLIT: tl.constexpr, IEEE: tl.constexpr,
                        FP8: tl.constexpr, PDL: tl.constexpr, FMA: tl.constexpr, D_LO: tl.constexpr,
-                       D_HI: tl.constexpr):
+                       D_HI: tl.constexpr, ROPE: tl.constexpr):
         # program (row b, kv head, split s): the GROUP query heads of this kv head are the rows of a
         # (QR >= 16, BLOCK_D) tile so that both products are tl.dot, whose operand loads Triton
         # software-pipelines (num_stages). For 16-bit caches this beats an FMA form; for fp8 with one query
@@ -198,9 +216,9 @@ if HAVE_TRITON:
         s = tl.program_id(2)
         L = tl.load(len_ptr + b)  # cached positions 0..L-1; the new token sits at L
         if FMA:
-            _decode_fma(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, pacc_ptr, pml_ptr, b, kvh, s, L,
-                        sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, sbt, so_b, so_h, scale,
-                        BS, D, BLOCK_D, TILE, NSPLIT, FP8, D_LO, D_HI, PDL)
+            _decode_fma(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, bt_ptr, out_ptr, pacc_ptr, pml_ptr, cos_ptr, sin_ptr,
+                        b, kvh, s, L, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t, sbt, so_b, so_h, scs, scale,
+                        BS, D, BLOCK_D, TILE, NSPLIT, FP8, D_LO, D_HI, PDL, ROPE)
             return
         offs_d = tl.arange(0, BLOCK_D)
         dm = offs_d < D
@@ -214,9 +232,10 @@ if HAVE_TRITON:
         offs_g = tl.arange(0, QR)
         heads = kvh * GROUP + offs_g
         gm = offs_g < GROUP
-        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=gm[:, None] & dm[None, :],
-                    other=0.0)  # (QR, BLOCK_D)
-        kn = tl.load(kn_ptr + b * sk_b + kvh * sk_h + offs_d, mask=dm, other=0.0)
+        cs_row, sn_row = cos_ptr + b * scs, sin_ptr + b * scs
+        q = _load_rope(q_ptr + b * sq_b + heads[:, None] * sq_h, offs_d[None, :], gm[:, None] & dm[None, :],
+                       cs_row, sn_row, D, ROPE)  # (QR, BLOCK_D)
+        kn = _load_rope(kn_ptr + b * sk_b + kvh * sk_h, offs_d, dm, cs_row, sn_row, D, ROPE)
         vn = tl.load(vn_ptr + b * sv_b + kvh * sv_h + offs_d, mask=dm, other=0.0)
         qd = q
         if FP8:  # the new token as the cache will hold it (every position is read as stored)
@@ -310,10 +329,13 @@ CONFIGS = {"bf16": (64, 4, 2), "fp8": (64, 2, 1)} | _env_config()
 
 def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                            block_table: Tensor, lengths: Tensor, nsplit: int, tile: int | None = None,
-                           num_warps: int | None = None, num_stages: int | None = None) -> Tensor:
+                           num_warps: int | None = None, num_stages: int | None = None,
+                           rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """q (n, Hq, D), k/v (n, Hkv, D) new tokens (last dim contiguous); k_cache/v_cache one layer's
     (n_blocks, Hkv, BS, D), in q's dtype or fp8 e4m3; block_table (n, max_blocks) int32; lengths (n,) int64 cached tokens per
-    row. Stores k/v at position lengths[b] and returns attention (n, Hq, D) with scale 1/sqrt(D)."""
+    row. Stores k/v at position lengths[b] and returns attention (n, Hq, D) with scale 1/sqrt(D).
+    `rope`: (cos, sin), each (n, D) in q's dtype: q and k come unrotated and the kernel applies RoPE as it
+    loads them (saving a kernel per layer); otherwise they come rotated."""
     n, hq, d = q.shape
     hkv, bs = k_cache.shape[1], k_cache.shape[2]
     fp8 = k_cache.dtype == torch.float8_e4m3fn
@@ -331,13 +353,15 @@ def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_c
         pml = torch.empty(n * hq * nsplit, 2, device=q.device, dtype=torch.float32)
     else:
         pacc = pml = out  # unused
+    cos, sin = rope if rope is not None else (q, q)  # unused without rope
+    assert rope is None or (cos.shape == sin.shape == (n, d) and cos.stride() == sin.stride() and cos.stride(1) == 1)
     _decode_kernel[(n, hkv, nsplit)](
-        q, k, v, k_cache, v_cache, block_table, lengths, out, pacc, pml,
+        q, k, v, k_cache, v_cache, block_table, lengths, out, pacc, pml, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1),
-        d ** -0.5, GROUP=group, QR=max(16, triton.next_power_of_2(group)), BS=bs, D=d, BLOCK_D=block_d, TILE=tile,
-        NSPLIT=nsplit, IEEE=q.dtype == torch.float32, FP8=fp8, FMA=fma, D_LO=d_lo, D_HI=d_hi,
-        num_warps=num_warps, num_stages=num_stages, **pdl_args(q))
+        cos.stride(0), d ** -0.5, GROUP=group, QR=max(16, triton.next_power_of_2(group)), BS=bs, D=d, BLOCK_D=block_d,
+        TILE=tile, NSPLIT=nsplit, IEEE=q.dtype == torch.float32, FP8=fp8, FMA=fma, D_LO=d_lo, D_HI=d_hi,
+        ROPE=rope is not None, num_warps=num_warps, num_stages=num_stages, **pdl_args(q))
     if nsplit > 1:
         _merge_kernel[(n, hq)](pacc, pml, out, out.stride(0), out.stride(1), D=d, BLOCK_D=block_d, NSPLIT=nsplit,
                                num_warps=2, **pdl_args(q))

@@ -47,6 +47,8 @@ class AttentionBackend(Protocol):
     q: (B, n_heads, T, head_dim), k/v: (B, n_kv_heads, T, head_dim) for the NEW tokens, RoPE applied.
     Returns (B, n_heads, T, head_dim). The backend stores k/v in its cache and attends over the cached
     and new tokens with the right causal mask. Per-call metadata (slots, lengths) lives in the backend.
+    A backend whose `fused_rope` attribute is true may instead be given q/k unrotated with
+    `rope=(cos, sin)`, each (B, head_dim), for T == 1 (decode: the rotation happens inside its kernel).
     """
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
@@ -172,6 +174,12 @@ class Phi3Attention(nn.Module):
                 fused: bool = False) -> Tensor:
         b, t, _ = x.shape
         qkv = proj(self.qkv_proj, x, fused)  # (B, T, (Hq+2Hkv)*D)
+        if fused and t == 1 and getattr(attn, "fused_rope", False):  # decode: RoPE inside the attention kernel
+            hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+            heads = qkv.view(b, hq + 2 * hkv, 1, d)  # unrotated q | k | v heads, (B, H, 1, D) views
+            o = attn(self.layer_idx, heads[:, :hq], heads[:, hq: hq + hkv], heads[:, hq + hkv:],
+                     rope=(cos.view(b, d), sin.view(b, d)))
+            return proj(self.o_proj, o.transpose(1, 2).reshape(b, t, hq * d), fused)
         if fused:  # one kernel rotates q and k: (B*T, Hq+Hkv, D)
             hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
             qk = kernels.rope_qk(qkv.view(b * t, -1), cos.reshape(b * t, d), sin.reshape(b * t, d), hq, hkv, d)
