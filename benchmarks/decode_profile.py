@@ -30,6 +30,17 @@ def ensure_checkpoint(folder: str) -> None:
         write_random_checkpoint(str(DATA / "real-configs" / "phi-3-vision-128k-instruct"), str(DATA / "tiny-phi3v"), folder)
 
 
+def checkpoint_args() -> argparse.Namespace:
+    """--folder (a full-size random checkpoint, written there when missing) and --out (JSON), as the
+    single-request benchmark scripts take them."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--folder", default="/tmp/phi3v-full-random")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    ensure_checkpoint(a.folder)
+    return a
+
+
 def cuda_ms(fn, n: int) -> float:
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     fn()
@@ -44,11 +55,7 @@ def cuda_ms(fn, n: int) -> float:
 
 @torch.inference_mode()
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--folder", default="/tmp/phi3v-full-random")
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
-    ensure_checkpoint(a.folder)
+    a = checkpoint_args()
     llm = LLM(a.folder, device="cuda", max_num_seqs=4, max_model_len=3072)
     eng, model = llm.engine, llm.model
     res: dict = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d")}

@@ -5,7 +5,6 @@ Usage: python benchmarks/ttft_breakdown.py [--folder /tmp/phi3v-full-random] [--
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import statistics
 import sys
@@ -21,7 +20,7 @@ from phi3v import LLM, SamplingParams  # noqa: E402
 from phi3v.bench import PROMPT, emit, noise_image  # noqa: E402
 from phi3v.processing.chat import tokenize_prompt  # noqa: E402
 from phi3v.processing.image import hd_canvas  # noqa: E402
-from decode_profile import ensure_checkpoint  # noqa: E402  (benchmarks/ is the script's folder)
+from decode_profile import checkpoint_args  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 
@@ -43,11 +42,7 @@ def timed(fn, reps: int = 7) -> float:
 
 @torch.inference_mode()
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--folder", default="/tmp/phi3v-full-random")
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
-    ensure_checkpoint(a.folder)
+    a = checkpoint_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     llm = LLM(a.folder, device=dev, max_num_seqs=4, max_model_len=3072)
     m, proc = llm.model, llm.image_processor

@@ -9,7 +9,6 @@ Usage: python benchmarks/ttft_timeline.py [--folder /tmp/phi3v-full-random] [--o
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import sys
@@ -27,7 +26,7 @@ from phi3v import LLM, SamplingParams, api  # noqa: E402
 from phi3v.bench import PROMPT, emit, noise_image  # noqa: E402
 from phi3v.engine import engine as engine_mod, images as images_mod  # noqa: E402
 from phi3v.processing import image as image_mod  # noqa: E402
-from decode_profile import ensure_checkpoint  # noqa: E402  (benchmarks/ is the script's folder)
+from decode_profile import checkpoint_args  # noqa: E402  (benchmarks/ is the script's folder)
 
 # (owner, attribute) of every host phase that gets a label
 PHASES = [(api.LLM, "prepare"), (image_mod.ImageProcessor, "preprocess"), (image_mod, "hd_resized"),
@@ -84,11 +83,7 @@ def timeline(prof: profile) -> dict:
 
 @torch.inference_mode()
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--folder", default="/tmp/phi3v-full-random")
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
-    ensure_checkpoint(a.folder)
+    a = checkpoint_args()
     for owner, name in PHASES:
         _label(owner, name)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
