@@ -174,3 +174,19 @@ def test_fp8_kv_cache_kernels_match_the_torch_fallbacks_in_the_interpreter() -> 
     fallback does, stores saturate at +-448 instead of overflowing to NaN, and the whole engine
     gives the same tokens with the kernels as without."""
     assert run_interpreted(FP8_SCRIPT).startswith("ok")
+
+
+def test_unrotated_qk_without_the_kernel_is_refused() -> None:
+    import pytest
+    import torch
+
+    from phi3v.engine.kv_cache import DecodeAttention, KVCache
+
+    cache = KVCache(1, 4, 16, 2, 8, "cpu", torch.float32)
+    cache.triton = False  # the gather fallback cannot rotate
+    att = DecodeAttention(cache, torch.tensor([3]), torch.zeros(1, 2, dtype=torch.int32), 4)
+    assert not att.fused_rope
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+    with pytest.raises(ValueError, match="fused_rope"):
+        att(0, q, k, k, rope=(torch.ones(1, 8), torch.zeros(1, 8)))
+    assert att(0, q, k, k).shape == (1, 2, 1, 8)  # rotated q/k (no rope=) take the fallback as before

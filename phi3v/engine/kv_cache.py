@@ -138,7 +138,8 @@ class DecodeAttention:
             o = paged_attention.paged_decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], c.k[layer], c.v[layer],
                                                        self.block_table, self.lengths, self.nsplit, rope=rope)
             return o[:, :, None]
-        assert rope is None, "unrotated q/k need the Triton kernel (fused_rope)"
+        if rope is not None:
+            raise ValueError("unrotated q/k (rope=...) need the Triton kernel: check fused_rope first")
         # gather fallback: the rows' blocks as a padded (n, n_kv, width, D) view, masked per row
         bs = c.block_size
         rows = torch.arange(q.shape[0], device=q.device)
