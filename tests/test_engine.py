@@ -411,3 +411,39 @@ def test_warmup_captures_every_decode_bucket_up_to_max_num_seqs(llm: LLM, monkey
     monkeypatch.setattr(runner, "graphs", {})
     monkeypatch.setattr(runner, "_capture", fail)
     assert runner.warmup(8) == 0 and runner.use_graphs is False
+
+
+def test_vision_runner_graphs_small_batches_and_runs_large_ones_on_exactly_their_crops(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to 9 crops (launch-bound) a graph of the next bucket replays (padding crops zeroed, their features
+    dropped); above, only an exact fit (17) replays, and other counts run eagerly on exactly their crops."""
+    from phi3v.engine.runner import VisionRunner
+
+    seen: list[int] = []
+
+    def tower(x: torch.Tensor) -> torch.Tensor:  # (n, 3, 336, 336) -> (n, 576, 2): a stand-in CLIP
+        seen.append(x.shape[0])
+        return x[:, :1].reshape(x.shape[0], -1)[:, :1152].reshape(x.shape[0], 576, 2) * 2
+
+    vr = VisionRunner(tower, torch.device("cpu"), use_graphs=True)
+
+    class Replay:  # what capture would give: replay() runs the tower on the static input
+        def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+            self.x, self.y = x, y
+
+        def replay(self) -> None:
+            self.y.copy_(tower(self.x))
+
+    def capture(bucket: int, like: torch.Tensor):
+        x = torch.zeros((bucket, *like.shape[1:]))
+        y = torch.zeros(bucket, 576, 2)
+        return Replay(x, y), x, y
+
+    monkeypatch.setattr(vr, "_capture", capture)
+    for n, ran in ((5, 5), (7, 9), (13, 13), (17, 17), (20, 20), (33, 33), (70, 70), (128, 128)):
+        seen.clear()
+        px = torch.randn(n, 3, 336, 336)
+        out = vr(px)
+        assert out.shape == (n, 576, 2) and torch.equal(out, tower(px)), n
+        assert seen[0] == ran, (n, seen)
+    assert sorted(vr.graphs) == [5, 9, 17]

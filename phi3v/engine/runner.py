@@ -202,11 +202,16 @@ class PrefillRunner:
         return graph, io
 
 
-VISION_BUCKETS = (2, 3, 5, 9, 17, 25, 33, 49, 65, 97, 129)  # 1 + h*w crops: nc=1 -> 2, nc=4 -> <=5, nc=16 -> <=17
+# 1 + h*w crops: nc=1 -> 2, nc=4 -> <=5, nc=16 -> <=17. Up to 9 crops the tower is launch-bound (~300 kernels):
+# a graph of the next bucket up pays for its padding crops. Beyond, it is compute-bound (H100: eager 14.3 ms
+# for 17 crops, the graph 14.3 ms; benchmarks/vision_buckets.py), so only an exact fit replays a graph and other
+# counts run eagerly on exactly their crops (a graph of 97 for 70 crops took 80 ms, eager 58 ms).
+VISION_BUCKETS = (2, 3, 5, 9, 17)
+LAUNCH_BOUND_CROPS = 9
 
 
 class VisionRunner:
-    """The CLIP tower over N crops, replayed as a CUDA graph per crop-count bucket.
+    """The CLIP tower over N crops: a CUDA graph per crop-count bucket where that pays (see VISION_BUCKETS).
 
     At 4 crops the tower is launch-bound (~300 kernels for 5 crops); a graph removes the gaps.
     Pad crops (zeros) fill a bucket; their features are computed and dropped."""
@@ -220,8 +225,8 @@ class VisionRunner:
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         n = pixels.shape[0]  # pixels (n, 3, 336, 336) -> (n, 576, C)
         bucket = next((b for b in VISION_BUCKETS if b >= n), None)
-        if not self.use_graphs or bucket is None:
-            return self.tower(pixels)
+        if not self.use_graphs or bucket is None or (bucket > n > LAUNCH_BOUND_CROPS):
+            return self.tower(pixels)  # eager on exactly these crops
         entry = cached_graph(self, bucket, lambda: self._capture(bucket, pixels), "the vision tower")
         if entry is None:
             return self.tower(pixels)
