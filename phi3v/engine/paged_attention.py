@@ -2,7 +2,9 @@
 
 One decode token per row attends over its own cached positions 0..L-1 (read through its block
 table, so no row pays for another's length) plus the new token at position L, whose K/V comes in
-registers and is written to the cache by the same kernel (no separate scatter launches).
+registers and is written to the cache by the same kernel (no separate scatter launches). Given cos/sin,
+the kernel also applies RoPE to q and the new k as it loads them (no separate RoPE launch), and under
+programmatic dependent launch it reads its first KV tile before waiting for the kernel that made q/k/v.
 
 Grid (rows, kv heads, NSPLIT): each program streams 1/NSPLIT of its row's tokens, TILE at a time,
 for the query heads of its kv head, and keeps an online softmax (max m, sum l, weighted V acc) in
