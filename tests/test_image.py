@@ -474,3 +474,13 @@ def test_url_fetch_and_redirects(local_server, monkeypatch) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", fake_gai)
     assert load_image(f"http://images.example:{port}/host", allow_urls=True).size == (40, 30)
     assert [c for c in calls if c != "127.0.0.1"] == ["images.example"]  # the IP literal needs no DNS
+
+
+def test_device_path_without_cuda_skips_pinned_memory() -> None:
+    # a non-CUDA device (here `meta`, standing in for e.g. MPS) takes the device path without asking for pinned
+    # memory, which raises on machines without CUDA; same key and shapes as the CPU path
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 700, 3), dtype=np.uint8))
+    proc = ImageProcessor(num_crops=4)
+    on_meta, on_cpu = proc.preprocess(img, device="meta"), proc.preprocess(img)
+    assert on_meta.crops.device.type == "meta" and on_meta.crops.shape == on_cpu.crops.shape
+    assert on_meta.key == on_cpu.key and on_meta.image_size == on_cpu.image_size

@@ -223,8 +223,9 @@ class ImageProcessor:
         gh, gw = H // CROP, W // CROP
         on_gpu = device is not None and torch.device(device).type != "cpu"
         with device_lock if device_lock is not None and on_gpu else contextlib.nullcontext():
-            if on_gpu:  # padded into pinned memory (no fresh pages to fault in), copied without blocking
-                staged = torch.empty((target_h, pixels.shape[1], 3), dtype=torch.uint8, pin_memory=True)
+            if on_gpu:  # padded into pinned memory (CUDA; no fresh pages to fault in), copied without blocking
+                staged = torch.empty((target_h, pixels.shape[1], 3), dtype=torch.uint8,
+                                     pin_memory=torch.device(device).type == "cuda")
                 pad_canvas(pixels, target_h, out=staged.numpy())
                 canvas = staged.to(device, non_blocking=True)
                 canvas = canvas.transpose(0, 1) if transposed else canvas
