@@ -174,30 +174,24 @@ class Phi3Attention(nn.Module):
                 fused: bool = False) -> Tensor:
         b, t, _ = x.shape
         qkv = proj(self.qkv_proj, x, fused)  # (B, T, (Hq+2Hkv)*D)
+        hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         if fused and t == 1 and getattr(attn, "fused_rope", False):  # decode: RoPE inside the attention kernel
-            hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
             heads = qkv.view(b, hq + 2 * hkv, 1, d)  # unrotated q | k | v heads, (B, H, 1, D) views
             o = attn(self.layer_idx, heads[:, :hq], heads[:, hq: hq + hkv], heads[:, hq + hkv:],
                      rope=(cos.view(b, d), sin.view(b, d)))
-            return proj(self.o_proj, o.transpose(1, 2).reshape(b, t, hq * d), fused)
-        if fused:  # one kernel rotates q and k: (B*T, Hq+Hkv, D)
-            hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-            qk = kernels.rope_qk(qkv.view(b * t, -1), cos.reshape(b * t, d), sin.reshape(b * t, d), hq, hkv, d)
-            qk = qk.view(b, t, hq + hkv, d)
-            q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)  # (B, H, T, D)
-            v = qkv[..., (hq + hkv) * d:].view(b, t, hkv, d).transpose(1, 2)
         else:
-            q, k, v = qkv.split(self.split, dim=-1)  # (B, T, Hq*D), (B, T, Hkv*D) x2
-            q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
-            k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-            v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-            q = apply_rope(q, cos, sin)
-            k = apply_rope(k, cos, sin)
-        if attn is None:
-            o = causal_attention(q, k, v)
-        else:
-            o = attn(self.layer_idx, q, k, v)
-        o = o.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, Hq*D)
+            if fused:  # one kernel rotates q and k: (B*T, Hq+Hkv, D)
+                qk = kernels.rope_qk(qkv.view(b * t, -1), cos.reshape(b * t, d), sin.reshape(b * t, d), hq, hkv, d)
+                qk = qk.view(b, t, hq + hkv, d)
+                q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)  # (B, H, T, D)
+                v = qkv[..., (hq + hkv) * d:].view(b, t, hkv, d).transpose(1, 2)
+            else:
+                q, k, v = qkv.split(self.split, dim=-1)  # (B, T, Hq*D), (B, T, Hkv*D) x2
+                q = apply_rope(q.view(b, t, hq, d).transpose(1, 2), cos, sin)  # (B, Hq, T, D)
+                k = apply_rope(k.view(b, t, hkv, d).transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
+                v = v.view(b, t, hkv, d).transpose(1, 2)  # (B, Hkv, T, D)
+            o = causal_attention(q, k, v) if attn is None else attn(self.layer_idx, q, k, v)
+        o = o.transpose(1, 2).reshape(b, t, hq * d)  # (B, T, Hq*D)
         return proj(self.o_proj, o, fused)
 
 
