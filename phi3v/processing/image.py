@@ -127,8 +127,8 @@ def content_key_later(pixels: np.ndarray, *meta: Any) -> Callable[[], str]:
     n = min(8, os.cpu_count() or 1, len(buf) // _HASH_CHUNK)
     if n < 2:
         h.update(buf)
-        key = h.hexdigest()[:32]
-        return lambda: key
+        digest = h.hexdigest()[:32]
+        return lambda: digest
     with _hash_pool_lock:  # one pool, whichever preparation thread comes first
         if _hash_pool is None:
             _hash_pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="phi3v-hash")
@@ -187,11 +187,9 @@ class ImageProcessor:
         """Build from a `phi3v.config.Phi3VConfig` (fields num_crops, image_mean, image_std)."""
         return cls(num_crops=cfg.num_crops, image_mean=cfg.image_mean, image_std=cfg.image_std)
 
-    def normalize(self, canvas: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-        """(H, W, 3) uint8 -> (3, H, W) float32 `(v/255 - mean)/std`, on `device` (default: where it is)."""
+    def normalize(self, canvas: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (3, H, W) float32 `(v/255 - mean)/std`, on the device the canvas is on."""
         u8 = torch.from_numpy(canvas) if isinstance(canvas, np.ndarray) else canvas
-        if device is not None and torch.device(device).type != "cpu" and u8.device.type == "cpu":
-            u8 = u8.to(device, non_blocking=True)  # ship uint8 (4x fewer bytes), normalise there
         idx = u8.permute(2, 0, 1).to(torch.int64)  # (3, H, W) in 0..255
         idx += torch.arange(0, 3 * 256, 256, dtype=torch.int64, device=idx.device)[:, None, None]  # channel c reads lut[c*256:]
         lut = self._luts.get(idx.device)
@@ -221,13 +219,14 @@ class ImageProcessor:
         # vision tower sees, whatever the input format or num_crops (hashed while the device work is queued)
         key = content_key_later(pixels, target_h, transposed)
         gh, gw = H // CROP, W // CROP
-        on_gpu = device is not None and torch.device(device).type != "cpu"
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        on_gpu = dev.type != "cpu"
         with device_lock if device_lock is not None and on_gpu else contextlib.nullcontext():
-            if on_gpu:  # padded into pinned memory (CUDA; no fresh pages to fault in), copied without blocking
-                staged = torch.empty((target_h, pixels.shape[1], 3), dtype=torch.uint8,
-                                     pin_memory=torch.device(device).type == "cuda")
+            if on_gpu:  # padded into pinned memory (CUDA; no fresh pages to fault in), copied without blocking;
+                # uint8 travels (4x fewer bytes than the normalised floats), the device normalises
+                staged = torch.empty((target_h, pixels.shape[1], 3), dtype=torch.uint8, pin_memory=dev.type == "cuda")
                 pad_canvas(pixels, target_h, out=staged.numpy())
-                canvas = staged.to(device, non_blocking=True)
+                canvas = staged.to(dev, non_blocking=True)
                 canvas = canvas.transpose(0, 1) if transposed else canvas
             else:
                 canvas = pad_canvas(pixels, target_h)
