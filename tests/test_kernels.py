@@ -31,6 +31,13 @@ rr = (r + a).float()
 assert (n - w * (rr * torch.rsqrt(rr.pow(2).mean(-1, keepdim=True) + 1e-5))).abs().max() < 1e-5
 gu = torch.randn(3, 300)
 assert (kernels.silu_mul(gu) - gu[:, 150:] * torch.nn.functional.silu(gu[:, :150])).abs().max() < 1e-6
+lw, lb = torch.rand(40) + 0.5, torch.randn(40)
+a, r = torch.randn(7, 577, 40) * 3 + 1, torch.randn(7, 577, 40)  # 4039 rows: the last program half full
+n, ro = kernels.add_layer_norm(a, r, lw, lb, 1e-5)
+assert torch.equal(ro, r + a)
+assert (n - torch.nn.functional.layer_norm(r + a, (40,), lw, lb, 1e-5)).abs().max() < 1e-5
+n0, same = kernels.add_layer_norm(a, None, lw, lb, 1e-5)
+assert same is a and (n0 - torch.nn.functional.layer_norm(a, (40,), lw, lb, 1e-5)).abs().max() < 1e-5
 h = torch.randn(3, 577, 40) * 4
 assert (kernels.quick_gelu(h) - h * torch.sigmoid(1.702 * h)).abs().max() < 1e-5
 tower_in = torch.randn(2, 3, 336, 336)

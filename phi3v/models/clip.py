@@ -132,10 +132,27 @@ class CLIPVisionModel(nn.Module):
         self.cfg = cfg
         self.vision_model = CLIPVisionTransformer(cfg)
 
+    fused = False  # Triton add + LayerNorm (CUDA); set with the decoder's fused kernels
+
     def forward(self, pixels: Tensor) -> Tensor:
         """pixels (N, 3, 336, 336) -> features (N, 576, C) without CLS, in the tower's dtype."""
         vm = self.vision_model
         x = vm.pre_layrnorm(vm.embeddings(pixels))  # (N, 577, C) = hidden_states[0]
-        for layer in vm.encoder.layers[: self.cfg.num_layers_used]:
-            x = layer(x)  # after layer i: hidden_states[i + 1]
-        return x[:, 1:]  # (N, 576, C): drop CLS
+        layers = vm.encoder.layers[: self.cfg.num_layers_used]
+        if not self.fused:
+            for layer in layers:
+                x = layer(x)  # after layer i: hidden_states[i + 1]
+            return x[:, 1:]  # (N, 576, C): drop CLS
+        # the same layers with each residual add fused into the LayerNorm that follows it
+        ln = layers[0].layer_norm1
+        h, x = kernels.add_layer_norm(x, None, ln.weight, ln.bias, ln.eps)
+        for i, layer in enumerate(layers):
+            ln = layer.layer_norm2
+            h, x = kernels.add_layer_norm(layer.self_attn(h), x, ln.weight, ln.bias, ln.eps)
+            m = layer.mlp(h)
+            if i + 1 == len(layers):
+                x = x + m
+            else:
+                ln = layers[i + 1].layer_norm1
+                h, x = kernels.add_layer_norm(m, x, ln.weight, ln.bias, ln.eps)
+        return x[:, 1:]

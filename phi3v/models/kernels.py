@@ -93,6 +93,28 @@ if HAVE_TRITON:
         tl.store(out_ptr + row * N + cols, (w.to(tl.float32) * h.to(tl.float32)).to(x.dtype), mask=m)
 
     @triton.jit
+    def _add_layer_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, n_rows, N, eps,
+                               HAS_RES: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        # ROWS rows per program: a CLIP row is only 1024 values (2 KB)
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        m = (rows < n_rows)[:, None] & (cols < N)[None, :]
+        at = rows[:, None] * N + cols[None, :]  # (ROWS, BLOCK)
+        x = tl.load(x_ptr + at, mask=m, other=0.0)
+        if HAS_RES:  # residual stream += x, rounded as an eager add in x's dtype
+            r = tl.load(res_ptr + at, mask=m, other=0.0)
+            x = (r.to(tl.float32) + x.to(tl.float32)).to(x.dtype)
+            tl.store(res_out_ptr + at, x, mask=m)
+        xf = x.to(tl.float32)
+        mean = tl.sum(xf, axis=1) / N
+        d = tl.where(m, xf - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(d * d, axis=1) / N + eps)
+        w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        # nn.LayerNorm in half precision: fp32 statistics and affine, one rounding at the end
+        tl.store(out_ptr + at, (d * rstd[:, None] * w + b).to(x.dtype), mask=m)
+
+    @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
         pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
@@ -181,6 +203,23 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float)
     _add_rms_norm_kernel[(x2.shape[0],)](x2, residual.reshape(-1, n), weight, out, res_out, n, eps, HAS_RES=True,
                                          BLOCK=triton.next_power_of_2(n), **pdl_args(x2))
     return out.view(x.shape), res_out.view(x.shape)
+
+
+def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor,
+                   eps: float) -> tuple[Tensor, Tensor]:
+    """(normed, new_residual): new_residual = residual + x (or x), normed = LayerNorm(new_residual).
+    CLIP's pre-norm layers read and write the residual stream twice per layer; this is one pass
+    instead of an add and a norm (a (crops*577, 1024) tensor each)."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    out = torch.empty_like(x2)
+    res_out = out if residual is None else torch.empty_like(x2)
+    rows_per = 4
+    grid = (triton.cdiv(x2.shape[0], rows_per),)
+    _add_layer_norm_kernel[grid](x2, x2 if residual is None else residual.reshape(-1, n), weight, bias, out, res_out,
+                                 x2.shape[0], n, eps, HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n),
+                                 ROWS=rows_per)
+    return out.view(x.shape), (x if residual is None else res_out.view(x.shape))
 
 
 def silu_mul(gate_up: Tensor) -> Tensor:

@@ -98,10 +98,10 @@ class Phi3VForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def set_fused(self, on: bool) -> None:
-        """Triton kernels (CUDA) in the decoder (norms, RoPE, SiLU, small-M GEMV) and the CLIP MLP."""
+        """Triton kernels (CUDA) in the decoder (norms, RoPE, SiLU, small-M GEMV) and CLIP (add + LayerNorm, quick-GELU)."""
         self.model.fused = on
         for m in self.modules():
-            if isinstance(m, CLIPMLP):
+            if isinstance(m, (CLIPMLP, CLIPVisionModel)):
                 m.fused = on
 
     @property
