@@ -16,6 +16,7 @@
 #   attention      benchmarks/attention_bench.py
 #   gemv_m1        benchmarks/gemv_sweep.py --m 1
 #   vision         benchmarks/vision_buckets.py
+#   timeline       benchmarks/offline_timeline.py (GPU idle time in (c), by host phase)
 #   clip_ab        benchmarks/clip_ab.py (fused add + LayerNorm in CLIP against eager, alternating)
 # The full-size random checkpoint is written to $M (/tmp/phi3v-full-random) first when missing.
 set -uo pipefail
@@ -56,6 +57,7 @@ for step in "$@"; do
         prefill_profile) python3 benchmarks/prefill_profile.py --folder "$M" --out "$OUT/${TAG}_prefill_profile.json" >"$log" 2>&1 ;;
         attention) python3 benchmarks/attention_bench.py --out "$OUT/${TAG}_attention.json" >"$log" 2>&1 ;;
         gemv_m1) timeout 240 python3 benchmarks/gemv_sweep.py --m 1 --json-out "$OUT/${TAG}_gemv_m1.json" >"$log" 2>&1 ;;
+        timeline) python3 benchmarks/offline_timeline.py --folder "$M" --out "$OUT/${TAG}_timeline.json" >"$log" 2>&1 ;;
         clip_ab) python3 benchmarks/clip_ab.py --folder "$M" --out "$OUT/${TAG}_clip_ab.json" >"$log" 2>&1 ;;
         vision) python3 benchmarks/vision_buckets.py --folder "$M" --out "$OUT/${TAG}_vision.json" >"$log" 2>&1 ;;
         *) echo "unknown step $step"; false ;;
@@ -63,7 +65,7 @@ for step in "$@"; do
     rc=$?
     echo "rc $rc"
     # the headline numbers, so that the call's reply shows them
-    grep -hE '"(a_decode_tok_s|b_ttft_ms_[0-9]+crop|c_offline_[0-9]+crop_images_per_s|d_peak_mem_gib|prefill_s|decode_s|all_equal|graph_replay_ms|wall_ms_per_image|unfused_ms|fused_ms|max_abs_diff)"' "$log" | head -40
+    grep -hE '"(a_decode_tok_s|b_ttft_ms_[0-9]+crop|c_offline_[0-9]+crop_images_per_s|d_peak_mem_gib|prefill_s|decode_s|all_equal|graph_replay_ms|wall_ms_per_image|unfused_ms|fused_ms|max_abs_diff|[a-z]+_rel_l2_vs_fp32|unprofiled_wall_s|gpu_first_ms|gpu_busy_ms|gpu_end_ms)"' "$log" | head -40
     [ $rc -eq 0 ] || tail -5 "$log"
 done
 echo "=== $(date +%T) done"

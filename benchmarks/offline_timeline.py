@@ -1,0 +1,102 @@
+"""Where the wall time of the offline benchmark's job goes: (c) of `phi3v bench` (64 images of the mixed
+sizes x 200 tokens, prepared on 8 threads while the engine runs) once under the torch profiler, after
+the same untimed warm-up as the bench. Reports GPU busy time against the wall, and the GPU's idle time
+summed by the host phase that was running when the GPU went idle (labels as in ttft_timeline.py).
+
+Usage: python benchmarks/offline_timeline.py [--folder /tmp/phi3v-full-random] [--crops 4 16] [--out t.json]
+The profiler slows the host a little; the unprofiled run's wall is reported beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from decode_profile import ensure_checkpoint  # noqa: E402  (benchmarks/ is the script's folder)
+from phi3v import LLM, SamplingParams  # noqa: E402
+from phi3v.bench import MIXED_SIZES, PROMPT, emit, noise_image  # noqa: E402
+from ttft_timeline import LABELS, PHASES, _label  # noqa: E402
+
+
+def idle_by_phase(prof: profile) -> dict:
+    evs = prof.events()
+    host = sorted((e for e in evs if e.name in LABELS and e.device_type == DeviceType.CPU),
+                  key=lambda e: e.time_range.start)
+    kern = sorted((e.time_range.start, e.time_range.end) for e in evs
+                  if e.device_type == DeviceType.CUDA and e.name not in LABELS)
+    main = {e.thread for e in host if e.name == "phase:_step"}
+    t0 = min(e.time_range.start for e in host)
+    t1 = max(e.time_range.end for e in host)
+    if not kern:  # a CPU run (a smoke test of this script)
+        return {"host_wall_ms": (t1 - t0) / 1000, "kernels": 0}
+    busy, end, idle, gaps = 0.0, kern[0][0], defaultdict(float), []
+    starts = [e.time_range.start for e in host]
+    for s, e in kern:
+        if s > end + 20:  # idle stretches of over 20 us
+            # the innermost phase of the engine's thread running when the GPU ran dry ("-": none, i.e.
+            # LLM.run's loop: detokenising, adding requests, waiting for a preparation)
+            running = [h for h in host[: _bisect(starts, end)] if h.time_range.end >= end and h.thread in main]
+            label = running[-1].name[6:] if running else "-"
+            idle[label] += (s - end) / 1000
+            gaps.append(((s - end) / 1000, round((end - t0) / 1000, 2), label))
+        busy += max(0.0, e - max(s, end))
+        end = max(end, e)
+    return {"host_wall_ms": (t1 - t0) / 1000, "gpu_first_ms": (kern[0][0] - t0) / 1000,
+            "gpu_end_ms": (end - t0) / 1000, "gpu_busy_ms": busy / 1000, "kernels": len(kern),
+            "idle_ms_by_host_phase": dict(sorted(((k, round(v, 2)) for k, v in idle.items()), key=lambda x: -x[1])),
+            "largest_gaps_ms_at_ms_phase": sorted(gaps, reverse=True)[:12]}
+
+
+def _bisect(xs: list[float], x: float) -> int:
+    import bisect
+    return bisect.bisect_right(xs, x)
+
+
+@torch.inference_mode()
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--folder", default="/tmp/phi3v-full-random")
+    ap.add_argument("--crops", type=int, nargs="+", default=[4, 16])
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=200)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    ensure_checkpoint(a.folder)
+    llm = LLM(a.folder, device=a.device, max_num_seqs=64, max_model_len=3072)
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    llm.warmup()
+    for owner, name in PHASES:
+        _label(owner, name)
+    res: dict = {"device": torch.cuda.get_device_name(0) if a.device == "cuda" else a.device, "date": time.strftime("%Y-%m-%d"), "n": a.n}
+    for nc in a.crops:
+        def job(i: int, tokens: int, nc: int = nc):
+            p = SamplingParams(max_tokens=tokens, ignore_eos=True)
+            return llm.prepare(PROMPT, [noise_image(*MIXED_SIZES[i % len(MIXED_SIZES)], 1000 + i)], p, nc)
+
+        llm.generate_many([functools.partial(job, a.n + i, 2) for i in range(a.n)])  # warm-up, as the bench
+        sync()
+        t = time.perf_counter()
+        llm.generate_many([functools.partial(job, i, a.tokens) for i in range(a.n)])
+        sync()
+        plain = time.perf_counter() - t
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])) as prof:
+            llm.generate_many([functools.partial(job, 3 * a.n + i, a.tokens) for i in range(a.n)])
+            sync()
+        res[f"nc{nc}"] = {"unprofiled_wall_s": plain, **idle_by_phase(prof)}
+        print(nc, res[f"nc{nc}"], flush=True)
+    emit(res, a.out)
+
+
+if __name__ == "__main__":
+    main()
