@@ -33,7 +33,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 
 bench() { python3 -m phi3v.cli bench --model "$M" "$@"; }
-ref_json="$OUT/${TAG}_reference.json"
+ref_json=${REF_JSON:-$OUT/${TAG}_reference.json}
 compare() { [ -f "$ref_json" ] && echo --compare "$ref_json"; }
 
 if [ ! -f "$M/config.json" ]; then
