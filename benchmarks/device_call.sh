@@ -9,8 +9,6 @@
 #   bench          phi3v bench --parts abc (bf16), --compare the reference's JSON when there is one
 #   bench_fp8      the same with --kv-cache-dtype fp8
 #   bench_c        phi3v bench --parts c only (A/B of offline throughput)
-#   bench_c_si     (c) with PHI3V_SWITCH_INTERVAL=0.0005 (the GIL handed over 10x sooner)
-#   bench_c_w2     (c) with 2 preparation threads instead of 8
 #   engine_check   benchmarks/gpu_engine_check.py (greedy tokens equal to the reference generator)
 #   smoke          benchmarks/gpu_smoke.py (golden parity on CUDA, GPU preprocessing = CPU's)
 #   decode_profile benchmarks/decode_profile.py
@@ -53,8 +51,6 @@ for step in "$@"; do
         bench) bench --parts abc $(compare) --json-out "$OUT/${TAG}_bench.json" >"$log" 2>&1 ;;
         bench_fp8) bench --parts abc --kv-cache-dtype fp8 $(compare) --json-out "$OUT/${TAG}_bench_fp8.json" >"$log" 2>&1 ;;
         bench_c) bench --parts c --json-out "$OUT/${TAG}_bench_c.json" >"$log" 2>&1 ;;
-        bench_c_si) PHI3V_SWITCH_INTERVAL=0.0005 bench --parts c --json-out "$OUT/${TAG}_bench_c_si.json" >"$log" 2>&1 ;;
-        bench_c_w2) bench --parts c --prep-workers 2 --json-out "$OUT/${TAG}_bench_c_w2.json" >"$log" 2>&1 ;;
         engine_check) python3 benchmarks/gpu_engine_check.py --out "$OUT/${TAG}_engine_check.json" >"$log" 2>&1 ;;
         smoke) python3 benchmarks/gpu_smoke.py --out "$OUT/${TAG}_smoke.json" >"$log" 2>&1 ;;
         decode_profile) python3 benchmarks/decode_profile.py --folder "$M" --out "$OUT/${TAG}_decode_profile.json" >"$log" 2>&1 ;;

@@ -7,9 +7,7 @@ applies stop strings (the engine never sees text).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -155,7 +153,7 @@ class LLM:
                 yield from self._run(list(requests))
                 return
             n = workers or min(8, os.cpu_count() or 2)
-            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="phi3v-prep") as pool, _switch_interval():
+            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="phi3v-prep") as pool:
                 futs = _Prefetch(pool, requests, max(16, 2 * self.engine.sched.max_num_seqs))
                 try:
                     yield from self._run(futs)
@@ -242,22 +240,6 @@ class LLM:
                 out[i] = done
         return out  # type: ignore[return-value]
 
-
-
-@contextlib.contextmanager
-def _switch_interval() -> Iterator[None]:
-    """While preparation threads run beside the engine's thread, PHI3V_SWITCH_INTERVAL (seconds) sets how long
-    one thread may hold the GIL before another (the engine, waiting to launch its next kernels) gets it."""
-    want = os.environ.get("PHI3V_SWITCH_INTERVAL")
-    if not want:
-        yield
-        return
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(float(want))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(old)
 
 
 class _Prefetch:
