@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU: run the named steps in order, each logged as "=== HH:MM:SS step" with its
-# exit code, raw JSON and logs under $OUT (named $TAG_step.*). A failing step does not stop the others.
+# exit code; raw JSON under $OUT ($TAG_step.json), every step's output in one $OUT/$TAG_steps.log. A failing step does not stop the others.
 #
 #   TAG=2026-12-03_s6 bash benchmarks/device_call.sh bench engine_check ...
 #
@@ -42,7 +42,7 @@ fi
 
 for step in "$@"; do
     echo "=== $(date +%T) $step"
-    log="$OUT/${TAG}_$step.log"
+    log="/tmp/${TAG}_$step.log"  # appended to one $OUT log below: the device returns at most 8 files
     case $step in
         reference)
             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/refpkgs \
@@ -67,5 +67,6 @@ for step in "$@"; do
     # the headline numbers, so that the call's reply shows them
     grep -hE '"(a_decode_tok_s|b_ttft_ms_[0-9]+crop|c_offline_[0-9]+crop_images_per_s|d_peak_mem_gib|prefill_s|decode_s|all_equal|graph_replay_ms|wall_ms_per_image|unfused_ms|fused_ms|max_abs_diff|[a-z]+_rel_l2_vs_fp32|unprofiled_wall_s|gpu_first_ms|gpu_busy_ms|gpu_end_ms)"' "$log" | head -40
     [ $rc -eq 0 ] || tail -5 "$log"
+    { echo "=== $step rc $rc"; cat "$log"; } >>"$OUT/${TAG}_steps.log"
 done
 echo "=== $(date +%T) done"

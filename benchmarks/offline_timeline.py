@@ -25,7 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from decode_profile import ensure_checkpoint  # noqa: E402  (benchmarks/ is the script's folder)
 from phi3v import LLM, SamplingParams  # noqa: E402
 from phi3v.bench import MIXED_SIZES, PROMPT, emit, noise_image  # noqa: E402
-from ttft_timeline import LABELS, PHASES, _label  # noqa: E402
+from ttft_timeline import PHASES, _label  # noqa: E402
+from phi3v.engine import engine as engine_mod, kv_cache, runner  # noqa: E402
+from phi3v.models import phi3v as phi3v_mod  # noqa: E402
+
+# the prefill path in finer steps than ttft_timeline's phases
+MORE = [(engine_mod.Engine, "_prefill"), (engine_mod.Engine, "_prefill_batch"), (runner.PrefillRunner, "run"),
+        (kv_cache.KVCache, "positions"), (phi3v_mod.Phi3VForCausalLM, "embed"),
+        (phi3v_mod.Phi3VForCausalLM, "encode_images"), (phi3v_mod.Phi3VForCausalLM, "logits")]
+LABELS = {f"phase:{a}" for _, a in PHASES + MORE}
+ALLOC = ("num_device_alloc", "num_device_free", "num_sync_all_streams", "num_alloc_retries")
 
 
 def idle_by_phase(prof: profile) -> dict:
@@ -76,7 +85,7 @@ def main() -> None:
     llm = LLM(a.folder, device=a.device, max_num_seqs=64, max_model_len=3072)
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     llm.warmup()
-    for owner, name in PHASES:
+    for owner, name in PHASES + MORE:
         _label(owner, name)
     res: dict = {"device": torch.cuda.get_device_name(0) if a.device == "cuda" else a.device, "date": time.strftime("%Y-%m-%d"), "n": a.n}
     for nc in a.crops:
@@ -90,10 +99,13 @@ def main() -> None:
         llm.generate_many([functools.partial(job, i, a.tokens) for i in range(a.n)])
         sync()
         plain = time.perf_counter() - t
+        before = torch.cuda.memory_stats() if a.device == "cuda" else {}
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])) as prof:
             llm.generate_many([functools.partial(job, 3 * a.n + i, a.tokens) for i in range(a.n)])
             sync()
-        res[f"nc{nc}"] = {"unprofiled_wall_s": plain, **idle_by_phase(prof)}
+        after = torch.cuda.memory_stats() if a.device == "cuda" else {}
+        res[f"nc{nc}"] = {"unprofiled_wall_s": plain, **idle_by_phase(prof),
+                          "allocator_calls": {k: after.get(k, 0) - before.get(k, 0) for k in ALLOC}}
         print(nc, res[f"nc{nc}"], flush=True)
     emit(res, a.out)
 
