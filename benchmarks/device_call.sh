@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU: run the named steps in order, each logged as "=== HH:MM:SS step" with its
-# exit code; raw JSON under $OUT ($TAG_step.json), every step's output in one $OUT/$TAG_steps.log. A failing step does not stop the others.
+# exit code; raw JSON under $OUT ($TAG_step.json), every step's output in one $OUT/$TAG_steps.log.
+# A failing step does not stop the others.
 #
 #   TAG=2026-12-03_s6 bash benchmarks/device_call.sh bench engine_check ...
 #

@@ -10,6 +10,7 @@ The profiler slows the host a little; the unprofiled run's wall is reported besi
 from __future__ import annotations
 
 import argparse
+import bisect
 import functools
 import sys
 import time
@@ -23,8 +24,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from decode_profile import ensure_checkpoint  # noqa: E402  (benchmarks/ is the script's folder)
-from phi3v import LLM, SamplingParams  # noqa: E402
-from phi3v.bench import MIXED_SIZES, PROMPT, emit, noise_image  # noqa: E402
+from phi3v import LLM  # noqa: E402
+from phi3v.bench import emit, offline_request  # noqa: E402
 from ttft_timeline import PHASES, _label  # noqa: E402
 from phi3v.engine import engine as engine_mod, kv_cache, runner  # noqa: E402
 from phi3v.models import phi3v as phi3v_mod  # noqa: E402
@@ -54,7 +55,7 @@ def idle_by_phase(prof: profile) -> dict:
         if s > end + 20:  # idle stretches of over 20 us
             # the innermost phase of the engine's thread running when the GPU ran dry ("-": none, i.e.
             # LLM.run's loop: detokenising, adding requests, waiting for a preparation)
-            running = [h for h in host[: _bisect(starts, end)] if h.time_range.end >= end and h.thread in main]
+            running = [h for h in host[: bisect.bisect_right(starts, end)] if h.time_range.end >= end and h.thread in main]
             label = running[-1].name[6:] if running else "-"
             idle[label] += (s - end) / 1000
             gaps.append(((s - end) / 1000, round((end - t0) / 1000, 2), label))
@@ -64,11 +65,6 @@ def idle_by_phase(prof: profile) -> dict:
             "gpu_end_ms": (end - t0) / 1000, "gpu_busy_ms": busy / 1000, "kernels": len(kern),
             "idle_ms_by_host_phase": dict(sorted(((k, round(v, 2)) for k, v in idle.items()), key=lambda x: -x[1])),
             "largest_gaps_ms_at_ms_phase": sorted(gaps, reverse=True)[:12]}
-
-
-def _bisect(xs: list[float], x: float) -> int:
-    import bisect
-    return bisect.bisect_right(xs, x)
 
 
 @torch.inference_mode()
@@ -87,12 +83,10 @@ def main() -> None:
     llm.warmup()
     for owner, name in PHASES + MORE:
         _label(owner, name)
-    res: dict = {"device": torch.cuda.get_device_name(0) if a.device == "cuda" else a.device, "date": time.strftime("%Y-%m-%d"), "n": a.n}
+    res: dict = {"device": torch.cuda.get_device_name(0) if a.device == "cuda" else a.device,
+                 "date": time.strftime("%Y-%m-%d"), "n": a.n}
     for nc in a.crops:
-        def job(i: int, tokens: int, nc: int = nc):
-            p = SamplingParams(max_tokens=tokens, ignore_eos=True)
-            return llm.prepare(PROMPT, [noise_image(*MIXED_SIZES[i % len(MIXED_SIZES)], 1000 + i)], p, nc)
-
+        job = functools.partial(offline_request, llm, nc=nc)
         llm.generate_many([functools.partial(job, a.n + i, 2) for i in range(a.n)])  # warm-up, as the bench
         sync()
         t = time.perf_counter()
@@ -100,7 +94,8 @@ def main() -> None:
         sync()
         plain = time.perf_counter() - t
         before = torch.cuda.memory_stats() if a.device == "cuda" else {}
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])) as prof:
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])
+        with profile(activities=acts) as prof:
             llm.generate_many([functools.partial(job, 3 * a.n + i, a.tokens) for i in range(a.n)])
             sync()
         after = torch.cuda.memory_stats() if a.device == "cuda" else {}

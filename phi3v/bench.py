@@ -119,16 +119,21 @@ def _instrument(eng: Any) -> dict[str, float]:
     return acc
 
 
-def _offline(llm: Any, res: dict[str, Any], crops: tuple[int, ...], n_offline: int, offline_tokens: int,
-             prep_workers: int | None, profile: bool = False) -> None:
+def offline_request(llm: Any, i: int, tokens: int, nc: int) -> Any:
+    """Request i of the offline job (c): a noise image of the i-th mixed size (the image decode's stand-in)
+    prepared with `nc` crops, `tokens` new tokens with eos ignored."""
     from phi3v import SamplingParams
 
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    return llm.prepare(PROMPT, [noise_image(*MIXED_SIZES[i % len(MIXED_SIZES)], 1000 + i)], params, nc)
+
+
+def _offline(llm: Any, res: dict[str, Any], crops: tuple[int, ...], n_offline: int, offline_tokens: int,
+             prep_workers: int | None, profile: bool = False) -> None:
     parts = _instrument(llm.engine) if profile else None
 
     for nc in crops:
-        def job(i: int, tokens: int, nc: int = nc) -> Any:  # image decode stand-in + preprocessing, on the prep threads
-            params = SamplingParams(max_tokens=tokens, ignore_eos=True)
-            return llm.prepare(PROMPT, [noise_image(*MIXED_SIZES[i % len(MIXED_SIZES)], 1000 + i)], params, nc)
+        job = functools.partial(offline_request, llm, nc=nc)  # job(i, tokens), on the prep threads
 
         # warm-up, untimed (as (a) and (b) exclude theirs): the same shapes on other images, 2 tokens
         # each, so that one-time Triton compiles and CUDA-graph captures (vision bucket, batch 64) are done

@@ -32,7 +32,7 @@ assert (n - w * (rr * torch.rsqrt(rr.pow(2).mean(-1, keepdim=True) + 1e-5))).abs
 gu = torch.randn(3, 300)
 assert (kernels.silu_mul(gu) - gu[:, 150:] * torch.nn.functional.silu(gu[:, :150])).abs().max() < 1e-6
 lw, lb = torch.rand(40) + 0.5, torch.randn(40)
-a, r = torch.randn(7, 577, 40) * 3 + 1, torch.randn(7, 577, 40)  # 4039 rows: the last program half full
+a, r = torch.randn(7, 577, 40) * 3 + 1, torch.randn(7, 577, 40)  # 4039 rows: the last program of 4 rows has 3
 n, ro = kernels.add_layer_norm(a, r, lw, lb, 1e-5)
 assert torch.equal(ro, r + a)
 assert (n - torch.nn.functional.layer_norm(r + a, (40,), lw, lb, 1e-5)).abs().max() < 1e-5

@@ -98,7 +98,8 @@ class Phi3VForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def set_fused(self, on: bool) -> None:
-        """Triton kernels (CUDA) in the decoder (norms, RoPE, SiLU, small-M GEMV) and CLIP (add + LayerNorm, quick-GELU)."""
+        """Triton kernels (CUDA): the decoder's norms, RoPE, SiLU and small-M GEMV; CLIP's add + LayerNorm
+        and quick-GELU."""
         self.model.fused = on
         for m in self.modules():
             if isinstance(m, (CLIPMLP, CLIPVisionModel)):
