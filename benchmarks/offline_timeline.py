@@ -3,8 +3,11 @@ sizes x 200 tokens, prepared on 8 threads while the engine runs) once under the 
 the same untimed warm-up as the bench. Reports GPU busy time against the wall, and the GPU's idle time
 summed by the host phase that was running when the GPU went idle (labels as in ttft_timeline.py).
 
+The profiled run is the first after the warm-up, the one the bench times; a second, unprofiled run follows
+(the profiler slows the host a little). For each run: the Triton kernel variants compiled during it and
+the garbage collector's pauses (either would stall the engine's thread mid-run).
+
 Usage: python benchmarks/offline_timeline.py [--folder /tmp/phi3v-full-random] [--crops 4 16] [--out t.json]
-The profiler slows the host a little; the unprofiled run's wall is reported beside it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import functools
+import gc
 import sys
 import time
 from collections import defaultdict
@@ -28,7 +32,8 @@ from phi3v import LLM  # noqa: E402
 from phi3v.bench import emit, offline_request  # noqa: E402
 from ttft_timeline import PHASES, _label  # noqa: E402
 from phi3v.engine import engine as engine_mod, kv_cache, runner  # noqa: E402
-from phi3v.models import phi3v as phi3v_mod  # noqa: E402
+from phi3v.engine import paged_attention  # noqa: E402
+from phi3v.models import gemv, kernels, phi3v as phi3v_mod  # noqa: E402
 
 # the prefill path in finer steps than ttft_timeline's phases
 MORE = [(engine_mod.Engine, "_prefill"), (engine_mod.Engine, "_prefill_batch"), (runner.PrefillRunner, "run"),
@@ -67,6 +72,51 @@ def idle_by_phase(prof: profile) -> dict:
             "largest_gaps_ms_at_ms_phase": sorted(gaps, reverse=True)[:12]}
 
 
+def triton_variants() -> dict[str, int]:
+    """Compiled variants per Triton kernel of phi3v (0 where this Triton keeps its cache elsewhere)."""
+    out = {}
+    for mod in (kernels, gemv, paged_attention):
+        for name, fn in vars(mod).items():
+            caches = getattr(fn, "device_caches", None)
+            if caches is not None:
+                try:
+                    out[name] = sum(len(c[0]) for c in caches.values())
+                except (TypeError, IndexError):
+                    out[name] = 0
+    return out
+
+
+class GCPauses:
+    """The garbage collector's pauses over 1 ms while active, as (ms, generation)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, int]] = []
+        self._t = 0.0
+        self.on = False
+        gc.callbacks.append(self._cb)
+
+    def _cb(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        elif self.on and (ms := (time.perf_counter() - self._t) * 1000) > 1.0:
+            self.pauses.append((round(ms, 2), info["generation"]))
+
+
+def run_once(llm: LLM, jobs: list, sync, gcp: GCPauses) -> tuple[float, dict]:
+    """Wall seconds of one job, with the Triton variants compiled and GC pauses during it."""
+    before = triton_variants()
+    gcp.pauses, gcp.on = [], True
+    t = time.perf_counter()
+    llm.generate_many(jobs)
+    sync()
+    wall = time.perf_counter() - t
+    gcp.on = False
+    after = triton_variants()
+    new = {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
+    return wall, {"triton_variants_compiled": new, "gc_pauses_ms_gen": sorted(gcp.pauses, reverse=True)[:10],
+                  "gc_ms": round(sum(p for p, _ in gcp.pauses), 2)}
+
+
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -85,22 +135,20 @@ def main() -> None:
         _label(owner, name)
     res: dict = {"device": torch.cuda.get_device_name(0) if a.device == "cuda" else a.device,
                  "date": time.strftime("%Y-%m-%d"), "n": a.n}
+    gcp = GCPauses()
     for nc in a.crops:
         job = functools.partial(offline_request, llm, nc=nc)
         llm.generate_many([functools.partial(job, a.n + i, 2) for i in range(a.n)])  # warm-up, as the bench
         sync()
-        t = time.perf_counter()
-        llm.generate_many([functools.partial(job, i, a.tokens) for i in range(a.n)])
-        sync()
-        plain = time.perf_counter() - t
         before = torch.cuda.memory_stats() if a.device == "cuda" else {}
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])
         with profile(activities=acts) as prof:
-            llm.generate_many([functools.partial(job, 3 * a.n + i, a.tokens) for i in range(a.n)])
-            sync()
+            wall, first = run_once(llm, [functools.partial(job, i, a.tokens) for i in range(a.n)], sync, gcp)
         after = torch.cuda.memory_stats() if a.device == "cuda" else {}
-        res[f"nc{nc}"] = {"unprofiled_wall_s": plain, **idle_by_phase(prof),
-                          "allocator_calls": {k: after.get(k, 0) - before.get(k, 0) for k in ALLOC}}
+        plain, second = run_once(llm, [functools.partial(job, 3 * a.n + i, a.tokens) for i in range(a.n)], sync, gcp)
+        res[f"nc{nc}"] = {"profiled_wall_s": wall, **first, **idle_by_phase(prof),
+                          "allocator_calls": {k: after.get(k, 0) - before.get(k, 0) for k in ALLOC},
+                          "second_run": {"unprofiled_wall_s": plain, **second}}
         print(nc, res[f"nc{nc}"], flush=True)
     emit(res, a.out)
 

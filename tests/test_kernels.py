@@ -3,7 +3,10 @@ subprocess because the interpreter must be chosen before triton is imported. fp3
 interpreter does not round bf16 like the GPU, so bf16 equality is checked by the GPU run
 (benchmarks/decode_profile.py, benchmarks/gpu_smoke.py)."""
 
+import torch
 from interp import run_interpreted
+
+from phi3v.models import kernels
 
 SCRIPT = r"""
 import torch
@@ -65,3 +68,31 @@ def test_pdl_is_off_off_the_gpu() -> None:
     x = torch.zeros(2)
     assert kernels.pdl(x) is False
     assert kernels.pdl_args(x) == {"PDL": False}
+
+
+class _HostTensor:
+    """Stands in for a CPU tensor bound for CUDA (this machine has none): records what `to_device` calls."""
+
+    def __init__(self) -> None:
+        self.device, self.calls = torch.device("cpu"), []
+
+    def pin_memory(self) -> "_HostTensor":
+        self.calls.append("pin_memory")
+        return self
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> str:
+        self.calls.append(("to", device.type, non_blocking))
+        return "on " + device.type
+
+
+def test_to_device_stages_host_tensors_for_cuda_in_pinned_memory() -> None:
+    t = _HostTensor()
+    assert kernels.to_device(t, torch.device("cuda")) == "on cuda"
+    assert t.calls == ["pin_memory", ("to", "cuda", True)]  # pinned first, then a copy the host does not wait for
+    # no CUDA: a plain (CPU-to-CPU) move, no pinning, values and dtype kept
+    t = _HostTensor()
+    kernels.to_device(t, torch.device("cpu"))
+    assert t.calls == [("to", "cpu", True)]
+    x = torch.arange(5)
+    y = kernels.to_device(x, torch.device("cpu"))
+    assert torch.equal(x, y) and y.dtype == x.dtype

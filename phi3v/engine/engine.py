@@ -28,6 +28,7 @@ from phi3v.engine.runner import DecodeRunner, PrefillRunner, VisionRunner
 from phi3v.engine.sampler import SamplingParams, SamplingTensors, sample, top_logprobs
 from phi3v.engine.scheduler import RUNNING, Scheduler, Sequence
 from phi3v.models import kernels
+from phi3v.models.kernels import to_device
 
 
 @dataclass
@@ -145,11 +146,11 @@ class Engine:
         last position's logits (1, V)."""
         T = embeds.shape[0]
         dev = self.device
-        flag = torch.tensor([long_rope]).to(dev, non_blocking=True)  # (a blocking copy would sync)
+        flag = to_device(torch.tensor([long_rope]), dev)
         seq.long_rope = long_rope
         self.stats["prefill_tokens"] += T
         if self.prefill_runner.bucket(T) is not None and T <= self.prefill_chunk:
-            where = torch.tensor(self.cache.positions(seq.blocks, 0, T)).to(dev, non_blocking=True)  # (2, T)
+            where = to_device(torch.tensor(self.cache.positions(seq.blocks, 0, T)), dev)  # (2, T)
             logits = self.prefill_runner.run(embeds, flag, where[0], where[1])
             if logits is not None:
                 return logits
@@ -158,8 +159,8 @@ class Engine:
             x = embeds[s: s + self.prefill_chunk][None]
             e = s + x.shape[1]
             pos = torch.arange(s, e, device=dev)[None]
-            where = torch.tensor(self.cache.positions(seq.blocks, s, e)).to(dev, non_blocking=True)  # (2, T)
-            past = torch.tensor(self.cache.positions(seq.blocks, 0, s)).to(dev, non_blocking=True) if s else None
+            where = to_device(torch.tensor(self.cache.positions(seq.blocks, s, e)), dev)  # (2, T)
+            past = to_device(torch.tensor(self.cache.positions(seq.blocks, 0, s)), dev) if s else None
             attn = PrefillAttention(self.cache, where[0], where[1], s, None if past is None else (past[0], past[1]))
             h = self.model(x, pos, flag, attn)
         return self.model.logits(h[:, -1])
@@ -204,10 +205,10 @@ class Engine:
             rows += range(i * T, i * T + n)
             blk += b
             off += o
-        where = torch.tensor([rows, blk, off]).to(dev, non_blocking=True)
+        where = to_device(torch.tensor([rows, blk, off]), dev)  # (3, sum(lens))
         attn = BatchPrefillAttention(self.cache, where[0], where[1], where[2])
-        h = self.model(x, pos, torch.tensor(longs).to(dev, non_blocking=True), attn)
-        last = h[torch.arange(len(seqs), device=dev), torch.tensor(lens).to(dev, non_blocking=True) - 1]  # (B, hidden)
+        h = self.model(x, pos, to_device(torch.tensor(longs), dev), attn)
+        last = h[torch.arange(len(seqs), device=dev), to_device(torch.tensor(lens) - 1, dev)]  # (B, hidden)
         for s, lr in zip(seqs, longs):
             s.long_rope = lr
         self.stats["prefill_tokens"] += sum(lens)
@@ -220,7 +221,7 @@ class Engine:
             prompt = self._prompt_embeds(seq)
         if not seq.output_ids:
             return prompt
-        out = self.model.model.embed_tokens(torch.tensor(seq.output_ids, device=self.device))
+        out = self.model.model.embed_tokens(to_device(torch.tensor(seq.output_ids), self.device))
         return torch.cat([prompt, out.to(prompt.dtype)], dim=0)
 
     def _decode(self, seqs: list[Sequence], ahead: torch.Tensor | None = None) -> torch.Tensor:
@@ -236,7 +237,7 @@ class Engine:
         # one host-to-device copy of the step's inputs: (3, n) int64 = last token, position, long flag
         host = torch.tensor([[s.output_ids[-1] if d == 0 else 0 for s in seqs], [s.num_tokens - 1 + d for s in seqs],
                              [int(s.long_rope) for s in seqs]], dtype=torch.long)
-        dev = host.to(self.device, non_blocking=True)
+        dev = to_device(host, self.device)
         tokens = dev[0] if ahead is None else ahead
         logits = self.runner.decode(tokens, dev[1], dev[2].bool(), self._block_table(seqs),
                                     max(s.num_tokens for s in seqs) + d)
@@ -256,7 +257,7 @@ class Engine:
             bt = torch.full((len(seqs), self.runner.max_blocks), self.cache.scratch, dtype=torch.int32)
             for i, s in enumerate(seqs):
                 bt[i, : len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int32)
-            self._bt_cache = (key, bt.to(self.device, non_blocking=True))
+            self._bt_cache = (key, to_device(bt, self.device))
         return self._bt_cache[1]
 
     # ---------------------------------------------------------------- the step
@@ -366,7 +367,7 @@ class Engine:
             t, steps = cached[1], cached[2].add_(1)
         else:
             t = SamplingTensors.build([s.params for s in rows], [s.seed for s in rows], self.device)
-            steps = torch.tensor(steps_now, dtype=torch.int64).to(self.device, non_blocking=True)
+            steps = to_device(torch.tensor(steps_now, dtype=torch.int64), self.device)
         self._samp_cache = (key, t, steps, steps_now)
         return t, steps
 
@@ -404,7 +405,7 @@ class Engine:
         if "seen" not in seq.state:
             seen = torch.zeros(self.cfg.vocab_size, dtype=torch.bool, device=self.device)
             ids = [i for i in seq.prompt_ids + seq.output_ids if i >= 0]
-            seen[torch.tensor(ids, dtype=torch.long, device=self.device)] = True
+            seen[to_device(torch.tensor(ids, dtype=torch.long), self.device)] = True
             seq.state["seen"] = seen
         return seq.state["seen"]
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from phi3v.models.kernels import to_device
+
 
 @dataclass
 class ImageInput:
@@ -54,7 +56,7 @@ class ImageFeatures:
             while items and (not group or n + items[0][1].crops.shape[0] <= self.batch_crops):
                 group.append(items.pop(0))
                 n += group[-1][1].crops.shape[0]
-            feats = self.model.encode_images([i.crops.to(self.device, non_blocking=True) for _, i in group],
+            feats = self.model.encode_images([to_device(i.crops, self.device) for _, i in group],
                                              [i.image_size for _, i in group], tower=self.tower)
             stats["images_encoded"] += len(group)
             for (key, _), f in zip(group, feats):

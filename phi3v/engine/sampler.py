@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from phi3v.models.kernels import to_device
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -124,12 +126,10 @@ class SamplingTensors:
                              [max(p.top_k, 0) for p in params], [p.repetition_penalty for p in params]],
                             dtype=torch.float64)
         seed_host = torch.tensor(seeds, dtype=torch.int64)
-        if dev.type == "cuda":
-            host, seed_host = host.pin_memory(), seed_host.pin_memory()
-        d = host.to(dev, non_blocking=True)
+        d = to_device(host, dev)
         return cls(
             temperature=d[0].float(), top_p=d[1].float(), top_k=d[2].long(), penalty=d[3].float(),
-            seeds=seed_host.to(dev, non_blocking=True),
+            seeds=to_device(seed_host, dev),
             any_sampling=any(not p.greedy for p in params),
             any_top=any(not p.greedy and (p.top_p < 1.0 or p.top_k > 0) for p in params),
             any_penalty=any(p.repetition_penalty != 1.0 for p in params),

@@ -47,6 +47,15 @@ def pdl(x: Tensor) -> bool:
     return PDL_ENABLED and HAVE_TRITON and gdc_wait is not None and x.is_cuda and _sm90(x.device.index or 0)
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """t on `device`, without making the host wait for the GPU. A CPU tensor bound for CUDA is staged in
+    pinned memory first: a non-blocking copy from pageable memory may wait for the stream to drain
+    before it stages the bytes, and the GPU then idles while the host catches up."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()  # the caching host allocator reuses the block once this copy has run
+    return t.to(device, non_blocking=True)
+
+
 def pdl_args(x: Tensor) -> dict:
     """Launch kwargs for a kernel with a `PDL` constexpr: its value, and the launch attribute when on."""
     on = pdl(x)
@@ -92,7 +101,9 @@ if HAVE_TRITON:
         w = tl.load(w_ptr + cols, mask=m, other=0.0)
         tl.store(out_ptr + row * N + cols, (w.to(tl.float32) * h.to(tl.float32)).to(x.dtype), mask=m)
 
-    @triton.jit
+    # n_rows varies with the crop count: not specialised on (Triton would compile a second variant, mid-run,
+    # the first time crops * 577 is a multiple of 16)
+    @triton.jit(do_not_specialize=["n_rows"])
     def _add_layer_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, n_rows, N, eps,
                                HAS_RES: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
         # ROWS rows per program: a CLIP row is only 1024 values (2 KB)

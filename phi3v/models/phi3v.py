@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from phi3v.config import Phi3VConfig
 from phi3v.models.clip import CLIPMLP, CLIPVisionModel
+from phi3v.models.kernels import to_device
 from phi3v.models.phi3 import AttentionBackend, Phi3Model, proj
 
 __all__ = ["Phi3ImageEmbedding", "Phi3VForCausalLM"]
@@ -168,7 +169,7 @@ class Phi3VForCausalLM(nn.Module):
             raise ValueError(f"token id {hi} out of range for vocab size {vocab}")
         if lo < -n:
             raise ValueError(f"placeholder id {lo} refers to image {-lo}, but only {n} image(s) were given")
-        tok = self.model.embed_tokens(ids.clamp_min(0).to(self.device, non_blocking=True))  # (T, hidden)
+        tok = self.model.embed_tokens(to_device(ids.clamp_min(0), self.device))  # (T, hidden)
         if n == 0:
             return tok
         neg = ids < 0
@@ -191,7 +192,7 @@ class Phi3VForCausalLM(nn.Module):
         rank = (onehot.cumsum(0) * onehot).sum(-1) - 1  # index of this token among image k's tokens
         src = offsets[img] + rank.clamp_min(0) % lens_t[img]  # (T,) row in `table`
         dev = tok.device
-        return torch.where(neg.to(dev, non_blocking=True)[:, None], table[src.to(dev, non_blocking=True)], tok)
+        return torch.where(to_device(neg, dev)[:, None], table[to_device(src, dev)], tok)
 
     # ---------------------------------------------------------------- decoder
     def forward(self, x: Tensor, positions: Tensor, long_rope: Tensor,
