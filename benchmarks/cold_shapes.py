@@ -4,7 +4,8 @@ host wait: the candidate causes of the offline job's mid-run stalls (BENCHMARKS.
 Usage: python benchmarks/cold_shapes.py [--folder /tmp/phi3v-full-random] [--out cold.json]
 For each op: the first call at a new shape against the median of the next 5 (ms, synchronised). Shapes are
 odd sizes no earlier call used. Copies: the host time of one copy issued behind ~30 ms of queued GPU work;
-a copy that waits for the stream takes about as long as that work.
+a copy that waits for the stream takes about as long as that work. Last, after `LLM.warmup()`: the time to
+first token of a 16-crop image with a prompt length not seen before, then again at that length (another image).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from decode_profile import checkpoint_args  # noqa: E402  (benchmarks/ is the script's folder)
 from phi3v import LLM  # noqa: E402
-from phi3v.bench import emit  # noqa: E402
+from phi3v import SamplingParams  # noqa: E402
+from phi3v.bench import PROMPT, emit, noise_image  # noqa: E402
 from phi3v.models import kernels  # noqa: E402
 
 
@@ -129,6 +131,23 @@ def main() -> None:
     big = torch.randn(17, 3, 336, 336).to(llm.dtype)  # a 16-crop image's crops, pageable
     res["h2d_crops_pageable_non_blocking"] = copy_wait(lambda: big.to(dev, non_blocking=True))
     res["h2d_crops_to_device_pinned"] = copy_wait(lambda: kernels.to_device(big, dev))
+    for kb in (64, 256, 1024, 4096):  # where the driver starts to wait for the stream
+        blob = torch.zeros(kb * 256, dtype=torch.int32)
+        res[f"h2d_{kb}KiB_pageable_non_blocking"] = copy_wait(lambda: blob.to(dev, non_blocking=True))
+    # time to first token at new prompt lengths (16 crops), after the warm-up the server and batch jobs do
+    llm.warmup()
+    llm.generate(PROMPT, [noise_image(1344, 1344, 499)], SamplingParams(max_tokens=1), num_crops=16)  # first call
+    res["ttft_new_length_ms"] = []
+    for k in range(1, 4):
+        row = []
+        for seed in (1, 2):  # a new image each time: no embedding-cache hit
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            prompt = PROMPT.replace("detail.", "detail." + " Be brief." * k)
+            llm.generate(prompt, [noise_image(1344, 1344, 500 + 10 * k + seed)], SamplingParams(max_tokens=1),
+                         num_crops=16)
+            row.append(round((time.perf_counter() - t) * 1000, 2))
+        res["ttft_new_length_ms"].append({"first": row[0], "again": row[1]})
     emit(res, a.out)
 
 

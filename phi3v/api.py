@@ -99,11 +99,12 @@ class LLM:
         self._lock = threading.Lock()
 
     def warmup(self) -> int:
-        """Capture the decode graphs of every batch size up to max_num_seqs now (the server and batch
-        jobs do at start; otherwise the first step at each new batch size pays its capture and Triton
-        compiles mid-run). Returns how many were captured."""
+        """Capture the engine's CUDA graphs now: decode at every batch size up to max_num_seqs, prefill
+        at every length bucket, the vision tower at every chunk size (the server and batch jobs do at
+        start; otherwise the first step at each new shape pays its capture, Triton compiles and cuDNN
+        plans mid-run). Returns how many were captured."""
         with self._lock:
-            return self.engine.runner.warmup(self.engine.sched.max_num_seqs)
+            return self.engine.warmup()
 
     # ---------------------------------------------------------------- preparation
     def prepare(self, prompt: str, images: list[Any] | None = None, sampling_params: SamplingParams | None = None,

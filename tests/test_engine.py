@@ -404,6 +404,21 @@ def test_warmup_captures_every_decode_bucket_up_to_max_num_seqs(llm: LLM, monkey
     assert runner.warmup(48) == 2 and captured[6:] == [32, 48]  # the ones already there are kept
     monkeypatch.setattr(llm.engine.sched, "max_num_seqs", 64)
     assert llm.warmup() == 1 and captured[-1] == 64
+    # and every prefill length bucket and vision chunk size, each once
+    from phi3v.engine.runner import PREFILL_BUCKETS
+
+    pre, vis = llm.engine.prefill_runner, llm.engine.vision_runner
+    likes: list[tuple[int, tuple, torch.dtype]] = []
+    for r in (pre, vis):
+        monkeypatch.setattr(r, "use_graphs", True)
+        monkeypatch.setattr(r, "graphs", {})
+        monkeypatch.setattr(r, "_capture", lambda b, like: likes.append((b, tuple(like.shape), like.dtype)) or
+                            ("graph", None, None))
+    assert llm.warmup() == len(PREFILL_BUCKETS) + 17
+    dt = llm.engine.dtype
+    assert likes == [(b, (1, llm.config.hidden_size), dt) for b in PREFILL_BUCKETS] + \
+        [(n, (1, 3, 336, 336), dt) for n in range(1, 18)]
+    assert llm.warmup() == 0
 
     def fail(b: int) -> None:
         raise RuntimeError("capture failed")
@@ -413,11 +428,12 @@ def test_warmup_captures_every_decode_bucket_up_to_max_num_seqs(llm: LLM, monkey
     assert runner.warmup(8) == 0 and runner.use_graphs is False
 
 
-def test_vision_runner_graphs_small_batches_and_runs_large_ones_on_exactly_their_crops(
+def test_vision_runner_replays_a_graph_of_exactly_each_chunk_of_at_most_17_crops(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Up to 9 crops (launch-bound) a graph of the next bucket replays (padding crops zeroed, their features
-    dropped); above, only an exact fit (17) replays, and other counts run eagerly on exactly their crops."""
-    from phi3v.engine.runner import VisionRunner
+    """N crops run in chunks of at most 17, each replayed as a graph of exactly its size (no padding crops,
+    so only 17 shapes ever); the features equal the tower's over all N at once. `warmup` captures every
+    chunk size once; a failed capture falls back to the eager tower."""
+    from phi3v.engine.runner import VISION_CHUNK, VisionRunner
 
     seen: list[int] = []
 
@@ -426,6 +442,7 @@ def test_vision_runner_graphs_small_batches_and_runs_large_ones_on_exactly_their
         return x[:, :1].reshape(x.shape[0], -1)[:, :1152].reshape(x.shape[0], 576, 2) * 2
 
     vr = VisionRunner(tower, torch.device("cpu"), use_graphs=True)
+    captured: list[int] = []
 
     class Replay:  # what capture would give: replay() runs the tower on the static input
         def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -434,16 +451,32 @@ def test_vision_runner_graphs_small_batches_and_runs_large_ones_on_exactly_their
         def replay(self) -> None:
             self.y.copy_(tower(self.x))
 
-    def capture(bucket: int, like: torch.Tensor):
-        x = torch.zeros((bucket, *like.shape[1:]))
-        y = torch.zeros(bucket, 576, 2)
+    def capture(n: int, like: torch.Tensor):
+        captured.append(n)
+        x = torch.zeros((n, *like.shape[1:]))
+        y = torch.zeros(n, 576, 2)
         return Replay(x, y), x, y
 
     monkeypatch.setattr(vr, "_capture", capture)
-    for n, ran in ((5, 5), (7, 9), (13, 13), (17, 17), (20, 20), (33, 33), (70, 70), (128, 128)):
+    assert VISION_CHUNK == 17
+    for n, chunks in ((5, [5]), (7, [7]), (17, [17]), (20, [17, 3]), (33, [17, 16]), (70, [17] * 4 + [2]),
+                      (128, [17] * 7 + [9])):
         seen.clear()
         px = torch.randn(n, 3, 336, 336)
         out = vr(px)
+        assert seen == chunks, (n, seen)
         assert out.shape == (n, 576, 2) and torch.equal(out, tower(px)), n
-        assert seen[0] == ran, (n, seen)
-    assert sorted(vr.graphs) == [5, 9, 17]
+    assert sorted(vr.graphs) == [2, 3, 5, 7, 9, 16, 17] and sorted(captured) == sorted(vr.graphs)
+    assert vr.warmup(torch.zeros(1, 3, 336, 336)) == 17 - 7 and sorted(vr.graphs) == list(range(1, 18))
+    assert vr.warmup(torch.zeros(1, 3, 336, 336)) == 0 and len(captured) == 17  # each size once
+
+    def fail(n: int, like: torch.Tensor) -> None:
+        raise RuntimeError("capture failed")
+
+    vr = VisionRunner(tower, torch.device("cpu"), use_graphs=True)
+    monkeypatch.setattr(vr, "_capture", fail)
+    seen.clear()
+    px = torch.randn(40, 3, 336, 336)
+    assert torch.equal(vr(px), tower(px)) and vr.use_graphs is False and seen == [17, 17, 6, 40]  # eager chunks
+    seen.clear()
+    assert torch.equal(vr(px), tower(px)) and seen == [40, 40]  # graphs off from then on: all at once

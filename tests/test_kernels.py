@@ -73,8 +73,14 @@ def test_pdl_is_off_off_the_gpu() -> None:
 class _HostTensor:
     """Stands in for a CPU tensor bound for CUDA (this machine has none): records what `to_device` calls."""
 
-    def __init__(self) -> None:
-        self.device, self.calls = torch.device("cpu"), []
+    def __init__(self, nbytes: int) -> None:
+        self.device, self.calls, self.nbytes = torch.device("cpu"), [], nbytes
+
+    def numel(self) -> int:
+        return self.nbytes
+
+    def element_size(self) -> int:
+        return 1
 
     def pin_memory(self) -> "_HostTensor":
         self.calls.append("pin_memory")
@@ -85,12 +91,15 @@ class _HostTensor:
         return "on " + device.type
 
 
-def test_to_device_stages_host_tensors_for_cuda_in_pinned_memory() -> None:
-    t = _HostTensor()
+def test_to_device_stages_large_host_tensors_for_cuda_in_pinned_memory() -> None:
+    t = _HostTensor(kernels.PIN_MIN_BYTES)
     assert kernels.to_device(t, torch.device("cuda")) == "on cuda"
     assert t.calls == ["pin_memory", ("to", "cuda", True)]  # pinned first, then a copy the host does not wait for
+    t = _HostTensor(kernels.PIN_MIN_BYTES - 1)  # small: the driver stages it without waiting
+    kernels.to_device(t, torch.device("cuda"))
+    assert t.calls == [("to", "cuda", True)]
     # no CUDA: a plain (CPU-to-CPU) move, no pinning, values and dtype kept
-    t = _HostTensor()
+    t = _HostTensor(1 << 30)
     kernels.to_device(t, torch.device("cpu"))
     assert t.calls == [("to", "cpu", True)]
     x = torch.arange(5)

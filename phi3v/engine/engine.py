@@ -76,6 +76,8 @@ class Engine:
         # Triton-fused norms/RoPE/SiLU on CUDA (PHI3V_FUSED=0 turns them off)
         model.set_fused(kernels.available(self.device) and os.environ.get("PHI3V_FUSED", "1") != "0")
         self.prefill_chunk = prefill_chunk
+        # A/B knob, to be removed: PHI3V_SINGLE_PREFILL_CUDNN=1 keeps cuDNN for a single eager prefill
+        self._prefill_flash = os.environ.get("PHI3V_SINGLE_PREFILL_CUDNN", "0") != "1"
         # launch decode step t+1 before reading step t's tokens (CUDA only; PHI3V_RUN_AHEAD=0 turns it off)
         self.run_ahead = self.device.type == "cuda" and os.environ.get("PHI3V_RUN_AHEAD", "1") != "0"
         self._ahead: tuple[list[Sequence], torch.Tensor] | None = None  # rows, logits of a launched forward
@@ -109,6 +111,15 @@ class Engine:
             seq.state["grammar"] = self.grammars.matcher(params)
         self.sched.add(seq)
         return rid
+
+    def warmup(self) -> int:
+        """Capture every CUDA graph the engine may need now (decode batch buckets up to max_num_seqs, prefill
+        length buckets, vision chunk sizes), so that no request waits for a capture, a Triton compile or a
+        cuDNN plan mid-run. Returns how many graphs were captured (0 without graphs, e.g. on the CPU)."""
+        n = self.runner.warmup(self.sched.max_num_seqs)
+        n += self.prefill_runner.warmup(self.cfg.hidden_size, self.dtype)
+        crop = torch.zeros(1, 3, 336, 336, dtype=self.dtype, device=self.device)  # one crop's shape
+        return n + self.vision_runner.warmup(crop)
 
     def abort(self, rid: str) -> bool:
         seq = self.sched.get(rid)
@@ -161,7 +172,8 @@ class Engine:
             pos = torch.arange(s, e, device=dev)[None]
             where = to_device(torch.tensor(self.cache.positions(seq.blocks, s, e)), dev)  # (2, T)
             past = to_device(torch.tensor(self.cache.positions(seq.blocks, 0, s)), dev) if s else None
-            attn = PrefillAttention(self.cache, where[0], where[1], s, None if past is None else (past[0], past[1]))
+            attn = PrefillAttention(self.cache, where[0], where[1], s, None if past is None else (past[0], past[1]),
+                                    vary=self._prefill_flash)
             h = self.model(x, pos, flag, attn)
         return self.model.logits(h[:, -1])
 

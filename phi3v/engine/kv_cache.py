@@ -14,8 +14,12 @@ position from the cache, its own new token included. Outputs are then no longer 
 
 from __future__ import annotations
 
+import contextlib
+from typing import ContextManager
+
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from phi3v.engine import paged_attention
 from phi3v.models import kernels
@@ -82,26 +86,43 @@ class KVCache:
         return k.transpose(0, 1).to(self.dtype), v.transpose(0, 1).to(self.dtype)
 
 
+# For attention shapes that change from call to call: FlashAttention first. cuDNN, PyTorch's first choice on
+# Hopper, builds a graph for every new shape (~65 ms each on the H200; flash has no such cost and is ~20 % slower
+# warm at 2,300 tokens: benchmarks/cold_shapes.py). The graphs' fixed shapes keep the default.
+FLASH_FIRST = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH]
+
+
+def flash_first(q: Tensor, on: bool = True) -> ContextManager:
+    """The SDPA backend order for a prefill whose shape varies (CUDA only; elsewhere nothing changes)."""
+    if not on or q.device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel(FLASH_FIRST, set_priority=True)
+
+
 class PrefillAttention:
     """One sequence, T new tokens at positions start..start+T-1 (blk/off: their places in the cache).
     Attends over positions 0..start+T-1 (chunked prefill when start > 0; `past` = (blk, off) of 0..start-1)."""
 
     def __init__(self, cache: KVCache, blk: Tensor, off: Tensor, start: int,
-                 past: tuple[Tensor, Tensor] | None = None) -> None:
+                 past: tuple[Tensor, Tensor] | None = None, vary: bool = False) -> None:
         self.cache, self.blk, self.off, self.start, self.past = cache, blk, off, start, past
+        self.vary = vary  # a shape not captured in a graph: see FLASH_FIRST
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # q (1, n_heads, T, D); k, v (1, n_kv, T, D)
         self.cache.write(layer, self.blk, self.off, k[0].transpose(0, 1), v[0].transpose(0, 1))
         if self.start == 0:
-            return causal_attention(q, k, v)
+            with flash_first(q, self.vary):
+                return causal_attention(q, k, v)
         pk, pv = self.cache.read(layer, *self.past)  # (n_kv, s, D)
         kc = torch.cat([pk[None], k], 2)  # (1, n_kv, s+T, D)
         vc = torch.cat([pv[None], v], 2)
         T, s = q.shape[2], self.start
         # query i sits at position s+i and sees keys 0..s+i
         mask = torch.arange(s + T, device=q.device)[None, :] <= torch.arange(s, s + T, device=q.device)[:, None]
-        return attention(q, kc, vc, mask)
+        with flash_first(q, self.vary):  # (flash takes no mask: the next backend runs it)
+            return attention(q, kc, vc, mask)
 
 
 class BatchPrefillAttention:
@@ -117,7 +138,8 @@ class BatchPrefillAttention:
         kk = k.transpose(1, 2).flatten(0, 1).index_select(0, self.rows)  # (N, n_kv, D)
         vv = v.transpose(1, 2).flatten(0, 1).index_select(0, self.rows)
         self.cache.write(layer, self.blk, self.off, kk, vv)
-        return causal_attention(q, k, v)
+        with flash_first(q):  # (B, T) follows how requests arrive together
+            return causal_attention(q, k, v)
 
 
 class DecodeAttention:

@@ -158,6 +158,16 @@ class PrefillRunner:
             return None
         return next((b for b in PREFILL_BUCKETS if b >= n), None)
 
+    def warmup(self, hidden: int, dtype: torch.dtype) -> int:
+        """Capture every length bucket's graph now (a capture mid-run stalled the offline job ~0.5 s).
+        Returns how many were captured."""
+        like = torch.empty(1, hidden, dtype=dtype, device=self.device)
+        n = 0
+        for b in PREFILL_BUCKETS:
+            if self.use_graphs and b not in self.graphs:
+                n += cached_graph(self, b, lambda b=b: self._capture(b, like), "prefill") is not None
+        return n
+
     def _forward(self, io: dict[str, torch.Tensor]) -> torch.Tensor:
         attn = PrefillAttention(self.cache, io["blk"], io["off"], 0)
         h = self.model(io["x"], io["pos"], io["flag"], attn)  # (1, Tb, hidden)
@@ -202,19 +212,17 @@ class PrefillRunner:
         return graph, io
 
 
-# 1 + h*w crops: nc=1 -> 2, nc=4 -> <=5, nc=16 -> <=17. Up to 9 crops the tower is launch-bound (~300 kernels):
-# a graph of the next bucket up pays for its padding crops. Beyond, it is compute-bound (H100: eager 14.3 ms
-# for 17 crops, the graph 14.3 ms; benchmarks/vision_buckets.py), so only an exact fit replays a graph and other
-# counts run eagerly on exactly their crops (a graph of 97 for 70 crops took 80 ms, eager 58 ms).
-VISION_BUCKETS = (2, 3, 5, 9, 17)
-LAUNCH_BOUND_CROPS = 9
+# 1 + h*w crops: nc=1 -> 2, nc=4 -> <=5, nc=16 -> <=17. The tower runs in chunks of at most 17 crops (one
+# 16-crop image), each replayed as a CUDA graph of exactly its crop count: 17 graphs, no padding crops, and no
+# shape first seen mid-run. Eager, every new crop count cost ~65 ms on the H200 (cuDNN builds an attention graph
+# per shape: benchmarks/cold_shapes.py), and small counts are launch-bound (~300 kernels for 5 crops). The tower
+# is compute-bound from ~9 crops: per crop, 17 at a time costs within ~2 % of 128 at a time (vision_buckets.py).
+VISION_CHUNK = 17
 
 
 class VisionRunner:
-    """The CLIP tower over N crops: a CUDA graph per crop-count bucket where that pays (see VISION_BUCKETS).
-
-    At 4 crops the tower is launch-bound (~300 kernels for 5 crops); a graph removes the gaps.
-    Pad crops (zeros) fill a bucket; their features are computed and dropped."""
+    """The CLIP tower over N crops: chunks of at most VISION_CHUNK crops, each a CUDA graph of exactly its size
+    (captured on first use, or all at `warmup`). Without graphs (the CPU) the tower runs once over all N."""
 
     def __init__(self, tower: torch.nn.Module, device: torch.device, use_graphs: bool | None = None) -> None:
         self.tower, self.device = tower, device
@@ -222,23 +230,45 @@ class VisionRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
 
+    def warmup(self, like: torch.Tensor) -> int:
+        """Capture the graph of every chunk size now; like: (1, 3, 336, 336) in the tower's dtype. Returns how
+        many were captured."""
+        n = 0
+        for size in range(1, VISION_CHUNK + 1):
+            if self.use_graphs and size not in self.graphs:
+                n += cached_graph(self, size, lambda s=size: self._capture(s, like), "the vision tower") is not None
+        return n
+
+    def _chunk(self, pixels: torch.Tensor) -> torch.Tensor | None:
+        """(n <= VISION_CHUNK, 3, 336, 336) -> a view of graph n's output (n, 576, C), or None (graphs off)."""
+        n = pixels.shape[0]
+        entry = cached_graph(self, n, lambda: self._capture(n, pixels), "the vision tower") if self.use_graphs else None
+        if entry is None:
+            return None
+        graph, x, y = entry
+        x.copy_(pixels)
+        graph.replay()
+        return y
+
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         n = pixels.shape[0]  # pixels (n, 3, 336, 336) -> (n, 576, C)
-        bucket = next((b for b in VISION_BUCKETS if b >= n), None)
-        if not self.use_graphs or bucket is None or (bucket > n > LAUNCH_BOUND_CROPS):
-            return self.tower(pixels)  # eager on exactly these crops
-        entry = cached_graph(self, bucket, lambda: self._capture(bucket, pixels), "the vision tower")
-        if entry is None:
+        if n <= VISION_CHUNK:
+            y = self._chunk(pixels)
+            return self.tower(pixels) if y is None else y  # a graph's output: consumed before the next replay
+        if not self.use_graphs:
             return self.tower(pixels)
-        graph, x, y = entry
-        x[:n].copy_(pixels)
-        if bucket > n:
-            x[n:].zero_()
-        graph.replay()
-        return y[:n]  # a view of the graph's output: consumed (HD merge) before the next replay
+        out = None
+        for s in range(0, n, VISION_CHUNK):
+            part = pixels[s: s + VISION_CHUNK]
+            y = self._chunk(part)
+            y = self.tower(part) if y is None else y
+            if out is None:
+                out = y.new_empty((n, *y.shape[1:]))
+            out[s: s + part.shape[0]] = y  # copied out before the same graph replays again
+        return out
 
-    def _capture(self, bucket: int, like: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
-        x = torch.zeros((bucket, *like.shape[1:]), dtype=like.dtype, device=self.device)
+    def _capture(self, n: int, like: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        x = torch.zeros((n, *like.shape[1:]), dtype=like.dtype, device=self.device)
         graph, y = capture_graph(lambda: self.tower(x), self.pool)
         self.pool = graph.pool()
         return graph, x, y
