@@ -76,8 +76,6 @@ class Engine:
         # Triton-fused norms/RoPE/SiLU on CUDA (PHI3V_FUSED=0 turns them off)
         model.set_fused(kernels.available(self.device) and os.environ.get("PHI3V_FUSED", "1") != "0")
         self.prefill_chunk = prefill_chunk
-        # A/B knob, to be removed: PHI3V_SINGLE_PREFILL_CUDNN=1 keeps cuDNN for a single eager prefill
-        self._prefill_flash = os.environ.get("PHI3V_SINGLE_PREFILL_CUDNN", "0") != "1"
         # launch decode step t+1 before reading step t's tokens (CUDA only; PHI3V_RUN_AHEAD=0 turns it off)
         self.run_ahead = self.device.type == "cuda" and os.environ.get("PHI3V_RUN_AHEAD", "1") != "0"
         self._ahead: tuple[list[Sequence], torch.Tensor] | None = None  # rows, logits of a launched forward
@@ -173,7 +171,7 @@ class Engine:
             where = to_device(torch.tensor(self.cache.positions(seq.blocks, s, e)), dev)  # (2, T)
             past = to_device(torch.tensor(self.cache.positions(seq.blocks, 0, s)), dev) if s else None
             attn = PrefillAttention(self.cache, where[0], where[1], s, None if past is None else (past[0], past[1]),
-                                    vary=self._prefill_flash)
+                                    vary=True)  # every prompt length is a new shape
             h = self.model(x, pos, flag, attn)
         return self.model.logits(h[:, -1])
 

@@ -47,10 +47,10 @@ def pdl(x: Tensor) -> bool:
     return PDL_ENABLED and HAVE_TRITON and gdc_wait is not None and x.is_cuda and _sm90(x.device.index or 0)
 
 
-# Measured on the H200 behind 30 ms of queued GPU work (benchmarks/cold_shapes.py): a 40 KB pageable copy
-# returned at once, an 11.5 MB one (a 16-crop image's crops) waited for the queue to drain (26.6 ms; 0.6 ms
-# through pinned memory). Below this size pinning only adds host time.
-PIN_MIN_BYTES = 64 << 10
+# Measured on the H200 behind 30 ms of queued GPU work (benchmarks/cold_shapes.py): pageable copies of up to
+# 1 MiB returned at once (0.07-0.14 ms), one of 4 MiB and an 11.5 MB one (a 16-crop image's crops) waited for
+# the queue to drain (27-28 ms; the crops 0.6-0.7 ms through pinned memory). Below, pinning only adds host time.
+PIN_MIN_BYTES = 1 << 20
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:
