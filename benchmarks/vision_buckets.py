@@ -1,6 +1,7 @@
 """The CLIP tower over n crops (GPU): eager on exactly n crops against a CUDA graph of the next bucket up
-(which computes the padding crops too). Decides above which n the engine's VisionRunner stops using
-graphs: where the tower is compute-bound, launches cost nothing and padding is pure waste.
+(which computes the padding crops too). It showed where the tower turns compute-bound (~9 crops), where padding
+is pure waste. The engine now replays graphs of exactly 1-17 crops and splits larger batches into such chunks
+(runner.VISION_CHUNK; the per-crop cost at 17 is within ~2 % of 128).
 
 Usage: python benchmarks/vision_buckets.py [--folder /tmp/phi3v-full-random] [--out vision.json]
 """
