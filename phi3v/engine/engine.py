@@ -116,8 +116,9 @@ class Engine:
         cuDNN plan mid-run. Returns how many graphs were captured (0 without graphs, e.g. on the CPU)."""
         n = self.runner.warmup(self.sched.max_num_seqs)
         n += self.prefill_runner.warmup(self.cfg.hidden_size, self.dtype)
-        crop = torch.zeros(1, 3, 336, 336, dtype=self.dtype, device=self.device)  # one crop's shape
-        return n + self.vision_runner.warmup(crop)
+        vc = self.cfg.vision
+        crop = torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size, dtype=self.dtype, device=self.device)
+        return n + self.vision_runner.warmup(crop)  # crop: one crop's shape and dtype
 
     def abort(self, rid: str) -> bool:
         seq = self.sched.get(rid)

@@ -39,6 +39,7 @@ def capture_graph(fn: Callable[[], Any], pool: Any) -> tuple[torch.cuda.CUDAGrap
             out = fn()
     return graph, out
 
+
 def cached_graph(runner: Any, key: Any, capture: Callable[[], Any], what: str) -> Any | None:
     """runner.graphs[key], captured on first use; None when the capture fails, after which the
     runner stays eager (a failed capture must not fail requests)."""
@@ -50,6 +51,16 @@ def cached_graph(runner: Any, key: Any, capture: Callable[[], Any], what: str) -
             runner.use_graphs = False
             return None
     return runner.graphs[key]
+
+
+def capture_all(runner: Any, keys: Any, capture: Callable[[Any], Any], what: str) -> int:
+    """Capture runner's graph for each of `keys` not captured yet (capture(key) builds one); stops when a
+    capture fails (graphs are then off). Returns how many were captured."""
+    n = 0
+    for key in keys:
+        if runner.use_graphs and key not in runner.graphs:
+            n += cached_graph(runner, key, lambda k=key: capture(k), what) is not None
+    return n
 
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -82,15 +93,8 @@ class DecodeRunner:
         """Capture the graph of every batch bucket up to max_batch's now (a capture also compiles the
         Triton kernels for its bucket's KV split count: seconds on a fresh machine), so that a batch
         that shrinks or grows mid-run does not stall on it. Returns how many graphs were captured."""
-        if not self.use_graphs:
-            return 0
-        n = 0
-        for bucket in BATCH_BUCKETS:
-            if self.use_graphs and bucket not in self.graphs:
-                n += cached_graph(self, bucket, lambda b=bucket: self._capture(b), "decode") is not None
-            if bucket >= max_batch:
-                break
-        return n
+        last = next((i for i, b in enumerate(BATCH_BUCKETS) if b >= max_batch), len(BATCH_BUCKETS) - 1)
+        return capture_all(self, BATCH_BUCKETS[: last + 1], self._capture, "decode")
 
     def _forward(self, tokens: torch.Tensor, lengths: torch.Tensor, flags: torch.Tensor, block_table: torch.Tensor,
                  width: int, nsplit: int) -> torch.Tensor:
@@ -162,11 +166,7 @@ class PrefillRunner:
         """Capture every length bucket's graph now (a capture mid-run stalled the offline job ~0.5 s).
         Returns how many were captured."""
         like = torch.empty(1, hidden, dtype=dtype, device=self.device)
-        n = 0
-        for b in PREFILL_BUCKETS:
-            if self.use_graphs and b not in self.graphs:
-                n += cached_graph(self, b, lambda b=b: self._capture(b, like), "prefill") is not None
-        return n
+        return capture_all(self, PREFILL_BUCKETS, lambda b: self._capture(b, like), "prefill")
 
     def _forward(self, io: dict[str, torch.Tensor]) -> torch.Tensor:
         attn = PrefillAttention(self.cache, io["blk"], io["off"], 0)
@@ -233,11 +233,7 @@ class VisionRunner:
     def warmup(self, like: torch.Tensor) -> int:
         """Capture the graph of every chunk size now; like: (1, 3, 336, 336) in the tower's dtype. Returns how
         many were captured."""
-        n = 0
-        for size in range(1, VISION_CHUNK + 1):
-            if self.use_graphs and size not in self.graphs:
-                n += cached_graph(self, size, lambda s=size: self._capture(s, like), "the vision tower") is not None
-        return n
+        return capture_all(self, range(1, VISION_CHUNK + 1), lambda n: self._capture(n, like), "the vision tower")
 
     def _chunk(self, pixels: torch.Tensor) -> torch.Tensor | None:
         """(n <= VISION_CHUNK, 3, 336, 336) -> a view of graph n's output (n, 576, C), or None (graphs off)."""
