@@ -31,12 +31,12 @@ from decode_profile import ensure_checkpoint  # noqa: E402  (benchmarks/ is the 
 from phi3v import LLM  # noqa: E402
 from phi3v.bench import emit, offline_request  # noqa: E402
 from ttft_timeline import PHASES, _label  # noqa: E402
-from phi3v.engine import engine as engine_mod, kv_cache, runner  # noqa: E402
+from phi3v.engine import kv_cache, prefill as prefill_mod, runner  # noqa: E402
 from phi3v.engine import paged_attention  # noqa: E402
 from phi3v.models import gemv, kernels, phi3v as phi3v_mod  # noqa: E402
 
 # the prefill path in finer steps than ttft_timeline's phases
-MORE = [(engine_mod.Engine, "_prefill"), (engine_mod.Engine, "_prefill_batch"), (runner.PrefillRunner, "run"),
+MORE = [(prefill_mod.Prefiller, "prefill_one"), (prefill_mod.Prefiller, "prefill_batch"), (runner.PrefillRunner, "run"),
         (kv_cache.KVCache, "positions"), (phi3v_mod.Phi3VForCausalLM, "embed"),
         (phi3v_mod.Phi3VForCausalLM, "encode_images"), (phi3v_mod.Phi3VForCausalLM, "logits")]
 LABELS = {f"phase:{a}" for _, a in PHASES + MORE}

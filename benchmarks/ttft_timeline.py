@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from phi3v import LLM, SamplingParams, api  # noqa: E402
 from phi3v.bench import PROMPT, emit, noise_image  # noqa: E402
-from phi3v.engine import engine as engine_mod, images as images_mod  # noqa: E402
+from phi3v.engine import engine as engine_mod, images as images_mod, prefill as prefill_mod  # noqa: E402
 from phi3v.processing import image as image_mod  # noqa: E402
 from decode_profile import checkpoint_args  # noqa: E402  (benchmarks/ is the script's folder)
 
@@ -32,7 +32,7 @@ from decode_profile import checkpoint_args  # noqa: E402  (benchmarks/ is the sc
 PHASES = [(api.LLM, "prepare"), (image_mod.ImageProcessor, "preprocess"), (image_mod, "hd_resized"),
           (image_mod, "pad_canvas"), (image_mod.ImageProcessor, "normalize"), (api, "tokenize_prompt"), (engine_mod.Engine, "add_request"),
           (engine_mod.Engine, "_step"), (images_mod.ImageFeatures, "encode"), (engine_mod.Engine, "_prompt_embeds"),
-          (engine_mod.Engine, "_prefill_many"), (engine_mod.Engine, "_sample_device"), (engine_mod.Engine, "_commit")]
+          (prefill_mod.Prefiller, "prefill_many"), (engine_mod.Engine, "_sample_device"), (engine_mod.Engine, "_commit")]
 LABELS = {f"phase:{a}" for _, a in PHASES}
 
 

@@ -115,7 +115,7 @@ def _instrument(eng: Any) -> dict[str, float]:
 
     eng.images.encode = wrap("vision_s", eng.images.encode)
     eng._prompt_embeds = wrap("embeds_s", eng._prompt_embeds)
-    eng._prefill_many = wrap("decoder_prefill_s", eng._prefill_many)
+    eng.prefiller.prefill_many = wrap("decoder_prefill_s", eng.prefiller.prefill_many)
     return acc
 
 

@@ -23,7 +23,8 @@ import torch
 from phi3v.config import Phi3VConfig
 from phi3v.engine.grammar import Grammars
 from phi3v.engine.images import ImageFeatures, ImageInput
-from phi3v.engine.kv_cache import BatchPrefillAttention, KVCache, PrefillAttention, kv_storage_dtype
+from phi3v.engine.kv_cache import KVCache, kv_storage_dtype
+from phi3v.engine.prefill import Prefiller
 from phi3v.engine.runner import DecodeRunner, PrefillRunner, VisionRunner
 from phi3v.engine.sampler import SamplingParams, SamplingTensors, sample, top_logprobs
 from phi3v.engine.scheduler import RUNNING, Scheduler, Sequence
@@ -75,7 +76,6 @@ class Engine:
         self.vision_runner = VisionRunner(model.model.vision_embed_tokens.img_processor, self.device, vision_graphs)
         # Triton-fused norms/RoPE/SiLU on CUDA (PHI3V_FUSED=0 turns them off)
         model.set_fused(kernels.available(self.device) and os.environ.get("PHI3V_FUSED", "1") != "0")
-        self.prefill_chunk = prefill_chunk
         # launch decode step t+1 before reading step t's tokens (CUDA only; PHI3V_RUN_AHEAD=0 turns it off)
         self.run_ahead = self.device.type == "cuda" and os.environ.get("PHI3V_RUN_AHEAD", "1") != "0"
         self._ahead: tuple[list[Sequence], torch.Tensor] | None = None  # rows, logits of a launched forward
@@ -86,6 +86,7 @@ class Engine:
         # host wall time per kind of step (prefill steps end with a sync, decode steps with the token copy)
         self.stats = {"image_cache_hits": 0, "images_encoded": 0, "prefill_tokens": 0, "decode_steps": 0,
                       "batched_prefills": 0, "prefill_steps": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_rows": 0}
+        self.prefiller = Prefiller(model, self.cache, self.prefill_runner, prefill_chunk, self.stats)
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_ids: list[int], images: list[ImageInput] | None = None,
@@ -151,81 +152,6 @@ class Engine:
         return self.model.embed(ids, feats)  # (L, hidden)
 
     # ---------------------------------------------------------------- forward passes
-    def _prefill(self, seq: Sequence, embeds: torch.Tensor, long_rope: bool) -> torch.Tensor:
-        """Run the decoder over `embeds` (T, hidden) into seq's blocks from position 0; return the
-        last position's logits (1, V)."""
-        T = embeds.shape[0]
-        dev = self.device
-        flag = to_device(torch.tensor([long_rope]), dev)
-        seq.long_rope = long_rope
-        self.stats["prefill_tokens"] += T
-        if self.prefill_runner.bucket(T) is not None and T <= self.prefill_chunk:
-            where = to_device(torch.tensor(self.cache.positions(seq.blocks, 0, T)), dev)  # (2, T)
-            logits = self.prefill_runner.run(embeds, flag, where[0], where[1])
-            if logits is not None:
-                return logits
-        h = None
-        for s in range(0, T, self.prefill_chunk):
-            x = embeds[s: s + self.prefill_chunk][None]
-            e = s + x.shape[1]
-            pos = torch.arange(s, e, device=dev)[None]
-            where = to_device(torch.tensor(self.cache.positions(seq.blocks, s, e)), dev)  # (2, T)
-            past = to_device(torch.tensor(self.cache.positions(seq.blocks, 0, s)), dev) if s else None
-            attn = PrefillAttention(self.cache, where[0], where[1], s, None if past is None else (past[0], past[1]),
-                                    vary=True)  # every prompt length is a new shape
-            h = self.model(x, pos, flag, attn)
-        return self.model.logits(h[:, -1])
-
-    def _prefill_many(self, seqs: list[Sequence], embs: list[torch.Tensor], longs: list[bool]) -> torch.Tensor:
-        """Prefill admitted sequences, batching prompts of similar length into one padded forward
-        (short prompts are launch-bound one at a time). Returns last-position logits (n, V)."""
-        out: list[torch.Tensor | None] = [None] * len(seqs)
-        order = sorted(range(len(seqs)), key=lambda i: embs[i].shape[0])
-        group: list[int] = []
-
-        def flush() -> None:
-            if len(group) == 1:
-                i = group[0]
-                out[i] = self._prefill(seqs[i], embs[i], longs[i])
-            elif group:
-                for i, lg in zip(group, self._prefill_batch([seqs[i] for i in group], [embs[i] for i in group],
-                                                             [longs[i] for i in group])):
-                    out[i] = lg[None]  # (1, V)
-            group.clear()
-
-        for i in order:
-            T = embs[i].shape[0]
-            # pad at most 25 % and keep the padded batch within one prefill chunk's worth of tokens
-            if group and ((len(group) + 1) * T > self.prefill_chunk or T > 1.25 * embs[group[0]].shape[0]):
-                flush()
-            group.append(i)
-        flush()
-        return torch.cat(out, 0)  # type: ignore[arg-type]
-
-    def _prefill_batch(self, seqs: list[Sequence], embs: list[torch.Tensor], longs: list[bool]) -> torch.Tensor:
-        lens = [e.shape[0] for e in embs]
-        T = max(lens)
-        x = embs[0].new_zeros(len(seqs), T, embs[0].shape[1])  # (B, T, hidden), zero padding at the end
-        for b, e in enumerate(embs):
-            x[b, : e.shape[0]] = e
-        dev = self.device
-        pos = torch.arange(T, device=dev)[None].expand(len(seqs), T)
-        rows, blk, off = [], [], []  # flat index b*T+t of each real token, and its cache place
-        for i, (s, n) in enumerate(zip(seqs, lens)):
-            b, o = self.cache.positions(s.blocks, 0, n)
-            rows += range(i * T, i * T + n)
-            blk += b
-            off += o
-        where = to_device(torch.tensor([rows, blk, off]), dev)  # (3, sum(lens))
-        attn = BatchPrefillAttention(self.cache, where[0], where[1], where[2])
-        h = self.model(x, pos, to_device(torch.tensor(longs), dev), attn)
-        last = h[torch.arange(len(seqs), device=dev), to_device(torch.tensor(lens) - 1, dev)]  # (B, hidden)
-        for s, lr in zip(seqs, longs):
-            s.long_rope = lr
-        self.stats["prefill_tokens"] += sum(lens)
-        self.stats["batched_prefills"] += 1
-        return self.model.logits(last)
-
     def _full_embeds(self, seq: Sequence) -> torch.Tensor:
         prompt = seq.state.get("prompt_embeds")
         if prompt is None:
@@ -254,7 +180,7 @@ class Engine:
                                     max(s.num_tokens for s in seqs) + d)
         for i, s in enumerate(seqs):
             if s in cross:
-                logits[i] = self._prefill(s, self._full_embeds(s), True)[0]
+                logits[i] = self.prefiller.prefill_one(s, self._full_embeds(s), True)[0]
             s.state.pop("prompt_embeds", None)
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += len(seqs)
@@ -315,7 +241,7 @@ class Engine:
                     seq.state["prompt_embeds"] = emb  # kept for the recompute at the crossing
                 embs.append(emb)
                 longs.append(long_rope)
-            logits = self._prefill_many(admitted, embs, longs)
+            logits = self.prefiller.prefill_many(admitted, embs, longs)
             for seq in admitted:  # the crops are never read again: let their memory go (keys stay)
                 seq.images = [ImageInput(i.crops.new_empty((0, *i.crops.shape[1:])), i.image_size, i.key)
                               for i in seq.images]  # (a view, crops[:0], would keep the storage)

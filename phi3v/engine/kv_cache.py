@@ -67,10 +67,12 @@ class KVCache:
         # K and V, every layer: 32*2*32*96*2 B = 384 KiB for Phi-3-vision in bf16
         return 2 * n_layers * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def positions(self, blocks: list[int], start: int, end: int) -> tuple[list[int], list[int]]:
-        """(block ids, offsets) of positions start..end-1 of a sequence with block table `blocks`."""
-        bs = self.block_size
-        return [blocks[p // bs] for p in range(start, end)], [p % bs for p in range(start, end)]
+    def positions(self, blocks: list[int], start: int, end: int) -> Tensor:
+        """(2, end-start) int64 on the CPU: block id and offset of positions start..end-1 of a sequence
+        with block table `blocks` (tensor math: a prompt has thousands of positions, and the engine
+        thread builds them while preparation threads want the GIL)."""
+        p = torch.arange(start, end)
+        return torch.stack([torch.tensor(blocks, dtype=torch.long)[p // self.block_size], p % self.block_size])
 
     def write(self, layer: int, blk: Tensor, off: Tensor, k: Tensor, v: Tensor) -> None:
         """k, v (N, n_kv, D) at (blk[i], off[i])."""
