@@ -13,6 +13,7 @@
 #   bench_c_base   the same from the package copy in $BASE (default .ab_base, carried: an earlier commit's
 #                  phi3v/, e.g. `git archive HEAD phi3v | tar -x -C .ab_base`), for an A/B in one call
 #   cold_shapes    benchmarks/cold_shapes.py (first-call cost of new shapes; host waits on small copies)
+#   ttft_lengths   benchmarks/ttft_lengths.py (16-crop TTFT prompt by prompt, at repeated and new lengths)
 #   engine_check   benchmarks/gpu_engine_check.py (greedy tokens equal to the reference generator)
 #   smoke          benchmarks/gpu_smoke.py (golden parity on CUDA, GPU preprocessing = CPU's)
 #   decode_profile benchmarks/decode_profile.py
@@ -57,6 +58,7 @@ for step in "$@"; do
         bench_c) bench --parts c --json-out "$OUT/${TAG}_bench_c.json" >"$log" 2>&1 ;;
         bench_c_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts c) >"$log" 2>&1 ;;
         cold_shapes) python3 benchmarks/cold_shapes.py --folder "$M" --out "$OUT/${TAG}_cold_shapes.json" >"$log" 2>&1 ;;
+        ttft_lengths) python3 benchmarks/ttft_lengths.py --folder "$M" --out "$OUT/${TAG}_ttft_lengths.json" >"$log" 2>&1 ;;
         engine_check) python3 benchmarks/gpu_engine_check.py --out "$OUT/${TAG}_engine_check.json" >"$log" 2>&1 ;;
         smoke) python3 benchmarks/gpu_smoke.py --out "$OUT/${TAG}_smoke.json" >"$log" 2>&1 ;;
         decode_profile) python3 benchmarks/decode_profile.py --folder "$M" --out "$OUT/${TAG}_decode_profile.json" >"$log" 2>&1 ;;

@@ -100,9 +100,10 @@ class LLM:
 
     def warmup(self) -> int:
         """Capture the engine's CUDA graphs now: decode at every batch size up to max_num_seqs, prefill
-        at every length bucket, the vision tower at every chunk size (the server and batch jobs do at
-        start; otherwise the first step at each new shape pays its capture, Triton compiles and cuDNN
-        plans mid-run). Returns how many were captured."""
+        at every length bucket, the vision tower at every chunk size; then, on CUDA, run a few blank
+        requests through every step (the server and batch jobs do at start; otherwise the first step at
+        each new shape pays its capture, Triton compiles and cuDNN plans mid-run, and the first request
+        the first use of kernels no graph holds). Returns how many graphs were captured."""
         with self._lock:
             return self.engine.warmup()
 

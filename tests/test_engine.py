@@ -480,3 +480,27 @@ def test_vision_runner_replays_a_graph_of_exactly_each_chunk_of_at_most_17_crops
     assert torch.equal(vr(px), tower(px)) and vr.use_graphs is False and seen == [17, 17, 6, 40]  # eager chunks
     seen.clear()
     assert torch.equal(vr(px), tower(px)) and seen == [40, 40]  # graphs off from then on: all at once
+
+
+def test_warmup_requests_leave_no_trace_and_change_no_output(llm: LLM) -> None:
+    """The blank warm-up requests (run by Engine.warmup on CUDA) go through encode, embed, eager and batched
+    prefill, and decode; afterwards blocks, image cache and stats are as before and a real request's tokens
+    equal the reference generator's."""
+    eng = llm.engine
+    req = llm.prepare(*PROMPTS[4][:1], [image_path(n) for n in PROMPTS[4][1]], SamplingParams(max_tokens=6,
+                                                                                             ignore_eos=True), 4)
+    stats, cached = dict(eng.stats), list(eng.images.cache)
+    batched = eng.stats["batched_prefills"]
+    calls = []
+    orig = eng.prefiller.prefill_batch
+    eng.prefiller.prefill_batch = lambda *a: calls.append(len(a[0])) or orig(*a)
+    try:
+        eng.warmup_requests()
+    finally:
+        del eng.prefiller.prefill_batch
+    assert calls == [2]  # the two 1x2 images' prompts went through one batched prefill
+    assert eng.stats == stats and eng.stats["batched_prefills"] == batched
+    assert list(eng.images.cache) == cached and not eng.has_unfinished() and eng.sched.all_free
+    c = llm.generate(*PROMPTS[4][:1], images=[image_path(n) for n in PROMPTS[4][1]],
+                     sampling_params=SamplingParams(max_tokens=6, ignore_eos=True), num_crops=4)
+    assert c.token_ids == _reference(llm, req, 6)

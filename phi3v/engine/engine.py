@@ -113,13 +113,41 @@ class Engine:
 
     def warmup(self) -> int:
         """Capture every CUDA graph the engine may need now (decode batch buckets up to max_num_seqs, prefill
-        length buckets, vision chunk sizes), so that no request waits for a capture, a Triton compile or a
-        cuDNN plan mid-run. Returns how many graphs were captured (0 without graphs, e.g. on the CPU)."""
+        length buckets, vision chunk sizes) and run the eager prefill paths once, so that no request waits for
+        a capture, a Triton compile, a cuDNN plan or a first kernel load mid-run. Returns how many graphs were
+        captured (0 without graphs, e.g. on the CPU)."""
         n = self.runner.warmup(self.sched.max_num_seqs)
         n += self.prefill_runner.warmup(self.cfg.hidden_size, self.dtype)
         vc = self.cfg.vision
         crop = torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size, dtype=self.dtype, device=self.device)
-        return n + self.vision_runner.warmup(crop)  # crop: one crop's shape and dtype
+        n += self.vision_runner.warmup(crop)  # crop: one crop's shape and dtype
+        if self.device.type == "cuda":  # (on a CPU, 2,500 tokens of the real model take seconds)
+            self.warmup_requests()
+        return n
+
+    def warmup_requests(self, grids: tuple[tuple[int, int], ...] = ((4, 4), (1, 2), (1, 2))) -> None:
+        """Run a few blank requests through every step once (an image of each h x w crop grid, 2 tokens each):
+        kernels that only real requests use (the projector, the embedding merge, eager and batched prefill,
+        sampling) are loaded here, not by the first user (on a fresh H200 the first 16-crop request after the
+        graph warm-up took 164-174 ms to its first token, the next ones 50: `benchmarks/ttft_lengths.py`).
+        Leaves no trace: the blocks, the image cache and the stats are as before."""
+        if self.has_unfinished():
+            raise RuntimeError("warm-up requests need an idle engine")
+        stats = dict(self.stats)
+        s = self.cfg.vision.image_size
+        imgs = [ImageInput(torch.zeros(1 + h * w, 3, s, s, dtype=self.dtype, device=self.device), (h * s, w * s),
+                           f"phi3v-warmup-{h}x{w}") for h, w in grids]
+        self.images.encode(imgs, self.stats)
+        params = SamplingParams(max_tokens=2, ignore_eos=True)
+        for i, img in enumerate(imgs):  # <s> image tokens "\n": what the chat template gives, give or take text
+            n = self.images[img.key].shape[0]
+            if n + 4 <= self.sched.max_model_len:
+                self.add_request([1] + [-1] * n + [13], [img], params, rid=f"phi3v-warmup-{i}")
+        self.run_to_completion()
+        for img in imgs:
+            self.images.cache.pop(img.key, None)
+        self.stats.clear()
+        self.stats.update(stats)
 
     def abort(self, rid: str) -> bool:
         seq = self.sched.get(rid)
