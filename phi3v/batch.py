@@ -70,7 +70,7 @@ def run_batch(a: argparse.Namespace, base: SamplingParams, load: Callable[[argpa
         lines = [ln for ln in f if ln.strip()]
     done = _done_ids(a.output)
     llm = load(a)
-    llm.warmup()  # every CUDA graph up front (decode, prefill, vision): none is captured mid-run
+    llm.warmup()  # every CUDA graph (and first kernel use) up front: none is captured mid-run
     n_ok = n_err = n_skip = 0
 
     def prep(rec: dict[str, Any]) -> Any:  # a bad request becomes its error, returned, not raised

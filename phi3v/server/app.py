@@ -91,7 +91,7 @@ class _State:
             llm = LLM(s.model, device=s.device, dtype=s.dtype, max_num_seqs=s.max_num_seqs,
                       max_model_len=s.max_model_len, allow_url_images=s.allow_url_images,
                       kv_cache_dtype=s.kv_cache_dtype)
-            llm.warmup()  # every CUDA graph now (decode, prefill, vision), not as the first requests arrive
+            llm.warmup()  # every CUDA graph and first kernel use now (blank requests), not as the first requests arrive
             load_kwargs = dict(allowed_dir=s.allowed_media_dir, allow_paths=s.allowed_media_dir is not None,
                                allow_urls=s.allow_url_images, max_bytes=s.max_image_bytes, timeout=s.image_timeout,
                                max_pixels=s.max_image_pixels)
