@@ -3,40 +3,15 @@ the cached engine against the slow reference generator, mixed batches, abort, st
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from phi3v import LLM, SamplingParams
 from phi3v.engine.engine import ImageInput
-from phi3v.engine.reference import reference_generate
 
-DATA = Path(__file__).parent / "data"
-GOLD = DATA / "golden"
-CKPT = str(DATA / "tiny-phi3v")
-MANIFEST = json.loads((GOLD / "manifest.json").read_text())
-
-
-def image_path(name: str) -> str:
-    return str(next(p for p in (GOLD / "images").iterdir() if p.stem == name))
-
-
-@pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM(CKPT, device="cpu", dtype="fp32", max_num_seqs=6, max_model_len=4096)
-
-
-@pytest.fixture(autouse=True)
-def kv_memory_is_free_after_each_test(llm: LLM):
-    yield
-    eng = llm.engine
-    eng.step()  # drains a run-ahead step still in flight, if any
-    assert not eng.has_unfinished() and eng._ahead is None
-    assert eng.sched.all_free and not eng.sched.seqs
-
+from engine_common import GOLD, MANIFEST, PROMPTS, image_path, reference_tokens
+from engine_common import kv_memory_is_free_after_each_test, llm  # noqa: F401  (fixtures)
 
 # Crossing cases follow Microsoft's later fix (the Phi-3.5 code); all others are identical in both.
 CASES = [k for k, v in MANIFEST["model"].items()
@@ -71,19 +46,6 @@ def test_golden_greedy_tokens_and_logprobs(llm: LLM, key: str) -> None:
             assert got["top_logprobs"][0]["token_id"] == int(z["gen_top_ids"][s][0])
 
 
-def _reference(llm: LLM, req, max_tokens: int) -> list[int]:
-    feats = llm.model.encode_images([i.crops for i in req.images], [i.image_size for i in req.images])
-    return reference_generate(llm.model, req.prompt_ids, feats, max_tokens, frozenset(llm.config.eos_token_ids),
-                              llm.config.original_max_position_embeddings)
-
-
-PROMPTS = [
-    ("<|user|>\n<|image_1|>\nDescribe the image.<|end|>\n<|assistant|>\n", ["astronaut"], 1),
-    ("<|user|>\n<|image_2|>\nfirst\n<|image_1|>\nsecond<|end|>\n<|assistant|>\n", ["coffee", "page_L"], 1),
-    ("<|user|>\n<|image_1|>\nagain <|image_1|>\n<|end|>\n<|assistant|>\n", ["logo_RGBA"], 1),
-    ("<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is OCR?<|end|>\n<|assistant|>\n", [], None),
-    ("<|user|>\n<|image_1|>\nRead the text.<|end|>\n<|assistant|>\n", ["page_L"], 4),
-]
 
 
 @pytest.mark.parametrize("i", range(len(PROMPTS)))
@@ -91,7 +53,7 @@ def test_cached_engine_equals_reference_generator(llm: LLM, i: int) -> None:
     prompt, names, nc = PROMPTS[i]
     req = llm.prepare(prompt, [image_path(n) for n in names], SamplingParams(max_tokens=24, ignore_eos=True), nc)
     fast = llm.generate_many([req])[0].token_ids
-    assert fast == _reference(llm, req, 24)
+    assert fast == reference_tokens(llm, req, 24)
 
 
 def test_crossing_original_max_recomputes_with_long_factors(llm: LLM) -> None:
@@ -99,7 +61,7 @@ def test_crossing_original_max_recomputes_with_long_factors(llm: LLM) -> None:
     req = llm.prepare("<|user|>\n<|image_1|>\nGo on.<|end|>\n<|assistant|>\n", [image_path("astronaut")],
                       SamplingParams(max_tokens=250, ignore_eos=True), 1)
     assert len(req.prompt_ids) < 512 < len(req.prompt_ids) + 250
-    assert llm.generate_many([req])[0].token_ids == _reference(llm, req, 250)
+    assert llm.generate_many([req])[0].token_ids == reference_tokens(llm, req, 250)
 
 
 def test_mixed_batch_with_arrivals_equals_each_alone(llm: LLM) -> None:
@@ -265,25 +227,6 @@ def test_generate_many_prepares_callables_on_threads_in_order(llm: LLM) -> None:
     assert llm.engine.num_running == 0 and not llm.engine.has_unfinished()
 
 
-def test_batched_prefill_of_similar_prompts_equals_each_alone(llm: LLM) -> None:
-    # four prompts of similar length (one 1-crop image each, different texts/images) prefill in one
-    # padded forward; a long one goes alone
-    specs = [("<|user|>\n<|image_1|>\nDescribe.<|end|>\n<|assistant|>\n", "astronaut"),
-             ("<|user|>\n<|image_1|>\nWhat is written here, exactly?<|end|>\n<|assistant|>\n", "page_L"),
-             ("<|user|>\n<|image_1|>\nColours?<|end|>\n<|assistant|>\n", "logo_RGBA"),
-             ("<|user|>\n<|image_1|>\nIs this a cup of coffee or tea? Say why.<|end|>\n<|assistant|>\n", "coffee")]
-    reqs = [llm.prepare(p, [image_path(n)], SamplingParams(max_tokens=10, ignore_eos=True), 1) for p, n in specs]
-    reqs.append(llm.prepare(PROMPTS[1][0], [image_path("coffee"), image_path("page_L")],
-                            SamplingParams(max_tokens=10, ignore_eos=True), 4))
-    alone = [llm.generate_many([r])[0].token_ids for r in reqs]
-    before = llm.engine.stats["batched_prefills"]
-    together = [c.token_ids for c in llm.generate_many(reqs)]
-    assert llm.engine.stats["batched_prefills"] == before + 1
-    assert together == alone
-    refs = [_reference(llm, r, 10) for r in reqs]
-    assert together == refs
-
-
 def test_small_image_cache_keeps_every_image_a_step_needs(llm: LLM) -> None:
     eng = llm.engine
     size = eng.images.size
@@ -326,43 +269,6 @@ def test_paged_kv_admits_by_free_blocks_and_matches_each_alone(llm: LLM) -> None
     assert eng.sched.all_free
 
 
-def test_padded_prefill_of_the_graph_path_equals_unpadded(llm: LLM) -> None:
-    """Short prompts are prefilled padded to a length bucket (a CUDA graph on the GPU; here the same
-    padded forward, eagerly): padding writes only the scratch block and the tokens do not change."""
-    reqs = [llm.prepare(prompt, [image_path(n) for n in names], SamplingParams(max_tokens=8, ignore_eos=True), nc)
-            for prompt, names, nc in PROMPTS]
-    plain = [llm.generate_many([r])[0].token_ids for r in reqs]
-    eng = llm.engine
-    runner = eng.prefill_runner
-    scratch = eng.cache.k[:, eng.cache.scratch].clone()
-    try:
-        runner.pad_eager = True
-        padded = [llm.generate_many([r])[0].token_ids for r in reqs]
-    finally:
-        runner.pad_eager = False
-    assert padded == plain
-    assert sorted(runner.graphs) == sorted({next(b for b in (128, 256, 384, 512, 640, 768, 896, 1024)
-                                                 if b >= len(r.prompt_ids)) for r in reqs})
-    assert not torch.equal(eng.cache.k[:, eng.cache.scratch], scratch)  # the padding went there
-
-
-def test_chunked_prefill_across_blocks_equals_one_pass(llm: LLM) -> None:
-    """Prompts prefilled in 100-token chunks (each chunk attends over the earlier ones read back from
-    16-token blocks) give the same tokens as one-pass prefill."""
-    from phi3v.engine.engine import Engine
-
-    reqs = [llm.prepare(prompt, [image_path(n) for n in names], SamplingParams(max_tokens=6, ignore_eos=True), nc)
-            for prompt, names, nc in PROMPTS]
-    alone = [llm.generate_many([r])[0].token_ids for r in reqs]
-    eng = Engine(llm.model, llm.config, max_num_seqs=1, max_model_len=1024, block_size=16, prefill_chunk=100)
-    got = []
-    for r in reqs:
-        rid = eng.add_request(r.prompt_ids, r.images, r.params)
-        got.append(eng.run_to_completion()[rid])
-    assert max(len(r.prompt_ids) for r in reqs) > 300  # several chunks
-    assert got == alone and eng.sched.all_free
-
-
 def test_run_prepares_a_bounded_window_ahead_and_reports_soft_failures(llm: LLM) -> None:
     """40 callables: preparation stays a bounded distance ahead of the engine (max_num_seqs waiting +
     a prefetch window), results come back complete and in order, and a callable that returns an
@@ -391,116 +297,3 @@ def test_run_prepares_a_bounded_window_ahead_and_reports_soft_failures(llm: LLM)
     assert all(len(results[i].token_ids) == 2 + i % 3 for i in range(40) if i != 7)
 
 
-def test_warmup_captures_every_decode_bucket_up_to_max_num_seqs(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
-    """What `LLM.warmup` (server and batch start) captures: each batch bucket up to the one holding
-    max_num_seqs, once; nothing when graphs are off (the CPU); a failed capture turns graphs off."""
-    runner = llm.engine.runner
-    assert llm.warmup() == 0 and runner.graphs == {}  # CPU: no graphs
-    captured: list[int] = []
-    monkeypatch.setattr(runner, "use_graphs", True)
-    monkeypatch.setattr(runner, "graphs", {})
-    monkeypatch.setattr(runner, "_capture", lambda b: captured.append(b) or ("graph", {}))
-    assert runner.warmup(20) == 6 and captured == [1, 2, 4, 8, 16, 24]
-    assert runner.warmup(48) == 2 and captured[6:] == [32, 48]  # the ones already there are kept
-    monkeypatch.setattr(llm.engine.sched, "max_num_seqs", 64)
-    assert llm.warmup() == 1 and captured[-1] == 64
-    # and every prefill length bucket and vision chunk size, each once
-    from phi3v.engine.runner import PREFILL_BUCKETS
-
-    pre, vis = llm.engine.prefill_runner, llm.engine.vision_runner
-    likes: list[tuple[int, tuple, torch.dtype]] = []
-    for r in (pre, vis):
-        monkeypatch.setattr(r, "use_graphs", True)
-        monkeypatch.setattr(r, "graphs", {})
-        monkeypatch.setattr(r, "_capture", lambda b, like: likes.append((b, tuple(like.shape), like.dtype)) or
-                            ("graph", None, None))
-    assert llm.warmup() == len(PREFILL_BUCKETS) + 17
-    dt = llm.engine.dtype
-    assert likes == [(b, (1, llm.config.hidden_size), dt) for b in PREFILL_BUCKETS] + \
-        [(n, (1, 3, 336, 336), dt) for n in range(1, 18)]
-    assert llm.warmup() == 0
-
-    def fail(b: int) -> None:
-        raise RuntimeError("capture failed")
-
-    monkeypatch.setattr(runner, "graphs", {})
-    monkeypatch.setattr(runner, "_capture", fail)
-    assert runner.warmup(8) == 0 and runner.use_graphs is False
-
-
-def test_vision_runner_replays_a_graph_of_exactly_each_chunk_of_at_most_17_crops(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """N crops run in chunks of at most 17, each replayed as a graph of exactly its size (no padding crops,
-    so only 17 shapes ever); the features equal the tower's over all N at once. `warmup` captures every
-    chunk size once; a failed capture falls back to the eager tower."""
-    from phi3v.engine.runner import VISION_CHUNK, VisionRunner
-
-    seen: list[int] = []
-
-    def tower(x: torch.Tensor) -> torch.Tensor:  # (n, 3, 336, 336) -> (n, 576, 2): a stand-in CLIP
-        seen.append(x.shape[0])
-        return x[:, :1].reshape(x.shape[0], -1)[:, :1152].reshape(x.shape[0], 576, 2) * 2
-
-    vr = VisionRunner(tower, torch.device("cpu"), use_graphs=True)
-    captured: list[int] = []
-
-    class Replay:  # what capture would give: replay() runs the tower on the static input
-        def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-            self.x, self.y = x, y
-
-        def replay(self) -> None:
-            self.y.copy_(tower(self.x))
-
-    def capture(n: int, like: torch.Tensor):
-        captured.append(n)
-        x = torch.zeros((n, *like.shape[1:]))
-        y = torch.zeros(n, 576, 2)
-        return Replay(x, y), x, y
-
-    monkeypatch.setattr(vr, "_capture", capture)
-    assert VISION_CHUNK == 17
-    for n, chunks in ((5, [5]), (7, [7]), (17, [17]), (20, [17, 3]), (33, [17, 16]), (70, [17] * 4 + [2]),
-                      (128, [17] * 7 + [9])):
-        seen.clear()
-        px = torch.randn(n, 3, 336, 336)
-        out = vr(px)
-        assert seen == chunks, (n, seen)
-        assert out.shape == (n, 576, 2) and torch.equal(out, tower(px)), n
-    assert sorted(vr.graphs) == [2, 3, 5, 7, 9, 16, 17] and sorted(captured) == sorted(vr.graphs)
-    assert vr.warmup(torch.zeros(1, 3, 336, 336)) == 17 - 7 and sorted(vr.graphs) == list(range(1, 18))
-    assert vr.warmup(torch.zeros(1, 3, 336, 336)) == 0 and len(captured) == 17  # each size once
-
-    def fail(n: int, like: torch.Tensor) -> None:
-        raise RuntimeError("capture failed")
-
-    vr = VisionRunner(tower, torch.device("cpu"), use_graphs=True)
-    monkeypatch.setattr(vr, "_capture", fail)
-    seen.clear()
-    px = torch.randn(40, 3, 336, 336)
-    assert torch.equal(vr(px), tower(px)) and vr.use_graphs is False and seen == [17, 17, 6, 40]  # eager chunks
-    seen.clear()
-    assert torch.equal(vr(px), tower(px)) and seen == [40, 40]  # graphs off from then on: all at once
-
-
-def test_warmup_requests_leave_no_trace_and_change_no_output(llm: LLM) -> None:
-    """The blank warm-up requests (run by Engine.warmup on CUDA) go through encode, embed, eager and batched
-    prefill, and decode; afterwards blocks, image cache and stats are as before and a real request's tokens
-    equal the reference generator's."""
-    eng = llm.engine
-    req = llm.prepare(*PROMPTS[4][:1], [image_path(n) for n in PROMPTS[4][1]], SamplingParams(max_tokens=6,
-                                                                                             ignore_eos=True), 4)
-    stats, cached = dict(eng.stats), list(eng.images.cache)
-    batched = eng.stats["batched_prefills"]
-    calls = []
-    orig = eng.prefiller.prefill_batch
-    eng.prefiller.prefill_batch = lambda *a: calls.append(len(a[0])) or orig(*a)
-    try:
-        eng.warmup_requests()
-    finally:
-        del eng.prefiller.prefill_batch
-    assert calls == [2]  # the two 1x2 images' prompts went through one batched prefill
-    assert eng.stats == stats and eng.stats["batched_prefills"] == batched
-    assert list(eng.images.cache) == cached and not eng.has_unfinished() and eng.sched.all_free
-    c = llm.generate(*PROMPTS[4][:1], images=[image_path(n) for n in PROMPTS[4][1]],
-                     sampling_params=SamplingParams(max_tokens=6, ignore_eos=True), num_crops=4)
-    assert c.token_ids == _reference(llm, req, 6)

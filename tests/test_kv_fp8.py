@@ -18,7 +18,7 @@ from phi3v import LLM, SamplingParams
 from phi3v.engine.engine import Engine
 from phi3v.engine.kv_cache import FP8
 
-from test_engine import CKPT, PROMPTS, image_path
+from engine_common import CKPT, PROMPTS, image_path
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 
 from phi3v import LLM, SamplingParams
 
-from test_engine import CKPT, image_path
+from engine_common import CKPT, image_path
 
 
 def test_run_lets_go_of_each_requests_crops_once_prefilled() -> None:
