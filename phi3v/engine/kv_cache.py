@@ -20,6 +20,7 @@ from typing import ContextManager
 import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from phi3v.engine import paged_attention
 from phi3v.models import kernels
@@ -120,11 +121,11 @@ class PrefillAttention:
         pk, pv = self.cache.read(layer, *self.past)  # (n_kv, s, D)
         kc = torch.cat([pk[None], k], 2)  # (1, n_kv, s+T, D)
         vc = torch.cat([pv[None], v], 2)
-        T, s = q.shape[2], self.start
-        # query i sits at position s+i and sees keys 0..s+i
-        mask = torch.arange(s + T, device=q.device)[None, :] <= torch.arange(s, s + T, device=q.device)[:, None]
-        with flash_first(q, self.vary):  # (flash takes no mask: the next backend runs it)
-            return attention(q, kc, vc, mask)
+        # query i sits at position s+i and sees keys 0..s+i: causal, aligned to the last key. As a bias object,
+        # not a boolean mask: flash / memory-efficient kernels take it, where a mask went to cuDNN, which builds
+        # a graph for every new shape (~65 ms; a prompt of two 16-crop images has its second chunk here)
+        with flash_first(q, self.vary):
+            return attention(q, kc, vc, causal_lower_right(q.shape[2], kc.shape[2]))
 
 
 class BatchPrefillAttention:

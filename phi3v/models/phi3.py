@@ -58,7 +58,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causa
     """Scaled dot-product attention with GQA support (scale 1/sqrt(D), as in the reference).
 
     q: (B, Hq, Tq, D), k/v: (B, Hkv, Tk, D) with Hq % Hkv == 0 -> (B, Hq, Tq, D). `mask`: bool, True = may
-    attend; `causal`: top-left aligned causal mask (Tq == Tk).
+    attend, or an SDPA bias object (e.g. `causal_lower_right`); `causal`: top-left aligned causal mask (Tq == Tk).
     """
     hq, hkv = q.shape[1], k.shape[1]
     if hq != hkv:
