@@ -2,8 +2,9 @@
 was seen, move it? (`cold_shapes.py` read 59-66 ms where `phi3v bench` (b) reads 48-53 for the same image size.)
 
 Usage: python benchmarks/ttft_lengths.py [--folder /tmp/phi3v-full-random] [--out ttft_lengths.json]
-Environment: TTFT_IMAGES=2 asks about two 16-crop images at once (~5,050 tokens: prefilled in two chunks);
-PHI3V_SRC=folder imports phi3v from there instead of this checkout (an A/B against an earlier commit's copy).
+Environment: TTFT_IMAGES=2 asks about two 16-crop images at once (~5,050 tokens: prefilled in two chunks).
+An A/B against an earlier commit: copy benchmarks/ into a folder holding that commit's phi3v/ (e.g. `.ab_base/`)
+and run the copy from there; the JSON's `phi3v_from` says which package ran.
 After `LLM.warmup()`: one request under cProfile (what the first request after the warm-up spends), the bench's
 prompt 6 times, then three longer prompts ("Be brief." k times, as cold_shapes
 uses) 4 times each, then the bench's prompt again; a new noise image every call (no embedding-cache hit). Each
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.environ.get("PHI3V_SRC") or str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from decode_profile import checkpoint_args  # noqa: E402  (benchmarks/ is the script's folder)
 from phi3v import LLM, SamplingParams  # noqa: E402
