@@ -202,7 +202,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
               gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_dtype=a.kv_cache_dtype)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    llm.warmup()  # every CUDA graph (decode, prefill, vision), as the server and batch jobs capture them at start
+    llm.warmup()  # every CUDA graph and blank requests, as the server and batch jobs do at start
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if llm.device.type == "cuda" else "cpu",
                            "kv_cache_dtype": a.kv_cache_dtype,
                            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "load_s": load_s,

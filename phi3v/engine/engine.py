@@ -113,8 +113,8 @@ class Engine:
 
     def warmup(self) -> int:
         """Capture every CUDA graph the engine may need now (decode batch buckets up to max_num_seqs, prefill
-        length buckets, vision chunk sizes) and run the eager prefill paths once, so that no request waits for
-        a capture, a Triton compile, a cuDNN plan or a first kernel load mid-run. Returns how many graphs were
+        length buckets, vision chunk sizes), then on CUDA a few blank requests (`warmup_requests`), so that no
+        request waits for a capture, a Triton compile, a cuDNN plan or a first kernel load mid-run. Returns how many graphs were
         captured (0 without graphs, e.g. on the CPU)."""
         n = self.runner.warmup(self.sched.max_num_seqs)
         n += self.prefill_runner.warmup(self.cfg.hidden_size, self.dtype)
@@ -134,9 +134,10 @@ class Engine:
         if self.has_unfinished():
             raise RuntimeError("warm-up requests need an idle engine")
         stats = dict(self.stats)
-        s = self.cfg.vision.image_size
-        imgs = [ImageInput(torch.zeros(1 + h * w, 3, s, s, dtype=self.dtype, device=self.device), (h * s, w * s),
-                           f"phi3v-warmup-{h}x{w}") for h, w in grids]
+        vc = self.cfg.vision
+        s = vc.image_size
+        imgs = [ImageInput(torch.zeros(1 + h * w, vc.num_channels, s, s, dtype=self.dtype, device=self.device),
+                           (h * s, w * s), f"phi3v-warmup-{h}x{w}") for h, w in grids]
         self.images.encode(imgs, self.stats)
         params = SamplingParams(max_tokens=2, ignore_eos=True)
         for i, img in enumerate(imgs):  # <s> image tokens "\n": what the chat template gives, give or take text
