@@ -1,6 +1,6 @@
 """phi3v: fast, faithful local inference for Phi-3-vision-128k-instruct and Phi-3.5-vision-instruct."""
 
-from phi3v.engine.sampler import SamplingParams
+from phi3v.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "Completion"]
 __version__ = "0.1.0"

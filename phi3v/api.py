@@ -18,13 +18,13 @@ import torch
 
 from phi3v.config import Phi3VConfig
 from phi3v.engine.engine import Engine, ImageInput
-from phi3v.engine.kv_cache import kv_storage_dtype
+from phi3v.engine.config import EngineConfig
 from phi3v.engine.grammar import Grammars
 from phi3v.engine.runner import CAPTURE_LOCK
-from phi3v.engine.sampler import SamplingParams
 from phi3v.hub import resolve_model
 from phi3v.models.weights import load_model
 from phi3v.output import Completion, RequestOutput
+from phi3v.sampling_params import SamplingParams
 from phi3v.processing.chat import render_chat, tokenize_prompt
 from phi3v.processing.image import ImageProcessor
 from phi3v.processing.image_io import load_image
@@ -69,11 +69,15 @@ class LLM:
 
     def __init__(self, model: str = DEFAULT_MODEL, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, *, revision: str | None = None,
-                 max_num_seqs: int = 32, max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.9, kv_block_size: int = 64, kv_cache_dtype: str = "auto",
-                 allow_url_images: bool = False) -> None:
-        """kv_cache_dtype: "auto" keeps the KV cache in the model's dtype (outputs as the reference's);
-        "fp8" stores it in e4m3: half the KV memory, at changed numerics."""
+                 allow_url_images: bool = False, engine_config: EngineConfig | None = None,
+                 **engine_options: Any) -> None:
+        """engine_options: fields of `EngineConfig` (max_num_seqs, max_model_len, gpu_memory_utilization,
+        kv_block_size, kv_cache_dtype ("auto" keeps the KV cache in the model's dtype, outputs as the
+        reference's; "fp8" stores it in e4m3: half the KV memory, at changed numerics), ...), or a whole
+        `engine_config`."""
+        if engine_config is not None and engine_options:
+            raise ValueError("pass engine options either as keyword arguments or as engine_config, not both")
+        options = engine_config or EngineConfig.from_options(engine_options)  # bad options fail before loading
         if device is None or device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -83,16 +87,13 @@ class LLM:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda was asked for but PyTorch sees no CUDA GPU: use --device cpu")
         self.dtype = _dtype(dtype, self.device)
-        kv_storage_dtype(kv_cache_dtype, self.dtype)  # a bad option fails before the weights load
         self.folder = resolve_model(model, revision)
         self.model_name = model
         self.config = Phi3VConfig.from_pretrained(self.folder)
         self.tokenizer = Tokenizer.from_pretrained(self.folder)
         self.image_processor = ImageProcessor.from_config(self.config)
         self.model = load_model(self.folder, self.config, self.device, self.dtype)
-        self.engine = Engine(self.model, self.config, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                             gpu_memory_utilization=gpu_memory_utilization, block_size=kv_block_size,
-                             kv_cache_dtype=kv_cache_dtype,
+        self.engine = Engine(self.model, self.config, options,
                              grammars=Grammars.from_tokenizer(self.tokenizer, self.config.vocab_size,
                                                               self.config.eos_token_ids))
         self.allow_url_images = allow_url_images

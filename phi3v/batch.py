@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from phi3v.engine.sampler import SamplingParams
+from phi3v.sampling_params import SamplingParams
 
 _PARAM_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "stop", "ignore_eos",
                "json_schema", "json_object"}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from phi3v.engine.kv_cache import KV_CACHE_DTYPES
+from phi3v.engine.config import KV_CACHE_DTYPES
 
 PROMPT = "<|user|>\n<|image_1|>\nDescribe the image in detail.<|end|>\n<|assistant|>\n"
 MIXED_SIZES = [(1344, 1344), (1600, 900), (900, 1600), (800, 600), (2000, 500), (640, 640), (1024, 768), (500, 2000)]
@@ -189,6 +189,7 @@ def add_parser(sub: Any) -> None:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from phi3v import LLM
+    from phi3v.cli import engine_switches
 
     model = a.model
     if a.random:
@@ -199,7 +200,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     llm = LLM(model, device=a.device, dtype=a.dtype, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
-              gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_dtype=a.kv_cache_dtype)
+              gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_dtype=a.kv_cache_dtype, **engine_switches())
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     llm.warmup()  # every CUDA graph and blank requests, as the server and batch jobs do at start

@@ -9,8 +9,8 @@ import sys
 from typing import Any, Callable
 
 from phi3v.api import DEFAULT_MODEL
-from phi3v.engine.kv_cache import KV_CACHE_DTYPES
-from phi3v.engine.sampler import SamplingParams
+from phi3v.engine.config import KV_CACHE_DTYPES
+from phi3v.sampling_params import SamplingParams
 
 KV_HELP = ("KV cache storage, auto or fp8: auto = the model's dtype (outputs as the reference's); fp8 = e4m3, half the KV "
            "memory, changed numerics (default: auto)")
@@ -33,6 +33,33 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="answer with JSON valid against the JSON Schema in FILE (constrained decoding)")
     p.add_argument("--json-object", action="store_true", help="answer with a JSON object (any)")
     p.add_argument("--kv-cache-dtype", default="auto", help=KV_HELP)
+
+
+# The engine's speed switches, for debugging and A/B runs (each off gives the same tokens, slower): the only
+# place they are read from the environment. PHI3V_ATTN_CONFIG="bf16=64,4,2;fp8=64,2,1" sets the decode
+# attention kernel's (tile, warps, stages).
+SWITCHES = {"PHI3V_FUSED": "fused_kernels", "PHI3V_PDL": "pdl", "PHI3V_RUN_AHEAD": "run_ahead",
+            "PHI3V_VISION_GRAPHS": "vision_graphs", "PHI3V_CUDA_GRAPHS": "cuda_graphs",
+            "PHI3V_PREFIX_CACHING": "enable_prefix_caching"}
+
+
+def engine_switches(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """EngineConfig fields set by PHI3V_* variables (0/1), plus PHI3V_ATTN_CONFIG."""
+    from phi3v.kernels.paged_attention import parse_configs
+
+    env = os.environ if env is None else env
+    out: dict[str, Any] = {}
+    for var, name in SWITCHES.items():
+        raw = env.get(var, "").strip().lower()
+        if raw in ("0", "false", "no", "off"):
+            out[name] = False
+        elif raw in ("1", "true", "yes", "on"):
+            out[name] = True
+        elif raw:
+            raise ValueError(f"{var}={raw!r}: expected 0 or 1")
+    if env.get("PHI3V_ATTN_CONFIG"):
+        out["attn_configs"] = parse_configs(env["PHI3V_ATTN_CONFIG"])
+    return out
 
 
 def _read_schema(path: str) -> Any:
@@ -60,7 +87,7 @@ def _load(a: argparse.Namespace) -> Any:
     # the person at the command line names the images, URLs included (private addresses stay refused)
     # `batch` decodes up to --batch-size requests at once (KV memory permitting)
     return LLM(a.model, device=a.device, dtype=a.dtype, allow_url_images=True,
-               max_num_seqs=getattr(a, "batch_size", 8), kv_cache_dtype=a.kv_cache_dtype)
+               max_num_seqs=getattr(a, "batch_size", 8), kv_cache_dtype=a.kv_cache_dtype, **engine_switches())
 
 
 def _user_message(text: str, images: list[str]) -> dict[str, Any]:
@@ -172,7 +199,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                  allow_url_images=a.allow_url_images, allowed_media_dir=a.allowed_media_dir,
                  max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, max_queue=a.max_queue,
                  max_images_per_request=a.max_images_per_request, max_image_pixels=a.max_image_pixels,
-                 num_crops=a.num_crops, device=a.device, dtype=a.dtype, kv_cache_dtype=a.kv_cache_dtype)
+                 num_crops=a.num_crops, device=a.device, dtype=a.dtype, kv_cache_dtype=a.kv_cache_dtype,
+                 engine_switches=engine_switches())
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"phi3v: warning: listening on {a.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)

@@ -80,3 +80,50 @@ def test_repo_id_downloads_only_the_needed_files(monkeypatch, tmp_path: Path) ->
     assert "*.safetensors" in pats and "*.json" in pats and not any(p.endswith(".py") or ".bin" in p for p in pats)
     with pytest.raises(ValueError, match="neither a checkpoint folder"):
         resolve_model("not a repo id")
+
+
+def test_engine_config_validates_and_names_unknown_options() -> None:
+    from phi3v.engine.config import EngineConfig
+
+    assert EngineConfig.from_options({"max_num_seqs": 3}).max_num_seqs == 3
+    with pytest.raises(ValueError, match="unknown engine option.*max_num_seq\\b"):
+        EngineConfig.from_options({"max_num_seq": 3})
+    for bad in ({"max_num_seqs": 0}, {"kv_cache_dtype": "int8"}, {"gpu_memory_utilization": 1.5},
+                {"kv_block_size": 0}, {"max_model_len": 1}, {"prefill_chunk": 0}):
+        with pytest.raises(ValueError, match="invalid engine option"):
+            EngineConfig(**bad)
+
+
+def test_engine_switches_are_read_from_the_environment_only_by_the_cli() -> None:
+    from phi3v.cli import engine_switches
+
+    assert engine_switches({}) == {}
+    got = engine_switches({"PHI3V_FUSED": "0", "PHI3V_RUN_AHEAD": "off", "PHI3V_PDL": "1",
+                           "PHI3V_ATTN_CONFIG": "bf16=32,2,1;fp8=64,4,3"})
+    assert got == {"fused_kernels": False, "run_ahead": False, "pdl": True,
+                   "attn_configs": {"bf16": (32, 2, 1), "fp8": (64, 4, 3)}}
+    with pytest.raises(ValueError, match="PHI3V_FUSED"):
+        engine_switches({"PHI3V_FUSED": "maybe"})
+    with pytest.raises(ValueError, match="attention config"):
+        engine_switches({"PHI3V_ATTN_CONFIG": "bf16=32,2"})
+    with pytest.raises(ValueError, match="attention config"):
+        engine_switches({"PHI3V_ATTN_CONFIG": "int4=32,2,1"})
+
+
+def test_two_engines_in_one_process_keep_their_own_switches() -> None:
+    """The switches live in each engine's config and model, not in module globals."""
+    import torch
+
+    from phi3v.engine.config import EngineConfig
+    from phi3v.engine.engine import Engine
+    from phi3v.models.weights import load_model
+
+    folder = "tests/data/tiny-phi3v"
+    cfg = Phi3VConfig.from_pretrained(folder)
+    a = Engine(load_model(folder, cfg, "cpu", torch.float32), cfg,
+               EngineConfig(max_model_len=256, pdl=False, attn_configs={"bf16": (32, 2, 1)}))
+    b = Engine(load_model(folder, cfg, "cpu", torch.float32), cfg,
+               EngineConfig(max_model_len=256, pdl=True, run_ahead=False))
+    assert a.runner.kernel.pdl is False and b.runner.kernel.pdl is True
+    assert a.runner.kernel.config(False) == (32, 2, 1) and b.runner.kernel.config(False) is None
+    assert not a.model.pdl and not b.model.pdl  # no Triton on this CPU: fused kernels (and so PDL) are off

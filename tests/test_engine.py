@@ -244,6 +244,7 @@ def test_small_image_cache_keeps_every_image_a_step_needs(llm: LLM) -> None:
 def test_paged_kv_admits_by_free_blocks_and_matches_each_alone(llm: LLM) -> None:
     """A second engine on the same model with room for about half of these requests' KV, in blocks of 16:
     requests wait for blocks (FIFO), reuse freed blocks in scrambled order, and give the same tokens."""
+    from phi3v.engine.config import EngineConfig
     from phi3v.engine.engine import Engine
 
     reqs = [llm.prepare(prompt, [image_path(n) for n in names], SamplingParams(max_tokens=6 + 3 * j, ignore_eos=True), nc)
@@ -252,8 +253,8 @@ def test_paged_kv_admits_by_free_blocks_and_matches_each_alone(llm: LLM) -> None
     cfg = llm.config
     bpt = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4  # fp32
     longest = max(len(r.prompt_ids) + r.params.max_tokens for r in reqs)
-    eng = Engine(llm.model, cfg, max_num_seqs=6, max_model_len=longest + 8, block_size=16,
-                 kv_budget_bytes=int(1.8 * longest) * bpt)
+    eng = Engine(llm.model, cfg, EngineConfig(max_num_seqs=6, max_model_len=longest + 8, kv_block_size=16,
+                 kv_budget_bytes=int(1.8 * longest) * bpt))
     assert eng.cache.n_blocks * 16 < sum(len(r.prompt_ids) + r.params.max_tokens for r in reqs) / 1.5
     rids = [eng.add_request(r.prompt_ids, r.images, r.params) for r in reqs]
     most = 0

@@ -55,12 +55,13 @@ def test_padded_prefill_of_the_graph_path_equals_unpadded(llm: LLM) -> None:
 def test_chunked_prefill_across_blocks_equals_one_pass(llm: LLM) -> None:
     """Prompts prefilled in 100-token chunks (each chunk attends over the earlier ones read back from
     16-token blocks) give the same tokens as one-pass prefill."""
+    from phi3v.engine.config import EngineConfig
     from phi3v.engine.engine import Engine
 
     reqs = [llm.prepare(prompt, [image_path(n) for n in names], SamplingParams(max_tokens=6, ignore_eos=True), nc)
             for prompt, names, nc in PROMPTS]
     alone = [llm.generate_many([r])[0].token_ids for r in reqs]
-    eng = Engine(llm.model, llm.config, max_num_seqs=1, max_model_len=1024, block_size=16, prefill_chunk=100)
+    eng = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=1, max_model_len=1024, kv_block_size=16, prefill_chunk=100))
     got = []
     for r in reqs:
         rid = eng.add_request(r.prompt_ids, r.images, r.params)

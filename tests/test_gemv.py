@@ -1,4 +1,4 @@
-"""The small-M Triton GEMV (phi3v.models.gemv) against x @ w.T, run by Triton's interpreter on the CPU
+"""The small-M Triton GEMV (phi3v.kernels.gemv) against x @ w.T, run by Triton's interpreter on the CPU
 (TRITON_INTERPRET=1) in a subprocess, as in test_kernels.py. fp32 here: the interpreter does not round
 bf16 like the GPU; bf16 speed and accuracy on the GPU are checked by benchmarks/gemv_sweep.py."""
 
@@ -6,8 +6,8 @@ from interp import run_interpreted
 
 SCRIPT = r"""
 import torch
-from phi3v.models import gemv
-from phi3v.models.gemv import GemvConfig, linear, supported
+from phi3v.kernels import gemv
+from phi3v.kernels.gemv import GemvConfig, linear, supported
 
 torch.manual_seed(0)
 configs = [

@@ -6,14 +6,15 @@ interpreter does not round bf16 like the GPU, so bf16 equality is checked by the
 import torch
 from interp import run_interpreted
 
-from phi3v.models import kernels
+from phi3v import device
 
 SCRIPT = r"""
 import torch
 from phi3v.config import Phi3VConfig
-from phi3v.models import kernels
+from phi3v.kernels import fused as kernels
 from phi3v.models.weights import load_model
-assert kernels.available(torch.device("cpu"))
+from phi3v.kernels import available
+assert available(torch.device("cpu"))
 cfg = Phi3VConfig.from_pretrained("tests/data/tiny-phi3v")
 m = load_model("tests/data/tiny-phi3v", cfg, "cpu", torch.float32)
 torch.manual_seed(0)
@@ -22,7 +23,7 @@ pos = torch.stack([torch.arange(9), torch.arange(600, 609)])
 flags = torch.tensor([False, True])
 with torch.inference_mode():
     ref = m.model(x, pos, flags, None)
-    m.model.fused = True
+    m.set_kernels(True)
     got = m.model(x, pos, flags, None)
 d = (ref - got).abs().max().item()
 assert d < 1e-4, d
@@ -45,9 +46,9 @@ h = torch.randn(3, 577, 40) * 4
 assert (kernels.quick_gelu(h) - h * torch.sigmoid(1.702 * h)).abs().max() < 1e-5
 tower_in = torch.randn(2, 3, 336, 336)
 with torch.inference_mode():
-    m.set_fused(False)
+    m.set_kernels(False)
     ref_v = m.model.vision_embed_tokens.img_processor(tower_in)
-    m.set_fused(True)
+    m.set_kernels(True)
     got_v = m.model.vision_embed_tokens.img_processor(tower_in)
 assert (ref_v - got_v).abs().max() < 1e-4, (ref_v - got_v).abs().max()
 print("ok", d)
@@ -63,11 +64,11 @@ def test_pdl_is_off_off_the_gpu() -> None:
     Triton's interpreter) kernels get PDL=False and no launch attribute."""
     import torch
 
-    from phi3v.models import kernels
+    from phi3v.kernels import pdl_args
 
     x = torch.zeros(2)
-    assert kernels.pdl(x) is False
-    assert kernels.pdl_args(x) == {"PDL": False}
+    assert pdl_args(x, True) == {"PDL": False}
+    assert pdl_args(x, False) == {"PDL": False}
 
 
 class _HostTensor:
@@ -92,16 +93,16 @@ class _HostTensor:
 
 
 def test_to_device_stages_large_host_tensors_for_cuda_in_pinned_memory() -> None:
-    t = _HostTensor(kernels.PIN_MIN_BYTES)
-    assert kernels.to_device(t, torch.device("cuda")) == "on cuda"
+    t = _HostTensor(device.PIN_MIN_BYTES)
+    assert device.to_device(t, torch.device("cuda")) == "on cuda"
     assert t.calls == ["pin_memory", ("to", "cuda", True)]  # pinned first, then a copy the host does not wait for
-    t = _HostTensor(kernels.PIN_MIN_BYTES - 1)  # small: the driver stages it without waiting
-    kernels.to_device(t, torch.device("cuda"))
+    t = _HostTensor(device.PIN_MIN_BYTES - 1)  # small: the driver stages it without waiting
+    device.to_device(t, torch.device("cuda"))
     assert t.calls == [("to", "cuda", True)]
     # no CUDA: a plain (CPU-to-CPU) move, no pinning, values and dtype kept
     t = _HostTensor(1 << 30)
-    kernels.to_device(t, torch.device("cpu"))
+    device.to_device(t, torch.device("cpu"))
     assert t.calls == [("to", "cpu", True)]
     x = torch.arange(5)
-    y = kernels.to_device(x, torch.device("cpu"))
+    y = device.to_device(x, torch.device("cpu"))
     assert torch.equal(x, y) and y.dtype == x.dtype

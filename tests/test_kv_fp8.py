@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from phi3v import LLM, SamplingParams
+from phi3v.engine.config import EngineConfig
 from phi3v.engine.engine import Engine
 from phi3v.engine.kv_cache import FP8
 
@@ -77,8 +78,8 @@ def test_fp8_engine_equals_the_reference_with_the_cache_rounding(llm: LLM, i: in
 def test_fp8_chunked_prefill_reads_earlier_chunks_back_rounded(llm: LLM) -> None:
     prompt, names, nc = PROMPTS[1]  # two images: several 100-token chunks
     req = llm.prepare(prompt, [image_path(n) for n in names], SamplingParams(max_tokens=6, ignore_eos=True), nc)
-    eng = Engine(llm.model, llm.config, max_num_seqs=1, max_model_len=1024, block_size=16, prefill_chunk=100,
-                 kv_cache_dtype="fp8")
+    eng = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=1, max_model_len=1024, kv_block_size=16, prefill_chunk=100,
+                 kv_cache_dtype="fp8"))
     rid = eng.add_request(req.prompt_ids, req.images, req.params)
     got = eng.run_to_completion()[rid]
     assert len(req.prompt_ids) > 300
@@ -88,9 +89,9 @@ def test_fp8_chunked_prefill_reads_earlier_chunks_back_rounded(llm: LLM) -> None
 
 def test_fp8_cache_holds_more_tokens_in_the_same_budget(llm: LLM) -> None:
     budget = 8 << 20  # below the cap of max_num_seqs full-length sequences for both
-    exact = Engine(llm.model, llm.config, max_num_seqs=256, max_model_len=512, kv_budget_bytes=budget, block_size=16)
-    fp8 = Engine(llm.model, llm.config, max_num_seqs=256, max_model_len=512, kv_budget_bytes=budget, block_size=16,
-                 kv_cache_dtype="fp8")
+    exact = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=256, max_model_len=512, kv_budget_bytes=budget, kv_block_size=16))
+    fp8 = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=256, max_model_len=512, kv_budget_bytes=budget, kv_block_size=16,
+                 kv_cache_dtype="fp8"))
     assert fp8.cache.k.dtype == FP8 and exact.cache.k.dtype == torch.float32
     assert fp8.cache.n_blocks == 4 * exact.cache.n_blocks  # 1 byte per value instead of fp32's 4
     assert 2 * fp8.cache.k[:, :-1].numel() <= budget  # K and V at 1 byte, the scratch block aside

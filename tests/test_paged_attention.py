@@ -10,7 +10,7 @@ ROPE_CHECK = r"""
 def rope_fused_equals_rotated(cache, lengths, bt, width, n, HQ, HKV, D, before, nsplit):
     # RoPE inside the kernel (q, k unrotated + cos/sin) equals rotating first with kernels.rope_qk:
     # outputs and stored K/V bytes bit-equal
-    from phi3v.models import kernels
+    from phi3v.kernels import fused as kernels
     cs, sn = torch.randn(n, D), torch.randn(n, D)
     raw = torch.randn(n, (HQ + 2 * HKV) * D)
     rot = kernels.rope_qk(raw, cs, sn, HQ, HKV, D)  # (n, HQ + HKV, D)
@@ -31,7 +31,7 @@ def rope_fused_equals_rotated(cache, lengths, bt, width, n, HQ, HKV, D, before, 
 
 SCRIPT = r"""
 import torch
-from phi3v.engine import paged_attention
+from phi3v.kernels import paged_attention
 from phi3v.engine.kv_cache import DecodeAttention, KVCache
 torch.manual_seed(0)
 L, NB, HKV, HQ, BS, D = 2, 24, 2, 4, 16, 96
@@ -57,7 +57,7 @@ for nsplit in (1, 4):
     assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v), "new K/V not stored where expected"
 """ + ROPE_CHECK + r"""for nsplit in (1, 4):
     rope_fused_equals_rotated(cache, lengths, bt, 101, 4, HQ, HKV, D, (ref_k, ref_v), nsplit)
-from phi3v.models import kernels
+from phi3v.kernels import fused as kernels
 kk, vv = torch.randn(40, 6, D)[:, 1:1 + HKV], torch.randn(40, HKV, D)  # k: a strided view, as in the model
 blk, off = torch.randint(0, NB, (40,)), torch.randint(0, BS, (40,))
 keys = set(zip(blk.tolist(), off.tolist()))
@@ -78,16 +78,16 @@ def test_paged_decode_kernel_matches_gather_attention_in_the_interpreter() -> No
 
 ENGINE_SCRIPT = r"""
 from phi3v import LLM, SamplingParams
-from phi3v.models import gemv
+from phi3v.kernels import gemv
 gemv.MAX_M = 0  # the GEMV has its own test; interpreting it over the 32k-row lm_head takes minutes
 llm = LLM("tests/data/tiny-phi3v", device="cpu", dtype="fp32", max_num_seqs=4, max_model_len=256, kv_block_size=16)
 eng = llm.engine
-assert eng.cache.triton and llm.model.model.fused
+assert eng.cache.triton and llm.model.fused
 prompts = ["<|user|>\nHello there, who are you?<|end|>\n<|assistant|>\n", "<|user|>\nCount: one two three four five six seven eight.<|end|>\n<|assistant|>\n"]
 reqs = [llm.prepare(p, [], SamplingParams(max_tokens=12, ignore_eos=True)) for p in prompts]
 kern = [c.token_ids for c in llm.generate_many(reqs)]
 eng.cache.triton = False
-llm.model.model.fused = False
+llm.model.set_kernels(False)
 plain = [c.token_ids for c in llm.generate_many(reqs)]
 assert kern == plain, (kern, plain)
 print("ok", kern)
@@ -100,9 +100,9 @@ def test_engine_with_paged_kernel_and_fused_kernels_equals_plain_torch_in_the_in
 
 FP8_SCRIPT = r"""
 import torch
-from phi3v.engine import paged_attention
+from phi3v.kernels import paged_attention
 from phi3v.engine.kv_cache import FP8, DecodeAttention, KVCache
-from phi3v.models import kernels
+from phi3v.kernels import fused as kernels
 """ + ROPE_CHECK + r"""torch.manual_seed(1)
 L, NB, HKV, BS, D = 1, 12, 2, 16, 96
 for HQ in (4, 2):  # GQA: the tl.dot form; one query head per kv head (Phi-3): the fp32-FMA form
@@ -153,7 +153,7 @@ assert torch.equal(cache.k[0][blk, :, off].float(), kk.clamp(-448, 448).to(FP8).
 assert torch.equal(cache.v[0][blk, :, off].float(), vv.to(FP8).float())
 # the engine, every kernel interpreted, equals its torch fallbacks with the fp8 cache too
 from phi3v import LLM, SamplingParams
-from phi3v.models import gemv
+from phi3v.kernels import gemv
 gemv.MAX_M = 0
 llm = LLM("tests/data/tiny-phi3v", device="cpu", dtype="fp32", max_num_seqs=4, max_model_len=256, kv_block_size=16,
           kv_cache_dtype="fp8")
@@ -162,7 +162,7 @@ prompts = ["<|user|>\nHello there, who are you?<|end|>\n<|assistant|>\n", "<|use
 reqs = [llm.prepare(p, [], SamplingParams(max_tokens=10, ignore_eos=True)) for p in prompts]
 kern = [c.token_ids for c in llm.generate_many(reqs)]
 llm.engine.cache.triton = False
-llm.model.model.fused = False
+llm.model.set_kernels(False)
 plain = [c.token_ids for c in llm.generate_many(reqs)]
 assert kern == plain, (kern, plain)
 print("ok", d)

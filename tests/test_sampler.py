@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from phi3v.engine.sampler import (SamplingParams, SamplingTensors, apply_repetition_penalty, sample, top_logprobs,
+from phi3v.sampling_params import SamplingParams
+from phi3v.engine.sampler import (SamplingTensors, apply_repetition_penalty, sample, top_logprobs,
                                   uniform_noise)
 
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from phi3v.engine.sampler import SamplingParams
+from phi3v.sampling_params import SamplingParams
 from phi3v.engine.scheduler import FINISHED, RUNNING, WAITING, Scheduler, Sequence
 
 

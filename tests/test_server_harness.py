@@ -134,7 +134,7 @@ def reference_llm() -> Any:
 
 def expected(messages: list[dict[str, Any]], max_tokens: int, num_crops: int | None = 1, **sp: Any) -> Any:
     """The synchronous API's greedy Completion for the same request (images: same sources)."""
-    from phi3v.engine.sampler import SamplingParams
+    from phi3v.sampling_params import SamplingParams
 
     return reference_llm().chat(messages, SamplingParams(max_tokens=max_tokens, temperature=0.0, **sp),
                                 num_crops=num_crops)
@@ -142,7 +142,7 @@ def expected(messages: list[dict[str, Any]], max_tokens: int, num_crops: int | N
 
 def expected_many(reqs: list[tuple[list[dict[str, Any]], int]], num_crops: int | None = 1) -> list[Any]:
     """Greedy Completions for many requests, batched by the synchronous API (results in input order)."""
-    from phi3v.engine.sampler import SamplingParams
+    from phi3v.sampling_params import SamplingParams
 
     llm = reference_llm()
     prepared = [llm.prepare_chat(m, SamplingParams(max_tokens=mt, temperature=0.0), num_crops) for m, mt in reqs]

@@ -13,7 +13,6 @@ which aborts a request when its text hits one.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,13 +22,15 @@ import torch
 from phi3v.config import Phi3VConfig
 from phi3v.engine.grammar import Grammars
 from phi3v.engine.images import ImageFeatures, ImageInput
-from phi3v.engine.kv_cache import KVCache, kv_storage_dtype
+from phi3v.engine.config import EngineConfig
+from phi3v.engine.kv_cache import DecodeKernelOptions, KVCache, kv_storage_dtype
 from phi3v.engine.prefill import Prefiller
 from phi3v.engine.runner import DecodeRunner, PrefillRunner, VisionRunner
-from phi3v.engine.sampler import SamplingParams, SamplingTensors, sample, top_logprobs
+from phi3v.engine.sampler import SamplingTensors, sample, top_logprobs
+from phi3v.sampling_params import SamplingParams
 from phi3v.engine.scheduler import RUNNING, Scheduler, Sequence
-from phi3v.models import kernels
-from phi3v.models.kernels import to_device
+from phi3v.device import to_device
+from phi3v.kernels import available
 
 
 @dataclass
@@ -42,51 +43,53 @@ class StepOutput:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, config: Phi3VConfig, *, max_num_seqs: int = 32,
-                 max_model_len: int | None = None, kv_budget_bytes: int | None = None,
-                 gpu_memory_utilization: float = 0.9, prefill_chunk: int = 4096, block_size: int = 64,
-                 image_cache_size: int = 32, use_graphs: bool | None = None, grammars: Grammars | None = None,
-                 kv_cache_dtype: str = "auto") -> None:
+    def __init__(self, model: torch.nn.Module, config: Phi3VConfig, options: EngineConfig | None = None, *,
+                 grammars: Grammars | None = None) -> None:
+        """model: the loaded Phi3VForCausalLM; config: its configuration; options: the engine's switches;
+        grammars: the token table for structured output (None: constrained requests are refused)."""
         self.model, self.cfg = model, config
+        self.options = o = options or EngineConfig()
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        max_len = min(max_model_len or 16384, config.max_position_embeddings)
-        kv_dtype = kv_storage_dtype(kv_cache_dtype, self.dtype)
+        max_len = min(o.max_model_len or 16384, config.max_position_embeddings)
+        kv_dtype = kv_storage_dtype(o.kv_cache_dtype, self.dtype)
         bpt = KVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, kv_dtype)
-        if kv_budget_bytes is None:
+        budget = o.kv_budget_bytes
+        if budget is None:
             if self.device.type == "cuda":
                 free, _total = torch.cuda.mem_get_info(self.device)
-                kv_budget_bytes = int(free * gpu_memory_utilization) - (2 << 30)  # headroom for activations
+                budget = int(free * o.gpu_memory_utilization) - (2 << 30)  # headroom for activations
             else:
-                kv_budget_bytes = 2 << 30
+                budget = 2 << 30
+        block_size = o.kv_block_size
         max_blocks = -(-max_len // block_size)  # block-table width: one sequence of max_len tokens
         # no more blocks than max_num_seqs full-length sequences can use
-        n_blocks = min(kv_budget_bytes // (block_size * bpt), max_num_seqs * max_blocks)
+        n_blocks = min(budget // (block_size * bpt), o.max_num_seqs * max_blocks)
         if n_blocks < max_blocks:
-            raise ValueError(f"KV memory budget of {kv_budget_bytes / 2**30:.2f} GiB does not fit one sequence of "
+            raise ValueError(f"KV memory budget of {budget / 2**30:.2f} GiB does not fit one sequence of "
                              f"{max_len} tokens: lower max_model_len or raise gpu_memory_utilization")
         self.cache = KVCache(config.num_hidden_layers, n_blocks, block_size, config.num_key_value_heads,
                              config.head_dim, self.device, self.dtype, kv_dtype)
-        self.sched = Scheduler(max_num_seqs, max_len, n_blocks, block_size)
-        self.runner = DecodeRunner(model, self.cache, max_blocks, use_graphs)
+        self.sched = Scheduler(o.max_num_seqs, max_len, n_blocks, block_size)
+        triton = available(self.device)
+        model.set_kernels(fused=o.fused_kernels and triton, pdl=o.pdl)
+        kernel = DecodeKernelOptions(pdl=o.pdl, attn_configs=dict(o.attn_configs))
+        self.runner = DecodeRunner(model, self.cache, max_blocks, o.cuda_graphs, kernel)
         self._bt_cache: tuple[tuple[Sequence, ...], torch.Tensor] | None = None  # device block table of a batch
-        vision_graphs = ((self.device.type == "cuda") if use_graphs is None else use_graphs) \
-            and os.environ.get("PHI3V_VISION_GRAPHS", "1") != "0"
+        vision_graphs = ((self.device.type == "cuda") if o.cuda_graphs is None else o.cuda_graphs) and o.vision_graphs
         self.prefill_runner = PrefillRunner(model, self.cache, self.runner.use_graphs)
         self.vision_runner = VisionRunner(model.model.vision_embed_tokens.img_processor, self.device, vision_graphs)
-        # Triton-fused norms/RoPE/SiLU on CUDA (PHI3V_FUSED=0 turns them off)
-        model.set_fused(kernels.available(self.device) and os.environ.get("PHI3V_FUSED", "1") != "0")
-        # launch decode step t+1 before reading step t's tokens (CUDA only; PHI3V_RUN_AHEAD=0 turns it off)
-        self.run_ahead = self.device.type == "cuda" and os.environ.get("PHI3V_RUN_AHEAD", "1") != "0"
+        # launch decode step t+1 before reading step t's tokens (CUDA only)
+        self.run_ahead = self.device.type == "cuda" and o.run_ahead
         self._ahead: tuple[list[Sequence], torch.Tensor] | None = None  # rows, logits of a launched forward
         self._samp_cache: tuple[Any, ...] | None = None
         self._last_kind = "decode"
-        self.images = ImageFeatures(model, self.vision_runner, self.device, image_cache_size)
-        self.grammars = grammars  # token table for structured output (None: constraints are refused)
+        self.images = ImageFeatures(model, self.vision_runner, self.device, o.image_cache_size)
+        self.grammars = grammars
         # host wall time per kind of step (prefill steps end with a sync, decode steps with the token copy)
         self.stats = {"image_cache_hits": 0, "images_encoded": 0, "prefill_tokens": 0, "decode_steps": 0,
                       "batched_prefills": 0, "prefill_steps": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_rows": 0}
-        self.prefiller = Prefiller(model, self.cache, self.prefill_runner, prefill_chunk, self.stats)
+        self.prefiller = Prefiller(model, self.cache, self.prefill_runner, o.prefill_chunk, self.stats)
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_ids: list[int], images: list[ImageInput] | None = None,

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from phi3v.models.kernels import to_device
+from phi3v.device import to_device
 
 
 @dataclass

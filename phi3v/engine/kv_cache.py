@@ -15,6 +15,7 @@ position from the cache, its own new token included. Outputs are then no longer 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import ContextManager
 
 import torch
@@ -22,16 +23,15 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from phi3v.engine import paged_attention
-from phi3v.models import kernels
+from phi3v.engine.config import KV_CACHE_DTYPES
+from phi3v.kernels import available, paged_attention
+from phi3v.kernels.fused import store_kv
 from phi3v.models.phi3 import attention, causal_attention
 
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3's largest finite value; a plain cast of anything beyond gives NaN
 
-
-KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 def kv_storage_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
@@ -61,7 +61,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=self.kv_dtype)
         self.n_blocks, self.block_size, self.scratch = n_blocks, block_size, n_blocks
         # the Triton decode kernel on CUDA (and in Triton's CPU interpreter, for tests)
-        self.triton = kernels.available(self.k.device)
+        self.triton = available(self.k.device)
 
     @staticmethod
     def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -78,7 +78,7 @@ class KVCache:
     def write(self, layer: int, blk: Tensor, off: Tensor, k: Tensor, v: Tensor) -> None:
         """k, v (N, n_kv, D) at (blk[i], off[i])."""
         if self.triton:
-            kernels.store_kv(k, v, self.k[layer], self.v[layer], blk, off)
+            store_kv(k, v, self.k[layer], self.v[layer], blk, off)
             return
         self.k[layer][blk, :, off] = to_cache_dtype(k, self.kv_dtype)
         self.v[layer][blk, :, off] = to_cache_dtype(v, self.kv_dtype)
@@ -145,13 +145,27 @@ class BatchPrefillAttention:
             return causal_attention(q, k, v)
 
 
+@dataclass(frozen=True)
+class DecodeKernelOptions:
+    """Launch options of the decode-attention kernel (from EngineConfig)."""
+
+    pdl: bool = False
+    attn_configs: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # per KV dtype: bf16 / fp8
+
+    def config(self, fp8: bool) -> tuple[int, int, int] | None:
+        return self.attn_configs.get("fp8" if fp8 else "bf16")
+
+
 class DecodeAttention:
     """n rows, one new token each: row b's token goes to position lengths[b] (a device tensor) of the
     sequence with block table block_table[b] (n, max_blocks) int32. `width`: host-side bound on
-    lengths+1, used only by the gather fallback (the Triton kernel reads each row's own length)."""
+    lengths+1, used only by the gather fallback (the Triton kernel reads each row's own length). `kernel`: the
+    Triton kernel's launch options (tile config, PDL)."""
 
-    def __init__(self, cache: KVCache, lengths: Tensor, block_table: Tensor, width: int, nsplit: int = 1) -> None:
+    def __init__(self, cache: KVCache, lengths: Tensor, block_table: Tensor, width: int, nsplit: int = 1,
+                 kernel: DecodeKernelOptions | None = None) -> None:
         self.cache, self.lengths, self.block_table, self.width, self.nsplit = cache, lengths, block_table, width, nsplit
+        self.kernel = kernel or DecodeKernelOptions()
         self.fused_rope = cache.triton  # the kernel can rotate q and k itself (see AttentionBackend)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
@@ -161,7 +175,9 @@ class DecodeAttention:
         c = self.cache
         if c.triton:
             o = paged_attention.paged_decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], c.k[layer], c.v[layer],
-                                                       self.block_table, self.lengths, self.nsplit, rope=rope)
+                                                       self.block_table, self.lengths, self.nsplit, rope=rope,
+                                                       config=self.kernel.config(c.kv_dtype == FP8),
+                                                       pdl=self.kernel.pdl)
             return o[:, :, None]
         if rope is not None:
             raise ValueError("unrotated q/k (rope=...) need the Triton kernel: check fused_rope first")

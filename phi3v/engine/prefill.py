@@ -12,7 +12,7 @@ import torch
 from phi3v.engine.kv_cache import BatchPrefillAttention, KVCache, PrefillAttention
 from phi3v.engine.runner import PrefillRunner
 from phi3v.engine.scheduler import Sequence
-from phi3v.models.kernels import to_device
+from phi3v.device import to_device
 
 
 class Prefiller:

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from phi3v.engine.kv_cache import DecodeAttention, KVCache, PrefillAttention
-from phi3v.engine.paged_attention import num_splits
+from phi3v.engine.kv_cache import DecodeAttention, DecodeKernelOptions, KVCache, PrefillAttention
+from phi3v.kernels.paged_attention import num_splits
 
 # Held while a CUDA graph is captured. Other threads that launch GPU work (image preprocessing on
 # the API's or the server's worker threads) take it too: CUDA work from another thread during a
@@ -72,8 +72,10 @@ class DecodeRunner:
     With the Triton attention kernel the graph's shape depends on the batch bucket alone (the
     kernel reads each row's length on the device); padding rows write into the scratch block."""
 
-    def __init__(self, model: torch.nn.Module, cache: KVCache, max_blocks: int, use_graphs: bool | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, cache: KVCache, max_blocks: int, use_graphs: bool | None = None,
+                 kernel: DecodeKernelOptions | None = None) -> None:
         self.model, self.cache, self.max_blocks = model, cache, max_blocks
+        self.kernel = kernel or DecodeKernelOptions()
         self.device = cache.k.device
         self.n_heads = model.config.num_key_value_heads  # decode-attention programs per row and split
         # graphs need the kernel: the gather fallback's shapes follow the longest row
@@ -99,7 +101,7 @@ class DecodeRunner:
     def _forward(self, tokens: torch.Tensor, lengths: torch.Tensor, flags: torch.Tensor, block_table: torch.Tensor,
                  width: int, nsplit: int) -> torch.Tensor:
         x = self.model.model.embed_tokens(tokens)[:, None]  # (n, 1, hidden)
-        attn = DecodeAttention(self.cache, lengths, block_table, width, nsplit)
+        attn = DecodeAttention(self.cache, lengths, block_table, width, nsplit, self.kernel)
         h = self.model(x, lengths[:, None], flags, attn)
         return self.model.logits(h[:, 0])  # (n, V) float32
 

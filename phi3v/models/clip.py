@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from phi3v.config import VisionConfig
-from phi3v.models import kernels
+from phi3v.kernels import fused as kernels
+from phi3v.models.phi3 import KernelSwitches
 
 __all__ = ["CLIPVisionModel", "activation"]
 
@@ -80,14 +81,24 @@ class CLIPAttention(nn.Module):
         return self.out_proj(o.transpose(1, 2).reshape(n, t, c))
 
 
-class CLIPMLP(nn.Module):
+class AddLayerNorm(KernelSwitches, nn.LayerNorm):
+    """nn.LayerNorm (same parameters) with the residual add before it: `add`."""
+
+    def add(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(normed, new_residual): new_residual = residual + x (or x alone), normed = LayerNorm(new_residual).
+        Fused, one pass over the (crops*577, C) stream instead of an add and a norm."""
+        if self.fused:
+            return kernels.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+        r = x if residual is None else residual + x
+        return self(r), r
+
+
+class CLIPMLP(KernelSwitches, nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = activation(cfg.hidden_act)
-
-    fused = False  # Triton activation (CUDA); set with the decoder's fused kernels
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc1(x)  # (N, T, intermediate)
@@ -99,14 +110,16 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm1 = AddLayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = CLIPAttention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm2 = AddLayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+    def forward(self, h: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """h = layer_norm1(residual) -> (mlp output, residual stream after the attention block); the caller
+        adds them (inside the next layer's layer_norm1 when there is one)."""
+        h, residual = self.layer_norm2.add(self.self_attn(h), residual)
+        return self.mlp(h), residual
 
 
 class CLIPEncoder(nn.Module):
@@ -132,27 +145,17 @@ class CLIPVisionModel(nn.Module):
         self.cfg = cfg
         self.vision_model = CLIPVisionTransformer(cfg)
 
-    fused = False  # Triton add + LayerNorm (CUDA); set with the decoder's fused kernels
-
     def forward(self, pixels: Tensor) -> Tensor:
         """pixels (N, 3, 336, 336) -> features (N, 576, C) without CLS, in the tower's dtype."""
         vm = self.vision_model
         x = vm.pre_layrnorm(vm.embeddings(pixels))  # (N, 577, C) = hidden_states[0]
         layers = vm.encoder.layers[: self.cfg.num_layers_used]
-        if not self.fused:
-            for layer in layers:
-                x = layer(x)  # after layer i: hidden_states[i + 1]
-            return x[:, 1:]  # (N, 576, C): drop CLS
-        # the same layers with each residual add fused into the LayerNorm that follows it
-        ln = layers[0].layer_norm1
-        h, x = kernels.add_layer_norm(x, None, ln.weight, ln.bias, ln.eps)
+        # the reference's x = x + attn(ln1(x)); x = x + mlp(ln2(x)), each add inside the norm after it
+        h, x = layers[0].layer_norm1.add(x, None)
         for i, layer in enumerate(layers):
-            ln = layer.layer_norm2
-            h, x = kernels.add_layer_norm(layer.self_attn(h), x, ln.weight, ln.bias, ln.eps)
-            m = layer.mlp(h)
+            m, x = layer(h, x)
             if i + 1 == len(layers):
-                x = x + m
+                x = x + m  # hidden_states[num_layers_used]: no norm follows here
             else:
-                ln = layers[i + 1].layer_norm1
-                h, x = kernels.add_layer_norm(m, x, ln.weight, ln.bias, ln.eps)
+                h, x = layers[i + 1].layer_norm1.add(m, x)
         return x[:, 1:]

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from phi3v.config import Phi3VConfig
-from phi3v.models import gemv, kernels
+from phi3v.kernels import fused as kernels
+from phi3v.kernels import gemv
 
 __all__ = [
     "AttentionBackend",
@@ -76,7 +77,15 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return attention(q, k, v, causal=True)
 
 
-class RMSNorm(nn.Module):
+class KernelSwitches:
+    """Mixin of the modules that have a Triton form: `fused` picks it (set by `Phi3VForCausalLM.set_kernels`
+    where Triton runs), `pdl` launches it with programmatic dependent launch."""
+
+    fused: bool = False
+    pdl: bool = False
+
+
+class RMSNorm(KernelSwitches, nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -88,6 +97,14 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         # Cast back *before* the weight multiply (reference order; matters in bf16).
         return self.weight * h.to(dtype)
+
+    def add(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(normed, new_residual): new_residual = residual + x (or x alone), normed = RMSNorm(new_residual);
+        fused, one kernel reads x and the residual once."""
+        if self.fused:
+            return kernels.add_rms_norm(x, residual, self.weight, self.eps, self.pdl)
+        r = x if residual is None else residual + x
+        return self(r), r
 
 
 class LongRoPE(nn.Module):
@@ -136,11 +153,11 @@ class LongRoPE(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-def proj(layer: nn.Linear, x: Tensor, fused: bool) -> Tensor:
+def proj(layer: nn.Linear, x: Tensor, fused: bool, pdl: bool = False) -> Tensor:
     """layer(x) (no bias); with the fused kernels on, 1..8 rows (decode) go through the Triton GEMV,
     which streams the weight closer to HBM bandwidth than cuBLAS does at these sizes."""
     if fused and gemv.supported(x, layer.weight):
-        return gemv.linear(x, layer.weight)
+        return gemv.linear(x, layer.weight, pdl=pdl)
     return layer(x)
 
 
@@ -156,7 +173,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
-class Phi3Attention(nn.Module):
+class Phi3Attention(KernelSwitches, nn.Module):
     def __init__(self, config: Phi3VConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -170,10 +187,10 @@ class Phi3Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend | None,
-                fused: bool = False) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend | None) -> Tensor:
         b, t, _ = x.shape
-        qkv = proj(self.qkv_proj, x, fused)  # (B, T, (Hq+2Hkv)*D)
+        fused, pdl = self.fused, self.pdl
+        qkv = proj(self.qkv_proj, x, fused, pdl)  # (B, T, (Hq+2Hkv)*D)
         hq, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         if fused and t == 1 and getattr(attn, "fused_rope", False):  # decode: RoPE inside the attention kernel
             heads = qkv.view(b, hq + 2 * hkv, 1, d)  # unrotated q | k | v heads, (B, H, 1, D) views
@@ -181,7 +198,7 @@ class Phi3Attention(nn.Module):
                      rope=(cos.view(b, d), sin.view(b, d)))
         else:
             if fused:  # one kernel rotates q and k: (B*T, Hq+Hkv, D)
-                qk = kernels.rope_qk(qkv.view(b * t, -1), cos.reshape(b * t, d), sin.reshape(b * t, d), hq, hkv, d)
+                qk = kernels.rope_qk(qkv.view(b * t, -1), cos.reshape(b * t, d), sin.reshape(b * t, d), hq, hkv, d, pdl)
                 qk = qk.view(b, t, hq + hkv, d)
                 q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)  # (B, H, T, D)
                 v = qkv[..., (hq + hkv) * d:].view(b, t, hkv, d).transpose(1, 2)
@@ -192,19 +209,20 @@ class Phi3Attention(nn.Module):
                 v = v.view(b, t, hkv, d).transpose(1, 2)  # (B, Hkv, T, D)
             o = causal_attention(q, k, v) if attn is None else attn(self.layer_idx, q, k, v)
         o = o.transpose(1, 2).reshape(b, t, hq * d)  # (B, T, Hq*D)
-        return proj(self.o_proj, o, fused)
+        return proj(self.o_proj, o, fused, pdl)
 
 
-class Phi3MLP(nn.Module):
+class Phi3MLP(KernelSwitches, nn.Module):
     def __init__(self, config: Phi3VConfig) -> None:
         super().__init__()
         # Fused [gate | up] projection, as in the checkpoint.
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
-        if fused:
-            return proj(self.down_proj, kernels.silu_mul(proj(self.gate_up_proj, x, True)), True)
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            gate_up = proj(self.gate_up_proj, x, True, self.pdl)  # (B, T, 2I)
+            return proj(self.down_proj, kernels.silu_mul(gate_up, self.pdl), True, self.pdl)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
         return self.down_proj(up * F.silu(gate))
 
@@ -217,9 +235,13 @@ class Phi3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = Phi3MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, h: Tensor, residual: Tensor, cos: Tensor, sin: Tensor,
+                attn: AttentionBackend | None) -> tuple[Tensor, Tensor]:
+        """h: this layer's normed input (input_layernorm already applied), residual: the stream it came from.
+        Returns (mlp output, residual stream after the attention block): the caller adds them inside the next
+        norm (the reference's `x + mlp(norm(x))`, one fused kernel on the Triton path)."""
+        h, residual = self.post_attention_layernorm.add(self.self_attn(h, cos, sin, attn), residual)
+        return self.mlp(h), residual
 
 
 class Phi3Model(nn.Module):
@@ -238,7 +260,6 @@ class Phi3Model(nn.Module):
         self.layers = nn.ModuleList(Phi3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = LongRoPE(config)
-        self.fused = False  # Triton kernels (CUDA): set by the engine when available
 
     def forward(self, x: Tensor, positions: Tensor, long_rope: Tensor,
                 attn: AttentionBackend | None = None) -> Tensor:
@@ -249,20 +270,11 @@ class Phi3Model(nn.Module):
         engine decides (e.g. it recomputes a sequence with long factors once it crosses).
         """
         cos, sin = self.rotary_emb(positions, long_rope, x.dtype)  # (B, T, D) each, shared by all layers
-        if self.fused:
-            return self._forward_fused(x, cos, sin, attn)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attn)
-        return self.norm(x)
-
-    def _forward_fused(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend | None) -> Tensor:
-        """Same math with Triton kernels: each residual add is fused into the next RMSNorm."""
-        eps = self.config.rms_norm_eps
-        h, res = kernels.add_rms_norm(x, None, self.layers[0].input_layernorm.weight, eps)
+        # each residual add happens inside the norm after it (RMSNorm.add): the same ops as the reference's
+        # x = x + attn(norm(x)); x = x + mlp(norm(x)), one kernel per add + norm on the Triton path
+        h, res = self.layers[0].input_layernorm.add(x, None)
         for i, layer in enumerate(self.layers):
-            a = layer.self_attn(h, cos, sin, attn, fused=True)
-            h, res = kernels.add_rms_norm(a, res, layer.post_attention_layernorm.weight, eps)
-            m = layer.mlp(h, fused=True)
+            out, res = layer(h, res, cos, sin, attn)
             nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            h, res = kernels.add_rms_norm(m, res, nxt.weight, eps)
+            h, res = nxt.add(out, res)
         return h

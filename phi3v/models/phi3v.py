@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from phi3v.config import Phi3VConfig
-from phi3v.models.clip import CLIPMLP, CLIPVisionModel
-from phi3v.models.kernels import to_device
-from phi3v.models.phi3 import AttentionBackend, Phi3Model, proj
+from phi3v.models.clip import CLIPVisionModel
+from phi3v.device import to_device
+from phi3v.models.phi3 import AttentionBackend, KernelSwitches, Phi3Model, proj
 
 __all__ = ["Phi3ImageEmbedding", "Phi3VForCausalLM"]
 
@@ -88,7 +88,7 @@ class Phi3ImageEmbedding(nn.Module):
         return list(proj.split([s.shape[0] for s in seqs]))
 
 
-class Phi3VForCausalLM(nn.Module):
+class Phi3VForCausalLM(KernelSwitches, nn.Module):
     def __init__(self, config: Phi3VConfig) -> None:
         super().__init__()
         self.config = config
@@ -98,13 +98,12 @@ class Phi3VForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def set_fused(self, on: bool) -> None:
-        """Triton kernels (CUDA): the decoder's norms, RoPE, SiLU and small-M GEMV; CLIP's add + LayerNorm
-        and quick-GELU."""
-        self.model.fused = on
+    def set_kernels(self, fused: bool, pdl: bool = False) -> None:
+        """Triton kernels where Triton runs (the caller checks): the decoder's norms, RoPE, SiLU and small-M GEMV;
+        CLIP's add + LayerNorm and quick-GELU; `pdl`: launched with programmatic dependent launch."""
         for m in self.modules():
-            if isinstance(m, (CLIPMLP, CLIPVisionModel)):
-                m.fused = on
+            if isinstance(m, KernelSwitches):
+                m.fused, m.pdl = fused, pdl and fused
 
     @property
     def device(self) -> torch.device:
@@ -202,4 +201,4 @@ class Phi3VForCausalLM(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., hidden) -> (..., vocab) float32 logits."""
-        return proj(self.lm_head, hidden, self.model.fused).float()
+        return proj(self.lm_head, hidden, self.fused, self.pdl).float()

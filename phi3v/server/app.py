@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import anyio
@@ -56,6 +56,7 @@ class Settings:
     dtype: str | None = None
     kv_cache_dtype: str = "auto"
     max_body_bytes: int = 100 * 2**20
+    engine_switches: dict[str, Any] = field(default_factory=dict)  # more EngineConfig fields (phi3v.cli.engine_switches)
 
     @property
     def model_id(self) -> str:
@@ -90,7 +91,7 @@ class _State:
             t0 = time.perf_counter()
             llm = LLM(s.model, device=s.device, dtype=s.dtype, max_num_seqs=s.max_num_seqs,
                       max_model_len=s.max_model_len, allow_url_images=s.allow_url_images,
-                      kv_cache_dtype=s.kv_cache_dtype)
+                      kv_cache_dtype=s.kv_cache_dtype, **s.engine_switches)
             llm.warmup()  # every CUDA graph and first kernel use now (blank requests), not as the first requests arrive
             load_kwargs = dict(allowed_dir=s.allowed_media_dir, allow_paths=s.allowed_media_dir is not None,
                                allow_urls=s.allow_url_images, max_bytes=s.max_image_bytes, timeout=s.image_timeout,

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from phi3v.engine.sampler import SamplingParams
+from phi3v.sampling_params import SamplingParams
 
 _REQ = ConfigDict(strict=True, extra="allow")
 

@@ -9,85 +9,16 @@ their sum), so outputs match the eager path up to fp32 reduction order in the no
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 from torch import Tensor
 
-try:  # Triton ships with CUDA builds of PyTorch; CPU installs run the eager path
+from phi3v.kernels import HAVE_TRITON, pdl_args
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    HAVE_TRITON = False
-
-
-def available(device: torch.device) -> bool:
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    return HAVE_TRITON and (device.type == "cuda" or interpret)
-
-
-# Programmatic dependent launch (Hopper+): a decode step is ~300 kernels in a row, each waiting for the
-# previous one to drain and the next to be launched and ramp up. With PDL a kernel lets the next one launch
-# as soon as all its programs have started (pdl_trigger); the next one's programs sit on the SMs, read what
-# no earlier kernel writes (weights), and wait (pdl_wait) for the previous kernel's results before they read
-# or write anything else. PHI3V_PDL=0 turns it off.
-PDL_ENABLED = os.environ.get("PHI3V_PDL", "1") != "0"
-
-
-@functools.cache
-def _sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def pdl(x: Tensor) -> bool:
-    """Whether kernels on x's device launch with PDL (CUDA, compute capability >= 9, not turned off)."""
-    return PDL_ENABLED and HAVE_TRITON and gdc_wait is not None and x.is_cuda and _sm90(x.device.index or 0)
-
-
-# Measured on the H200 behind 30 ms of queued GPU work (benchmarks/cold_shapes.py): pageable copies of up to
-# 1 MiB returned at once (0.07-0.14 ms), one of 4 MiB and an 11.5 MB one (a 16-crop image's crops) waited for
-# the queue to drain (27-28 ms; the crops 0.6-0.7 ms through pinned memory). Below, pinning only adds host time.
-PIN_MIN_BYTES = 1 << 20
-
-
-def to_device(t: Tensor, device: torch.device) -> Tensor:
-    """t on `device`, without making the host wait for the GPU: a large CPU tensor bound for CUDA is staged
-    in pinned memory first (a non-blocking copy from pageable memory waits for the stream to drain before
-    it stages the bytes, and the GPU then idles while the host catches up)."""
-    if device.type == "cuda" and t.device.type == "cpu" and t.numel() * t.element_size() >= PIN_MIN_BYTES:
-        t = t.pin_memory()  # the caching host allocator reuses the block once this copy has run
-    return t.to(device, non_blocking=True)
-
-
-def pdl_args(x: Tensor) -> dict:
-    """Launch kwargs for a kernel with a `PDL` constexpr: its value, and the launch attribute when on."""
-    on = pdl(x)
-    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
-
-
-if HAVE_TRITON:
-    try:  # Triton >= 3.3
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    except ImportError:  # pragma: no cover - older Triton: no PDL (the branches below are never compiled)
-        gdc_launch_dependents = gdc_wait = None
-
-    @triton.jit
-    def pdl_trigger(PDL: tl.constexpr):
-        if PDL:  # the next kernel may launch once every program of this one got here
-            gdc_launch_dependents()
-
-    @triton.jit
-    def pdl_wait(PDL: tl.constexpr):
-        if PDL:  # the previous kernel has finished and its writes are visible
-            gdc_wait()
-
-    @triton.jit
-    def pdl_start(PDL: tl.constexpr):
-        pdl_trigger(PDL)
-        pdl_wait(PDL)
+    from phi3v.kernels import pdl_start
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, N, eps,
@@ -207,18 +138,19 @@ if HAVE_TRITON:
         tl.store(out_ptr + offs, (xf * sg).to(dt), mask=m)
 
 
-def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
+                 pdl: bool = False) -> tuple[Tensor, Tensor]:
     """(normed, new_residual): new_residual = residual + x (or x), normed = RMSNorm(new_residual)."""
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     out = torch.empty_like(x2)
     if residual is None:
         _add_rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, out, n, eps, HAS_RES=False,
-                                             BLOCK=triton.next_power_of_2(n), **pdl_args(x2))
+                                             BLOCK=triton.next_power_of_2(n), **pdl_args(x2, pdl))
         return out.view(x.shape), x
     res_out = torch.empty_like(x2)
     _add_rms_norm_kernel[(x2.shape[0],)](x2, residual.reshape(-1, n), weight, out, res_out, n, eps, HAS_RES=True,
-                                         BLOCK=triton.next_power_of_2(n), **pdl_args(x2))
+                                         BLOCK=triton.next_power_of_2(n), **pdl_args(x2, pdl))
     return out.view(x.shape), res_out.view(x.shape)
 
 
@@ -239,17 +171,17 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Ten
     return out.view(x.shape), (x if residual is None else res_out.view(x.shape))
 
 
-def silu_mul(gate_up: Tensor) -> Tensor:
+def silu_mul(gate_up: Tensor, pdl: bool = False) -> Tensor:
     """(..., 2I) [gate | up] -> (..., I) up * silu(gate)."""
     inter = gate_up.shape[-1] // 2
     gu = gate_up.reshape(-1, 2 * inter)
     out = torch.empty(gu.shape[0], inter, device=gu.device, dtype=gu.dtype)
     block = 1024
-    _silu_mul_kernel[(gu.shape[0], triton.cdiv(inter, block))](gu, out, inter, BLOCK=block, **pdl_args(gu))
+    _silu_mul_kernel[(gu.shape[0], triton.cdiv(inter, block))](gu, out, inter, BLOCK=block, **pdl_args(gu, pdl))
     return out.view(*gate_up.shape[:-1], inter)
 
 
-def rope_qk(qkv: Tensor, cos: Tensor, sin: Tensor, n_q: int, n_kv: int, head_dim: int) -> Tensor:
+def rope_qk(qkv: Tensor, cos: Tensor, sin: Tensor, n_q: int, n_kv: int, head_dim: int, pdl: bool = False) -> Tensor:
     """qkv (R, (n_q+2*n_kv)*D) contiguous rows, cos/sin (R, D) -> (R, n_q+n_kv, D): rotated q and k heads."""
     rows = qkv.shape[0]
     out = torch.empty(rows, n_q + n_kv, head_dim, device=qkv.device, dtype=qkv.dtype)
@@ -257,7 +189,7 @@ def rope_qk(qkv: Tensor, cos: Tensor, sin: Tensor, n_q: int, n_kv: int, head_dim
     bh = 16  # heads per program: a prefill row's 64 heads in 4 programs, not 64 tiny ones
     _rope_kernel[(rows, triton.cdiv(n_q + n_kv, bh))](qkv, cos, sin, out, qkv.stride(0), n_q + n_kv, D=head_dim,
                                                       HALF=half, BLOCK=triton.next_power_of_2(half), BLOCK_H=bh,
-                                                      **pdl_args(qkv))
+                                                      **pdl_args(qkv, pdl))
     return out
 
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kernels import HAVE_TRITON, available, pdl_args
+from phi3v.kernels import HAVE_TRITON, available, pdl_args
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .kernels import pdl_start, pdl_trigger, pdl_wait
+    from phi3v.kernels import pdl_start, pdl_trigger, pdl_wait
 
 MAX_M = 8
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -177,7 +177,7 @@ def supported(x: Tensor, weight: Tensor) -> bool:
     return 1 <= x.numel() // k <= MAX_M and x.device == weight.device and available(x.device)
 
 
-def linear(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, config: GemvConfig | None = None, pdl: bool = False) -> Tensor:
     """F.linear(x, weight) without bias for x (..., K) with at most 8 rows; check supported() first."""
     k, n = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, k).contiguous()  # (M, K)
@@ -190,8 +190,8 @@ def linear(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tenso
     _gemv_kernel[(_cdiv(n, cfg.block_n), splits)](
         x2, weight, dst, m, n, k, k_per_split, M_PAD=16 if cfg.dot else _pow2_at_least(m), BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, USE_DOT=cfg.dot, IEEE=x.dtype == torch.float32, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl_args(x2))
+        num_stages=cfg.num_stages, **pdl_args(x2, pdl))
     if splits > 1:
         _splitk_sum_kernel[(_cdiv(m * n, 1024),)](dst, out, m * n, SPLITS=splits, BLOCK=1024, num_warps=4,
-                                                      **pdl_args(x2))
+                                                      **pdl_args(x2, pdl))
     return out.view(*x.shape[:-1], n)

@@ -18,18 +18,17 @@ that batch 1 still puts ~16 programs per kv head on the GPU's 132 SMs.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from phi3v.models.kernels import HAVE_TRITON, pdl_args
+from phi3v.kernels import HAVE_TRITON, pdl_args
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from phi3v.models.kernels import pdl_start, pdl_trigger, pdl_wait, to_cache
+    from phi3v.kernels import pdl_start, pdl_trigger, pdl_wait
+    from phi3v.kernels.fused import to_cache
 
     @triton.jit
     def _split_range(L, s, TILE: tl.constexpr, NSPLIT: tl.constexpr):
@@ -308,31 +307,33 @@ def num_splits(batch: int, n_kv_heads: int) -> int:
     return 1
 
 
-def _env_config() -> dict[str, tuple[int, int, int]]:
-    """PHI3V_ATTN_CONFIG="bf16=64,4,2;fp8=128,4,3" overrides (tile, warps, stages) per KV dtype (tuning runs)."""
+# (tile, warps, stages) per KV storage, from H100 sweeps: bf16/fp16/fp32 the tl.dot form
+# (benchmarks/attention_bench.py); fp8 the FMA form (benchmarks/attention_variants.py --real: 343 us per layer at
+# batch 64 x 2.4k tokens against 359 with 4 warps, 321-328 against 328-370 in a later call; stages do not
+# apply, its loads feed no tl.dot)
+CONFIGS = {"bf16": (64, 4, 2), "fp8": (64, 2, 1)}
+
+
+def parse_configs(raw: str) -> dict[str, tuple[int, int, int]]:
+    """"bf16=64,4,2;fp8=128,4,3" -> (tile, warps, stages) per KV dtype: overrides of CONFIGS for tuning runs
+    (`EngineConfig.attn_configs`, CLI environment PHI3V_ATTN_CONFIG)."""
     out = {}
-    raw = os.environ.get("PHI3V_ATTN_CONFIG", "")
     for part in filter(None, raw.split(";")):
         name, _, vals = part.partition("=")
         try:
             tile, warps, stages = (int(x) for x in vals.split(","))
         except ValueError:
-            raise ValueError(f"PHI3V_ATTN_CONFIG={raw!r}: expected e.g. 'bf16=64,4,2;fp8=64,4,2'") from None
+            raise ValueError(f"attention config {raw!r}: expected e.g. 'bf16=64,4,2;fp8=64,4,2'") from None
+        if name.strip() not in CONFIGS:
+            raise ValueError(f"attention config {raw!r}: the KV dtype must be one of {', '.join(CONFIGS)}")
         out[name.strip()] = (tile, warps, stages)
     return out
 
 
-# (tile, warps, stages) per KV storage, from H100 sweeps: bf16/fp16/fp32 the tl.dot form
-# (benchmarks/attention_bench.py); fp8 the FMA form (benchmarks/attention_variants.py --real: 343 us per layer at
-# batch 64 x 2.4k tokens against 359 with 4 warps, 321-328 against 328-370 in a later call; stages do not
-# apply, its loads feed no tl.dot)
-CONFIGS = {"bf16": (64, 4, 2), "fp8": (64, 2, 1)} | _env_config()
-
-
 def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                           block_table: Tensor, lengths: Tensor, nsplit: int, tile: int | None = None,
-                           num_warps: int | None = None, num_stages: int | None = None,
-                           rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                           block_table: Tensor, lengths: Tensor, nsplit: int,
+                           config: tuple[int, int, int] | None = None,
+                           rope: tuple[Tensor, Tensor] | None = None, pdl: bool = False) -> Tensor:
     """q (n, Hq, D), k/v (n, Hkv, D) new tokens (last dim contiguous); k_cache/v_cache one layer's
     (n_blocks, Hkv, BS, D), in q's dtype or fp8 e4m3; block_table (n, max_blocks) int32; lengths (n,) int64 cached tokens per
     row. Stores k/v at position lengths[b] and returns attention (n, Hq, D) with scale 1/sqrt(D).
@@ -341,8 +342,7 @@ def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_c
     n, hq, d = q.shape
     hkv, bs = k_cache.shape[1], k_cache.shape[2]
     fp8 = k_cache.dtype == torch.float8_e4m3fn
-    t0, w0, s0 = CONFIGS["fp8" if fp8 else "bf16"]
-    tile, num_warps, num_stages = tile or t0, num_warps or w0, num_stages or s0
+    tile, num_warps, num_stages = config or CONFIGS["fp8" if fp8 else "bf16"]
     group = hq // hkv
     assert q.stride(2) == k.stride(2) == v.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     out = torch.empty(n, hq, d, device=q.device, dtype=q.dtype)
@@ -363,8 +363,8 @@ def paged_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_c
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0), out.stride(0), out.stride(1),
         cos.stride(0), d ** -0.5, GROUP=group, QR=max(16, triton.next_power_of_2(group)), BS=bs, D=d, BLOCK_D=block_d,
         TILE=tile, NSPLIT=nsplit, IEEE=q.dtype == torch.float32, FP8=fp8, FMA=fma, D_LO=d_lo, D_HI=d_hi,
-        ROPE=rope is not None, num_warps=num_warps, num_stages=num_stages, **pdl_args(q))
+        ROPE=rope is not None, num_warps=num_warps, num_stages=num_stages, **pdl_args(q, pdl))
     if nsplit > 1:
         _merge_kernel[(n, hq)](pacc, pml, out, out.stride(0), out.stride(1), D=d, BLOCK_D=block_d, NSPLIT=nsplit,
-                               num_warps=2, **pdl_args(q))
+                               num_warps=2, **pdl_args(q, pdl))
     return out

@@ -1,0 +1,72 @@
+"""SamplingParams: how a request picks its tokens (validated on construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SamplingParams:
+    """How to pick the next tokens. temperature 0 means greedy."""
+
+    max_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no limit
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    stop: list[str] | str | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # k most likely next tokens per generated token, from the raw logits
+    stop_token_ids: list[int] = field(default_factory=list)
+    json_schema: dict[str, Any] | str | None = None  # the output is JSON valid against this schema
+    json_object: bool = False  # the output is a JSON object (any)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise ValueError(f"invalid sampling parameter: {msg}")
+
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:
+            bad(f"temperature must be a number in [0, 100], got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not -1 <= self.top_k < 2**31:
+            bad(f"top_k must be an integer >= -1 (0 or -1 disable it), got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -2**63 <= self.seed < 2**63):
+            bad(f"seed must be a 64-bit integer, got {self.seed!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0.0 < self.repetition_penalty <= 10.0:
+            bad(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop must be a non-empty string or a list of non-empty strings")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        if not isinstance(self.json_object, bool):
+            bad(f"json_object must be true or false, got {self.json_object!r}")
+        if self.json_schema is not None:
+            if self.json_object:
+                bad("set json_schema or json_object, not both")
+            from phi3v.engine.grammar import check_schema
+
+            try:
+                self.json_schema = check_schema(self.json_schema)
+            except ValueError as e:
+                bad(str(e))
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the output must follow a JSON schema (or be a JSON object)."""
+        return self.json_schema is not None or self.json_object
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
