@@ -122,7 +122,7 @@ def gpu_timeline(prof: profile, gap_us: float = 20.0) -> dict:
     return out
 
 
-def cuda_ms(fn: Callable[[], Any], reps: int = 7) -> float:
+def cuda_ms(fn: Callable[[], Any], reps: int) -> float:
     """Median wall ms of fn over reps (the first is a warm-up), synchronised."""
     out = []
     for _ in range(reps):
@@ -200,7 +200,7 @@ def mode_ttft(llm: LLM, a: argparse.Namespace) -> dict:
         size = (1344, 1344) if nc >= 16 else (672, 672)
         gen = lambda: llm.generate(PROMPT, [noise_image(*size, next(seed))], SamplingParams(max_tokens=1),  # noqa: E731
                                    num_crops=nc)
-        r: dict = {"wall_ms_median": cuda_ms(gen, 6)}  # a new image each call: no embedding-cache hit
+        r: dict = {"wall_ms_median": cuda_ms(gen, a.reps)}  # a new image each call: no embedding-cache hit
         with profile(activities=activities(a.device)) as prof:
             gen()
             sync()
@@ -212,11 +212,11 @@ def mode_ttft(llm: LLM, a: argparse.Namespace) -> dict:
         feats = m.encode_images([p.crops], [p.image_size])
         emb = m.embed(ids, feats)
         pos, flag = torch.arange(emb.shape[0], device=a.device)[None], torch.tensor([False], device=a.device)
-        r.update(prompt_tokens=emb.shape[0], prepare_ms=cuda_ms(lambda: llm.prepare(PROMPT, [noise_image(*size, 8)],
-                                                                                      SamplingParams(max_tokens=1), nc)),
-                 vision_eager_ms=cuda_ms(lambda: m.encode_images([p.crops], [p.image_size])),
-                 embed_ms=cuda_ms(lambda: m.embed(ids, feats)),
-                 decoder_prefill_eager_ms=cuda_ms(lambda: m.logits(m(emb[None], pos, flag, None)[:, -1])))
+        prepare = lambda: llm.prepare(PROMPT, [noise_image(*size, 8)], SamplingParams(max_tokens=1), nc)  # noqa: E731
+        r.update(prompt_tokens=emb.shape[0], prepare_ms=cuda_ms(prepare, a.reps),
+                 vision_eager_ms=cuda_ms(lambda: m.encode_images([p.crops], [p.image_size]), a.reps),
+                 embed_ms=cuda_ms(lambda: m.embed(ids, feats), a.reps),
+                 decoder_prefill_eager_ms=cuda_ms(lambda: m.logits(m(emb[None], pos, flag, None)[:, -1]), a.reps))
         res[f"nc{nc}"] = r
     return res
 
@@ -296,6 +296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n", type=int, default=None, help="requests: prefill 32, offline 64")
     ap.add_argument("--tokens", type=int, default=200, help="offline: new tokens per image")
     ap.add_argument("--steps", type=int, default=100, help="decode: timed engine steps")
+    ap.add_argument("--reps", type=int, default=6, help="ttft: calls per median (the first is a warm-up)")
     ap.add_argument("--out", default=None, help="write the JSON here")
     a = ap.parse_args(argv)
     a.n = a.n or (32 if a.mode == "prefill" else 64)
