@@ -50,23 +50,18 @@ class Timers:
 
     def __init__(self) -> None:
         self.fill = self.accept = 0.0
-        fill, accept = Grammars.fill_masks, Grammars.accept
+        Grammars.fill_masks = self._timed(Grammars.fill_masks, "fill")
+        Grammars.accept = self._timed(Grammars.accept, "accept")
 
-        def timed_fill(g, *a, **k):
+    def _timed(self, fn, total: str):
+        def timed(g, *a, **k):
             t = time.perf_counter()
             try:
-                return fill(g, *a, **k)
+                return fn(g, *a, **k)
             finally:
-                self.fill += time.perf_counter() - t
+                setattr(self, total, getattr(self, total) + time.perf_counter() - t)
 
-        def timed_accept(g, *a, **k):
-            t = time.perf_counter()
-            try:
-                return accept(g, *a, **k)
-            finally:
-                self.accept += time.perf_counter() - t
-
-        Grammars.fill_masks, Grammars.accept = timed_fill, timed_accept
+        return timed
 
 
 def sync(device: torch.device) -> None:
