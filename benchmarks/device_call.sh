@@ -21,7 +21,7 @@
 #   batch_job      benchmarks/batch_job.py (phi3v batch end to end, 64 images, 16 crops)
 #   json           benchmarks/json_overhead.py (decode with and without a JSON schema)
 #   peer, peer_fp8 benchmarks/vllm_peer_bench.py (vLLM with PYTHONPATH=$VLLM_SITE, default /tmp/vllm_site, installed as
-#                  /work/shared/peer-vllm/README.md says; the model folder $PEER_M is made from $M and .ref/)
+#                  benchmarks/README.md says; carry .ref: the model folder $PEER_M is made from $M and .ref/)
 # The full-size random checkpoint is written to $M (/tmp/phi3v-full-random) first when missing.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
