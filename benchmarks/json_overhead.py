@@ -6,7 +6,7 @@ before then, so every step of both runs has the same batch. Timing is at the eng
 the prefill step to the last token (the decode steps only), synchronised on CUDA. The CPU time
 spent filling masks and feeding tokens to the matchers is reported too.
 
-GPU (full-size random bf16 weights with the real Phi-3-vision config, as in gpu_smoke.py):
+GPU (full-size random bf16 weights with the real Phi-3-vision config, as `phi3v bench --random` writes them):
     python benchmarks/json_overhead.py --model full-random --out benchmarks/results/json_overhead.json
 CPU smoke run with the tiny checkpoint:
     python benchmarks/json_overhead.py --model tests/data/tiny-phi3v --device cpu --dtype fp32 --batch 1 4 --tokens 32
