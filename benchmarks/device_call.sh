@@ -3,7 +3,7 @@
 # exit code; raw JSON under $OUT ($TAG_step.json), every step's output in one $OUT/$TAG_steps.log.
 # A failing step does not stop the others.
 #
-#   TAG=2026-12-03_s6 bash benchmarks/device_call.sh bench engine_check ...
+#   TAG=2026-12-05_a bash benchmarks/device_call.sh gpu_tests bench bench_fp8 ...
 #
 # Steps:
 #   reference      Microsoft's recipe (needs carry .ref .wheels; see benchmarks/README.md), --n-offline $REF_N
@@ -12,17 +12,16 @@
 #   bench_c        phi3v bench --parts c only (A/B of offline throughput)
 #   bench_c_base   the same from the package copy in $BASE (default .ab_base, carried: an earlier commit's
 #                  phi3v/, e.g. `git archive HEAD phi3v | tar -x -C .ab_base`), for an A/B in one call
-#   cold_shapes    benchmarks/cold_shapes.py (first-call cost of new shapes; host waits on small copies)
-#   ttft_lengths   benchmarks/ttft_lengths.py (16-crop TTFT prompt by prompt, at repeated and new lengths)
-#   engine_check   benchmarks/gpu_engine_check.py (greedy tokens equal to the reference generator)
-#   smoke          benchmarks/gpu_smoke.py (golden parity on CUDA, GPU preprocessing = CPU's)
-#   decode_profile benchmarks/decode_profile.py
-#   prefill_profile benchmarks/prefill_profile.py
-#   attention      benchmarks/attention_bench.py
-#   gemv_m1        benchmarks/gemv_sweep.py --m 1
-#   vision         benchmarks/vision_buckets.py
-#   timeline       benchmarks/offline_timeline.py (GPU idle time in (c), by host phase)
-#   clip_ab        benchmarks/clip_ab.py (fused add + LayerNorm in CLIP against eager, alternating)
+#   gpu_tests      python -m pytest -m gpu tests/gpu (golden parity on CUDA, the engine against the reference
+#                  generator, the fp8 KV kernels); junit XML under $OUT
+#   profile_decode | profile_prefill | profile_ttft | profile_offline
+#                  benchmarks/profiler.py MODE (where the time of (a) / a (c) prefill step / (b) / (c) goes)
+#   attention      benchmarks/attention_sweep.py (bf16; attention_fp8: --kv-dtype fp8), a tuning sweep
+#   gemv_m1        benchmarks/gemv_sweep.py --m 1 (the GEMV table's tuning sweep at batch 1)
+#   batch_job      benchmarks/batch_job.py (phi3v batch end to end, 64 images, 16 crops)
+#   json           benchmarks/json_overhead.py (decode with and without a JSON schema)
+#   peer, peer_fp8 benchmarks/vllm_peer_bench.py (vLLM with PYTHONPATH=$VLLM_SITE, default /tmp/vllm_site, installed as
+#                  benchmarks/README.md says; carry .ref: the model folder $PEER_M is made from $M and .ref/)
 # The full-size random checkpoint is written to $M (/tmp/phi3v-full-random) first when missing.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -38,6 +37,15 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 bench() { python3 -m phi3v.cli bench --model "$M" "$@"; }
 ref_json=${REF_JSON:-$OUT/${TAG}_reference.json}
 compare() { [ -f "$ref_json" ] && echo --compare "$ref_json"; }
+PEER_M=${PEER_M:-$M-vllm}
+peer() {  # $1: JSON name, $2: extra vLLM engine arguments as JSON
+    if [ ! -f "$PEER_M/config.json" ]; then  # the checkpoint's files plus the processor's remote code
+        mkdir -p "$PEER_M" && ln -sf "$M"/* "$PEER_M"/ && \
+            cp .ref/remote_code/{configuration,processing,image_processing}_phi3_v.py "$PEER_M"/ || return 1
+    fi
+    VLLM_KW="$2" VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
+        DO_NOT_TRACK=1 PYTHONPATH="${VLLM_SITE:-/tmp/vllm_site}" python3 benchmarks/vllm_peer_bench.py "$PEER_M" "$OUT/${TAG}_$1.json"
+}
 
 if [ ! -f "$M/config.json" ]; then
     echo "=== $(date +%T) checkpoint"
@@ -57,23 +65,22 @@ for step in "$@"; do
         bench_fp8) bench --parts abc --kv-cache-dtype fp8 $(compare) --json-out "$OUT/${TAG}_bench_fp8.json" >"$log" 2>&1 ;;
         bench_c) bench --parts c --json-out "$OUT/${TAG}_bench_c.json" >"$log" 2>&1 ;;
         bench_c_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts c) >"$log" 2>&1 ;;
-        cold_shapes) python3 benchmarks/cold_shapes.py --folder "$M" --out "$OUT/${TAG}_cold_shapes.json" >"$log" 2>&1 ;;
-        ttft_lengths) python3 benchmarks/ttft_lengths.py --folder "$M" --out "$OUT/${TAG}_ttft_lengths.json" >"$log" 2>&1 ;;
-        engine_check) python3 benchmarks/gpu_engine_check.py --out "$OUT/${TAG}_engine_check.json" >"$log" 2>&1 ;;
-        smoke) python3 benchmarks/gpu_smoke.py --out "$OUT/${TAG}_smoke.json" >"$log" 2>&1 ;;
-        decode_profile) python3 benchmarks/decode_profile.py --folder "$M" --out "$OUT/${TAG}_decode_profile.json" >"$log" 2>&1 ;;
-        prefill_profile) python3 benchmarks/prefill_profile.py --folder "$M" --out "$OUT/${TAG}_prefill_profile.json" >"$log" 2>&1 ;;
-        attention) python3 benchmarks/attention_bench.py --out "$OUT/${TAG}_attention.json" >"$log" 2>&1 ;;
+        gpu_tests) python3 -m pytest -m gpu -q tests/gpu --junitxml "$OUT/${TAG}_gpu_tests.xml" >"$log" 2>&1 ;;
+        profile_decode|profile_prefill|profile_ttft|profile_offline)
+            python3 benchmarks/profiler.py "${step#profile_}" --folder "$M" --out "$OUT/${TAG}_$step.json" >"$log" 2>&1 ;;
+        attention) python3 benchmarks/attention_sweep.py --out "$OUT/${TAG}_attention.json" >"$log" 2>&1 ;;
+        attention_fp8) python3 benchmarks/attention_sweep.py --kv-dtype fp8 --out "$OUT/${TAG}_attention_fp8.json" >"$log" 2>&1 ;;
         gemv_m1) timeout 240 python3 benchmarks/gemv_sweep.py --m 1 --json-out "$OUT/${TAG}_gemv_m1.json" >"$log" 2>&1 ;;
-        timeline) python3 benchmarks/offline_timeline.py --folder "$M" --out "$OUT/${TAG}_timeline.json" >"$log" 2>&1 ;;
-        clip_ab) python3 benchmarks/clip_ab.py --folder "$M" --out "$OUT/${TAG}_clip_ab.json" >"$log" 2>&1 ;;
-        vision) python3 benchmarks/vision_buckets.py --folder "$M" --out "$OUT/${TAG}_vision.json" >"$log" 2>&1 ;;
+        batch_job) python3 benchmarks/batch_job.py --model "$M" --out "$OUT/${TAG}_batch_job.json" >"$log" 2>&1 ;;
+        json) python3 benchmarks/json_overhead.py --model "$M" --out "$OUT/${TAG}_json.json" >"$log" 2>&1 ;;
+        peer) peer peer '{}' >"$log" 2>&1 ;;
+        peer_fp8) peer peer_fp8 '{"quantization": "fp8", "kv_cache_dtype": "fp8"}' >"$log" 2>&1 ;;
         *) echo "unknown step $step"; false ;;
     esac
     rc=$?
     echo "rc $rc"
     # the headline numbers, so that the call's reply shows them
-    grep -hE '"(a_decode_tok_s|b_ttft_ms_[0-9]+crop|c_offline_[0-9]+crop_images_per_s|d_peak_mem_gib|prefill_s|decode_s|all_equal|graph_replay_ms|wall_ms_per_image|unfused_ms|fused_ms|max_abs_diff|[a-z]+_rel_l2_vs_fp32|unprofiled_wall_s|gpu_first_ms|gpu_busy_ms|gpu_end_ms|first|again|profiled_wall_s)"' "$log" | head -40
+    grep -hE '"(a_decode_tok_s|b_ttft_ms_[0-9]+crop|c_offline_[0-9]+crop_images_per_s|d_peak_mem_gib|prefill_s|decode_s|engine_step_ms|wall_ms_per_image|wall_ms_median|unprofiled_wall_s|gpu_first_ms|gpu_busy_ms|gpu_end_ms|profiled_wall_s|images_per_s_incl_load)"|passed|failed' "$log" | head -40
     [ $rc -eq 0 ] || tail -5 "$log"
     { echo "=== $step rc $rc"; cat "$log"; } >>"$OUT/${TAG}_steps.log"
 done

@@ -6,7 +6,7 @@ before then, so every step of both runs has the same batch. Timing is at the eng
 the prefill step to the last token (the decode steps only), synchronised on CUDA. The CPU time
 spent filling masks and feeding tokens to the matchers is reported too.
 
-GPU (full-size random bf16 weights with the real Phi-3-vision config, as in gpu_smoke.py):
+GPU (full-size random bf16 weights with the real Phi-3-vision config, as `phi3v bench --random` writes them):
     python benchmarks/json_overhead.py --model full-random --out benchmarks/results/json_overhead.json
 CPU smoke run with the tiny checkpoint:
     python benchmarks/json_overhead.py --model tests/data/tiny-phi3v --device cpu --dtype fp32 --batch 1 4 --tokens 32
@@ -50,23 +50,18 @@ class Timers:
 
     def __init__(self) -> None:
         self.fill = self.accept = 0.0
-        fill, accept = Grammars.fill_masks, Grammars.accept
+        Grammars.fill_masks = self._timed(Grammars.fill_masks, "fill")
+        Grammars.accept = self._timed(Grammars.accept, "accept")
 
-        def timed_fill(g, *a, **k):
+    def _timed(self, fn, total: str):
+        def timed(g, *a, **k):
             t = time.perf_counter()
             try:
-                return fill(g, *a, **k)
+                return fn(g, *a, **k)
             finally:
-                self.fill += time.perf_counter() - t
+                setattr(self, total, getattr(self, total) + time.perf_counter() - t)
 
-        def timed_accept(g, *a, **k):
-            t = time.perf_counter()
-            try:
-                return accept(g, *a, **k)
-            finally:
-                self.accept += time.perf_counter() - t
-
-        Grammars.fill_masks, Grammars.accept = timed_fill, timed_accept
+        return timed
 
 
 def sync(device: torch.device) -> None:

@@ -110,7 +110,7 @@ def check_remote_code(ref_dir: Path) -> dict[str, str]:
 def create_random_checkpoint(folder: str, config_dir: str, tokenizer_dir: str) -> float:
     """Write phi3v's full-size random checkpoint in a child process that does not see the carried packages."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    code = "\n".join([  # as benchmarks/gpu_smoke.py does it
+    code = "\n".join([  # as phi3v.bench.write_random_checkpoint does it
         "import os, shutil, sys, torch",
         "sys.path.insert(0, sys.argv[1])",
         "from phi3v.config import Phi3VConfig",

@@ -1,7 +1,7 @@
 """The Triton kernels' math, run on the CPU by Triton's interpreter (TRITON_INTERPRET=1), in a
 subprocess because the interpreter must be chosen before triton is imported. fp32 here: the
 interpreter does not round bf16 like the GPU, so bf16 equality is checked by the GPU run
-(benchmarks/decode_profile.py, benchmarks/gpu_smoke.py)."""
+(the GPU tests: python -m pytest -m gpu tests/gpu)."""
 
 import torch
 from interp import run_interpreted

@@ -118,9 +118,9 @@ def content_key(pixels: np.ndarray, *meta: Any) -> str:
 
 def content_key_later(pixels: np.ndarray, *meta: Any) -> Callable[[], str]:
     """Start hashing; the returned function gives the key. Arrays of several MB are hashed in chunks on threads
-    (hashlib lets go of the GIL) and the chunk digests hashed together: one sha256 of a 16-crop canvas (5.4 MB)
-    took 4-6 ms of the H100 machine's CPU, on the path to the first token, 8 chunks 1.3-1.6 ms; the caller
-    does its device work while the chunks hash."""
+    (hashlib lets go of the GIL) and the chunk digests hashed together: a single-threaded sha256 of a 16-crop
+    canvas (5.4 MB) sits on the path to the first token, 8 chunks take a fraction of it (docs/perf-log.md, fifth
+    session); the caller does its device work while the chunks hash."""
     global _hash_pool
     h = hashlib.sha256(repr((pixels.shape, *meta)).encode())
     buf = memoryview(pixels).cast("B")
