@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from phi3v.bench import emit  # noqa: E402
-from phi3v.engine.paged_attention import num_splits, paged_decode_attention  # noqa: E402
+from phi3v.kernels.paged_attention import num_splits, paged_decode_attention  # noqa: E402
 
 H, D, BS, LAYERS = 32, 96, 64, 8
 CASES = ((1, 2600, 0.0), (8, 2600, 0.3), (48, 2600, 0.3), (64, 900, 0.5))  # batch, context, length spread
@@ -62,7 +62,7 @@ def case(batch: int, ctx: int, spread: float, kv_dtype: torch.dtype) -> dict:
     default = num_splits(batch, H)
 
     def us(ns: int, *cfg: int) -> float:
-        return 1000 * graph_ms(lambda: [paged_decode_attention(q, k, v, kc[i], vc[i], bt, lengths, ns, *cfg)
+        return 1000 * graph_ms(lambda: [paged_decode_attention(q, k, v, kc[i], vc[i], bt, lengths, ns, cfg)
                                         for i in range(LAYERS)]) / LAYERS
 
     res = {"batch": batch, "mean_len": sum(lens) / batch, "default_nsplit": default, "default_us": us(default)}

@@ -1,4 +1,4 @@
-"""Sweep the small-M Triton GEMV (phi3v.models.gemv) against cuBLAS (F.linear) on Phi-3-mini's decode shapes
+"""Sweep the small-M Triton GEMV (phi3v.kernels.gemv) against cuBLAS (F.linear) on Phi-3-mini's decode shapes
 (GPU, bf16), and print a BEST table for gemv.py.
 
 Every timing replays a CUDA graph that runs the op over distinct weight copies (32 like the 32 layers; 4 for
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from phi3v.models import gemv  # noqa: E402
-from phi3v.models.gemv import GemvConfig  # noqa: E402
+from phi3v.kernels import gemv  # noqa: E402
+from phi3v.kernels.gemv import GemvConfig  # noqa: E402
 
 # name: (N, K, copies) for Phi-3-mini (hidden 3072, intermediate 8192, 32 heads, vocab 32064)
 SHAPES = {"qkv": (9216, 3072, 32), "o_proj": (3072, 3072, 32), "gate_up": (16384, 3072, 32),
