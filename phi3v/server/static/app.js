@@ -100,17 +100,23 @@ function toggleSettings(open) {
 
 // ---------------------------------------------------------------- the model (also checks the key)
 
+// Asks the server for its model id; returns an error message ("" when it worked), also shown in the banner.
+let asked = 0;  // a newer question (the key changed meanwhile) wins over a late answer to an older one
 async function refreshModel() {
+  const mine = ++asked;
+  let problem = "";
+  let ids = [];
   try {
-    const ids = await listModels(ui.key.value.trim());
-    state.model = ids[0] || null;
-    ui.model.textContent = state.model || "";
-    show(ui.banner, "");
+    ids = await listModels(ui.key.value.trim());
   } catch (e) {
-    state.model = null;
-    ui.model.textContent = "";
-    show(ui.banner, e.message);
+    problem = e.message;
   }
+  if (mine !== asked) return problem;
+  state.model = ids[0] || null;
+  if (!state.model && !problem) problem = "The server lists no model.";
+  ui.model.textContent = state.model || "";
+  show(ui.banner, problem);
+  return problem;
 }
 
 // ---------------------------------------------------------------- attachments
@@ -124,7 +130,14 @@ function readAsDataURL(file) {
   });
 }
 
-async function addFiles(files) {
+// Attachments are read one batch after another, so they keep the order they were given in.
+let reading = Promise.resolve();
+function addFiles(files) {
+  reading = reading.then(() => readFiles(files));
+  return reading;
+}
+
+async function readFiles(files) {
   const problems = [];
   for (const file of files) {
     if (!file.type.startsWith("image/") && !IMAGE_NAME.test(file.name)) {
@@ -137,7 +150,7 @@ async function addFiles(files) {
       state.pending.push({ name: file.name || "pasted image", url });
     }
   }
-  show(ui.composerError, problems.join(" "));
+  if (problems.length) show(ui.composerError, problems.join(" "));
   renderThumbs();
 }
 
@@ -263,8 +276,13 @@ async function send() {
     toggleSettings(true);
     return;
   }
-  if (!state.model) await refreshModel();
-  if (!state.model) return;  // the banner says why
+  if (!state.model) {
+    const problem = await refreshModel();
+    if (problem) {  // e.g. a missing or wrong API key: said next to the message, which stays in the box
+      show(ui.composerError, problem);
+      return;
+    }
+  }
   const images = state.pending;
   const message = { role: "user", content: [
     ...images.map((att) => ({ type: "image_url", image_url: { url: att.url } })), { type: "text", text }] };
@@ -339,7 +357,10 @@ function wire() {
       send();
     }
   });
-  ui.prompt.addEventListener("input", autosize);
+  ui.prompt.addEventListener("input", () => {
+    autosize();
+    show(ui.composerError, "");
+  });
   document.addEventListener("keydown", (e) => { if (e.key === "Escape" && state.controller) stop(); });
   ui.stop.addEventListener("click", stop);
   ui.newChat.addEventListener("click", newChat);
