@@ -6,15 +6,18 @@ Errors, the API key and safe rendering of model output are in test_webui_errors.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from test_server_harness import IMAGES, MODEL_ID, TINY, assert_openai_error, data_uri, image_bytes, metric, start_server
 from test_server_harness import wait_idle
-from webui_harness import ForcedReply, Page, chrome, js_errors, screenshot, viewport, wait_for
+from webui_harness import FORCED, ForcedReply, Page, chrome, js_errors, screenshot, sse_reply, viewport, wait_for
 
+from phi3v.server import webui
 from phi3v.server.app import Settings, create_app
 
 
@@ -33,8 +36,10 @@ def browser():
 @pytest.fixture
 def page(browser, srv):
     viewport(browser, 1280, 900)
+    FORCED.clear()
     p = Page(browser, srv.url).open()
     yield p
+    FORCED.clear()
     assert not js_errors(browser)
 
 
@@ -54,10 +59,12 @@ def test_page_and_assets_served_with_a_strict_policy(srv):
     assert r.headers["x-content-type-options"] == "nosniff"
     assert 'src="ui/app.js"' in r.text and "http" not in r.text.split("<body>")[0]  # no external assets
     for name, kind in (("app.js", "text/javascript"), ("chat.js", "text/javascript"),
-                       ("markdown.js", "text/javascript"), ("style.css", "text/css")):
+                       ("markdown.js", "text/javascript"), ("view.js", "text/javascript"), ("style.css", "text/css")):
         got = httpx.get(f"{srv.url}/ui/{name}")
         assert got.status_code == 200 and got.headers["content-type"].startswith(kind) and got.content, name
         assert "://" not in got.text.replace("https?:\\/\\/", ""), name  # nothing fetched from elsewhere
+    static = Path(webui.__file__).parent / "static"
+    assert sorted(p.name for p in static.iterdir()) == sorted(webui._FILES)  # every shipped file is served
     for bad in ("/ui/webui.py", "/ui/index.html", "/ui/..%2Fapp.py", "/ui/"):
         assert_openai_error(httpx.get(srv.url + bad), 404)
     assert "/" not in srv.app.openapi()["paths"]  # the API schema (and its fuzzing) stays the API's
@@ -149,3 +156,30 @@ def test_stop_frees_the_request_on_the_server(page, srv):
     wait_idle(srv)
     assert metric(srv.url, "phi3v_generation_tokens_total") - gen < 1000
     assert metric(srv.url, "phi3v_kv_cache_usage_ratio") == 0
+
+
+def test_settings_shape_the_request(page):
+    from selenium.webdriver.common.keys import Keys
+
+    page.settings(num_crops=2, max_tokens=33, temperature=0.7, schema='{"type": "object", "properties": {')
+    page.ask("Caption it.")
+    error = wait_for(lambda: page.q("#settings-error").text, what="the schema error")
+    assert "not valid JSON" in error and page.q("#settings").is_displayed() and page.answers() == []
+    schema = {"type": "object", "properties": {"caption": {"type": "string"}}, "required": ["caption"]}
+    page.settings(schema=json.dumps(schema))
+    FORCED["response"] = sse_reply(['{"caption": ', '"a cup"}'], MODEL_ID)
+    page.q("#prompt").send_keys(Keys.ENTER)
+    page.wait_answer(1)
+    assert not page.q("#settings-error").is_displayed()
+    turn1 = {"role": "user", "content": [{"type": "text", "text": "Caption it."}]}
+    assert FORCED.pop("request") == {
+        "model": MODEL_ID, "messages": [turn1], "num_crops": 2, "max_tokens": 33, "temperature": 0.7,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+        "stream": True, "stream_options": {"include_usage": True}}
+    page.open(fresh=False)  # settings survive a reload; the conversation does not
+    assert page.answers() == [] and page.q("#max-tokens").get_attribute("value") == "33"
+    page.settings(schema="")
+    FORCED["response"] = sse_reply(["ok"], MODEL_ID)
+    page.ask("Again")
+    page.wait_answer(1)
+    assert "response_format" not in FORCED.pop("request")

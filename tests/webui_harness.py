@@ -94,7 +94,9 @@ def js_errors(driver: Any) -> list[str]:
 
 # ---------------------------------------------------------------- a test-only stand-in for the completions route
 
-FORCED: dict[str, Any] = {}  # "response": a Starlette response that POST /v1/chat/completions answers with, once
+# "response": a Starlette response that POST /v1/chat/completions answers with, once;
+# "request": the JSON body that request carried (what the page sent)
+FORCED: dict[str, Any] = {}
 
 
 class ForcedReply:
@@ -107,6 +109,13 @@ class ForcedReply:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] == "/v1/chat/completions" and "response" in FORCED:
+            import json
+
+            body, more = b"", True
+            while more:
+                msg = await receive()
+                body, more = body + msg.get("body", b""), msg.get("more_body", False)
+            FORCED["request"] = json.loads(body)
             return await FORCED.pop("response")(scope, receive, send)
         await self.app(scope, receive, send)
 

@@ -21,6 +21,7 @@ _FILES = {
     "app.js": "text/javascript; charset=utf-8",
     "chat.js": "text/javascript; charset=utf-8",
     "markdown.js": "text/javascript; charset=utf-8",
+    "view.js": "text/javascript; charset=utf-8",
 }
 
 _HEADERS = {

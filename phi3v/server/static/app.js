@@ -1,6 +1,6 @@
 // The chat page: attachments, the conversation (kept in this page only), settings, send / stop.
 import { ApiError, listModels, streamChat } from "./chat.js";
-import { renderMarkdown } from "./markdown.js";
+import { assistantBubble, scrollDown, show, thumb, userBubble } from "./view.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -20,30 +20,6 @@ const state = {
   controller: null,
   model: null,
 };
-
-// ---------------------------------------------------------------- small helpers
-
-function make(tag, cls, parent, text) {
-  const node = document.createElement(tag);
-  if (cls) node.className = cls;
-  if (text !== undefined) node.textContent = text;
-  if (parent) parent.appendChild(node);
-  return node;
-}
-
-function show(node, text) {
-  node.textContent = text || "";
-  node.hidden = !text;
-}
-
-function nearBottom() {
-  const el = document.scrollingElement;
-  return el.scrollHeight - el.scrollTop - el.clientHeight < 80;
-}
-
-function scrollDown(force) {
-  if (force || nearBottom()) window.scrollTo(0, document.scrollingElement.scrollHeight);
-}
 
 // ---------------------------------------------------------------- settings (kept in localStorage)
 
@@ -154,103 +130,16 @@ async function readFiles(files) {
   renderThumbs();
 }
 
-function thumb(parent, att, index) {
-  const fig = make("figure", "thumb", parent);
-  const img = make("img", "", fig);
-  img.alt = att.name;
-  img.title = att.name;
-  img.addEventListener("error", () => {  // the browser cannot show it; the server will judge it
-    fig.classList.add("broken");
-    make("figcaption", "", fig, att.name);
-  });
-  img.src = att.url;
-  if (index !== undefined) {
-    const remove = make("button", "remove", fig, "×");
-    remove.type = "button";
-    remove.setAttribute("aria-label", `Remove ${att.name}`);
-    remove.addEventListener("click", () => {
-      state.pending.splice(index, 1);
-      renderThumbs();
-      ui.prompt.focus();
-    });
-  }
-  return fig;
-}
-
 function renderThumbs() {
   ui.thumbs.replaceChildren();
-  state.pending.forEach((att, i) => thumb(ui.thumbs, att, i));
+  state.pending.forEach((att, i) => thumb(ui.thumbs, att, () => {
+    state.pending.splice(i, 1);
+    renderThumbs();
+    ui.prompt.focus();
+  }));
 }
 
 // ---------------------------------------------------------------- the conversation
-
-function userBubble(text, images) {
-  ui.empty.hidden = true;
-  const msg = make("article", "msg user", ui.log);
-  msg.setAttribute("aria-label", "You");
-  if (images.length) {
-    const row = make("div", "images", msg);
-    images.forEach((att) => thumb(row, att));
-  }
-  make("div", "text", msg, text);
-  return msg;
-}
-
-function assistantBubble() {
-  const msg = make("article", "msg assistant", ui.log);
-  msg.setAttribute("aria-label", "Answer");
-  msg.dataset.state = "streaming";
-  const body = make("div", "md", msg);
-  const meta = make("div", "meta", msg);
-  const status = make("span", "status", meta, "…");
-  status.setAttribute("role", "status");
-  const copy = make("button", "copy", meta, "Copy");
-  copy.type = "button";
-  copy.hidden = true;
-  let raw = "";
-  let queued = false;
-  copy.addEventListener("click", () => copyText(raw, copy));
-  return {
-    msg,
-    append(delta) {  // re-rendered at most once a frame
-      raw += delta;
-      if (queued) return;
-      queued = true;
-      requestAnimationFrame(() => {
-        queued = false;
-        const follow = nearBottom();
-        renderMarkdown(body, raw);
-        scrollDown(follow);
-      });
-    },
-    get text() { return raw; },
-    end(kind, note) {
-      renderMarkdown(body, raw);
-      msg.dataset.state = kind;
-      status.textContent = note;
-      copy.hidden = !raw;
-      if (kind === "error") {
-        const err = make("p", "error", msg, note);
-        err.setAttribute("role", "alert");
-        status.textContent = "";
-      }
-    },
-  };
-}
-
-async function copyText(text, button) {
-  try {
-    await navigator.clipboard.writeText(text);
-  } catch {
-    const area = make("textarea", "visually-hidden", document.body);  // no clipboard API off localhost/https
-    area.value = text;
-    area.select();
-    document.execCommand("copy");
-    area.remove();
-  }
-  button.textContent = "Copied";
-  setTimeout(() => { button.textContent = "Copy"; }, 1500);
-}
 
 function setBusy(busy) {
   ui.send.hidden = busy;
@@ -291,8 +180,9 @@ async function send() {
   ui.prompt.value = "";
   autosize();
   show(ui.composerError, "");
-  userBubble(text, images);
-  const answer = assistantBubble();
+  ui.empty.hidden = true;
+  userBubble(ui.log, text, images);
+  const answer = assistantBubble(ui.log);
   scrollDown(true);
   const controller = (state.controller = new AbortController());
   setBusy(true);
