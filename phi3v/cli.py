@@ -177,6 +177,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"phi3v: warning: listening on {a.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
+    if not a.no_web_ui:
+        shown = f"[{a.host}]" if ":" in a.host else a.host
+        print(f"phi3v: chat page at http://{shown}:{a.port}/ (--no-web-ui turns it off)",
+              file=sys.stderr)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(s), host=a.host, port=a.port, log_level=a.log_level, access_log=False,
                 timeout_graceful_shutdown=5)

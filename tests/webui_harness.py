@@ -29,7 +29,7 @@ def _missing(what: str) -> None:
 
 def _find(env: str, *names: str) -> str | None:
     if os.environ.get(env):
-        return os.environ[env]
+        return os.environ[env] if os.path.exists(os.environ[env]) else None
     for name in names:
         found = shutil.which(name)
         if found:
