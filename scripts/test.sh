@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The browser tests (tests/test_webui*.py) drive Debian's headless Chromium; as root, install it when missing.
-# In CI (CI=true) they fail, not skip, without it.
+# In CI (CI=true or PHI3V_REQUIRE_BROWSER=1, which .ci/run sets) they fail, not skip, without it.
 if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; } && [ "$(id -u)" = 0 ] \
     && command -v apt-get >/dev/null; then
   echo "installing chromium and chromium-driver for the browser tests" >&2
