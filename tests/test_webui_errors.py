@@ -156,6 +156,8 @@ def test_markdown_renderer_builds_nodes(page):
 
 
 def test_drop_and_paste_attach_images(page):
+    from selenium.webdriver.common.keys import Keys
+
     result = page.js("""
         const [b64] = arguments;
         const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
@@ -176,3 +178,6 @@ def test_drop_and_paste_attach_images(page):
     assert all(i.get_attribute("src").startswith("data:image/png;base64,") for i in page.qa("#thumbs img"))
     assert not page.q("#drop").is_displayed()
     assert page.q("#composer-error").text == "notes.txt is not an image."
+    page.q('#thumbs button[aria-label="Remove dropped.png"]').send_keys(Keys.ENTER)  # by keyboard too
+    assert [i.get_attribute("alt") for i in page.qa("#thumbs img")] == ["pasted.png"]
+    assert page.js("return document.activeElement.id") == "prompt"  # focus goes back to the message box

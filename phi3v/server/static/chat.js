@@ -19,7 +19,6 @@ function headers(key) {
 const HINTS = {
   401: "Enter the server's API key under Settings.",
   413: "The message is too large: attach fewer or smaller images.",
-  503: "The model is still loading: try again in a few seconds.",
 };
 
 // An ApiError for a non-2xx response: the server's OpenAI-shaped message, then what to do about it.
