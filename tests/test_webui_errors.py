@@ -48,8 +48,10 @@ def test_corrupt_image_shows_the_servers_message(page, srv, tmp_path):
     wait_for(lambda: page.qa("#thumbs .thumb.broken"), what="the thumbnail marked as not previewable")
     page.ask("What is this?")
     shown = _error_of_answer(page)
-    body = {"model": MODEL_ID, "max_tokens": 4, "temperature": 0, "num_crops": 1, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_uri(bad.read_bytes())}}, {"type": "text", "text": "What is this?"}]}]}
+    content = [{"type": "image_url", "image_url": {"url": data_uri(bad.read_bytes())}},
+               {"type": "text", "text": "What is this?"}]
+    body = {"model": MODEL_ID, "max_tokens": 4, "temperature": 0, "num_crops": 1,
+            "messages": [{"role": "user", "content": content}]}
     said = assert_openai_error(httpx.post(srv.base_url + "/chat/completions", json=body, timeout=30), 400)["message"]
     assert said in shown and "HTTP 400" in shown
     # nothing was answered: the message is back in the box to fix and resend
@@ -164,9 +166,10 @@ def test_drop_and_paste_attach_images(page):
         const files = (...list) => { const dt = new DataTransfer(); list.forEach((f) => dt.items.add(f)); return dt; };
         const dropped = files(new File([bytes], 'dropped.png', {type: 'image/png'}),
                               new File(['plain words'], 'notes.txt', {type: 'text/plain'}));
-        document.getElementById('log').dispatchEvent(new DragEvent('dragenter', {dataTransfer: dropped, bubbles: true}));
+        const log = document.getElementById('log');
+        log.dispatchEvent(new DragEvent('dragenter', {dataTransfer: dropped, bubbles: true}));
         const overlay = !document.getElementById('drop').hidden;
-        document.getElementById('log').dispatchEvent(
+        log.dispatchEvent(
           new DragEvent('drop', {dataTransfer: dropped, bubbles: true, cancelable: true}));
         const pasted = files(new File([bytes], 'pasted.png', {type: 'image/png'}));
         document.getElementById('prompt').dispatchEvent(
