@@ -200,9 +200,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
                  max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, max_queue=a.max_queue,
                  max_images_per_request=a.max_images_per_request, max_image_pixels=a.max_image_pixels,
                  num_crops=a.num_crops, device=a.device, dtype=a.dtype, kv_cache_dtype=a.kv_cache_dtype,
-                 engine_switches=engine_switches())
+                 engine_switches=engine_switches(), web_ui=not a.no_web_ui)
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"phi3v: warning: listening on {a.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    if not a.no_web_ui:
+        shown = f"[{a.host}]" if ":" in a.host else a.host
+        print(f"phi3v: chat page at http://{shown}:{a.port}/ (--no-web-ui turns it off)",
               file=sys.stderr)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(s), host=a.host, port=a.port, log_level=a.log_level, access_log=False,
@@ -232,6 +236,8 @@ def _serve_parser(sub: Any) -> None:
     s.add_argument("--device", default=_env("DEVICE"), help="cpu, cuda, cuda:N (default: cuda if available)")
     s.add_argument("--dtype", default=_env("DTYPE"), help="auto, bf16, fp16, fp32")
     s.add_argument("--kv-cache-dtype", default=_env("KV_CACHE_DTYPE", "auto"), help=KV_HELP)
+    s.add_argument("--no-web-ui", action="store_true", default=_env("NO_WEB_UI", False, flag=True),
+                   help="do not serve the browser chat page at / (the API is unchanged)")
     s.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
     s.set_defaults(fn=cmd_serve)
 

@@ -31,6 +31,7 @@ from phi3v.server.frontend import Frontend, QueueFull, RequestFailed, RequestStr
 from phi3v.server.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
                                    ChunkChoice, DeltaMessage, ErrorResponse, Health, ModelCard, ModelList, Usage,
                                    choice_logprobs, error_body, validation_message)
+from phi3v.server.webui import add_web_ui
 
 log = logging.getLogger("phi3v.server")
 
@@ -57,6 +58,7 @@ class Settings:
     kv_cache_dtype: str = "auto"
     max_body_bytes: int = 100 * 2**20
     engine_switches: dict[str, Any] = field(default_factory=dict)  # more EngineConfig fields (phi3v.cli.engine_switches)
+    web_ui: bool = True  # the chat page at / (phi3v/server/webui.py); --no-web-ui turns it off
 
     @property
     def model_id(self) -> str:
@@ -268,6 +270,9 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if settings.web_ui:
+        add_web_ui(app)
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(auth)], responses=errors)
     async def models() -> ModelList:
