@@ -20,10 +20,11 @@ from phi3v.config import Phi3VConfig
 from phi3v.engine.engine import Engine, ImageInput
 from phi3v.engine.config import EngineConfig
 from phi3v.engine.grammar import Grammars
-from phi3v.engine.runner import CAPTURE_LOCK
+from phi3v.driver import RequestDriver
+from phi3v.engine.graphs import CAPTURE_LOCK
 from phi3v.hub import resolve_model
 from phi3v.models.weights import load_model
-from phi3v.output import Completion, RequestOutput
+from phi3v.output import Completion
 from phi3v.sampling_params import SamplingParams
 from phi3v.processing.chat import render_chat, tokenize_prompt
 from phi3v.processing.image import ImageProcessor
@@ -96,6 +97,7 @@ class LLM:
         self.engine = Engine(self.model, self.config, options,
                              grammars=Grammars.from_tokenizer(self.tokenizer, self.config.vocab_size,
                                                               self.config.eos_token_ids))
+        self.driver = RequestDriver(self.engine, self.tokenizer, self.config.eos_token_ids)
         self.allow_url_images = allow_url_images
         self._lock = threading.Lock()
 
@@ -130,7 +132,7 @@ class LLM:
             inputs.append(ImageInput(proc.crops, proc.image_size, proc.key))
             counts.append(proc.num_tokens)
         ids = tokenize_prompt(self.tokenizer, prompt, counts)
-        ctx = self.engine.sched.max_model_len
+        ctx = self.engine.max_model_len
         if len(ids) >= ctx:
             raise ValueError(f"the prompt is {len(ids)} tokens (images included) but the context holds {ctx}: "
                              "use fewer images, fewer crops (num_crops) or a shorter prompt")
@@ -157,52 +159,49 @@ class LLM:
                 return
             n = workers or min(8, os.cpu_count() or 2)
             with ThreadPoolExecutor(max_workers=n, thread_name_prefix="phi3v-prep") as pool:
-                futs = _Prefetch(pool, requests, max(16, 2 * self.engine.sched.max_num_seqs))
+                futs = _Prefetch(pool, requests, max(16, 2 * self.engine.max_num_seqs))
                 try:
                     yield from self._run(futs)
                 finally:
                     futs.cancel()
 
-    def _run(self, requests: list[Any]) -> Iterator[tuple[int, str, Completion | None]]:
+    def _run(self, requests: list[Any]) -> Iterator[tuple[int, str, Completion | Exception | None]]:
         """`requests`: PreparedRequests, or futures of them (added to the engine once done, in order)."""
-        eng = self.engine
+        drv, eng = self.driver, self.engine
         t0 = time.perf_counter()
-        outs: dict[str, tuple[int, RequestOutput]] = {}
+        index: dict[str, int] = {}
         nxt = 0
         try:
             while True:
                 # join while the engine's queue is short (prepared crops wait there, on the device)
                 # and the next request is ready, or whenever the engine would otherwise idle
-                while nxt < len(requests) and (not eng.has_unfinished() or (
-                        eng.num_waiting < eng.sched.max_num_seqs
+                while nxt < len(requests) and (not drv.has_unfinished() or (
+                        eng.num_waiting < eng.max_num_seqs
                         and (not isinstance(requests[nxt], Future) or requests[nxt].done()))):
                     r = requests[nxt].result() if isinstance(requests[nxt], Future) else requests[nxt]
                     if isinstance(requests, _Prefetch):
                         requests.release(nxt)  # the engine holds what it needs (crops until prefilled)
                     if isinstance(r, Exception):  # a preparation that failed softly: reported, not raised
                         yield nxt, "", r
-                        nxt += 1
-                        continue
-                    rid = eng.add_request(r.prompt_ids, r.images, r.params)
-                    outs[rid] = (nxt, RequestOutput(self.tokenizer, len(r.prompt_ids), r.params,
-                                                    self.config.eos_token_ids, r.preprocess_s, t0))
+                    else:
+                        index[drv.add(r, t0=t0)] = nxt
                     r = None  # nor does this frame keep the last one's crops
                     nxt += 1
-                if not eng.has_unfinished():
+                if not drv.has_unfinished():
                     break
-                for o in eng.step():
-                    i, ro = outs[o.rid]
-                    delta, done, stop_hit = ro.update(o)
-                    if stop_hit:
-                        eng.abort(o.rid)
-                    if delta or done:
-                        yield i, delta, done
+                for ev in drv.step():
+                    if ev.error is not None:
+                        yield index[ev.rid], "", ev.error
+                    elif ev.delta or ev.done:
+                        yield index[ev.rid], ev.delta, ev.done
         finally:
-            for rid in outs:
-                eng.abort(rid)
+            for rid in index:
+                drv.abort(rid)
 
     def _one(self, req: PreparedRequest) -> Completion:
         for _i, _delta, done in self.run([req]):
+            if isinstance(done, Exception):
+                raise done
             if done is not None:
                 return done
         raise RuntimeError("the engine finished without a result")  # unreachable: every request finishes
@@ -228,6 +227,8 @@ class LLM:
             req = self.prepare_chat(prompt_or_messages, sampling_params, num_crops)
         self.last_completion: Completion | None = None
         for _i, delta, done in self.run([req]):
+            if isinstance(done, Exception):
+                raise done
             if delta:
                 yield delta
             if done is not None:
@@ -236,7 +237,9 @@ class LLM:
     def generate_many(self, requests: Sequence[PreparedRequest | Callable[[], PreparedRequest]],
                       workers: int | None = None) -> list[Completion]:
         """Several requests batched together by the engine; results in input order. Callables are
-        prepared on a thread pool of `workers` threads while the engine runs (see `run`)."""
+        prepared on a thread pool of `workers` threads while the engine runs (see `run`). A request that
+        failed (its preparation returned an Exception, or the engine failed it) has that exception in place
+        of its Completion; the others are unaffected."""
         out: list[Completion | None] = [None] * len(requests)
         for i, _delta, done in self.run(requests, workers):
             if done is not None:

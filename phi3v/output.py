@@ -18,7 +18,7 @@ class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str | None
-    usage: dict[str, int]
+    usage: dict[str, Any]  # prompt_tokens, completion_tokens, total_tokens, prompt_tokens_details.cached_tokens
     logprobs: list[dict[str, Any]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -60,12 +60,14 @@ class RequestOutput:
         self.lp: list[Any] = []
         self.shown = 0
         self.first: float | None = None
+        self.cached = 0  # prompt tokens the engine's prefix cache supplied
         self.done: Completion | None = None
 
     def update(self, o: StepOutput) -> tuple[str, Completion | None, bool]:
         self.first = self.first or time.perf_counter()
         self.ids.extend(o.token_ids)
         self.lp.extend(o.logprobs)
+        self.cached = max(self.cached, o.cached_tokens)
         searched = len(self.detok.text)
         for tok in o.token_ids:
             if tok not in self.eos or self.params.ignore_eos:
@@ -97,7 +99,8 @@ class RequestOutput:
                   for t, v, top in self.lp]
         return Completion(
             text=text, token_ids=list(self.ids), finish_reason=reason,
-            usage={"prompt_tokens": self.prompt_len, "completion_tokens": n_gen, "total_tokens": self.prompt_len + n_gen},
+            usage={"prompt_tokens": self.prompt_len, "completion_tokens": n_gen, "total_tokens": self.prompt_len + n_gen,
+                   "prompt_tokens_details": {"cached_tokens": self.cached}},
             logprobs=lp,
             timings={"preprocess_s": self.preprocess_s, "ttft_s": first - self.t0 + self.preprocess_s,
                      "total_s": now - self.t0 + self.preprocess_s,

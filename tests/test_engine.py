@@ -229,16 +229,16 @@ def test_generate_many_prepares_callables_on_threads_in_order(llm: LLM) -> None:
 
 def test_small_image_cache_keeps_every_image_a_step_needs(llm: LLM) -> None:
     eng = llm.engine
-    size = eng.images.size
+    size = eng.runner.images.size
     prompt = "<|user|>\n<|image_1|>\nWhat?<|end|>\n<|assistant|>\n"
     reqs = [llm.prepare(prompt, [image_path(n)], SamplingParams(max_tokens=3), 1) for n in ("coffee", "page_L", "logo_RGBA")]
     try:
-        eng.images.size = 1
+        eng.runner.images.size = 1
         first = llm.generate_many(reqs[:1])[0].token_ids  # "coffee" is now cached: a hit in the next step
         got = [c.token_ids for c in llm.generate_many(reqs)]  # one step needs the hit and two new images
     finally:
-        eng.images.size = size
-    assert got[0] == first and len(eng.images.cache) >= 3
+        eng.runner.images.size = size
+    assert got[0] == first and len(eng.runner.images.cache) >= 3
 
 
 def test_paged_kv_admits_by_free_blocks_and_matches_each_alone(llm: LLM) -> None:

@@ -24,6 +24,7 @@ def test_batched_prefill_of_similar_prompts_equals_each_alone(llm: LLM) -> None:
     reqs.append(llm.prepare(PROMPTS[1][0], [image_path("coffee"), image_path("page_L")],
                             SamplingParams(max_tokens=10, ignore_eos=True), 4))
     alone = [llm.generate_many([r])[0].token_ids for r in reqs]
+    llm.engine.reset_prefix_cache()  # whole prompts again, not prefix-cache hits
     before = llm.engine.stats["batched_prefills"]
     together = [c.token_ids for c in llm.generate_many(reqs)]
     assert llm.engine.stats["batched_prefills"] == before + 1
@@ -39,10 +40,11 @@ def test_padded_prefill_of_the_graph_path_equals_unpadded(llm: LLM) -> None:
             for prompt, names, nc in PROMPTS]
     plain = [llm.generate_many([r])[0].token_ids for r in reqs]
     eng = llm.engine
-    runner = eng.prefill_runner
+    runner = eng.runner.prefill_graphs
     scratch = eng.cache.k[:, eng.cache.scratch].clone()
     try:
         runner.pad_eager = True
+        eng.reset_prefix_cache()  # whole prompts again, not prefix-cache hits
         padded = [llm.generate_many([r])[0].token_ids for r in reqs]
     finally:
         runner.pad_eager = False
@@ -73,7 +75,7 @@ def test_chunked_prefill_across_blocks_equals_one_pass(llm: LLM) -> None:
 def test_warmup_captures_every_decode_bucket_up_to_max_num_seqs(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     """What `LLM.warmup` (server and batch start) captures: each batch bucket up to the one holding
     max_num_seqs, once; nothing when graphs are off (the CPU); a failed capture turns graphs off."""
-    runner = llm.engine.runner
+    runner = llm.engine.runner.decoder
     assert llm.warmup() == 0 and runner.graphs == {}  # CPU: no graphs
     captured: list[int] = []
     monkeypatch.setattr(runner, "use_graphs", True)
@@ -84,9 +86,9 @@ def test_warmup_captures_every_decode_bucket_up_to_max_num_seqs(llm: LLM, monkey
     monkeypatch.setattr(llm.engine.sched, "max_num_seqs", 64)
     assert llm.warmup() == 1 and captured[-1] == 64
     # and every prefill length bucket and vision chunk size, each once
-    from phi3v.engine.runner import PREFILL_BUCKETS
+    from phi3v.engine.graphs import PREFILL_BUCKETS
 
-    pre, vis = llm.engine.prefill_runner, llm.engine.vision_runner
+    pre, vis = llm.engine.runner.prefill_graphs, llm.engine.runner.vision
     likes: list[tuple[int, tuple, torch.dtype]] = []
     for r in (pre, vis):
         monkeypatch.setattr(r, "use_graphs", True)
@@ -112,7 +114,7 @@ def test_vision_runner_replays_a_graph_of_exactly_each_chunk_of_at_most_17_crops
     """N crops run in chunks of at most 17, each replayed as a graph of exactly its size (no padding crops,
     so only 17 shapes ever); the features equal the tower's over all N at once. `warmup` captures every
     chunk size once; a failed capture falls back to the eager tower."""
-    from phi3v.engine.runner import VISION_CHUNK, VisionRunner
+    from phi3v.engine.graphs import VISION_CHUNK, VisionRunner
 
     seen: list[int] = []
 
@@ -168,18 +170,18 @@ def test_warmup_requests_leave_no_trace_and_change_no_output(llm: LLM) -> None:
     eng = llm.engine
     req = llm.prepare(*PROMPTS[4][:1], [image_path(n) for n in PROMPTS[4][1]], SamplingParams(max_tokens=6,
                                                                                              ignore_eos=True), 4)
-    stats, cached = dict(eng.stats), list(eng.images.cache)
+    stats, cached = dict(eng.stats), list(eng.runner.images.cache)
     batched = eng.stats["batched_prefills"]
     calls = []
-    orig = eng.prefiller.prefill_batch
-    eng.prefiller.prefill_batch = lambda *a: calls.append(len(a[0])) or orig(*a)
+    orig = eng.runner.prefiller.prefill_batch
+    eng.runner.prefiller.prefill_batch = lambda *a: calls.append(len(a[0])) or orig(*a)
     try:
         eng.warmup_requests()
     finally:
-        del eng.prefiller.prefill_batch
+        del eng.runner.prefiller.prefill_batch
     assert calls == [2]  # the two 1x2 images' prompts went through one batched prefill
     assert eng.stats == stats and eng.stats["batched_prefills"] == batched
-    assert list(eng.images.cache) == cached and not eng.has_unfinished() and eng.sched.all_free
+    assert list(eng.runner.images.cache) == cached and not eng.has_unfinished() and eng.sched.all_free
     c = llm.generate(*PROMPTS[4][:1], images=[image_path(n) for n in PROMPTS[4][1]],
                      sampling_params=SamplingParams(max_tokens=6, ignore_eos=True), num_crops=4)
     assert c.token_ids == reference_tokens(llm, req, 6)

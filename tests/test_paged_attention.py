@@ -192,14 +192,14 @@ def test_unrotated_qk_without_the_kernel_is_refused() -> None:
     assert att(0, q, k, k).shape == (1, 2, 1, 8)  # rotated q/k (no rope=) take the fallback as before
 
 
-def test_cache_positions_map_each_position_to_its_block_and_offset() -> None:
+def test_cache_slots_map_each_position_to_its_block_and_offset() -> None:
     import torch
     from phi3v.engine.kv_cache import KVCache
 
     cache = KVCache(1, 8, 4, 1, 2, "cpu", torch.float32)
     blocks = [5, 2, 7]  # positions 0-3 in block 5, 4-7 in block 2, 8-11 in block 7
-    where = cache.positions(blocks, 3, 10)
+    where = cache.slots(blocks, 3, 10)
     assert where.dtype == torch.long and where.shape == (2, 7)
     assert where[0].tolist() == [5, 2, 2, 2, 2, 7, 7]
     assert where[1].tolist() == [3, 0, 1, 2, 3, 0, 1]
-    assert cache.positions(blocks, 0, 0).shape == (2, 0)
+    assert cache.slots(blocks, 0, 0).shape == (2, 0)

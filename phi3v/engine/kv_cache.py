@@ -68,8 +68,8 @@ class KVCache:
         # K and V, every layer: 32*2*32*96*2 B = 384 KiB for Phi-3-vision in bf16
         return 2 * n_layers * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def positions(self, blocks: list[int], start: int, end: int) -> Tensor:
-        """(2, end-start) int64 on the CPU: block id and offset of positions start..end-1 of a sequence
+    def slots(self, blocks: list[int], start: int, end: int) -> Tensor:
+        """(2, end-start) int64 on the CPU: cache slot (block id, offset) of positions start..end-1 of a sequence
         with block table `blocks` (tensor math: a prompt has thousands of positions, and the engine
         thread builds them while preparation threads want the GIL)."""
         p = torch.arange(start, end)

@@ -1,10 +1,15 @@
-"""Request bookkeeping: waiting and running queues, KV blocks, finish and abort.
+"""The scheduler: which sequences run in the next step, which token ranges they compute, which blocks they use.
 
-Pure Python (no torch), so it is tested on the CPU alone. The KV cache is paged: a sequence owns
-a list of fixed-size blocks. At admission it reserves blocks for its whole possible length,
-min(prompt + max_tokens, max_model_len), so a running sequence never waits for memory and
-nothing is ever preempted; admission is FIFO and stops at the first request whose blocks are
-not free. Finishing (or aborting) returns the blocks at once.
+Pure Python (no torch), tested on the CPU alone. Each step is either a prefill step (chunks of prompts within
+a token budget) or a decode step (one token for every sequence that is decoding); when both are wanted they
+alternate, so that a long prompt, prefilled over several steps, does not stall everyone else's streaming.
+
+KV memory is taken on demand: a sequence holds blocks for the tokens it has computed (plus one step ahead),
+not for its whole possible length. Admission is FIFO: a waiting sequence is admitted when a batch row is free
+and the blocks of its first chunk are (after the prefix cache gave what it holds). When a running sequence
+needs a block and none is free, the newest running sequence is preempted: its blocks go back (full prompt
+blocks stay in the prefix cache, so its recompute is cheap) and it waits at the head of the queue, before
+every request that arrived after it.
 """
 
 from __future__ import annotations
@@ -12,58 +17,57 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
-WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+from phi3v.engine.block_pool import BlockPool, block_hashes
+from phi3v.engine.sequence import Sequence, Status
 
 
-@dataclass(eq=False)  # a request is itself: compared by identity, never field by field
-class Sequence:
-    rid: str
-    prompt_ids: list[int]  # image placeholders are negative (-k for image k)
-    params: Any  # SamplingParams
-    images: list[Any] = field(default_factory=list)  # per image: (crops, image_size) or cached features
-    eos_ids: frozenset[int] = frozenset()
-    max_len: int = 0  # prompt + generated tokens may not exceed this (its reserved KV)
-    output_ids: list[int] = field(default_factory=list)
-    status: str = WAITING
-    blocks: list[int] = field(default_factory=list)  # block table: position p is in blocks[p // block_size]
-    finish_reason: str | None = None
-    long_rope: bool = False  # regime of the keys in this sequence's cache
-    seed: int = 0
-    state: dict[str, Any] = field(default_factory=dict)  # engine-private per-sequence data
+@dataclass
+class PrefillChunk:
+    seq: Sequence
+    start: int  # positions start..end-1 are computed in this step
+    end: int
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+    def last(self) -> bool:
+        """Whether this chunk ends the sequence's prefill (its last position's logits are sampled)."""
+        return self.end == self.seq.num_tokens
 
-    def check_finish(self) -> str | None:
-        """After appending a token: eos, max_tokens or the context being full."""
-        if not self.output_ids:
-            return None
-        last = self.output_ids[-1]
-        if not self.params.ignore_eos and (last in self.eos_ids or last in self.params.stop_token_ids):
-            return "stop"
-        if len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= self.max_len:
-            return "length"
-        return None
+
+@dataclass
+class ScheduledBatch:
+    prefills: list[PrefillChunk] = field(default_factory=list)  # a prefill step
+    decodes: list[Sequence] = field(default_factory=list)  # a decode step: row i is decodes[i]
+
+    def __bool__(self) -> bool:
+        return bool(self.prefills or self.decodes)
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_model_len: int, num_blocks: int, block_size: int) -> None:
-        if max_num_seqs < 1 or max_model_len < 2 or block_size < 1:
-            raise ValueError("max_num_seqs must be >= 1, max_model_len >= 2 and block_size >= 1")
+    def __init__(self, max_num_seqs: int, max_model_len: int, num_blocks: int, block_size: int, *,
+                 max_prefill_tokens: int = 16384, enable_prefix_caching: bool = True, lookahead: int = 0,
+                 long_rope_after: int | None = None) -> None:
+        """lookahead: decode positions held beyond the current one (1 when the engine runs a step ahead);
+        long_rope_after: a sequence longer than this uses the long LongRoPE factors (None: one regime)."""
+        if max_num_seqs < 1 or max_model_len < 2 or block_size < 1 or max_prefill_tokens < 1:
+            raise ValueError("max_num_seqs must be >= 1, max_model_len >= 2, block_size and max_prefill_tokens >= 1")
         if num_blocks * block_size < max_model_len:
             raise ValueError(f"{num_blocks} KV blocks of {block_size} tokens do not hold one sequence of "
                              f"{max_model_len} tokens")
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self.block_size, self.max_prefill_tokens, self.lookahead = block_size, max_prefill_tokens, lookahead
+        self.long_rope_after = long_rope_after
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.watermark = max(1, num_blocks // 100)  # blocks kept free at admission for running sequences to grow
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # in admission order; row i of a decode batch
+        self.running: list[Sequence] = []  # in admission order; decode rows follow it
         self.seqs: dict[str, Sequence] = {}
+        self.num_preemptions = 0
         self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._last_prefill = False
 
+    # ---------------------------------------------------------------- requests
     def new_id(self) -> str:
         return f"req-{next(self._ids)}"
 
@@ -78,30 +82,19 @@ class Scheduler:
                 f"prompt is {len(seq.prompt_ids)} tokens, but the context holds {self.max_model_len} "
                 "(prompt plus at least one generated token): use fewer or smaller images (num_crops) or a shorter prompt")
         seq.max_len = min(len(seq.prompt_ids) + seq.params.max_tokens, self.max_model_len)
-        seq.status = WAITING
+        seq.arrival = next(self._arrivals)
+        seq.status = Status.WAITING
         self.seqs[seq.rid] = seq
         self.waiting.append(seq)
 
-    def admit(self, limit: int | None = None) -> list[Sequence]:
-        """Move waiting sequences to running (FIFO) while their blocks and a batch row are free."""
-        admitted: list[Sequence] = []
-        while self.can_admit() and (limit is None or len(admitted) < limit):
-            seq = self.waiting.popleft()
-            seq.blocks = [self.free_blocks.pop() for _ in range(self.blocks_for(seq.max_len))]
-            seq.status = RUNNING
-            self.running.append(seq)
-            admitted.append(seq)
-        return admitted
-
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Mark finished and return its blocks."""
-        if seq.status == RUNNING:
+        """Mark finished and give its blocks back."""
+        if seq.status is Status.RUNNING:
             self.running.remove(seq)
-            self.free_blocks.extend(reversed(seq.blocks))
-            seq.blocks = []
-        elif seq.status == WAITING:
+        elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
-        seq.status, seq.finish_reason = FINISHED, reason
+        self._drop_blocks(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
         self.seqs.pop(seq.rid, None)
 
     def get(self, rid: str) -> Sequence | None:
@@ -112,20 +105,141 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     @property
-    def free_slots(self) -> int:
-        """Batch rows free for admission (memory permitting)."""
-        return self.max_num_seqs - len(self.running)
-
-    @property
     def all_free(self) -> bool:
-        """Nothing running and every KV block back in the free list."""
-        return not self.running and len(self.free_blocks) == self.num_blocks
+        """Nothing running and every KV block free (cached contents may stay)."""
+        return not self.running and self.pool.num_free == self.pool.num_blocks
 
     @property
     def kv_usage(self) -> float:
-        return 1.0 - len(self.free_blocks) / self.num_blocks
+        return self.pool.usage
 
-    def can_admit(self) -> bool:
-        """Would `admit` take the head of the queue now?"""
-        return bool(self.waiting) and len(self.running) < self.max_num_seqs and \
-            self.blocks_for(self.waiting[0].max_len) <= len(self.free_blocks)
+    # ---------------------------------------------------------------- the step's plan
+    def schedule(self) -> ScheduledBatch:
+        """The next step: decode after a prefill step when someone decodes, else prefill work when there is
+        some, else decode."""
+        decoding = any(s.decoding for s in self.running)
+        if decoding and (self._last_prefill or not self.has_prefill_work()):
+            batch = self._schedule_decode()
+            if batch:
+                self._last_prefill = False
+                return batch
+        batch = self._schedule_prefill()
+        if batch:
+            self._last_prefill = True
+            return batch
+        self._last_prefill = False
+        return self._schedule_decode()
+
+    def has_prefill_work(self) -> bool:
+        """A running sequence with tokens left to prefill, or a waiting one that would be admitted now."""
+        return any(not s.decoding for s in self.running) or (
+            bool(self.waiting) and len(self.running) < self.max_num_seqs and self._admission(self.waiting[0]) is not None)
+
+    def _schedule_decode(self) -> ScheduledBatch:
+        rows = [s for s in self.running if s.decoding]
+        for s in rows:
+            if self._crosses_long_rope(s):
+                self._restart(s)  # recomputed with the long factors by the next prefill step
+        for s in sorted(rows, key=lambda q: q.arrival):
+            if s.decoding and not self._grow(s, min(s.num_tokens + self.lookahead, s.max_len)):
+                break
+        return ScheduledBatch(decodes=[s for s in self.running if s.decoding])
+
+    def _schedule_prefill(self) -> ScheduledBatch:
+        budget = self.max_prefill_tokens
+        chunks: list[PrefillChunk] = []
+        for s in list(self.running):
+            if budget == 0:
+                break
+            if s.status is not Status.RUNNING or s.decoding:
+                continue
+            n = min(s.num_tokens - s.num_computed, budget)
+            if not self._grow(s, s.num_computed + n):
+                continue
+            chunks.append(PrefillChunk(s, s.num_computed, s.num_computed + n))
+            budget -= n
+        while budget and self.waiting and len(self.running) < self.max_num_seqs:
+            s = self.waiting[0]
+            plan = self._admission(s)
+            if plan is None:
+                break
+            hits, need = plan
+            self.waiting.popleft()
+            self.pool.take(hits)
+            start = len(hits) * self.block_size
+            n = min(s.num_tokens - start, budget)
+            s.blocks = hits + self.pool.allocate(self.blocks_for(start + n) - len(hits))
+            s.num_computed = s.num_cached = start
+            s.num_registered = len(hits)
+            s.status = Status.RUNNING
+            self.running.append(s)
+            self.pool.hits += start
+            self.pool.queries += s.num_tokens
+            chunks.append(PrefillChunk(s, start, start + n))
+            budget -= n
+        return ScheduledBatch(prefills=chunks)
+
+    def _admission(self, s: Sequence) -> tuple[list[int], int] | None:
+        """(prefix-cache hits, new blocks for its first chunk) if `s` can be admitted now, else None."""
+        long_rope = self.long_rope_after is not None and s.num_tokens > self.long_rope_after
+        if long_rope != s.long_rope or len(s.block_hashes) < s.num_tokens // self.block_size:
+            s.long_rope = long_rope
+            s.block_hashes = block_hashes(s.all_ids, [i.key for i in s.images], self.block_size, long_rope) \
+                if self.pool.enable_caching else []
+        # at least the last token is computed: its logits give the next token
+        hits = self.pool.lookup(s.block_hashes[: (s.num_tokens - 1) // self.block_size])
+        start = len(hits) * self.block_size
+        need = self.blocks_for(start + min(s.num_tokens - start, self.max_prefill_tokens)) - len(hits)
+        free = self.pool.num_free - sum(1 for b in hits if self.pool.refs[b] == 0)
+        return (hits, need) if need + (self.watermark if self.running else 0) <= free else None
+
+    # ---------------------------------------------------------------- blocks
+    def _grow(self, s: Sequence, n_tokens: int) -> bool:
+        """Hold blocks for positions 0..n_tokens-1 of s, preempting the newest running sequences when none
+        are free. False when s itself was preempted."""
+        need = self.blocks_for(n_tokens) - len(s.blocks)
+        while need > self.pool.num_free:
+            victim = max(self.running, key=lambda q: q.arrival)
+            self.preempt(victim)
+            if victim is s:
+                return False
+        if need > 0:
+            s.blocks += self.pool.allocate(need)
+        return True
+
+    def preempt(self, s: Sequence) -> None:
+        """Take s's blocks back; it waits at the head of the queue and is recomputed when admitted again."""
+        self.running.remove(s)
+        self._drop_blocks(s)
+        s.status, s.prefilled = Status.WAITING, False
+        s.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(s)
+
+    def _restart(self, s: Sequence) -> None:
+        """Recompute s from position 0 in the long LongRoPE regime (its length passed long_rope_after): the
+        keys of every position change, so its blocks are given back and new ones filled."""
+        self._drop_blocks(s)
+        s.long_rope, s.prefilled = True, False
+        s.block_hashes = block_hashes(s.all_ids, [i.key for i in s.images], self.block_size, True) \
+            if self.pool.enable_caching else []
+        hits = self.pool.lookup(s.block_hashes[: (s.num_tokens - 1) // self.block_size])
+        self.pool.take(hits)
+        s.blocks, s.num_computed, s.num_registered = hits, len(hits) * self.block_size, len(hits)
+
+    def _crosses_long_rope(self, s: Sequence) -> bool:
+        return self.long_rope_after is not None and not s.long_rope and s.num_tokens > self.long_rope_after
+
+    def _drop_blocks(self, s: Sequence) -> None:
+        self.pool.release(s.blocks)
+        s.blocks, s.num_computed, s.num_registered = [], 0, 0
+
+    def computed(self, chunk: PrefillChunk) -> None:
+        """A prefill chunk ran: its positions are in the cache; full blocks join the prefix cache."""
+        s = chunk.seq
+        s.num_computed = chunk.end
+        s.prefilled = chunk.last
+        full = min(chunk.end // self.block_size, len(s.block_hashes))
+        for i in range(s.num_registered, full):
+            self.pool.register(s.blocks[i], s.block_hashes[i])
+        s.num_registered = max(s.num_registered, full)

@@ -278,7 +278,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def models() -> ModelList:
         fe = state.frontend
         return ModelList(data=[ModelCard(id=settings.model_id,
-                                         max_model_len=fe.engine.sched.max_model_len if fe else settings.max_model_len)])
+                                         max_model_len=fe.engine.max_model_len if fe else settings.max_model_len)])
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=[Depends(auth)], responses=errors)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
@@ -287,7 +287,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {settings.model_id!r}",
                            param="model", code="model_not_found")
         fe = state.ready()
-        params = req.sampling_params(fe.engine.sched.max_model_len)
+        params = req.sampling_params(fe.engine.max_model_len)
         messages = [m.to_internal() for m in req.messages]
         stream = await fe.submit(rid, messages, params, req.crops(settings.num_crops), req.num_images())
         model = settings.model_id

@@ -2,13 +2,12 @@
 
 - Preparation (image download/decoding, cropping, tokenization) runs in a small thread pool, so a
   slow or huge image never stalls decoding; its errors (ValueError) go back to that request only.
-- The engine thread loops: take commands (add / abort) from a thread-safe queue, `engine.step()`,
-  turn step outputs into text deltas (`RequestOutput`) and hand them to each request's asyncio
-  queue with `loop.call_soon_threadsafe`.
-- Robustness: an exception in a step fails only the requests it can be pinned on. When a prefill
-  of several newly admitted requests fails, each of them is retried alone (new requests are held
-  back meanwhile), so only the culprit fails. A failing decode step fails the running requests;
-  the loop itself never dies.
+- The engine thread loops: take commands (add / abort) from a thread-safe queue, step the request
+  driver (phi3v/driver.py: the engine step, text deltas, stop strings) and hand each request's
+  events to its asyncio queue with `loop.call_soon_threadsafe`.
+- Robustness: the engine fails only the sequences a failure can be pinned on (a failed batched
+  prefill is retried one sequence at a time inside the engine); a bug in the loop itself fails the
+  requests in flight, and the loop goes on.
 - Bounded: at most `max_num_seqs + max_queue` requests are accepted at once; beyond that
   `submit` raises `QueueFull` (the route answers 429 with Retry-After).
 - A backlog costs no GPU memory: once more than `device_waiting` accepted requests are not running,
@@ -29,7 +28,8 @@ from typing import Any, AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from phi3v.output import Completion, RequestOutput
+from phi3v.driver import RequestDriver
+from phi3v.output import Completion
 
 log = logging.getLogger("phi3v.server")
 
@@ -90,9 +90,8 @@ class _Handle:
     q: asyncio.Queue
     prep: Any  # phi3v.api.PreparedRequest
     arrival: float
-    ro: RequestOutput | None = None
+    added: bool = False
     first: float | None = None
-    retried: bool = False
 
 
 class RequestStream:
@@ -131,9 +130,10 @@ class Frontend:
                  prepare_workers: int = 4, metrics: ServerMetrics | None = None) -> None:
         self.llm, self.engine = llm, llm.engine
         self.max_queue, self.max_images = max_queue, max_images
-        self.capacity = self.engine.sched.max_num_seqs + max_queue
+        self.driver = RequestDriver(self.engine, llm.tokenizer, llm.config.eos_token_ids)
+        self.capacity = self.engine.max_num_seqs + max_queue
         # beyond this many accepted requests not yet running, new ones keep their crops in host memory
-        self.device_waiting = max(16, self.engine.sched.max_num_seqs)
+        self.device_waiting = max(16, self.engine.max_num_seqs)
         self.load_kwargs = dict(load_kwargs or {})
         self.default_num_crops = default_num_crops
         self.metrics = metrics or ServerMetrics(getattr(llm, "model_name", "model"))
@@ -144,8 +144,6 @@ class Frontend:
         self._lock = threading.Lock()
         self.active = 0  # accepted, not yet finished
         self._handles: dict[str, _Handle] = {}  # in the engine (engine thread only)
-        self._retry: deque[_Handle] = deque()  # admitted together with a failing prefill: re-run alone
-        self._held: list[_Handle] = []  # new requests held back while retries run
         self._recent: deque[tuple[float, int]] = deque()
         self._stop = threading.Event()
         self.dead: str | None = None
@@ -182,7 +180,7 @@ class Frontend:
         with self._lock:
             if self.active >= self.capacity:
                 self.metrics.outcome("rejected")
-                raise QueueFull(retry_after=1 + self.active // max(1, self.engine.sched.max_num_seqs))
+                raise QueueFull(retry_after=1 + self.active // max(1, self.engine.max_num_seqs))
             self.active += 1
         arrival = time.perf_counter()
         handed = False
@@ -224,12 +222,6 @@ class Frontend:
         while not self._stop.is_set():
             try:
                 self._drain(block=not self.engine.has_unfinished())
-                if self._retry and not self.engine.sched.waiting:
-                    self._add(self._retry.popleft())
-                if not self._retry and self._held:
-                    held, self._held = self._held, []
-                    for h in held:
-                        self._add(h)
                 if self.engine.has_unfinished():
                     self._step()
                 self._gauges()
@@ -237,7 +229,7 @@ class Frontend:
                 log.exception("engine loop error")
                 for h in list(self._handles.values()):
                     self._fail(h, RequestFailed(f"engine error ({type(e).__name__})"))
-        for h in list(self._handles.values()) + list(self._retry) + self._held:
+        for h in list(self._handles.values()):
             self._fail(h, RequestFailed("the server is shutting down"))
 
     def _drain(self, block: bool) -> None:
@@ -248,10 +240,7 @@ class Frontend:
         while True:
             kind, arg = cmd
             if kind == "add":
-                if self._retry:
-                    self._held.append(arg)
-                else:
-                    self._add(arg)
+                self._add(arg)
             elif kind == "abort":
                 self._abort(arg)
             try:
@@ -260,13 +249,11 @@ class Frontend:
                 return
 
     def _add(self, h: _Handle) -> None:
-        p = h.prep
         try:
-            self.engine.add_request(p.prompt_ids, p.images, p.params, rid=h.rid)
-            h.ro = RequestOutput(self.llm.tokenizer, len(p.prompt_ids), p.params, self.llm.config.eos_token_ids,
-                                 p.preprocess_s, time.perf_counter())
+            self.driver.add(h.prep, rid=h.rid)
+            h.added = True
         except Exception as e:
-            self.engine.abort(h.rid)
+            self.driver.abort(h.rid)
             err = e if isinstance(e, ValueError) else RequestFailed(f"engine rejected the request ({type(e).__name__})")
             self._fail(h, err)
             return
@@ -274,14 +261,9 @@ class Frontend:
 
     def _abort(self, rid: str) -> None:
         h = self._handles.pop(rid, None)
-        for lst in (self._retry, self._held):
-            for x in list(lst):
-                if x.rid == rid:
-                    lst.remove(x)
-                    h = x
         if h is None:
             return
-        self.engine.abort(rid)
+        self.driver.abort(rid)
         self._release(h, "aborted")
         log.info("[%s] aborted (client gone)", rid)
 
@@ -298,7 +280,7 @@ class Frontend:
             pass
 
     def _fail(self, h: _Handle, err: BaseException) -> None:
-        self.engine.abort(h.rid)
+        self.driver.abort(h.rid)
         if isinstance(err, ValueError):
             log.info("[%s] rejected: %s", h.rid, err)
         else:
@@ -307,53 +289,25 @@ class Frontend:
         self._release(h, "invalid" if isinstance(err, ValueError) else "error")
 
     def _step(self) -> None:
-        sched = self.engine.sched
-        before = {s.rid for s in sched.running}
-        try:
-            outs = self.engine.step()
-        except Exception as e:
-            log.exception("engine step failed")
-            admitted = [self._handles[s.rid] for s in sched.running if s.rid not in before and s.rid in self._handles]
-            err = RequestFailed(f"the engine failed on this request ({type(e).__name__})")
-            if len(admitted) == 1 or (admitted and all(h.retried for h in admitted)):
-                for h in admitted:
-                    self._fail(h, err)
-            elif admitted:  # a batch prefill failed: re-run each alone to find the culprit
-                for h in admitted:
-                    self.engine.abort(h.rid)
-                    self._handles.pop(h.rid, None)
-                    h.retried = True
-                    self._retry.append(h)
-            else:  # a decode step failed: every running request is affected
-                for s in list(sched.running):
-                    if s.rid in self._handles:
-                        self._fail(self._handles[s.rid], err)
-                    else:
-                        self.engine.abort(s.rid)
-            return
+        events = self.driver.step()
         now = time.perf_counter()
         n_tok = 0
-        for o in outs:
-            h = self._handles.get(o.rid)
-            if h is None or h.ro is None:  # aborted meanwhile
-                self.engine.abort(o.rid)
+        for ev in events:
+            h = self._handles.get(ev.rid)
+            if h is None:  # aborted meanwhile
+                self.driver.abort(ev.rid)
                 continue
-            n_tok += len(o.token_ids)
-            try:
-                delta, done, stop_hit = h.ro.update(o)
-            except Exception as e:
-                log.exception("[%s] output processing failed", h.rid)
-                self._fail(h, RequestFailed(f"output processing failed ({type(e).__name__})"))
+            if ev.error is not None:
+                self._fail(h, RequestFailed(str(ev.error)))
                 continue
+            n_tok += ev.n_tokens
             if h.first is None:
                 h.first = now
                 self.metrics.ttft.labels(self.metrics.model).observe(now - h.arrival)
-            if stop_hit:
-                self.engine.abort(o.rid)
-            if delta or done is not None:
-                self._push(h, (delta, done, None))
-            if done is not None:
-                self._finished(h, done, now)
+            if ev.delta or ev.done is not None:
+                self._push(h, (ev.delta, ev.done, None))
+            if ev.done is not None:
+                self._finished(h, ev.done, now)
         if n_tok:
             self._recent.append((now, n_tok))
             self.metrics.gen_tokens.labels(self.metrics.model).inc(n_tok)
@@ -374,8 +328,7 @@ class Frontend:
         while self._recent and self._recent[0][0] < now - 5.0:
             self._recent.popleft()
         m.tps.labels(m.model).set(sum(n for _, n in self._recent) / 5.0)
-        running = list(eng.sched.running)
-        m.running.labels(m.model).set(len(running))
+        m.running.labels(m.model).set(eng.num_running)
         m.waiting.labels(m.model).set(self.num_waiting)
-        m.kv_usage.labels(m.model).set(eng.sched.kv_usage)
-        m.kv_tokens.labels(m.model).set(sum(s.num_tokens for s in running))
+        m.kv_usage.labels(m.model).set(eng.kv_usage)
+        m.kv_tokens.labels(m.model).set(eng.kv_tokens)

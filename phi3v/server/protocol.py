@@ -155,10 +155,15 @@ class _Resp(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class PromptTokensDetails(_Resp):
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+
+
 class Usage(_Resp):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class TopLogprob(_Resp):
