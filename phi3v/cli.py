@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=64,
                    help="requests decoded at once (KV memory permitting); more wait and join as others finish")
     b.add_argument("--image-dir", default=None, help="relative image paths are taken from here")
+    b.add_argument("--fsync-interval", type=float, default=1.0,
+                   help="seconds between fsyncs of the output (a crash loses at most this much; 0: every record)")
     b.set_defaults(fn=cmd_batch)
     _serve_parser(sub)
     from phi3v.bench import add_parser as add_bench_parser
