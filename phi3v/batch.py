@@ -126,7 +126,8 @@ def _prepare(llm: Any, rec: dict[str, Any], base: SamplingParams, image_dir: str
     return llm.prepare(prompt, images, params, nc)
 
 
-def _plan(lines: list[str], done: set[str], dup_lines: set[int], out: _Output) -> tuple[list[tuple[str, Any]], int, int]:
+def _plan(lines: list[str], done: set[str], dup_lines: set[int],
+          out: _Output) -> tuple[list[tuple[str, Any]], int, int]:
     """(requests to run, errors written, skipped) from the input lines: invalid JSON and duplicate ids are written
     as errors here, ids already done are skipped."""
     todo: list[tuple[str, Any]] = []

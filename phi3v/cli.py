@@ -157,7 +157,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                              ("--num-crops", a.num_crops, 1), ("--max-body-bytes", a.max_body_bytes, 1),
                              ("--max-image-bytes", a.max_image_bytes, 1), ("--image-timeout", a.image_timeout, 0.001),
                              ("--image-fetch-deadline", a.image_fetch_deadline, 0.001),
-                             ("--image-min-rate", a.image_min_rate, 0), ("--max-waiting-bytes", a.max_waiting_bytes, 1)):
+                             ("--image-min-rate", a.image_min_rate, 0),
+                             ("--max-waiting-bytes", a.max_waiting_bytes, 1)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be at least {low}, got {value}")
     if a.kv_cache_dtype not in KV_CACHE_DTYPES:  # before the server starts loading

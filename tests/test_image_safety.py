@@ -62,8 +62,9 @@ def test_mutated_images_fail_as_input_errors(fmt: str) -> None:
         assert unusual > 0
 
 
-def _drip_server(header_drip: bool) -> tuple[socket.socket, int]:
-    """A loopback host that sends one byte a second: of its headers, or (headers at once) of its body."""
+def _drip_server(header_drip: bool, tls: bool = False) -> tuple[socket.socket, int]:
+    """A loopback host that sends one byte a second: of its headers, or (headers at once) of its body; with
+    `tls`, of a TLS record announced as 16 KiB long (the client waits inside its handshake)."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(4)
@@ -80,7 +81,9 @@ def _drip_server(header_drip: bool) -> tuple[socket.socket, int]:
         head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
         try:
             conn.recv(4096)
-            if not header_drip:
+            if tls:
+                conn.sendall(b"\x16\x03\x03\x40\x00")  # a handshake record header: 16 KiB follow
+            elif not header_drip:
                 conn.sendall(head)
             for byte in (head if header_drip else b"\x89" * 100000):
                 conn.sendall(bytes([byte]))
@@ -100,14 +103,16 @@ def loopback_ok(monkeypatch):
     monkeypatch.setattr(fetch, "_ip_is_blocked", lambda ip: str(ip) != "127.0.0.1" and real(ip))
 
 
-@pytest.mark.parametrize("header_drip", [False, True], ids=["body", "headers"])
-def test_drip_feeding_host_gives_up_by_the_deadline(loopback_ok, header_drip: bool) -> None:
-    srv, port = _drip_server(header_drip)
+@pytest.mark.parametrize("header_drip,tls", [(False, False), (True, False), (True, True)],
+                         ids=["body", "headers", "tls_handshake"])
+def test_drip_feeding_host_gives_up_by_the_deadline(loopback_ok, header_drip: bool, tls: bool) -> None:
+    srv, port = _drip_server(header_drip, tls)
     try:
         t0 = time.monotonic()
         with pytest.raises(ImageInputError, match="longer than 2 s"):
             # each read is answered within the 5 s socket timeout: only the whole-transfer deadline can stop it
-            load_image(f"http://127.0.0.1:{port}/x.png", allow_urls=True, timeout=5, deadline=2, min_rate=0)
+            load_image(f"http{'s' if tls else ''}://127.0.0.1:{port}/x.png", allow_urls=True, timeout=5, deadline=2,
+                       min_rate=0)
         assert time.monotonic() - t0 < 2.8
     finally:
         srv.close()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from test_server_harness import (MODEL_ID, assert_openai_error, chat_body, data_uri, image_part, metric, png,
+from test_server_harness import (assert_openai_error, chat_body, data_uri, image_part, metric, png,
                                  start_server, user, wait_idle)
 
 
@@ -223,4 +223,3 @@ def test_heavy_requests_in_flight_do_not_delay_others(srv):
     for i in range(8):  # refused from the first image's header: its tokens alone exceed the context
         assert "context holds" in assert_openai_error(results[f"heavy{i}"], 400)["message"]
     assert "characters" in assert_openai_error(results["huge"], 400)["message"]
-    assert MODEL_ID

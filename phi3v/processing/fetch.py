@@ -72,60 +72,63 @@ def _resolve_public(host: str, port: int) -> str:
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """HTTP connection to a pre-checked IP; the Host header still names the original host."""
+    """HTTP connection to a pre-checked IP; the Host header still names the original host. The socket goes to
+    the watchdog as soon as it exists."""
 
-    def __init__(self, host: str, ip: str, **kw: Any) -> None:
+    def __init__(self, host: str, ip: str, dog: "_Watchdog", **kw: Any) -> None:
         super().__init__(host, **kw)
-        self._ip = ip
+        self._ip, self._dog = ip, dog
 
     def connect(self) -> None:
         self.sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self._dog.watch(self.sock)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS to a pre-checked IP; SNI and certificate verification use the original hostname."""
+    """HTTPS to a pre-checked IP; SNI and certificate verification use the original hostname. The raw socket goes
+    to the watchdog before the TLS handshake (a host could drip-feed that too)."""
 
-    def __init__(self, host: str, ip: str, **kw: Any) -> None:
+    def __init__(self, host: str, ip: str, dog: "_Watchdog", **kw: Any) -> None:
         super().__init__(host, context=ssl.create_default_context(), **kw)
-        self._ip = ip
+        self._ip, self._dog = ip, dog
 
     def connect(self) -> None:
         sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self._dog.watch(sock)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
 class _Watchdog:
     """Shuts the current connection's socket down when the deadline passes: a read blocked in any phase
-    (headers included) returns at once instead of waiting for the next byte of a drip-feeding host."""
+    (TLS handshake and headers included) returns at once instead of waiting for the next byte of a
+    drip-feeding host."""
 
     def __init__(self, end: float) -> None:
         self.fired = False
-        self._conn: http.client.HTTPConnection | None = None
+        self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._timer = threading.Timer(max(0.0, end - time.monotonic()), self._fire)
         self._timer.daemon = True
         self._timer.start()
 
-    def watch(self, conn: http.client.HTTPConnection | None) -> None:
+    def watch(self, sock: socket.socket | None) -> None:
         with self._lock:
-            self._conn = conn
-            if self.fired and conn is not None:
-                self._kill(conn)
+            self._sock = sock
+            if self.fired and sock is not None:
+                self._kill(sock)
 
     def _fire(self) -> None:
         with self._lock:
             self.fired = True
-            if self._conn is not None:
-                self._kill(self._conn)
+            if self._sock is not None:
+                self._kill(self._sock)
 
     @staticmethod
-    def _kill(conn: http.client.HTTPConnection) -> None:
-        sock = conn.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+    def _kill(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def cancel(self) -> None:
         self._timer.cancel()
@@ -198,11 +201,9 @@ def _hop_once(url: str, lim: FetchLimits, start: float, end: float, dog: _Watchd
         raise ImageInputError(f"image URL {show(url)} has an invalid port; check the URL") from None
     ip = _resolve_public(host, port)  # checked on every hop, before any connection
     cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
-    conn = cls(host, ip, port=port, timeout=max(0.001, min(lim.timeout, end - time.monotonic())))
+    conn = cls(host, ip, dog, port=port, timeout=max(0.001, min(lim.timeout, end - time.monotonic())))
     try:
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-        conn.connect()
-        dog.watch(conn)
         conn.request("GET", target, headers={"User-Agent": "phi3v-image-loader", "Accept": "image/*"})
         resp = conn.getresponse()
         if resp.status in (301, 302, 303, 307, 308):

@@ -12,7 +12,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
