@@ -172,20 +172,21 @@ def run_batch(a: argparse.Namespace, base: SamplingParams, load: Callable[[argpa
     if torn:
         print(f"phi3v batch: removed a torn last line ({torn} bytes) from {a.output}", file=sys.stderr)
     done, dup_lines = _done_ids(a.output)
-    llm = load(a)
-    llm.warmup()  # every CUDA graph (and first kernel use) up front: none is captured mid-run
-
-    def prep(rec: dict[str, Any]) -> Any:  # a bad request becomes its error, returned, not raised
-        try:
-            return _prepare(llm, rec, base, a.image_dir)
-        except Exception as e:  # noqa: BLE001 - whatever one line raises is that line's error record
-            return ValueError(_one_line(e))
-
     with open(a.output, "a", encoding="utf-8") as f:
         out = _Output(f, interval)
         todo, n_err, n_skip = _plan(lines, done, dup_lines, out)
         n_ok = 0
-        for i, _delta, result in llm.run([functools.partial(prep, rec) for _, rec in todo]):
+        llm = load(a) if todo else None  # a resume with nothing left to run loads no model
+        if llm is not None:
+            llm.warmup()  # every CUDA graph (and first kernel use) up front: none is captured mid-run
+
+        def prep(rec: dict[str, Any]) -> Any:  # a bad request becomes its error, returned, not raised
+            try:
+                return _prepare(llm, rec, base, a.image_dir)
+            except Exception as e:  # noqa: BLE001 - whatever one line raises is that line's error record
+                return ValueError(_one_line(e))
+
+        for i, _delta, result in (llm.run([functools.partial(prep, rec) for _, rec in todo]) if todo else ()):
             if result is None:
                 continue
             rid = todo[i][0]
