@@ -24,12 +24,12 @@ def test_tokens_from_size_match_the_processor() -> None:
     proc = ImageProcessor()
     rng = random.Random(0)
     sizes = [(1, 1), (1000, 2), (2, 1000), (336, 336), (337, 336), (672, 335), (10, 500), (6000, 1)]
-    sizes += [(rng.randint(1, 1500), rng.randint(1, 1500)) for _ in range(8)]
+    sizes += [(rng.randint(1, 1500), rng.randint(1, 1500)) for _ in range(6)]
     for w, h in sizes:
         for nc in (1, 3, 7):  # grids 1x1 .. 3x2 / 2x3 and the uneven ones between
             got = proc.preprocess(Image.new("RGB", (w, h)), nc).num_tokens
             assert tokens_for_size(w, h, nc) == got, (w, h, nc)
-    for w, h in [(50, 40), (40, 50), (900, 100), (100, 900)]:  # the checkpoint default, 16 (large canvases: few)
+    for w, h in [(900, 100), (100, 900)]:  # the checkpoint default, 16 (large canvases: few)
         assert tokens_for_size(w, h, 16) == proc.preprocess(Image.new("RGB", (w, h)), 16).num_tokens, (w, h)
 
 
