@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from urllib.parse import urlsplit
@@ -193,33 +195,62 @@ def _heavy_png() -> bytes:
     return buf.getvalue()
 
 
-def test_heavy_requests_in_flight_do_not_delay_others(srv):
+_SENDER = """
+import json, sys, threading, httpx
+url, heavy, huge = sys.argv[1], open(sys.argv[2], "rb").read(), open(sys.argv[3], "rb").read()
+res = {}
+def go(name, body):
+    r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60)
+    res[name] = [r.status_code, r.text]
+threads = [threading.Thread(target=go, args=(f"heavy{i}", heavy)) for i in range(8)]
+threads.append(threading.Thread(target=go, args=("huge", huge)))
+print("go", flush=True)
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(res), flush=True)
+"""
+
+
+def _timed(fn, *a, **k) -> tuple[float, httpx.Response]:
+    t0 = time.monotonic()
+    r = fn(*a, **k)
+    return time.monotonic() - t0, r
+
+
+def test_heavy_requests_in_flight_do_not_delay_others(srv, tmp_path):
     """8 requests of 8 images of 2000x2000 at num_crops 64 and one 10 MB prompt in flight: a text request and
-    /health still answer within 1 s (before: 44.7 s and a reset probe)."""
+    /health still answer within 1 s (before: 44.7 s and a reset probe). The heavy requests come from another
+    process, as real clients do (client threads in this process would compete with the server for the GIL).
+    The bound is 1 s beyond what the same calls take alone just before, on this machine at this moment (a
+    shared CI core can add tenths by itself)."""
     wait_idle(srv)
     url = srv.base_url + "/chat/completions"
-    heavy = json.dumps(chat_body([{"role": "user", "content": [image_part(data_uri(_heavy_png()))] * 8
-                                   + [{"type": "text", "text": "describe"}]}], num_crops=64)).encode()
-    huge = json.dumps(chat_body(user("word " * (2 * 2**20)))).encode()
-    assert len(huge) > 10 * 2**20
-    results: dict[str, httpx.Response] = {}
-    threads = [threading.Thread(target=lambda n=n, b=b: results.__setitem__(n, _post(url, b)))
-               for n, b in [*((f"heavy{i}", heavy) for i in range(8)), ("huge", huge)]]
-    _post(url, chat_body(user("warm"), max_tokens=2))  # this test times answers, not a first call's costs
-    for t in threads:
-        t.start()
-    time.sleep(0.05)  # uploads under way
-    t0 = time.monotonic()
-    r = httpx.post(url, json=chat_body(user("hello there"), max_tokens=2), timeout=30)
-    text_s = time.monotonic() - t0
-    t0 = time.monotonic()
-    health = httpx.get(srv.url + "/health", timeout=30)
-    health_s = time.monotonic() - t0
-    for t in threads:
-        t.join(60)
+    (tmp_path / "heavy.json").write_bytes(json.dumps(chat_body([{"role": "user", "content": [
+        image_part(data_uri(_heavy_png()))] * 8 + [{"type": "text", "text": "describe"}]}], num_crops=64)).encode())
+    (tmp_path / "huge.json").write_bytes(json.dumps(chat_body(user("word " * (2 * 2**20)))).encode())
+    assert (tmp_path / "huge.json").stat().st_size > 10 * 2**20
+    text = chat_body(user("hello there"), max_tokens=2)
+    with httpx.Client(timeout=30) as client:
+        alone = max(_timed(client.post, url, json=text)[0] + _timed(client.get, srv.url + "/health")[0]
+                    for _ in range(3))
+        sender = subprocess.Popen([sys.executable, "-c", _SENDER, url, str(tmp_path / "heavy.json"),
+                                   str(tmp_path / "huge.json")], stdout=subprocess.PIPE, text=True)
+        try:
+            assert sender.stdout.readline().strip() == "go"
+            time.sleep(0.1)  # uploads under way
+            text_s, r = _timed(client.post, url, json=text)
+            health_s, health = _timed(client.get, srv.url + "/health")
+            out, _ = sender.communicate(timeout=60)
+        finally:
+            sender.kill()
+    results = json.loads(out.strip().splitlines()[-1])
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     assert health.status_code == 200
-    assert text_s < 1.0 and health_s < 1.0, (text_s, health_s)
+    assert text_s < 1.0 + alone and health_s < 1.0 + alone, (text_s, health_s, alone)
     for i in range(8):  # refused from the first image's header: its tokens alone exceed the context
-        assert "context holds" in assert_openai_error(results[f"heavy{i}"], 400)["message"]
-    assert "characters" in assert_openai_error(results["huge"], 400)["message"]
+        status, body = results[f"heavy{i}"]
+        assert status == 400 and "context holds" in json.loads(body)["error"]["message"], body[:300]
+    status, body = results["huge"]
+    assert status == 400 and "characters" in json.loads(body)["error"]["message"], body[:300]

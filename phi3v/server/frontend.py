@@ -76,7 +76,7 @@ class _Handle:
     rid: str
     loop: asyncio.AbstractEventLoop
     q: asyncio.Queue
-    prep: Any  # phi3v.api.PreparedRequest
+    prep: Any  # phi3v.api.PreparedRequest; None once prefilled (or over)
     arrival: float
     held_bytes: int = 0  # counted in Frontend.waiting until the prefill (first output) or the end
     ro: RequestOutput | None = None
@@ -290,7 +290,9 @@ class Frontend:
         log.info("[%s] aborted (client gone)", rid)
 
     def _unhold(self, h: _Handle) -> None:
-        """Its crops are encoded (first output) or it is over: its bytes no longer count as waiting."""
+        """Its crops are encoded (first output) or it is over: its bytes no longer count as waiting, and the handle
+        lets go of the prepared request (the engine dropped its own reference to the crops after the prefill)."""
+        h.prep = None
         if h.held_bytes:
             self.waiting.release(h.held_bytes)
             h.held_bytes = 0

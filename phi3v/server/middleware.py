@@ -56,6 +56,8 @@ class RequestGuard:
             refusal = self._refuse(scope)
             if refusal is None:
                 replay, refusal = await self._read_body(receive)
+                if replay is None and refusal is None:
+                    return  # the client left while sending its body: nobody to answer
             if refusal is not None:
                 return await refusal(scope, receive, send_with_id)
             await self.app(scope, replay, send_with_id)
@@ -80,13 +82,13 @@ class RequestGuard:
                               code="request_too_large")
 
     async def _read_body(self, receive: Any) -> tuple[Any, JSONResponse | None]:
-        """(a receive that hands the whole body over once, then the client's own events; or a 413)."""
+        """(a receive that hands the whole body over once, then the client's own events; or a 413; or neither
+        when the client left before its body was complete)."""
         chunks, seen = [], 0
         while True:
             msg = await receive()
-            if msg["type"] != "http.request":  # the client left while sending
-                first = msg
-                break
+            if msg["type"] != "http.request":  # http.disconnect
+                return None, None
             seen += len(msg.get("body", b""))
             if seen > self.max_body:
                 return None, self._too_large(f"the request body is more than {self.max_body} bytes")
