@@ -186,6 +186,60 @@ def test_waiting_bytes_past_the_bound_get_429(srv):
     assert fe.waiting.held == 0
 
 
+def _big_strings(min_len: int) -> list[int]:
+    """Sizes of the str/bytes objects of at least min_len that any tracked object (frames and coroutines included)
+    refers to."""
+    import gc
+
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects():
+        for r in gc.get_referents(obj):
+            if isinstance(r, (str, bytes, bytearray)) and len(r) >= min_len:
+                seen[id(r)] = len(r)
+    return sorted(seen.values())
+
+
+_ONE_POST = """
+import sys, httpx
+body = open(sys.argv[2], "rb").read()
+print(httpx.post(sys.argv[1], content=body, headers={"content-type": "application/json"}, timeout=60).status_code)
+"""
+
+
+def test_a_waiting_request_keeps_no_copy_of_its_body(srv, tmp_path):
+    """A request whose 6 MB body is parsed and prepared, waiting for the engine: no str or bytes of 1 MB or more is
+    left in the server (the body, its JSON, its base64 image are all dropped; the crops wait as a tensor)."""
+    wait_idle(srv)
+    fe = srv.frontend
+    noise = np.random.RandomState(1).randint(0, 255, (1000, 1500, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    body = json.dumps(chat_body(user("what is it?", data_uri(buf.getvalue())), max_tokens=2)).encode()
+    assert len(body) > 5 * 2**20
+    (tmp_path / "body.json").write_bytes(body)
+    del body, buf
+    baseline = _big_strings(2**20)
+    gate, orig_step = threading.Event(), fe._step
+
+    def gated_step() -> None:
+        gate.wait(20)
+        orig_step()
+
+    fe._step = gated_step
+    sender = subprocess.Popen([sys.executable, "-c", _ONE_POST, srv.base_url + "/chat/completions",
+                               str(tmp_path / "body.json")], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while fe.waiting.held == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert fe.waiting.held > 0  # prepared, waiting
+        left = _big_strings(2**20)
+    finally:
+        gate.set()
+        del fe._step
+        out, _ = sender.communicate(timeout=60)
+    assert out.strip() == "200"
+    assert left == baseline, left
 def _heavy_png() -> bytes:
     """2000x2000, compressible (a few KB): what costs is its size in crops, not its bytes."""
     img = Image.new("RGB", (2000, 2000), (240, 240, 240))
