@@ -58,7 +58,8 @@ def test_poison_lines_torn_output_and_duplicates(capsys, tmp_path) -> None:
         json.dumps({"id": "a", "prompt": "Describe.", "images": ["coffee.png"], "num_crops": 1}),
         json.dumps({"id": "avif", "prompt": "Describe.", "images": ["poison.avif"]}),
         json.dumps({"id": "surrogate", "prompt": "hi \ud800 there"}),  # json.dumps writes the \\ud800 escape
-        json.dumps({"id": "sys", "messages": [{"role": "system", "content": "\udfff"}, {"role": "user", "content": "x"}]}),
+        json.dumps({"id": "sys", "messages": [{"role": "system", "content": "\udfff"},
+                                              {"role": "user", "content": "x"}]}),
         json.dumps({"id": "badparam", "prompt": "hi", "max_tokens": "many"}),
         json.dumps({"id": "a", "prompt": "Again."}),  # duplicate of line 1
         json.dumps({"id": "torn", "prompt": "Say something.", "max_tokens": 3}),
