@@ -25,11 +25,12 @@ from phi3v.engine.graphs import CAPTURE_LOCK
 from phi3v.hub import resolve_model
 from phi3v.models.weights import load_model
 from phi3v.output import Completion
-from phi3v.sampling_params import SamplingParams
-from phi3v.processing.chat import render_chat, tokenize_prompt
+from phi3v.processing.chat import expand_placeholders, render_chat, tokenize_prompt
 from phi3v.processing.image import ImageProcessor
 from phi3v.processing.image_io import load_image
+from phi3v.processing.limits import TokenBudget, check_text
 from phi3v.processing.tokenizer import Tokenizer
+from phi3v.sampling_params import SamplingParams
 
 DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
 
@@ -112,36 +113,47 @@ class LLM:
 
     # ---------------------------------------------------------------- preparation
     def prepare(self, prompt: str, images: list[Any] | None = None, sampling_params: SamplingParams | None = None,
-                num_crops: int | None = None, **load_kwargs: Any) -> PreparedRequest:
-        """Prompt text in the chat format + image sources -> ids and crops. Raises ValueError."""
+                num_crops: int | None = None, *, cancel: threading.Event | None = None,
+                **load_kwargs: Any) -> PreparedRequest:
+        """Prompt text in the chat format + image sources -> ids and crops. Raises ValueError (also for a request
+        that cannot fit the context, found before the work that costs: from the text's length, then from each
+        image's header size, before it is decoded or cropped), or limits.Cancelled once `cancel` is set."""
         t0 = time.perf_counter()
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a phi3v.SamplingParams")
+        ctx = self.engine.max_model_len
+        check_text(prompt, ctx * self.tokenizer.max_token_chars)
+        images = list(images or [])
+        layout = tokenize_prompt(self.tokenizer, prompt, [1] * len(images))  # one placeholder per tag
+        nc = self.image_processor.num_crops if num_crops is None else num_crops
+        budget = TokenBudget(ctx, nc, cancel, text_tokens=sum(1 for i in layout if i >= 0))
         load_kwargs.setdefault("allow_urls", self.allow_url_images)
         inputs, counts = [], []
-        for src in images or []:
-            img = load_image(src, **load_kwargs)
+        for src in images:
+            img = load_image(src, check_size=budget.add_image, **load_kwargs)
+            budget.check_cancel()
             # the GPU part must not overlap a CUDA-graph capture on the engine's thread
             # crops in the model's dtype: what CLIP casts them to first anyway, at half the memory of
             # fp32 crops waiting on the device (~12 MB instead of 23 MB for a 16-crop image in bf16)
-            proc = self.image_processor.preprocess(img, num_crops, device=self.device, device_lock=CAPTURE_LOCK,
+            proc = self.image_processor.preprocess(img, nc, device=self.device, device_lock=CAPTURE_LOCK,
                                                    dtype=self.dtype)
+            del img
             inputs.append(ImageInput(proc.crops, proc.image_size, proc.key))
             counts.append(proc.num_tokens)
-        ids = tokenize_prompt(self.tokenizer, prompt, counts)
-        ctx = self.engine.max_model_len
+        ids = expand_placeholders(layout, counts)
         if len(ids) >= ctx:
             raise ValueError(f"the prompt is {len(ids)} tokens (images included) but the context holds {ctx}: "
                              "use fewer images, fewer crops (num_crops) or a shorter prompt")
         return PreparedRequest(ids, inputs, params, time.perf_counter() - t0)
 
     def prepare_chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
-                     num_crops: int | None = None, **load_kwargs: Any) -> PreparedRequest:
+                     num_crops: int | None = None, *, cancel: threading.Event | None = None,
+                     **load_kwargs: Any) -> PreparedRequest:
         prompt, images = render_chat(messages)
-        return self.prepare(prompt, images, sampling_params, num_crops, **load_kwargs)
+        return self.prepare(prompt, images, sampling_params, num_crops, cancel=cancel, **load_kwargs)
 
     # ---------------------------------------------------------------- running
     def run(self, requests: Sequence[PreparedRequest | Callable[[], PreparedRequest]],

@@ -6,6 +6,12 @@ with the images first). Each output line is `{"id", "text", "finish_reason", "us
 `{"id", "error"}`: a bad request is recorded and the others go on. Results are written in the order
 they finish. Requests whose id is already in the output file are skipped, so an interrupted run
 continues where it stopped.
+
+Nothing one line does stops the job: whatever its preparation or its result raises becomes its `error`
+record. A line whose id an earlier line already has gets an error record naming both lines (with a
+`line` field; such records do not mark the id done). On resume a torn last line (a crash mid-write) is
+cut off before anything is appended, and the output is fsynced at least every `--fsync-interval`
+seconds, so a crash loses at most that much and never glues a record to a fragment.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import functools
 import json
 import os
 import sys
-from typing import Any, Callable
+import time
+from typing import IO, Any, Callable
 
 from phi3v.sampling_params import SamplingParams
 
@@ -24,16 +31,76 @@ _PARAM_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "repetitio
                "json_schema", "json_object"}
 
 
-def _done_ids(path: str) -> set[str]:
+def _done_ids(path: str) -> tuple[set[str], set[int]]:
+    """(ids with a record, input lines already reported as duplicates) in an existing output."""
     done: set[str] = set()
+    dup_lines: set[int] = set()
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
-                    done.add(str(json.loads(line)["id"]))
+                    rec = json.loads(line)
+                    if "line" in rec:
+                        dup_lines.add(int(rec["line"]))
+                    else:
+                        done.add(str(rec["id"]))
                 except (ValueError, KeyError, TypeError):
-                    continue  # a torn last line from an interrupted run is rewritten
-    return done
+                    continue
+    return done, dup_lines
+
+
+def repair_tail(path: str) -> int:
+    """Cut a torn last line (no final newline: a crash mid-write) off the file; returns the bytes removed."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        pos, cut = size, 0
+        while pos > 0:
+            start = max(0, pos - 65536)
+            f.seek(start)
+            i = f.read(pos - start).rfind(b"\n")
+            if i >= 0:
+                cut = start + i + 1
+                break
+            pos = start
+        f.truncate(cut)
+        os.fsync(f.fileno())
+        return size - cut
+
+
+class _Output:
+    """Appends one JSON record per line: flushed at once, fsynced at least every `interval` seconds and at close."""
+
+    def __init__(self, f: IO[str], interval: float) -> None:
+        self.f, self.interval, self.synced = f, interval, time.monotonic()
+
+    def write(self, rec: dict[str, Any]) -> None:
+        line = json.dumps(rec, ensure_ascii=False) + "\n"
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (from the input) cannot be written as UTF-8: escaped
+            line = json.dumps(rec) + "\n"
+        self.f.write(line)
+        self.f.flush()
+        now = time.monotonic()
+        if now - self.synced >= self.interval:
+            os.fsync(self.f.fileno())
+            self.synced = now
+
+    def close(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if isinstance(e, ValueError) and text else f"{type(e).__name__}: {text}".rstrip(": ")
 
 
 def _prepare(llm: Any, rec: dict[str, Any], base: SamplingParams, image_dir: str | None) -> Any:
@@ -59,6 +126,36 @@ def _prepare(llm: Any, rec: dict[str, Any], base: SamplingParams, image_dir: str
     return llm.prepare(prompt, images, params, nc)
 
 
+def _plan(lines: list[str], done: set[str], dup_lines: set[int],
+          out: _Output) -> tuple[list[tuple[str, Any]], int, int]:
+    """(requests to run, errors written, skipped) from the input lines: invalid JSON and duplicate ids are written
+    as errors here, ids already done are skipped."""
+    todo: list[tuple[str, Any]] = []
+    first_line: dict[str, int] = {}
+    n_err = n_skip = 0
+    for n, line in enumerate(lines, 1):
+        try:
+            rec, err = json.loads(line), None
+        except ValueError as e:
+            rec, err = {"id": f"line-{n}"}, f"invalid JSON: {e}"
+        rid = str(rec.get("id", f"line-{n}")) if isinstance(rec, dict) else f"line-{n}"
+        if rid in first_line:
+            if n not in dup_lines:
+                out.write({"id": rid, "line": n, "error": f"duplicate id {rid!r}: line {n} repeats the id of line "
+                                                          f"{first_line[rid]}; give every request its own id"})
+                n_err += 1
+            continue
+        first_line[rid] = n
+        if rid in done:
+            n_skip += 1
+        elif err is None:
+            todo.append((rid, rec))
+        else:
+            out.write({"id": rid, "error": err})
+            n_err += 1
+    return todo, n_err, n_skip
+
+
 def run_batch(a: argparse.Namespace, base: SamplingParams, load: Callable[[argparse.Namespace], Any]) -> int:
     """Stream every request not yet in the output through one engine run: requests are prepared on
     threads a bounded window ahead and join the running batch as they become ready, and each result
@@ -66,49 +163,42 @@ def run_batch(a: argparse.Namespace, base: SamplingParams, load: Callable[[argpa
     request and an interrupted run loses nothing that finished."""
     if a.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
-    with open(a.input, encoding="utf-8") as f:
+    interval = getattr(a, "fsync_interval", 1.0)
+    if interval < 0:
+        raise ValueError("--fsync-interval must be >= 0")
+    with open(a.input, encoding="utf-8", errors="surrogateescape") as f:
         lines = [ln for ln in f if ln.strip()]
-    done = _done_ids(a.output)
-    llm = load(a)
-    llm.warmup()  # every CUDA graph (and first kernel use) up front: none is captured mid-run
-    n_ok = n_err = n_skip = 0
+    torn = repair_tail(a.output)
+    if torn:
+        print(f"phi3v batch: removed a torn last line ({torn} bytes) from {a.output}", file=sys.stderr)
+    done, dup_lines = _done_ids(a.output)
+    with open(a.output, "a", encoding="utf-8") as f:
+        out = _Output(f, interval)
+        todo, n_err, n_skip = _plan(lines, done, dup_lines, out)
+        n_ok = 0
+        llm = load(a) if todo else None  # a resume with nothing left to run loads no model
+        if llm is not None:
+            llm.warmup()  # every CUDA graph (and first kernel use) up front: none is captured mid-run
 
-    def prep(rec: dict[str, Any]) -> Any:  # a bad request becomes its error, returned, not raised
-        try:
-            return _prepare(llm, rec, base, a.image_dir)
-        except (ValueError, OSError) as e:
-            return ValueError(" ".join(str(e).split()))
-
-    with open(a.output, "a", encoding="utf-8") as out:
-        def write(rec: dict[str, Any]) -> None:
-            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            out.flush()
-
-        todo: list[tuple[str, dict[str, Any]]] = []
-        for n, line in enumerate(lines):
+        def prep(rec: dict[str, Any]) -> Any:  # a bad request becomes its error, returned, not raised
             try:
-                rec = json.loads(line)
-            except ValueError as e:
-                rec, err = {"id": f"line-{n + 1}"}, f"invalid JSON: {e}"
-            else:
-                err = None
-            rid = str(rec.get("id", f"line-{n + 1}")) if isinstance(rec, dict) else f"line-{n + 1}"
-            if rid in done:
-                n_skip += 1
-            elif err is None:
-                todo.append((rid, rec))
-            else:
-                write({"id": rid, "error": err})
-                n_err += 1
-        for i, _delta, result in llm.run([functools.partial(prep, rec) for _, rec in todo]):
+                return _prepare(llm, rec, base, a.image_dir)
+            except Exception as e:  # noqa: BLE001 - whatever one line raises is that line's error record
+                return ValueError(_one_line(e))
+
+        for i, _delta, result in (llm.run([functools.partial(prep, rec) for _, rec in todo]) if todo else ()):
             if result is None:
                 continue
-            if isinstance(result, Exception):
-                write({"id": todo[i][0], "error": str(result)})
-                n_err += 1
-            else:
-                write({"id": todo[i][0], "text": result.text, "finish_reason": result.finish_reason,
-                       "usage": result.usage})
+            rid = todo[i][0]
+            try:
+                if isinstance(result, Exception):
+                    raise result
+                out.write({"id": rid, "text": result.text, "finish_reason": result.finish_reason,
+                           "usage": result.usage})
                 n_ok += 1
+            except Exception as e:  # noqa: BLE001
+                out.write({"id": rid, "error": _one_line(e)})
+                n_err += 1
+        out.close()
     print(f"phi3v batch: {n_ok} done, {n_err} failed, {n_skip} skipped (already in {a.output})", file=sys.stderr)
     return 0

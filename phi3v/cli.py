@@ -181,7 +181,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     for flag, value, low in (("--port", a.port, 0), ("--max-num-seqs", a.max_num_seqs, 1),
                              ("--max-queue", a.max_queue, 0), ("--max-images-per-request", a.max_images_per_request, 0),
                              ("--max-image-pixels", a.max_image_pixels, 1), ("--max-model-len", a.max_model_len, 2),
-                             ("--num-crops", a.num_crops, 1)):
+                             ("--num-crops", a.num_crops, 1), ("--max-body-bytes", a.max_body_bytes, 1),
+                             ("--max-image-bytes", a.max_image_bytes, 1), ("--image-timeout", a.image_timeout, 0.001),
+                             ("--image-fetch-deadline", a.image_fetch_deadline, 0.001),
+                             ("--image-min-rate", a.image_min_rate, 0),
+                             ("--max-waiting-bytes", a.max_waiting_bytes, 1)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be at least {low}, got {value}")
     if a.kv_cache_dtype not in KV_CACHE_DTYPES:  # before the server starts loading
@@ -190,6 +194,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         import uvicorn
 
         from phi3v.server.app import Settings, create_app
+        from phi3v.server.http_errors import http_protocol
     except ImportError as e:
         raise ValueError(f"the server needs its extra dependencies ({e.name} is missing): "
                          "pip install 'phi3v[serve]'") from None
@@ -200,6 +205,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
                  max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, max_queue=a.max_queue,
                  max_images_per_request=a.max_images_per_request, max_image_pixels=a.max_image_pixels,
                  num_crops=a.num_crops, device=a.device, dtype=a.dtype, kv_cache_dtype=a.kv_cache_dtype,
+                 max_body_bytes=a.max_body_bytes, max_image_bytes=a.max_image_bytes, image_timeout=a.image_timeout,
+                 image_fetch_deadline=a.image_fetch_deadline, image_min_rate=a.image_min_rate,
+                 max_waiting_bytes=a.max_waiting_bytes,
                  engine_switches=engine_switches(), web_ui=not a.no_web_ui)
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"phi3v: warning: listening on {a.host} without --api-key: anyone who can reach it can use it",
@@ -210,7 +218,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
               file=sys.stderr)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(s), host=a.host, port=a.port, log_level=a.log_level, access_log=False,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, http=http_protocol())  # uvicorn's own 400s in the OpenAI shape
     return 0
 
 
@@ -232,6 +240,18 @@ def _serve_parser(sub: Any) -> None:
     s.add_argument("--max-queue", type=int, default=_env("MAX_QUEUE", 256), help="waiting requests before 429")
     s.add_argument("--max-images-per-request", type=int, default=_env("MAX_IMAGES_PER_REQUEST", 8))
     s.add_argument("--max-image-pixels", type=int, default=_env("MAX_IMAGE_PIXELS", 64 * 2**20))
+    s.add_argument("--max-image-bytes", type=int, default=_env("MAX_IMAGE_BYTES", 20 * 2**20),
+                   help="bytes of one encoded image (file, data URI or download)")
+    s.add_argument("--image-timeout", type=float, default=_env("IMAGE_TIMEOUT", 10.0),
+                   help="seconds per socket operation of an image download")
+    s.add_argument("--image-fetch-deadline", type=float, default=_env("IMAGE_FETCH_DEADLINE", 30.0),
+                   help="seconds for a whole image download, redirects included")
+    s.add_argument("--image-min-rate", type=float, default=_env("IMAGE_MIN_RATE", 4096.0),
+                   help="bytes/s an image download must average once --image-timeout has passed (0: off)")
+    s.add_argument("--max-body-bytes", type=int, default=_env("MAX_BODY_BYTES", 100 * 2**20),
+                   help="request body size (413 beyond it)")
+    s.add_argument("--max-waiting-bytes", type=int, default=_env("MAX_WAITING_BYTES", 8 * 2**30),
+                   help="bytes of prepared images held by requests not yet running (429 beyond it)")
     s.add_argument("--num-crops", type=int, default=_env("NUM_CROPS", None), help="default crops per image")
     s.add_argument("--device", default=_env("DEVICE"), help="cpu, cuda, cuda:N (default: cuda if available)")
     s.add_argument("--dtype", default=_env("DTYPE"), help="auto, bf16, fp16, fp32")
@@ -268,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=64,
                    help="requests decoded at once (KV memory permitting); more wait and join as others finish")
     b.add_argument("--image-dir", default=None, help="relative image paths are taken from here")
+    b.add_argument("--fsync-interval", type=float, default=1.0,
+                   help="seconds between fsyncs of the output (a crash loses at most this much; 0: every record)")
     b.set_defaults(fn=cmd_batch)
     _serve_parser(sub)
     from phi3v.bench import add_parser as add_bench_parser

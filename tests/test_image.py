@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from phi3v.processing import image_io
+from phi3v.processing import fetch, image_io
 from phi3v.processing.image import (ImageBatch, ImageProcessor, ProcessedImage, content_key, hd_canvas, hd_resized,
                                     num_image_tokens)
 from phi3v.processing.image_io import ImageInputError, load_image
@@ -425,8 +425,8 @@ def local_server(monkeypatch):
     """A loopback HTTP server; the SSRF guard is relaxed for 127.0.0.1 ONLY, and connections anywhere else fail."""
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    real_blocked, real_connect = image_io._ip_is_blocked, socket.create_connection
-    monkeypatch.setattr(image_io, "_ip_is_blocked", lambda ip: str(ip) != "127.0.0.1" and real_blocked(ip))
+    real_blocked, real_connect = fetch._ip_is_blocked, socket.create_connection
+    monkeypatch.setattr(fetch, "_ip_is_blocked", lambda ip: str(ip) != "127.0.0.1" and real_blocked(ip))
 
     def loopback_only(addr, *a, **k):
         assert addr[0] == "127.0.0.1", f"connection attempt to {addr}"

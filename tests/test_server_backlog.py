@@ -39,7 +39,7 @@ def test_requests_beyond_the_device_backlog_move_their_crops_to_the_host(llm: LL
     try:
         asyncio.run(submit_all())
     finally:
-        for pool in (fe._pool, fe._fetch_pool):
+        for pool in fe._pools.values():
             pool.shutdown(wait=True)
     assert fe.num_waiting == 5
     assert moved == [2, 3, 4]  # requests 0 and 1 are the 2 allowed to wait on the device; 2, 3 and 4 are moved

@@ -31,6 +31,7 @@ pytest.importorskip("prometheus_client")
 import uvicorn  # noqa: E402
 
 from phi3v.server.app import Settings, create_app  # noqa: E402
+from phi3v.server.http_errors import http_protocol  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 TINY = str(ROOT / "data" / "tiny-phi3v")
@@ -105,7 +106,7 @@ def start_server(name: str, *, before_start: Any = None, wait: bool = True, **ov
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                               timeout_graceful_shutdown=2))
+                                               timeout_graceful_shutdown=2, http=http_protocol()))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{name}")
         thread.start()
         h = ServerHandle(f"http://127.0.0.1:{port}", app, settings, server, thread)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from phi3v.processing.tokenizer import Tokenizer
 
-__all__ = ["PromptError", "IMAGE_TAG", "ROLES", "render_chat", "tokenize_prompt"]
+__all__ = ["PromptError", "IMAGE_TAG", "ROLES", "expand_placeholders", "render_chat", "tokenize_prompt"]
 
 
 class PromptError(ValueError):
@@ -160,3 +160,15 @@ def tokenize_prompt(tokenizer: Tokenizer, prompt: str, num_img_tokens: Sequence[
         ids.extend([-k] * counts[k - 1])
         ids.extend(tokenizer.encode(chunk))
     return ids
+
+
+def expand_placeholders(ids: Sequence[int], num_img_tokens: Sequence[int]) -> list[int]:
+    """`tokenize_prompt(tok, prompt, [1] * n)` -> `tokenize_prompt(tok, prompt, num_img_tokens)` without tokenizing
+    again: each placeholder -k becomes num_img_tokens[k-1] copies (the text tokens do not depend on the counts)."""
+    out: list[int] = []
+    for i in ids:
+        if i < 0:
+            out.extend([i] * num_img_tokens[-i - 1])
+        else:
+            out.append(i)
+    return out

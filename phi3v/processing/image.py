@@ -72,6 +72,16 @@ def hd_resize_size(width: int, height: int, num_crops: int) -> tuple[int, int]:
     return new_w, max(new_h, 1)  # clamp: the reference crashes on 0 here (documented deviation)
 
 
+def tokens_for_size(width: int, height: int, num_crops: int) -> int:
+    """The image tokens `preprocess` will give an image of this size, from the size alone (no pixel is touched):
+    the grid of the HD canvas that `hd_resized` + padding would build, transposed for portrait images."""
+    nc = _check_num_crops(num_crops)
+    long, short = max(width, height), min(width, height)
+    new_w, new_h = hd_resize_size(long, max(short, 1), nc)
+    rows, cols = math.ceil(new_h / CROP), new_w // CROP  # of the landscape canvas
+    return num_image_tokens(cols, rows) if width < height else num_image_tokens(rows, cols)
+
+
 def hd_resized(img: Image.Image, num_crops: int) -> tuple[np.ndarray, int, bool]:
     """RGB PIL image -> (pixels, target_h, transposed): the resized image as LANDSCAPE (new_h, new_w, 3) uint8
     (read-only), the canvas height it is padded to (a multiple of 336), and whether the canvas is the transpose

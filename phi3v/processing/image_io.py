@@ -5,56 +5,62 @@ torch tensors, `data:image/...;base64,` URIs and (opt-in) `http(s)://` URLs. Eve
 `ImageInputError` (a `ValueError`) whose one-line message says what is wrong and what to do.
 
 Safety: byte caps on every source, a pixel cap checked from the header BEFORE decoding (decompression
-bombs), a forced full decode (truncated files fail here, not later inside the model), `allowed_dir`
-confinement for paths, and SSRF protection for URLs: every hop (redirects are followed by hand) is
-resolved, every address must be public, and the connection goes to the address that was checked
-(no second DNS lookup, so DNS rebinding cannot swap in a private address).
+bombs), a forced full decode (truncated files fail here, not later inside the model), race-free
+`allowed_dir` confinement for paths (media_path.py), and SSRF protection plus whole-transfer deadlines
+for URLs (fetch.py). Whatever a decoder raises (Pillow's plugins raise RuntimeError, NotImplementedError
+subclasses, struct.error, ...) becomes an ImageInputError; an exception type not seen before is logged
+once with its traceback, so a decoder bug is visible without an attacker filling the log.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import http.client
 import io
-import ipaddress
+import logging
 import os
 import re
-import socket
-import ssl
-import stat
-import time
 import urllib.parse
 import urllib.request
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from phi3v.processing.fetch import MIN_FETCH_RATE, FetchLimits, fetch_url
+from phi3v.processing.media_errors import ImageInputError
+from phi3v.processing.media_errors import fmt_size as _fmt_size
+from phi3v.processing.media_errors import show as _show
+from phi3v.processing.media_path import read_media_file
+
+__all__ = ["ImageInputError", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "load_image"]
+
+log = logging.getLogger("phi3v.images")
+
 MAX_IMAGE_PIXELS = 64 * 2**20  # default pixel cap (w*h), checked from the header before any decoding
 MAX_IMAGE_BYTES = 50 * 2**20  # default byte cap for files, bytes, data URIs and downloads
-MAX_REDIRECTS = 5
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_logged_types: set[str] = set()  # decoder exception types already logged with a traceback
+SizeCheck = Callable[[int, int], None]  # called with (width, height) from the header, before the full decode
 
 
-class ImageInputError(ValueError):
-    """The image input is unusable (missing, not an image, too large, forbidden source, ...)."""
+def _decoder_failed(e: BaseException, what: str, stage: str) -> ImageInputError:
+    """An unexpected exception from a decoder -> ImageInputError; logged with its traceback the first time."""
+    name = f"{type(e).__module__}.{type(e).__qualname__}"
+    if name not in _logged_types:
+        _logged_types.add(name)
+        log.warning("image decoder raised %s while %s %s (logged once per exception type)", name, stage, what,
+                    exc_info=e)
+    else:
+        log.info("image decoder raised %s while %s %s: %s", name, stage, what, e)
+    return ImageInputError(f"{what} could not be decoded ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                           "the data is corrupt or uses an unsupported variant of its format; re-export the image")
 
 
-def _fmt_size(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
-
-
-def _show(s: str, limit: int = 120) -> str:
-    """repr() for error messages, shortened so a pasted base64 blob cannot flood a one-line message."""
-    r = repr(s)
-    return r if len(r) <= limit else r[: limit - 5] + "...'"
-
-
-def _check_pil(img: Image.Image, what: str, max_pixels: int) -> Image.Image:
+def _check_pil(img: Image.Image, what: str, max_pixels: int, check_size: SizeCheck | None = None) -> Image.Image:
     """Size checks on a (possibly still lazy) image, then a forced full decode."""
     w, h = img.size
     if w <= 0 or h <= 0:
@@ -64,6 +70,8 @@ def _check_pil(img: Image.Image, what: str, max_pixels: int) -> Image.Image:
             f"{what} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} (decompression-bomb guard); "
             "downscale it or raise max_pixels"
         )
+    if check_size is not None:
+        check_size(w, h)  # e.g. the request's token budget: refused before the pixels are decoded
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -72,10 +80,13 @@ def _check_pil(img: Image.Image, what: str, max_pixels: int) -> Image.Image:
         raise ImageInputError(f"{what} looks like a decompression bomb ({e}); downscale it") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
         raise ImageInputError(f"{what} could not be decoded, the data is truncated or corrupt ({e}); re-export the image") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the input's problem (RuntimeError from AVIF, ...)
+        raise _decoder_failed(e, what, "decoding") from None
     return img
 
 
-def _decode_bytes(data: bytes, what: str, max_bytes: int, max_pixels: int) -> Image.Image:
+def _decode_bytes(data: bytes, what: str, max_bytes: int, max_pixels: int,
+                  check_size: SizeCheck | None = None) -> Image.Image:
     if len(data) == 0:
         raise ImageInputError(f"{what} is empty (0 bytes); provide a non-empty image file")
     if len(data) > max_bytes:
@@ -91,7 +102,9 @@ def _decode_bytes(data: bytes, what: str, max_bytes: int, max_pixels: int) -> Im
         raise ImageInputError(f"{what} is not a recognised image format; provide a PNG, JPEG, WebP, GIF, BMP or TIFF") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageInputError(f"{what} could not be opened as an image ({e}); check the file") from None
-    return _check_pil(img, what, max_pixels)
+    except Exception as e:  # noqa: BLE001 - e.g. BLPFormatError (a NotImplementedError) from a header
+        raise _decoder_failed(e, what, "opening") from None
+    return _check_pil(img, what, max_pixels, check_size)
 
 
 def _from_array(arr: Any, what: str, max_pixels: int) -> Image.Image:
@@ -112,7 +125,7 @@ def _from_array(arr: Any, what: str, max_pixels: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def _decode_data_uri(uri: str, max_bytes: int, max_pixels: int) -> Image.Image:
+def _decode_data_uri(uri: str, max_bytes: int, max_pixels: int, check_size: SizeCheck | None) -> Image.Image:
     head, sep, payload = uri.partition(",")
     if not sep:
         raise ImageInputError("data URI has no ',' separator; use data:image/<type>;base64,<data>")
@@ -129,145 +142,13 @@ def _decode_data_uri(uri: str, max_bytes: int, max_pixels: int) -> Image.Image:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ImageInputError(f"data URI holds invalid base64 ({e}); re-encode the image with standard base64") from None
-    return _decode_bytes(data, "data URI image", max_bytes, max_pixels)
+    return _decode_bytes(data, "data URI image", max_bytes, max_pixels, check_size)
 
 
-def _load_path(path: str, allowed_dir: str | None, max_bytes: int, max_pixels: int) -> Image.Image:
-    if "\0" in path:
-        raise ImageInputError("image path contains a NUL byte; pass a valid file path")
-    real = os.path.realpath(path)  # resolves symlinks and '..' before the confinement check
-    if allowed_dir is not None:
-        root = os.path.realpath(allowed_dir)
-        if os.path.commonpath([root, real]) != root:
-            raise ImageInputError(f"image path {_show(path)} is outside the allowed directory {_show(allowed_dir)}; move the file there")
-    try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        raise ImageInputError(f"image file not found: {_show(path)}; check the path") from None
-    except OSError as e:
-        raise ImageInputError(f"cannot access image file {_show(path)} ({e.strerror}); check the path and permissions") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ImageInputError(f"image path {_show(path)} is a directory; pass an image file")
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageInputError(f"image path {_show(path)} is not a regular file; pass an image file")
-    if st.st_size == 0:
-        raise ImageInputError(f"image file {_show(path)} is empty (0 bytes); provide a non-empty image file")
-    if st.st_size > max_bytes:
-        raise ImageInputError(f"image file {_show(path)} is {_fmt_size(st.st_size)}, over the limit of {_fmt_size(max_bytes)}; use a smaller image")
-    try:
-        with open(real, "rb") as f:
-            data = f.read(max_bytes + 1)  # cap even if the file grows after stat
-    except OSError as e:
-        raise ImageInputError(f"cannot read image file {_show(path)} ({e.strerror}); check permissions") from None
-    return _decode_bytes(data, f"image file {_show(path)}", max_bytes, max_pixels)
-
-
-# ---------------------------------------------------------------- URLs (SSRF-safe)
-
-
-def _ip_is_blocked(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """True for every address a server-side fetch must never reach (metadata services, LAN, loopback)."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        for embedded in (ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None):
-            if embedded is not None and _ip_is_blocked(embedded):
-                return True  # an IPv6 form that tunnels to a private IPv4 address
-        if ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-    return (
-        ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast
-        or ip.is_reserved or ip.is_unspecified or not ip.is_global
-    )
-
-
-def _resolve_public(host: str, port: int) -> str:
-    """Resolve `host` and return one address to connect to; refuse if ANY resolved address is non-public."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise ImageInputError(f"cannot resolve image URL host {_show(host)} ({e}); check the URL") from None
-    addrs = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
-    if not addrs:
-        raise ImageInputError(f"image URL host {_show(host)} has no addresses; check the URL")
-    for ip in addrs:
-        if _ip_is_blocked(ip):
-            raise ImageInputError(f"image URL host {_show(host)} resolves to non-public address {ip}; only public hosts may be fetched")
-    return str(addrs[0])
-
-
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """HTTP connection to a pre-checked IP; the Host header still names the original host."""
-
-    def __init__(self, host: str, ip: str, **kw: Any) -> None:
-        super().__init__(host, **kw)
-        self._ip = ip
-
-    def connect(self) -> None:
-        self.sock = socket.create_connection((self._ip, self.port), self.timeout)
-
-
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS to a pre-checked IP; SNI and certificate verification use the original hostname."""
-
-    def __init__(self, host: str, ip: str, **kw: Any) -> None:
-        super().__init__(host, context=ssl.create_default_context(), **kw)
-        self._ip = ip
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self._ip, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
-
-
-def _fetch_url(url: str, max_bytes: int, timeout: float) -> bytes:
-    """GET `url` with redirects followed by hand (each hop re-checked). http.client (urllib's transport) is used
-    directly so the socket goes to the checked IP; HTTP(S)_PROXY settings are therefore not used."""
-    # each socket operation times out after `timeout`; the whole fetch (all hops, slow drip-feeds) after 3x that
-    deadline = time.monotonic() + max(timeout, 0.001) * 3
-    for _hop in range(MAX_REDIRECTS + 1):
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https"):
-            raise ImageInputError(f"image URL scheme {parts.scheme!r} is not supported (redirect target {_show(url)}); use http(s)")
-        host = parts.hostname
-        if not host:
-            raise ImageInputError(f"image URL {_show(url)} has no host; check the URL")
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            raise ImageInputError(f"image URL {_show(url)} has an invalid port; check the URL") from None
-        ip = _resolve_public(host, port)  # checked on every hop, before any connection
-        cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
-        conn = cls(host, ip, port=port, timeout=timeout)
-        try:
-            target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-            conn.request("GET", target, headers={"User-Agent": "phi3v-image-loader", "Accept": "image/*"})
-            resp = conn.getresponse()
-            if resp.status in (301, 302, 303, 307, 308):
-                loc = resp.getheader("Location")
-                if not loc:
-                    raise ImageInputError(f"image URL {_show(url)} redirected without a Location header")
-                url = urllib.parse.urljoin(url, loc)
-                continue
-            if resp.status != 200:
-                raise ImageInputError(f"image URL {_show(url)} returned HTTP {resp.status}; check the URL")
-            length = resp.getheader("Content-Length")
-            if length and length.isdigit() and int(length) > max_bytes:
-                raise ImageInputError(f"image URL {_show(url)} serves {_fmt_size(int(length))}, over the limit of {_fmt_size(max_bytes)}")
-            chunks, total = [], 0
-            while True:
-                chunk = resp.read(min(65536, max_bytes + 1 - total))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
-                if total > max_bytes:
-                    raise ImageInputError(f"image URL {_show(url)} serves more than {_fmt_size(max_bytes)}; use a smaller image")
-                if time.monotonic() > deadline:
-                    raise ImageInputError(f"image URL {_show(url)} took too long to download; try again or use a faster host")
-            return b"".join(chunks)
-        except (OSError, http.client.HTTPException) as e:
-            raise ImageInputError(f"image URL {_show(url)} could not be fetched ({e}); check the URL and network") from None
-        finally:
-            conn.close()
-    raise ImageInputError(f"image URL followed more than {MAX_REDIRECTS} redirects; use the final URL")
+def _load_path(path: str, allowed_dir: str | None, max_bytes: int, max_pixels: int,
+               check_size: SizeCheck | None) -> Image.Image:
+    data = read_media_file(path, allowed_dir, max_bytes)
+    return _decode_bytes(data, f"image file {_show(path)}", max_bytes, max_pixels, check_size)
 
 
 # ---------------------------------------------------------------- entry point
@@ -282,38 +163,50 @@ def load_image(
     max_bytes: int = MAX_IMAGE_BYTES,
     timeout: float = 10.0,
     max_pixels: int | None = None,
+    deadline: float | None = None,
+    min_rate: float = MIN_FETCH_RATE,
+    check_size: SizeCheck | None = None,
 ) -> Image.Image:
     """Return a fully loaded (decoded) PIL image for `src`; raise ImageInputError when unusable.
 
     `max_pixels=None` uses the module-level `MAX_IMAGE_PIXELS` (read at call time). The returned image keeps its
     original mode; colour conversion is the image processor's job. A PIL image is returned as is (after checks).
+    URLs: `timeout` bounds each socket operation, `deadline` the whole download (None: 3 x timeout), and a host
+    slower than `min_rate` bytes/s on average is dropped after `timeout` seconds. With `allowed_dir`, a relative
+    path is taken from that folder. `check_size(width, height)`, when given, runs on the header's size before the
+    pixels are decoded (and may raise to refuse the image).
     """
     limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
     if isinstance(src, Image.Image):
-        return _check_pil(src, "image", limit)
+        return _check_pil(src, "image", limit, check_size)
     if isinstance(src, (bytes, bytearray, memoryview)):
-        return _decode_bytes(bytes(src), "image bytes", max_bytes, limit)
-    if isinstance(src, np.ndarray):
-        return _from_array(src, "numpy image array", limit)
-    if isinstance(src, torch.Tensor):
-        if src.dtype != torch.uint8:
-            raise ImageInputError(f"image tensor has dtype {src.dtype}; only torch.uint8 HWC tensors are accepted (values 0..255)")
-        return _from_array(src.detach().cpu().numpy(), "image tensor", limit)
+        return _decode_bytes(bytes(src), "image bytes", max_bytes, limit, check_size)
+    if isinstance(src, (np.ndarray, torch.Tensor)):
+        if isinstance(src, torch.Tensor):
+            if src.dtype != torch.uint8:
+                raise ImageInputError(f"image tensor has dtype {src.dtype}; only torch.uint8 HWC tensors are accepted (values 0..255)")
+            img = _from_array(src.detach().cpu().numpy(), "image tensor", limit)
+        else:
+            img = _from_array(src, "numpy image array", limit)
+        if check_size is not None:
+            check_size(*img.size)
+        return img
     if isinstance(src, os.PathLike):
         src = os.fsdecode(os.fspath(src))
         if not allow_paths:
             raise ImageInputError("local image paths are not allowed here; send the image as base64 data instead")
-        return _load_path(src, allowed_dir, max_bytes, limit)
+        return _load_path(src, allowed_dir, max_bytes, limit, check_size)
     if not isinstance(src, str):
         raise ImageInputError(f"unsupported image input type {type(src).__name__}; pass a PIL image, path, URL, bytes or uint8 array")
     if src[:5].lower() == "data:":
-        return _decode_data_uri(src.strip(), max_bytes, limit)
+        return _decode_data_uri(src.strip(), max_bytes, limit, check_size)
     m = _SCHEME_RE.match(src)
     scheme = m.group(1).lower() if m else ""
     if scheme in ("http", "https"):
         if not allow_urls:
             raise ImageInputError("image URLs are disabled here; download the image and send it as base64 data")
-        return _decode_bytes(_fetch_url(src, max_bytes, timeout), f"image from {_show(src)}", max_bytes, limit)
+        data = fetch_url(src, FetchLimits(max_bytes, timeout, deadline, min_rate))
+        return _decode_bytes(data, f"image from {_show(src)}", max_bytes, limit, check_size)
     if scheme == "file":
         parts = urllib.parse.urlsplit(src)
         if parts.netloc not in ("", "localhost"):
@@ -325,4 +218,4 @@ def load_image(
         raise ImageInputError("image path is empty; pass a file path, URL or image data")
     if not allow_paths:
         raise ImageInputError("local image paths are not allowed here; send the image as base64 data instead")
-    return _load_path(src, allowed_dir, max_bytes, limit)
+    return _load_path(src, allowed_dir, max_bytes, limit, check_size)

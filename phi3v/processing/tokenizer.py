@@ -67,6 +67,9 @@ class Tokenizer:
         self.special_ids: set[int] = {i for i, t in decoder.items() if t.special}
         self.added_ids: set[int] = set(decoder)
         # Ids of byte-fallback pieces (<0x00> .. <0xFF>): their text depends on their neighbours.
+        # no token stands for more characters than this (the longest piece, added tokens included): a text longer
+        # than n times it cannot be n tokens or fewer (processing/limits.py bounds prompts with it)
+        self.max_token_chars: int = max((len(p) for p in tok.get_vocab(with_added_tokens=True)), default=1)
         self.byte_ids: frozenset[int] = frozenset(
             i for p, i in tok.get_vocab(with_added_tokens=False).items() if _BYTE_PIECE.fullmatch(p)
         )
@@ -120,7 +123,10 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode() expects str, got {type(text).__name__}")
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # `tokenizers` refuses a str it cannot encode as UTF-8 (a lone surrogate)
+            raise ValueError("the text contains a lone UTF-16 surrogate; send valid Unicode text") from None
         bos = self.add_bos_token if add_bos is None else add_bos
         if bos:
             if self.bos_token_id is None:

@@ -1,4 +1,4 @@
-"""FastAPI app: thin routes over `Frontend`, OpenAI-shaped errors, health, metrics, auth.
+"""FastAPI app: thin routes over `Frontend`, OpenAI-shaped errors, health, metrics (auth and body limits: middleware.py).
 
 `create_app(Settings(model=...))` returns the app; the model loads in a background thread at
 startup (`/health` answers 503 until it is ready). Run it with uvicorn or `phi3v serve`.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import threading
@@ -18,16 +17,20 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import anyio
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phi3v.output import Completion
 from phi3v.processing.chat import PromptError
+from phi3v.processing.fetch import MIN_FETCH_RATE
 from phi3v.processing.image_io import MAX_IMAGE_PIXELS, ImageInputError
+from phi3v.server.admission import MAX_WAITING_BYTES
 from phi3v.server.frontend import Frontend, QueueFull, RequestFailed, RequestStream, ServerMetrics
+from phi3v.server.middleware import RequestGuard, error_response
 from phi3v.server.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
                                    ChunkChoice, DeltaMessage, ErrorResponse, Health, ModelCard, ModelList, Usage,
                                    choice_logprobs, error_body, validation_message)
@@ -51,7 +54,10 @@ class Settings:
     max_images_per_request: int = 8
     max_image_pixels: int = MAX_IMAGE_PIXELS
     max_image_bytes: int = 20 * 2**20
-    image_timeout: float = 10.0
+    image_timeout: float = 10.0  # per socket operation of an image download
+    image_fetch_deadline: float = 30.0  # a whole image download, redirects included
+    image_min_rate: float = MIN_FETCH_RATE  # bytes/s a download must average once image_timeout has passed
+    max_waiting_bytes: int = MAX_WAITING_BYTES  # prepared crops of accepted requests not yet prefilled
     num_crops: int | None = None
     device: str | None = None
     dtype: str | None = None
@@ -73,9 +79,7 @@ class APIError(Exception):
         self.param, self.code, self.headers = param, code, headers
 
 
-def _err(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-         code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+_err = error_response
 
 
 class _State:
@@ -97,9 +101,9 @@ class _State:
             llm.warmup()  # every CUDA graph and first kernel use now (blank requests), not as the first requests arrive
             load_kwargs = dict(allowed_dir=s.allowed_media_dir, allow_paths=s.allowed_media_dir is not None,
                                allow_urls=s.allow_url_images, max_bytes=s.max_image_bytes, timeout=s.image_timeout,
-                               max_pixels=s.max_image_pixels)
+                               deadline=s.image_fetch_deadline, min_rate=s.image_min_rate, max_pixels=s.max_image_pixels)
             fe = Frontend(llm, max_queue=s.max_queue, max_images=s.max_images_per_request, load_kwargs=load_kwargs,
-                          default_num_crops=s.num_crops, metrics=self.metrics)
+                          default_num_crops=s.num_crops, metrics=self.metrics, max_waiting_bytes=s.max_waiting_bytes)
             fe.start()
             self.frontend, self.status = fe, "ok"
             log.info("model %s loaded in %.1fs (%s, %s); serving as %r", s.model, time.perf_counter() - t0,
@@ -114,47 +118,6 @@ class _State:
                    else (self.detail or "not ready"))
             raise APIError(503, msg, "server_error", code="model_not_ready", headers={"Retry-After": "5"})
         return self.frontend
-
-
-class _RequestContext:
-    """Pure ASGI middleware: a request id on every response (X-Request-Id), a body size cap, access logs."""
-
-    def __init__(self, app: Any, max_body: int) -> None:
-        self.app, self.max_body = app, max_body
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        chat = scope["path"].endswith("/chat/completions")
-        rid = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"req-{uuid.uuid4().hex[:16]}"
-        scope.setdefault("state", {})["rid"] = rid
-        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
-        if length.isdigit() and int(length) > self.max_body:
-            resp = _err(413, f"the request body is {int(length)} bytes, over the limit of {self.max_body}",
-                        code="request_too_large", headers={"X-Request-Id": rid})
-            return await resp(scope, receive, send)
-        t0, status, seen = time.perf_counter(), [0], [0]
-
-        async def counted_receive() -> dict:
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen[0] += len(msg.get("body", b""))
-                if seen[0] > self.max_body:
-                    raise ValueError("request body too large")
-            return msg
-
-        async def send_with_id(msg: dict) -> None:
-            if msg["type"] == "http.response.start":
-                status[0] = msg["status"]
-                msg["headers"] = list(msg.get("headers", [])) + [(b"x-request-id", rid.encode())]
-            await send(msg)
-
-        try:
-            await self.app(scope, counted_receive, send_with_id)
-        finally:
-            if scope["path"] not in ("/health", "/metrics") or status[0] >= 400:
-                log.info("[%s] %s %s -> %s in %.3fs", rid, scope["method"], scope["path"], status[0],
-                         time.perf_counter() - t0)
 
 
 class _SSE(StreamingResponse):
@@ -199,6 +162,62 @@ def _sse(obj: Any) -> str:
     return f"data: {obj.model_dump_json()}\n\n"
 
 
+async def _parse_chat(request: Request) -> ChatCompletionRequest:
+    """The body, parsed and validated here rather than by a FastAPI body parameter: FastAPI would keep the raw
+    bytes and the parsed JSON for as long as the handler runs, so a waiting request with a 15 MB body held
+    several copies of it. Here they are dropped once validated."""
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if ctype and not (ctype == "application/json" or ctype.endswith("+json")):
+        raise APIError(400, f"the request body must be JSON (Content-Type: application/json), got {ctype!r}",
+                       code="invalid_content_type")
+    raw = await request.body()
+    request.__dict__.pop("_body", None)  # Starlette's cached copy
+    try:
+        return ChatCompletionRequest.model_validate_json(raw)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors()]) from None
+
+
+async def _submit_unless_gone(fe: Frontend, request: Request, rid: str, held: list[list[dict[str, Any]]],
+                              params: Any, crops: int | None, n_images: int) -> RequestStream | None:
+    """`fe.submit`, given up (its preparation cancelled) when the client disconnects first: None then. The
+    messages come in a list that is emptied here, so that only the preparation holds them, until it is done."""
+    task = asyncio.ensure_future(fe.submit(rid, held.pop(), params, crops, n_images))
+    watch = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()  # submit's cancellation sets the preparation's cancel event
+    if task.cancelled():
+        log.info("[%s] client gone during preparation", rid)
+        return None
+    return task.result()
+
+
+def _document_chat_body(app: FastAPI) -> None:
+    """The chat route reads its body itself (see _parse_chat); its schema goes into the OpenAPI document here."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = base()
+        schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/Req_{model}")
+        defs = schema.pop("$defs", {})
+        comps = doc.setdefault("components", {}).setdefault("schemas", {})
+        comps.update({f"Req_{k}": v for k, v in defs.items()})
+        comps["Req_ChatCompletionRequest"] = schema
+        op = doc["paths"]["/v1/chat/completions"]["post"]
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/Req_ChatCompletionRequest"}}}}
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 # ---------------------------------------------------------------- the app
 
 
@@ -215,16 +234,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="phi3v", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible chat completions for Phi-3-vision / Phi-3.5-vision")
     app.state.phi3v = state
-    app.add_middleware(_RequestContext, max_body=settings.max_body_bytes)
-
-    async def auth(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        got = request.headers.get("authorization", "")
-        scheme, _, token = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+    app.add_middleware(RequestGuard, max_body=settings.max_body_bytes, api_key=settings.api_key)
+    _document_chat_body(app)
 
     errors = {c: {"model": ErrorResponse} for c in (400, 401, 404, 413, 429, 500, 503)}
 
@@ -250,7 +261,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(ValueError)
     async def _value(request: Request, e: ValueError) -> JSONResponse:
         param = "messages" if isinstance(e, (ImageInputError, PromptError)) else None
-        return _err(400, " ".join(str(e).split()) or "invalid request", param=param)
+        code = "invalid_image" if isinstance(e, ImageInputError) else getattr(e, "code", None)
+        return _err(400, " ".join(str(e).split()) or "invalid request", param=param, code=code)
 
     @app.exception_handler(RequestFailed)
     async def _failed(request: Request, e: RequestFailed) -> JSONResponse:
@@ -274,24 +286,32 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.web_ui:
         add_web_ui(app)
 
-    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(auth)], responses=errors)
+    @app.get("/v1/models", response_model=ModelList, responses=errors)
     async def models() -> ModelList:
         fe = state.frontend
         return ModelList(data=[ModelCard(id=settings.model_id,
                                          max_model_len=fe.engine.max_model_len if fe else settings.max_model_len)])
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=[Depends(auth)], responses=errors)
-    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=errors)
+    async def chat_completions(request: Request) -> Any:
         rid: str = request.scope["state"]["rid"]
+        req = await _parse_chat(request)
         if req.model != settings.model_id:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {settings.model_id!r}",
                            param="model", code="model_not_found")
         fe = state.ready()
         params = req.sampling_params(fe.engine.max_model_len)
         messages = [m.to_internal() for m in req.messages]
-        stream = await fe.submit(rid, messages, params, req.crops(settings.num_crops), req.num_images())
+        crops, n_images, streaming = req.crops(settings.num_crops), req.num_images(), req.stream
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        del req  # the parsed body (its base64 images) is not kept while the request waits or runs
+        held = [messages]
+        del messages
+        stream = await _submit_unless_gone(fe, request, rid, held, params, crops, n_images)
+        if stream is None:
+            return Response(status_code=499)
         model = settings.model_id
-        if not req.stream:
+        if not streaming:
             task = asyncio.ensure_future(_collect(stream))
             watch = asyncio.ensure_future(_until_disconnect(request))
             try:
@@ -309,7 +329,6 @@ def create_app(settings: Settings) -> FastAPI:
                 logprobs=choice_logprobs(fe.llm.tokenizer, done.logprobs))])
             return JSONResponse(body.model_dump())
 
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         created = int(time.time())
 
         def chunk(delta: DeltaMessage, finish: str | None = None) -> ChatCompletionChunk:

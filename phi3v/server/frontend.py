@@ -1,15 +1,18 @@
 """The async front end: one thread owns the engine, asyncio handlers talk to it through queues.
 
-- Preparation (image download/decoding, cropping, tokenization) runs in a small thread pool, so a
-  slow or huge image never stalls decoding; its errors (ValueError) go back to that request only.
+- Preparation (image download/decoding, cropping, tokenization) runs in small thread pools, so a
+  slow or huge image never stalls decoding; its errors go back to that request only.
 - The engine thread loops: take commands (add / abort) from a thread-safe queue, step the request
   driver (phi3v/driver.py: the engine step, text deltas, stop strings) and hand each request's
   events to its asyncio queue with `loop.call_soon_threadsafe`.
 - Robustness: the engine fails only the sequences a failure can be pinned on (a failed batched
   prefill is retried one sequence at a time inside the engine); a bug in the loop itself fails the
   requests in flight, and the loop goes on.
-- Bounded: at most `max_num_seqs + max_queue` requests are accepted at once; beyond that
-  `submit` raises `QueueFull` (the route answers 429 with Retry-After).
+- Bounded: at most `max_num_seqs + max_queue` requests are accepted at once, and the prepared crops of
+  requests not yet prefilled hold at most `max_waiting_bytes`; beyond either `submit` raises `QueueFull`
+  (the route answers 429 with Retry-After). Preparation runs in one pool per kind of work (text only,
+  local images, downloads), stops early when the client leaves, and any unexpected exception in it is
+  the request's 400 (admission.py).
 - A backlog costs no GPU memory: once more than `device_waiting` accepted requests are not running,
   new ones move their crops to pinned host memory (the engine copies them back when it encodes them).
 """
@@ -30,26 +33,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from phi3v.driver import RequestDriver
 from phi3v.output import Completion
+from phi3v.processing.limits import Cancelled, check_image_count
+from phi3v.server.admission import (MAX_WAITING_BYTES, PreparationError, QueueFull, WaitingBytes, pool_kind,
+                                    prepared_bytes)
 
 log = logging.getLogger("phi3v.server")
-
-
-def _downloads(messages: list[dict[str, Any]]) -> bool:
-    """Whether any image part of the messages is an http(s) URL."""
-    for m in messages:
-        for p in m.get("content") if isinstance(m.get("content"), list) else ():
-            url = (p.get("image_url") or {}).get("url", "") if isinstance(p, dict) else ""
-            if isinstance(url, str) and url[:8].lower().startswith(("http://", "https://")):
-                return True
-    return False
-
-
-class QueueFull(Exception):
-    """Too many requests are waiting; try again after `retry_after` seconds."""
-
-    def __init__(self, retry_after: int = 1) -> None:
-        super().__init__("the server is at capacity: too many requests are waiting; retry later")
-        self.retry_after = retry_after
 
 
 class RequestFailed(Exception):
@@ -88,9 +76,10 @@ class _Handle:
     rid: str
     loop: asyncio.AbstractEventLoop
     q: asyncio.Queue
-    prep: Any  # phi3v.api.PreparedRequest
+    prep: Any  # phi3v.api.PreparedRequest; None once prefilled (or over)
     arrival: float
     added: bool = False
+    held_bytes: int = 0  # counted in Frontend.waiting until the prefill (first output) or the end
     first: float | None = None
 
 
@@ -127,7 +116,8 @@ class RequestStream:
 class Frontend:
     def __init__(self, llm: Any, *, max_queue: int = 256, max_images: int = 8,
                  load_kwargs: dict[str, Any] | None = None, default_num_crops: int | None = None,
-                 prepare_workers: int = 4, metrics: ServerMetrics | None = None) -> None:
+                 prepare_workers: int = 4, metrics: ServerMetrics | None = None,
+                 max_waiting_bytes: int = MAX_WAITING_BYTES) -> None:
         self.llm, self.engine = llm, llm.engine
         self.max_queue, self.max_images = max_queue, max_images
         self.driver = RequestDriver(self.engine, llm.tokenizer, llm.config.eos_token_ids)
@@ -138,9 +128,11 @@ class Frontend:
         self.default_num_crops = default_num_crops
         self.metrics = metrics or ServerMetrics(getattr(llm, "model_name", "model"))
         self._cmds: queue.Queue = queue.Queue()
-        self._pool = ThreadPoolExecutor(max_workers=prepare_workers, thread_name_prefix="phi3v-prep")
-        # requests that download images get their own pool: slow hosts cannot starve local preparation
-        self._fetch_pool = ThreadPoolExecutor(max_workers=2 * prepare_workers, thread_name_prefix="phi3v-fetch")
+        # one pool per kind of work: slow image hosts cannot starve local images, nor cropping text requests
+        self._pools = {"images": ThreadPoolExecutor(max_workers=prepare_workers, thread_name_prefix="phi3v-prep"),
+                       "fetch": ThreadPoolExecutor(max_workers=2 * prepare_workers, thread_name_prefix="phi3v-fetch"),
+                       "text": ThreadPoolExecutor(max_workers=2, thread_name_prefix="phi3v-text")}
+        self.waiting = WaitingBytes(max_waiting_bytes)
         self._lock = threading.Lock()
         self.active = 0  # accepted, not yet finished
         self._handles: dict[str, _Handle] = {}  # in the engine (engine thread only)
@@ -157,7 +149,7 @@ class Frontend:
         self._stop.set()
         self._cmds.put(("wake", None))
         self._thread.join(timeout=10)
-        for pool in (self._pool, self._fetch_pool):
+        for pool in self._pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
 
     @property
@@ -170,46 +162,58 @@ class Frontend:
 
     async def submit(self, rid: str, messages: list[dict[str, Any]], params: Any, num_crops: int | None = None,
                      n_images: int = 0) -> RequestStream:
-        """Prepare the request (off the engine thread) and queue it. Raises QueueFull, ValueError
-        (bad input: 400), RequestFailed."""
+        """Prepare the request (off the engine thread and the event loop) and queue it. Raises QueueFull, ValueError
+        (bad input: 400), RequestFailed. Cancelling it (the client left) stops the preparation at its next check."""
         if self.dead:
             raise RequestFailed(f"the engine stopped: {self.dead}")
-        if n_images > self.max_images:
-            raise ValueError(f"the request has {n_images} images but this server accepts at most {self.max_images} "
-                             "per request (--max-images-per-request)")
+        check_image_count(n_images, self.max_images)
         with self._lock:
-            if self.active >= self.capacity:
+            if self.active >= self.capacity or self.waiting.full():
                 self.metrics.outcome("rejected")
-                raise QueueFull(retry_after=1 + self.active // max(1, self.engine.max_num_seqs))
+                raise QueueFull(self._retry_after(), "too many requests are waiting" if self.active >= self.capacity
+                                else self.waiting.why())
             self.active += 1
         arrival = time.perf_counter()
-        handed = False
+        handed, cancel = False, threading.Event()
         try:
             loop = asyncio.get_running_loop()
             crops = num_crops if num_crops is not None else self.default_num_crops
-            pool = self._fetch_pool if _downloads(messages) else self._pool
-            prep = await loop.run_in_executor(pool, lambda: self._prepare(messages, params, crops))
-            h = _Handle(rid, loop, asyncio.Queue(), prep, arrival)
+            pool = self._pools[pool_kind(messages)]
+            job = [messages]
+            del messages
+            prep = await loop.run_in_executor(pool, lambda: self._prepare(job.pop(), params, crops, cancel))
+            h = _Handle(rid, loop, asyncio.Queue(), prep, arrival, held_bytes=prepared_bytes(prep))
+            del prep
+            if not self.waiting.add(h.held_bytes):
+                self.metrics.outcome("rejected")
+                raise QueueFull(self._retry_after(), self.waiting.why())
             self._cmds.put(("add", h))
             handed = True
             return RequestStream(self, h)
         except ValueError:
             self.metrics.outcome("invalid")
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, Cancelled):
+            cancel.set()
             self.metrics.outcome("aborted")
+            raise asyncio.CancelledError from None
+        except QueueFull:
             raise
-        except Exception as e:
-            self.metrics.outcome("error")
+        except Exception as e:  # an input no check foresaw made preparation fail: the request's problem
+            self.metrics.outcome("invalid")
             log.exception("[%s] preparation failed", rid)
-            raise RequestFailed(f"preparing the request failed ({type(e).__name__})") from None
+            raise PreparationError(f"the request could not be prepared ({type(e).__name__}: "
+                                   f"{' '.join(str(e).split())[:200]}); check its images and text") from None
         finally:
             if not handed:
                 with self._lock:
                     self.active -= 1
 
-    def _prepare(self, messages: list[dict[str, Any]], params: Any, crops: int | None) -> Any:
-        prep = self.llm.prepare_chat(messages, params, crops, **self.load_kwargs)
+    def _retry_after(self) -> int:
+        return 1 + self.active // max(1, self.engine.max_num_seqs)
+
+    def _prepare(self, messages: list[dict[str, Any]], params: Any, crops: int | None, cancel: threading.Event) -> Any:
+        prep = self.llm.prepare_chat(messages, params, crops, cancel=cancel, **self.load_kwargs)
         if self.num_waiting > self.device_waiting:  # it will wait behind a backlog: off the GPU meanwhile
             prep.to_host()
         return prep
@@ -267,7 +271,16 @@ class Frontend:
         self._release(h, "aborted")
         log.info("[%s] aborted (client gone)", rid)
 
+    def _unhold(self, h: _Handle) -> None:
+        """Its crops are encoded (first output) or it is over: its bytes no longer count as waiting, and the handle
+        lets go of the prepared request (the engine dropped its own reference to the crops after the prefill)."""
+        h.prep = None
+        if h.held_bytes:
+            self.waiting.release(h.held_bytes)
+            h.held_bytes = 0
+
     def _release(self, h: _Handle, outcome: str) -> None:
+        self._unhold(h)
         self._handles.pop(h.rid, None)
         with self._lock:
             self.active -= 1
@@ -303,6 +316,7 @@ class Frontend:
             n_tok += ev.n_tokens
             if h.first is None:
                 h.first = now
+                self._unhold(h)
                 self.metrics.ttft.labels(self.metrics.model).observe(now - h.arrival)
             if ev.delta or ev.done is not None:
                 self._push(h, (ev.delta, ev.done, None))
