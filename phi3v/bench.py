@@ -64,6 +64,10 @@ def run_bench(llm: Any, decode_tokens: int = 256, ttft_reps: int = 6, n_offline:
         _ttft(llm, res, crops, ttft_reps)
     if "c" in parts:
         _offline(llm, res, crops, n_offline, offline_tokens, prep_workers, profile)
+    if "e" in parts:
+        _follow_up(llm, res, ttft_reps)
+    if "f" in parts:
+        _long_prompts(llm, res)
     if torch.cuda.is_available():
         res["d_peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return res
@@ -82,6 +86,61 @@ def _decode(llm: Any, res: dict[str, Any], decode_tokens: int) -> None:
     res["a_prompt_tokens"] = c.usage["prompt_tokens"]
 
 
+def _timed_first_token(llm: Any, prompt: str, img: Any, nc: int = 16) -> tuple[float, Any]:
+    from phi3v import SamplingParams
+
+    _sync()
+    t = time.perf_counter()
+    c = llm.generate(prompt, [img], SamplingParams(max_tokens=1), num_crops=nc)
+    _sync()
+    return time.perf_counter() - t, c
+
+
+def _follow_up(llm: Any, res: dict[str, Any], reps: int) -> None:
+    """(e) TTFT of a follow-up question about a 16-crop image already asked about, and of a second chat turn
+    (turn 1: the image, a question and a 64-token answer): what the prefix cache serves."""
+    from phi3v import SamplingParams
+
+    q2 = "<|user|>\n<|image_1|>\nWhat is in the top left corner?<|end|>\n<|assistant|>\n"
+    follow, turn2, cached = [], [], []
+    for s in range(reps + 1):
+        img = noise_image(1344, 1344, 300 + s)
+        ans = llm.generate(PROMPT, [img], SamplingParams(max_tokens=64, ignore_eos=True), num_crops=16)
+        dt, c = _timed_first_token(llm, q2, img)
+        follow.append(dt)
+        dt, c = _timed_first_token(llm, PROMPT + ans.text + "<|end|>\n<|user|>\nAnd the colours?<|end|>\n"
+                                   "<|assistant|>\n", img)
+        turn2.append(dt)
+        cached.append(c.usage["prompt_tokens_details"]["cached_tokens"] / c.usage["prompt_tokens"])
+    res["e_follow_up_ttft_ms"] = 1000 * statistics.median(follow[1:])
+    res["e_second_turn_ttft_ms"] = 1000 * statistics.median(turn2[1:])
+    res["e_second_turn_cached_fraction"] = statistics.median(cached)
+
+
+def _long_prompts(llm: Any, res: dict[str, Any], lengths: tuple[int, ...] = (35_000, 107_000)) -> None:
+    """(f) one 16-crop image + text to ~35k and ~107k tokens: TTFT (tokenization included) and decode tok/s.
+    Needs --max-model-len above the longest."""
+    from phi3v import SamplingParams
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron sigma omega".split()
+    for n in lengths:
+        if n + 200 > llm.engine.max_model_len:
+            continue
+        rng = np.random.default_rng(n)
+        text = " ".join(rng.choice(words, size=n))  # about a token a word; distinct per length: no cache hits
+        prompt = f"<|user|>\n<|image_1|>\n{text}\nSummarise.<|end|>\n<|assistant|>\n"
+        img = noise_image(1344, 1344, 400 + n)
+        before = dict(llm.engine.stats)
+        ttft, c = _timed_first_token(llm, prompt, img)
+        key = f"f_{n // 1000}k"
+        res[key + "_prompt_tokens"] = c.usage["prompt_tokens"]
+        res[key + "_ttft_s"] = ttft
+        res[key + "_prefill_steps"] = llm.engine.stats["prefill_steps"] - before["prefill_steps"]
+        c = llm.generate(prompt.replace("Summarise", "Summarise briefly"), [img],
+                         SamplingParams(max_tokens=128, ignore_eos=True), num_crops=16)
+        res[key + "_decode_tok_s"] = c.timings["decode_tokens_per_s"]
+
+
 def _ttft(llm: Any, res: dict[str, Any], crops: tuple[int, ...], ttft_reps: int) -> None:
     from phi3v import SamplingParams
 
@@ -98,27 +157,6 @@ def _ttft(llm: Any, res: dict[str, Any], crops: tuple[int, ...], ttft_reps: int)
         res[f"b_ttft_ms_{nc}crop"] = 1000 * statistics.median(ttft[1:] or ttft)
 
 
-def _instrument(eng: Any) -> dict[str, float]:
-    """Benchmark-only: time the parts of a prefill step (synchronising around each, which costs a
-    little overlap) by wrapping the engine instance's methods."""
-    acc = {"vision_s": 0.0, "embeds_s": 0.0, "decoder_prefill_s": 0.0}
-
-    def wrap(name: str, fn: Any) -> Any:
-        def timed(*args: Any, **kw: Any) -> Any:
-            _sync()
-            t = time.perf_counter()
-            out = fn(*args, **kw)
-            _sync()
-            acc[name] += time.perf_counter() - t
-            return out
-        return timed
-
-    eng.images.encode = wrap("vision_s", eng.images.encode)
-    eng._prompt_embeds = wrap("embeds_s", eng._prompt_embeds)
-    eng.prefiller.prefill_many = wrap("decoder_prefill_s", eng.prefiller.prefill_many)
-    return acc
-
-
 def offline_request(llm: Any, i: int, tokens: int, nc: int) -> Any:
     """Request i of the offline job (c): a noise image of the i-th mixed size (the image decode's stand-in)
     prepared with `nc` crops, `tokens` new tokens with eos ignored."""
@@ -130,8 +168,8 @@ def offline_request(llm: Any, i: int, tokens: int, nc: int) -> Any:
 
 def _offline(llm: Any, res: dict[str, Any], crops: tuple[int, ...], n_offline: int, offline_tokens: int,
              prep_workers: int | None, profile: bool = False) -> None:
-    parts = _instrument(llm.engine) if profile else None
-
+    phases = ("vision_s", "embeds_s", "decoder_prefill_s")
+    llm.engine.runner.time_phases = profile  # syncs around vision / embeddings / decoder prefill
     for nc in crops:
         job = functools.partial(offline_request, llm, nc=nc)  # job(i, tokens), on the prep threads
 
@@ -142,21 +180,19 @@ def _offline(llm: Any, res: dict[str, Any], crops: tuple[int, ...], n_offline: i
         t = time.perf_counter()
         before = dict(llm.engine.stats)
         retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
-        if parts:
-            parts.update({k: 0.0 for k in parts})
         jobs = [functools.partial(job, i, offline_tokens) for i in range(n_offline)]
         if prep_workers == 0:  # everything prepared first, on this thread: the engine runs alone
             jobs = [j() for j in jobs]
         outs = llm.generate_many(jobs, prep_workers)
         _sync()
         dt = time.perf_counter() - t  # preprocessing included
-        st = {k: v - before[k] for k, v in llm.engine.stats.items()}
+        st = {k: v - before.get(k, 0) for k, v in llm.engine.stats.items()}
         res[f"c_offline_{nc}crop_phases"] = {  # where the wall time went (host view)
             "wall_s": dt, "prefill_s": st["prefill_s"], "decode_s": st["decode_s"], "prefill_steps": st["prefill_steps"],
             "decode_steps": st["decode_steps"], "mean_decode_batch": st["decode_rows"] / max(1, st["decode_steps"]),
             "prompt_tokens_mean": st["prefill_tokens"] / n_offline,
             "alloc_retries": (torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries)
-            if torch.cuda.is_available() else 0, **(dict(parts) if parts else {})}
+            if torch.cuda.is_available() else 0, **({k: st.get(k, 0.0) for k in phases} if profile else {})}
         res[f"c_offline_{nc}crop_images_per_s"] = n_offline / dt
         res[f"c_offline_{nc}crop_tokens_per_s"] = sum(len(o.token_ids) for o in outs) / dt
 
@@ -175,7 +211,8 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--decode-tokens", type=int, default=256)
     b.add_argument("--n-offline", type=int, default=64)
     b.add_argument("--offline-tokens", type=int, default=200)
-    b.add_argument("--parts", default="abc", help="which of (a) decode, (b) TTFT, (c) offline to run")
+    b.add_argument("--parts", default="abc", help="which of (a) decode, (b) TTFT, (c) offline, (e) follow-up "
+                   "question and second chat turn, (f) long prompts (--max-model-len 110000 or more) to run")
     b.add_argument("--prep-workers", type=int, default=None, help="(c): preparation threads (default min(8, cpus); 0: prepare all first)")
     b.add_argument("--profile-prefill", action="store_true", help="(c): time vision / embeds / decoder prefill "
                    "(adds syncs)")

@@ -24,6 +24,11 @@ log = logging.getLogger("phi3v.server")
 OPEN_PATHS = ("/health", "/metrics")  # answered without the API key (probes, scrapers)
 
 
+def needs_key(path: str) -> bool:
+    """Everything but the probes and the chat page's static files (the page sends the key with its API calls)."""
+    return path not in OPEN_PATHS and path != "/" and not path.startswith("/ui/")
+
+
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
@@ -69,7 +74,7 @@ class RequestGuard:
     def _refuse(self, scope: dict) -> JSONResponse | None:
         """401 or 413 from the headers alone."""
         headers = dict(scope.get("headers") or [])
-        if self.api_key is not None and scope["path"] not in OPEN_PATHS and not key_ok(headers, self.api_key):
+        if self.api_key is not None and needs_key(scope["path"]) and not key_ok(headers, self.api_key):
             return error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                                   code="invalid_api_key")
         length = headers.get(b"content-length", b"0")
