@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from phi3v.engine import paged_attention
+from phi3v.engine import paged_attention, paged_prefill
 from phi3v.models import kernels
 from phi3v.models.phi3 import attention, causal_attention
 
@@ -114,7 +114,13 @@ class PrefillAttention:
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # q (1, n_heads, T, D); k, v (1, n_kv, T, D)
-        self.cache.write(layer, self.blk, self.off, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        c = self.cache
+        c.write(layer, self.blk, self.off, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        if c.triton and paged_prefill.use_kernel(self.start):  # reads the past in place (no gather)
+            bt = self.past[0][:: c.block_size] if self.start else self.blk[:1]  # the block table: blocks of 0, bs, ..
+            o = paged_prefill.paged_prefill_attention(q[0].transpose(0, 1), c.k[layer], c.v[layer], bt, self.start,
+                                                      k[0].transpose(0, 1), v[0].transpose(0, 1))  # (T, Hq, D)
+            return o.transpose(0, 1)[None]
         if self.start == 0:
             with flash_first(q, self.vary):
                 return causal_attention(q, k, v)
