@@ -12,8 +12,8 @@ checked against the old path's output for the last chunk. Times: one layer, mill
 of `--reps` runs after a warm-up (Triton compiles there); `x32 s` = 32 layers' worth in seconds,
 TFLOP/s counts the causal pairs only (4 * D * heads per query-key pair).
 
-Usage: python benchmarks/long_prefill.py [--small] [--kv bf16|fp8] [--totals 35000,107000] [--chunks 2048,4096,8192,16384]
-       [--configs 128,64,8,3 64,64,4,3 ...] [--mode past] [--no-sweep] [--out results/long_prefill.json]
+Usage: python benchmarks/long_prefill.py [--small] [--kv bf16|fp8] [--totals 35000,107000]
+       [--chunks 2048,4096,8192,16384] [--configs 128,64,8,3 64,64,4,3 ...] [--mode past] [--no-sweep] [--out results/long_prefill.json]
 The best config prints as a PHI3V_PREFILL_ATTN_CONFIG line (or edit CONFIGS in paged_prefill.py).
 """
 
@@ -113,8 +113,8 @@ def main() -> None:
     assert cache.triton, "needs Triton on CUDA"
     key = paged_prefill.config_key(cache.k[0, :1, 0, 0].to(DT), cache.k)
     default = paged_prefill.CONFIGS[key]
-    res = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else DEV, "kv": a.kv, "default_config": list(vars(default).values()),
-           "cases": [], "sweep": []}
+    res = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else DEV, "kv": a.kv,
+           "default_config": list(vars(default).values()), "cases": [], "sweep": []}
     print(f"{'total':>7} {'chunk':>6} {'off ms':>8} {'past ms':>8} {'all ms':>8} {'speedup':>7} {'TFLOP/s':>7} "
           f"{'x32 s':>6} {'max|d|':>8}")
     for total in totals:
