@@ -13,7 +13,8 @@ of `--reps` runs after a warm-up (Triton compiles there); `x32 s` = 32 layers' w
 TFLOP/s counts the causal pairs only (4 * D * heads per query-key pair).
 
 Usage: python benchmarks/long_prefill.py [--small] [--kv bf16|fp8] [--totals 35000,107000]
-       [--chunks 2048,4096,8192,16384] [--configs 128,64,8,3 64,64,4,3 ...] [--mode past] [--no-sweep] [--out results/long_prefill.json]
+       [--chunks 2048,4096,8192,16384] [--configs 128,64,8,3 64,64,4,3 ...] [--mode past] [--no-sweep]
+       [--out results/long_prefill.json]
 The best config prints as a PHI3V_PREFILL_ATTN_CONFIG line (or edit CONFIGS in paged_prefill.py).
 """
 
