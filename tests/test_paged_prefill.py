@@ -2,7 +2,7 @@
 reference (the past gathered through the block table, causal lower-right attention in fp32), in
 Triton's CPU interpreter (a subprocess: the interpreter must be chosen before triton is imported).
 
-Covered: a first chunk (start 0) and later ones, chunk lengths not a multiple of BLOCK_M, pasts not a
+Covered: a first chunk (start 0) and later ones, key tiles within one block and across two, chunk lengths not a multiple of BLOCK_M, pasts not a
 multiple of the block size nor of BLOCK_N, shuffled block tables read through a strided view, GQA (4
 query heads on 2 kv heads), head_dim 48 and 24 (not powers of 2: split 32+16, 16+8) and 32 (one part),
 the chunk's K/V from the cache or from the layer's tensors, an fp8 cache, fp16 and bf16 activations;
@@ -65,6 +65,8 @@ checks = [  # (what, kwargs, max abs err)
     ("past 64 (block-aligned), GQA, d=24", dict(start=64, T=20, hq=4, hkv=2, d=24, cfg=small), 1e-5),
     ("past 33, T=1, square tiles", dict(start=33, T=1, hq=2, hkv=1, d=48, cfg=wide), 1e-5),
     ("past 70, d=32 (one part), 64-token blocks", dict(start=70, T=45, hq=2, hkv=2, d=32, cfg=small, bs=64), 1e-5),
+    ("32-key tiles over 16-token blocks (a tile spans two)", dict(start=80, T=40, hq=2, hkv=2, d=48,
+     cfg=PrefillConfig(64, 32, 4, 1)), 1e-5),
     ("fp8 cache, chunk from the layer", dict(start=45, T=30, hq=4, hkv=2, d=48, cfg=small, kv=FP8), 1e-5),
     ("fp8 cache, chunk from the cache", dict(start=45, T=30, hq=2, hkv=2, d=24, cfg=small, kv=FP8,
      new_from_cache=True), 1e-5),

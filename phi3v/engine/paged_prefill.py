@@ -64,6 +64,19 @@ if HAVE_TRITON:
         return lo, hi
 
     @triton.jit
+    def _load_tile(base, tile_lo, tile_hi, d_hi, FP8: tl.constexpr, DT: tl.constexpr, HAS_HI: tl.constexpr,
+                   D: tl.constexpr):
+        # a whole tile at base + tile offsets (BLOCK_N, D_LO) / (BLOCK_N, D_HI), in the activation dtype
+        lo = tl.load(base + tile_lo)
+        hi = lo
+        if HAS_HI:
+            hi = tl.load(base + tile_hi, mask=(d_hi < D)[None, :], other=0.0)
+        if FP8:
+            lo = lo.to(tl.float16).to(DT)
+            hi = hi.to(tl.float16).to(DT)
+        return lo, hi
+
+    @triton.jit
     def _cache_rows(bt_ptr, sbt, t, tm, head_off, sc_b, sc_t, BS: tl.constexpr, MASKED: tl.constexpr):
         # cache positions t (BLOCK_N,) of one kv head -> element offsets of their rows, through the block table
         if MASKED:
@@ -134,10 +147,19 @@ if HAVE_TRITON:
         # the past, positions 0..start-1 from the cache: full tiles, then a partial one
         head_off = kvh * sc_h
         past_full = (start // BLOCK_N) * BLOCK_N
+        # a tile within one block (BLOCK_N divides BS): one block-table entry, then a fixed (BLOCK_N, D) pattern
+        tile_lo = offs_n[:, None] * sc_t + d_lo[None, :]
+        tile_hi = offs_n[:, None] * sc_t + d_hi[None, :]
         for n0 in range(0, past_full, BLOCK_N):
-            r = _cache_rows(bt_ptr, sbt, n0 + offs_n, qm, head_off, sc_b, sc_t, BS, False)
-            k_lo, k_hi = _load_rows(kc_ptr, r, d_lo, d_hi, qm, FP8, DT, False, HAS_HI, D)
-            v_lo, v_hi = _load_rows(vc_ptr, r, d_lo, d_hi, qm, FP8, DT, False, HAS_HI, D)
+            if BS % BLOCK_N == 0:
+                phys = tl.load(bt_ptr + (n0 // BS) * sbt).to(tl.int64)
+                off = phys * sc_b + head_off + (n0 % BS) * sc_t
+                k_lo, k_hi = _load_tile(kc_ptr + off, tile_lo, tile_hi, d_hi, FP8, DT, HAS_HI, D)
+                v_lo, v_hi = _load_tile(vc_ptr + off, tile_lo, tile_hi, d_hi, FP8, DT, HAS_HI, D)
+            else:
+                r = _cache_rows(bt_ptr, sbt, n0 + offs_n, qm, head_off, sc_b, sc_t, BS, False)
+                k_lo, k_hi = _load_rows(kc_ptr, r, d_lo, d_hi, qm, FP8, DT, False, HAS_HI, D)
+                v_lo, v_hi = _load_rows(vc_ptr, r, d_lo, d_hi, qm, FP8, DT, False, HAS_HI, D)
             m, l, acc_lo, acc_hi = _attend(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, m, l, acc_lo, acc_hi, qk_scale,
                                            qm, False, HAS_HI, IEEE)
         if past_full < start:
@@ -212,10 +234,10 @@ def _env_configs() -> dict[str, PrefillConfig]:
     return out
 
 
-# Untuned starting points (benchmarks/long_prefill.py sweeps them on the GPU); fp32 with smaller tiles: its
-# tiles take twice the shared memory.
+# Untuned starting points (benchmarks/long_prefill.py sweeps them on the GPU). fp32 (exact products, no tensor
+# cores): small tiles, as its dot layouts take many registers (sm90 compile: 128 x 64 spills, 16 x 16 barely).
 CONFIGS: dict[str, PrefillConfig] = {"bf16": PrefillConfig(128, 64, 8, 3), "fp8": PrefillConfig(128, 64, 8, 3),
-                                     "fp32": PrefillConfig(64, 32, 4, 2)} | _env_configs()
+                                     "fp32": PrefillConfig(16, 16, 4, 2)} | _env_configs()
 
 
 def config_key(q: Tensor, k_cache: Tensor) -> str:
