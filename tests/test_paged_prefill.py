@@ -125,6 +125,10 @@ for kv in (None, FP8):
     b = PrefillAttention(cache, where[0, :T0], where[1, :T0], 0)(1, q0, k0, v0)
     paged_prefill.MODE = "past"
     assert (a - b).abs().max().item() < 1e-5
+    before = (cache.k.clone(), cache.v.clone())
+    paged_prefill.warmup(cache.k[0], cache.v[0], 4, torch.float32)  # compiles; the cache is left as it was
+    assert torch.equal(cache.k.view(torch.uint8), before[0].view(torch.uint8))
+    assert torch.equal(cache.v.view(torch.uint8), before[1].view(torch.uint8))
 
 # the engine's chunked prefill (20-token chunks over 16-token blocks), the prefill kernel interpreted, the rest in
 # torch (PHI3V_FUSED=0: interpreting the fused kernels takes minutes): the same tokens as with the SDPA path

@@ -306,3 +306,14 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
         BLOCK_N=cfg.block_n, NEW_PAGED=paged, FP8=fp8, NEW_FP8=fp8 and paged,
         IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(q))
     return out
+
+
+def warmup(k_cache: Tensor, v_cache: Tensor, n_heads: int, dtype: torch.dtype) -> None:
+    """Compile the kernel as the engine calls it (a later chunk: the past read from this cache, the chunk's K/V
+    from the layer's tensors; strides divisible by 16, a strided block table), so that the first long prompt does
+    not wait for Triton. Reads block 0 of the given layer's cache; writes nothing there."""
+    hkv, bs, d = k_cache.shape[1:]
+    q = torch.zeros(16, n_heads, d, device=k_cache.device, dtype=dtype)
+    kv = torch.zeros(16, hkv, d, device=k_cache.device, dtype=dtype)
+    bt = torch.zeros(2 * bs, device=k_cache.device, dtype=torch.long)[::bs]  # as PrefillAttention's past[0][::bs]
+    paged_prefill_attention(q, k_cache, v_cache, bt, bs, kv, kv)
