@@ -41,6 +41,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 SWITCHES = {"PHI3V_FUSED": "fused_kernels", "PHI3V_PDL": "pdl", "PHI3V_RUN_AHEAD": "run_ahead",
             "PHI3V_VISION_GRAPHS": "vision_graphs", "PHI3V_CUDA_GRAPHS": "cuda_graphs",
             "PHI3V_PREFIX_CACHING": "enable_prefix_caching"}
+# PHI3V_PAGED_PREFILL=past|all|off and PHI3V_PREFILL_ATTN_CONFIG="bf16=128,64,8,3": the paged prefill kernel.
 
 
 def engine_switches(env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -59,6 +60,12 @@ def engine_switches(env: dict[str, str] | None = None) -> dict[str, Any]:
             raise ValueError(f"{var}={raw!r}: expected 0 or 1")
     if env.get("PHI3V_ATTN_CONFIG"):
         out["attn_configs"] = parse_configs(env["PHI3V_ATTN_CONFIG"])
+    if env.get("PHI3V_PAGED_PREFILL"):
+        out["paged_prefill"] = env["PHI3V_PAGED_PREFILL"].strip().lower()
+    if env.get("PHI3V_PREFILL_ATTN_CONFIG"):
+        from phi3v.kernels import paged_prefill
+
+        out["prefill_attn_configs"] = paged_prefill.parse_configs(env["PHI3V_PREFILL_ATTN_CONFIG"])
     return out
 
 

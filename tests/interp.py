@@ -3,7 +3,7 @@ must be chosen before triton is imported.
 
 Triton 3.6's interpreter turns a loop bound into an int with `int(array)`, which numpy >= 2.3
 refuses for the 1-element arrays it uses as scalars; the prelude reads the element instead. It also
-fixes the interpreter's float -> fp8 rounding (see PRELUDE).
+fixes the interpreter's float -> fp8 rounding and its bf16 tl.dot (see PRELUDE).
 """
 
 from __future__ import annotations
@@ -37,6 +37,17 @@ def _fp_to_fp(self, src, dst_type, rounding_mode):
     out = _torch.from_numpy(_np.ascontiguousarray(f32)).to(_torch.float8_e4m3fn).view(_torch.uint8).numpy()
     return _ti.TensorHandle(out, dst_type.scalar)
 _ti.InterpreterBuilder.create_fp_to_fp = _fp_to_fp
+
+# tl.dot multiplies bf16 operands as their stored uint16 bits; widen them to fp32 first (exact: bf16 is fp32's top
+# half), as the tensor cores do.
+_orig_dot = _ti.InterpreterBuilder.create_dot
+def _dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    def wide(x):
+        if x.dtype.scalar != _tl.bfloat16:
+            return x
+        return _ti.TensorHandle((x.data.astype(_np.uint32) << 16).view(_np.float32), _tl.float32)
+    return _orig_dot(self, wide(a), wide(b), d, input_precision, max_num_imprecise_acc)
+_ti.InterpreterBuilder.create_dot = _dot
 """
 
 

@@ -123,7 +123,8 @@ def test_two_engines_in_one_process_keep_their_own_switches() -> None:
     a = Engine(load_model(folder, cfg, "cpu", torch.float32), cfg,
                EngineConfig(max_model_len=256, pdl=False, attn_configs={"bf16": (32, 2, 1)}))
     b = Engine(load_model(folder, cfg, "cpu", torch.float32), cfg,
-               EngineConfig(max_model_len=256, pdl=True, run_ahead=False))
-    assert a.runner.kernel.pdl is False and b.runner.kernel.pdl is True
-    assert a.runner.kernel.config(False) == (32, 2, 1) and b.runner.kernel.config(False) is None
+               EngineConfig(max_model_len=256, pdl=True, run_ahead=False, paged_prefill="off"))
+    assert a.runner.decoder.kernel.pdl is False and b.runner.decoder.kernel.pdl is True
+    assert a.runner.decoder.kernel.config(False) == (32, 2, 1) and b.runner.decoder.kernel.config(False) is None
+    assert a.runner.prefill_kernel.mode == "past" and b.runner.prefill_kernel.mode == "off"
     assert not a.model.pdl and not b.model.pdl  # no Triton on this CPU: fused kernels (and so PDL) are off

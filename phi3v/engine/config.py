@@ -8,6 +8,7 @@ this object from their flags (and their PHI3V_* variables, `phi3v.cli.engine_con
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 KV_CACHE_DTYPES = ("auto", "fp8")
 
@@ -32,6 +33,9 @@ class EngineConfig:
     run_ahead: bool = True  # launch decode step t+1 before reading step t's tokens (CUDA)
     # (tile, warps, stages) of the decode-attention kernel per KV dtype ("bf16", "fp8"): tuning runs only
     attn_configs: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # prefill chunks that read the cached past with the paged prefill kernel: past | all | off (SDPA over a gather)
+    paged_prefill: str = "past"
+    prefill_attn_configs: dict[str, Any] = field(default_factory=dict)  # its PrefillConfig per KV storage: tuning
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -49,6 +53,8 @@ class EngineConfig:
             bad(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {self.kv_cache_dtype!r}")
         if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
             bad(f"prefill_chunk must be an integer >= 1, got {self.prefill_chunk!r}")
+        if self.paged_prefill not in ("past", "all", "off"):
+            bad(f"paged_prefill must be past, all or off, not {self.paged_prefill!r}")
         if not isinstance(self.image_cache_size, int) or self.image_cache_size < 0:
             bad(f"image_cache_size must be an integer >= 0, got {self.image_cache_size!r}")
 

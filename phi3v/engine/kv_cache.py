@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from phi3v.engine.config import KV_CACHE_DTYPES
-from phi3v.kernels import available, paged_attention
+from phi3v.kernels import available, paged_attention, paged_prefill
 from phi3v.kernels.fused import store_kv
 from phi3v.models.phi3 import attention, causal_attention
 
@@ -103,18 +103,35 @@ def flash_first(q: Tensor, on: bool = True) -> ContextManager:
     return sdpa_kernel(FLASH_FIRST, set_priority=True)
 
 
+@dataclass(frozen=True)
+class PrefillKernelOptions:
+    """Which prefill chunks take the paged prefill kernel, and its tile configs (from EngineConfig)."""
+
+    mode: str = "past"  # past | all | off: see paged_prefill.MODES
+    configs: dict[str, paged_prefill.PrefillConfig] = field(default_factory=dict)  # per KV storage
+
+
 class PrefillAttention:
     """One sequence, T new tokens at positions start..start+T-1 (blk/off: their places in the cache).
     Attends over positions 0..start+T-1 (chunked prefill when start > 0; `past` = (blk, off) of 0..start-1)."""
 
     def __init__(self, cache: KVCache, blk: Tensor, off: Tensor, start: int,
-                 past: tuple[Tensor, Tensor] | None = None, vary: bool = False) -> None:
+                 past: tuple[Tensor, Tensor] | None = None, vary: bool = False,
+                 kernel: PrefillKernelOptions | None = None) -> None:
         self.cache, self.blk, self.off, self.start, self.past = cache, blk, off, start, past
         self.vary = vary  # a shape not captured in a graph: see FLASH_FIRST
+        self.kernel = kernel or PrefillKernelOptions()
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # q (1, n_heads, T, D); k, v (1, n_kv, T, D)
-        self.cache.write(layer, self.blk, self.off, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        c = self.cache
+        c.write(layer, self.blk, self.off, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        if c.triton and paged_prefill.use_kernel(self.kernel.mode, self.start):  # reads the past in place (no gather)
+            bt = self.past[0][:: c.block_size] if self.start else self.blk[:1]  # the block table: blocks of 0, bs, ..
+            cfg = self.kernel.configs.get(paged_prefill.config_key(q, c.k))
+            o = paged_prefill.paged_prefill_attention(q[0].transpose(0, 1), c.k[layer], c.v[layer], bt, self.start,
+                                                      k[0].transpose(0, 1), v[0].transpose(0, 1), config=cfg)
+            return o.transpose(0, 1)[None]
         if self.start == 0:
             with flash_first(q, self.vary):
                 return causal_attention(q, k, v)

@@ -24,12 +24,12 @@ from phi3v.engine.config import EngineConfig
 from phi3v.engine.grammar import Grammars
 from phi3v.engine.graphs import DecodeRunner, PrefillRunner, VisionRunner
 from phi3v.engine.images import ImageFeatures, ImageInput
-from phi3v.engine.kv_cache import DecodeKernelOptions, KVCache
+from phi3v.engine.kv_cache import DecodeKernelOptions, KVCache, PrefillKernelOptions
 from phi3v.engine.prefill import Prefiller
 from phi3v.engine.sampler import SamplingTensors, sample, top_logprobs
 from phi3v.engine.scheduler import PrefillChunk
 from phi3v.engine.sequence import Sequence, Status
-from phi3v.kernels import available
+from phi3v.kernels import available, paged_prefill
 
 log = logging.getLogger("phi3v.engine")
 
@@ -63,7 +63,8 @@ class ModelRunner:
         vision_graphs = (cuda if options.cuda_graphs is None else options.cuda_graphs) and options.vision_graphs
         self.vision = VisionRunner(model.model.vision_embed_tokens.img_processor, self.device, vision_graphs)
         self.images = ImageFeatures(model, self.vision, self.device, options.image_cache_size)
-        self.prefiller = Prefiller(model, cache, self.prefill_graphs, options.prefill_chunk, stats)
+        self.prefill_kernel = PrefillKernelOptions(options.paged_prefill, dict(options.prefill_attn_configs))
+        self.prefiller = Prefiller(model, cache, self.prefill_graphs, options.prefill_chunk, stats, self.prefill_kernel)
         self.time_phases = False  # benchmarks: sync around the prefill phases and add their times to stats
         self._bt_cache: tuple[tuple[tuple[Sequence, int], ...], torch.Tensor] | None = None
         self._samp_cache: tuple[Any, ...] | None = None
@@ -260,7 +261,11 @@ class ModelRunner:
         vc = self.cfg.vision
         crop = torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size, dtype=self.model.dtype,
                            device=self.device)
-        return n + self.vision.warmup(crop)  # crop: one crop's shape and dtype
+        n += self.vision.warmup(crop)  # crop: one crop's shape and dtype
+        if self.cache.triton and self.device.type == "cuda" and self.prefill_kernel.mode != "off":
+            # the paged prefill kernel's Triton compile, not the first long prompt's
+            paged_prefill.warmup(self.cache.k[0], self.cache.v[0], self.cfg.num_attention_heads, self.model.dtype)
+        return n
 
 
 def _describe(e: BaseException) -> str:

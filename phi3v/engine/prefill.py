@@ -14,14 +14,15 @@ import torch
 
 from phi3v.device import to_device
 from phi3v.engine.graphs import PrefillRunner
-from phi3v.engine.kv_cache import BatchPrefillAttention, KVCache, PrefillAttention
+from phi3v.engine.kv_cache import BatchPrefillAttention, KVCache, PrefillAttention, PrefillKernelOptions
 from phi3v.engine.sequence import Sequence
 
 
 class Prefiller:
     def __init__(self, model: torch.nn.Module, cache: KVCache, runner: PrefillRunner, chunk: int,
-                 stats: dict) -> None:
+                 stats: dict, kernel: PrefillKernelOptions | None = None) -> None:
         self.model, self.cache, self.runner, self.chunk, self.stats = model, cache, runner, chunk, stats
+        self.kernel = kernel or PrefillKernelOptions()
         self.device = cache.k.device
 
     def prefill_range(self, seq: Sequence, embeds: torch.Tensor, start: int, want_logits: bool) -> torch.Tensor | None:
@@ -44,7 +45,7 @@ class Prefiller:
             where = to_device(self.cache.slots(seq.blocks, 0, e), dev)  # (2, e): [:s] past, [s:] new
             attn = PrefillAttention(self.cache, where[0, s:], where[1, s:], s,
                                     (where[0, :s], where[1, :s]) if s else None,
-                                    vary=True)  # every prompt length is a new shape
+                                    vary=True, kernel=self.kernel)  # vary: every prompt length is a new shape
             h = self.model(x, pos, flag, attn)
         return self.model.logits(h[:, -1]) if want_logits else None
 
