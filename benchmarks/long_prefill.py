@@ -46,7 +46,7 @@ class Prompt:
         self.cache, self.total = cache, total
         g = torch.Generator().manual_seed(0)
         blocks = torch.randperm(cache.n_blocks, generator=g)[: -(-total // BS)].tolist()  # scattered, as in use
-        where = cache.positions(blocks, 0, total).to(DEV)  # (2, total)
+        where = cache.slots(blocks, 0, total).to(DEV)  # (2, total)
         self.calls = []
         for s in range(0, total, chunk):
             e = min(s + chunk, total)

@@ -122,7 +122,12 @@ def _long_prompts(llm: Any, res: dict[str, Any], lengths: tuple[int, ...] = (35_
     Needs --max-model-len above the longest."""
     from phi3v import SamplingParams
 
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron sigma omega".split()
+    # common English words, each one token with its leading space in Phi-3's tokenizer: n words ~ n tokens
+    words = ("the of and to in is was for on are with as at be by this had not but from or have an they which one "
+             "you were her all she there would their we him been has when who will more no if out so said what up "
+             "its about into than them can only other new some could time these two may then do first any my now "
+             "such like our over man me even most made after also did many before must through back years where "
+             "much your way well down should because each just those people").split()
     for n in lengths:
         if n + 200 > llm.engine.max_model_len:
             continue

@@ -65,10 +65,13 @@ class Engine:
                              f"{max_len} tokens: lower max_model_len or raise gpu_memory_utilization")
         self.cache = KVCache(config.num_hidden_layers, n_blocks, bs, config.num_key_value_heads,
                              config.head_dim, self.device, self.dtype, kv_dtype)
-        # launch decode step t+1 before reading step t's tokens (CUDA only): blocks held one position ahead
+        # launch decode step t+1 before reading step t's tokens (CUDA only). A step can run ahead only while every
+        # row has a block for its next position: rows are given a block's worth of positions ahead whenever they
+        # grow, so that the host resynchronises (to schedule) about once per block_size steps, not at every step
+        # where some row crosses into a new block.
         self.run_ahead = self.device.type == "cuda" and o.run_ahead
         self.sched = Scheduler(o.max_num_seqs, max_len, n_blocks, bs, max_prefill_tokens=max(o.prefill_chunk, 16384),
-                               enable_prefix_caching=o.enable_prefix_caching, lookahead=int(self.run_ahead),
+                               enable_prefix_caching=o.enable_prefix_caching, lookahead=bs if self.run_ahead else 0,
                                long_rope_after=config.original_max_position_embeddings if config.rope_type else None)
         # host wall time per kind of step (prefill steps end with a sync, decode steps with the token copy)
         self.stats = {"image_cache_hits": 0, "images_encoded": 0, "prefill_tokens": 0, "decode_steps": 0,
