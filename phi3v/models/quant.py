@@ -110,13 +110,24 @@ def quantize_int4(w: Tensor, group_size: int = 128) -> tuple[Tensor, Tensor, Ten
         raise ValueError(f"int4: K = {k} is not a multiple of the group size {g}")
     wf = w.float().reshape(n, k // g, g)
     lo, hi = wf.amin(-1), wf.amax(-1)  # (N, K/G)
-    mins = lo.to(torch.float16)
+    # fp16 min rounded down and scale rounded up, so that min <= every w <= min + 15 * scale: no code clamps
+    mins = _round_f16(lo, down=True)
     # the smallest normal fp16 keeps a constant group's division finite (its codes are then all 0)
-    scales = ((hi - mins.float()) / 15).clamp_min(2.0**-14).to(torch.float16)
+    scales = ((hi - mins.float()) / 15).clamp_min(2.0**-14)
+    scales = _round_f16(scales, down=False)
+    short = mins.float() + 15 * scales.float() < hi  # the fp32 product fell short by a rounding
+    scales = torch.where(short, torch.nextafter(scales, torch.full_like(scales, float("inf"))), scales)
     q = torch.round((wf - mins.float()[..., None]) / scales.float()[..., None]).clamp(0, 15).to(torch.uint8)
     q = q.view(n, k // g, 2, g // 2)  # [..., 0, j] element j of the group, [..., 1, j] element G/2 + j
     packed = q[:, :, 0] | (q[:, :, 1] << 4)  # (N, K/G, G/2)
     return packed.reshape(n, k // 2).contiguous(), scales.contiguous(), mins.contiguous()
+
+
+def _round_f16(x: Tensor, down: bool) -> Tensor:
+    """x (fp32) -> fp16 rounded toward -inf (down) or +inf."""
+    h = x.to(torch.float16)
+    off = h.float() > x if down else h.float() < x
+    return torch.where(off, torch.nextafter(h, torch.full_like(h, float("-inf") if down else float("inf"))), h)
 
 
 def dequantize_int4(qweight: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
