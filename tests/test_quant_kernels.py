@@ -65,6 +65,16 @@ assert not int4.supported(torch.randn(1, 128).double(), q, sc, mn)
 assert not int4.supported(torch.randn(1, 128), q.int(), sc, mn)
 q16, sc16, mn16 = quantize_int4(torch.randn(8, 64), 16)  # group 16: not a kernel group size
 assert not int4.supported(torch.randn(1, 64), q16, sc16, mn16)
+
+# the layers route to the kernels when the fused switch is on, and agree with their unfused (CPU) path
+from phi3v.models.quant import FP8Linear, Int4Linear, fp8_linear_reference
+fl, il = FP8Linear(128, 40), Int4Linear(128, 40, 64)
+fl.quantize_(torch.randn(40, 128))
+il.quantize_(torch.randn(40, 128))
+x1 = torch.randn(1, 1, 128)
+assert rel(fl.project(x1, fused=True), fp8_linear_reference(x1[0], fl.weight, fl.weight_scale, False)) < 1e-5
+for x in (x1, torch.randn(1, 12, 128)):
+    assert rel(il.project(x, fused=True), il.project(x, fused=False)) < 1e-5
 print("ok", n_fp8, n_int4)
 """
 

@@ -8,8 +8,8 @@ Layout (what `phi3v.models.quant.quantize_int4` writes):
 - scales, mins (N, K/G) fp16: element w = code * scale + min (codes 0..15; `min` is the group's minimum).
 
 Two kernels, neither of which ever holds the dequantised matrix:
-- `gemv` (1..8 rows, decode): each program streams a (BLOCK_N, BLOCK_K/2) byte tile along K, unpacks both
-  nibbles, applies its group's scale and min with one FMA and multiplies-and-sums against x in fp32.
+- `gemv` (1..8 rows, decode): each program streams (BLOCK_N, BLOCK_K/G, G/2) byte tiles along K, unpacks both
+  nibbles, applies the group's scale and min with one FMA and multiplies-and-sums against x in fp32.
 - `gemm` (prefill): tl.dot tiles; per K step (one group) it loads the (G/2, BLOCK_N) byte tile, dequantises
   the two halves to x's dtype and issues two dots against the two halves of the x tile.
 Tuning: benchmarks/quant_check.py (random full-size weights on the GPU).
@@ -38,7 +38,8 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 @dataclass(frozen=True)
 class Int4GemvConfig:
     block_n: int = 4  # output features per program (power of 2)
-    block_k: int = 1024  # K elements per tile: a multiple of G (power of 2); shortened to K when K is shorter
+    block_k: int = 0  # K elements per tile, a power of 2 >= G (0: 1024 for 1-2 rows, 512 for 3-4, 256 beyond);
+    # shortened to K when K is shorter
     num_warps: int = 4
 
 
@@ -62,34 +63,37 @@ if HAVE_TRITON:
     def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, out_ptr, M, N, K, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, G: tl.constexpr, PDL: tl.constexpr):
         # grid (cdiv(N, BLOCK_N),); x (M, K), qweight (N, K/2), scales/mins (N, K/G), out (M, N) in x's dtype.
+        # A tile is (BLOCK_N, GPT, G/2) bytes: GPT whole groups, so a group's scale and min broadcast along
+        # the last axis (no per-element gathers); products summed over the last two axes after the loop.
         HALF: tl.constexpr = G // 2
+        GPT: tl.constexpr = BLOCK_K // G
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         ms = tl.arange(0, M_PAD)
         n_ok = rows < N
         m_ok = ms < M
-        kb = tl.arange(0, BLOCK_K // 2)  # byte index in the tile
-        grp = kb // HALF  # group within the tile
-        k_in = grp * G + kb % HALF  # element of the low nibble, from the tile's start (the high one: + HALF)
+        gi = tl.arange(0, GPT)
+        j = tl.arange(0, HALF)
         qrow = rows.to(tl.int64) * (K // 2)
         srow = rows.to(tl.int64) * (K // G)
-        acc = tl.zeros((M_PAD, BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+        acc = tl.zeros((M_PAD, BLOCK_N, GPT, HALF), dtype=tl.float32)
         pdl_trigger(PDL)
-        pdl_wait(PDL)  # x is the previous kernel's output (weights may be read before, a later refinement)
+        pdl_wait(PDL)  # x is the previous kernel's output
         for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + k_in) < K  # K % G == 0: a group is either whole or absent
-            w_mask = n_ok[:, None] & k_ok[None, :]
-            b = tl.load(qw_ptr + qrow[:, None] + (k0 // 2 + kb)[None, :], mask=w_mask, other=0,
-                        eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K/2)
-            g_off = srow[:, None] + (k0 // G + grp)[None, :]
-            s = tl.load(s_ptr + g_off, mask=w_mask, other=0.0)
-            mn = tl.load(m_ptr + g_off, mask=w_mask, other=0.0)
-            x_off = ms[:, None] * K + (k0 + k_in)[None, :]
-            x_mask = m_ok[:, None] & k_ok[None, :]
-            x_lo = tl.load(x_ptr + x_off, mask=x_mask, other=0.0).to(tl.float32)  # (M_PAD, BLOCK_K/2)
+            grp = k0 // G + gi  # (GPT,) groups of this tile; K % G == 0: a group is whole or absent
+            g_ok = grp < K // G
+            w_mask = n_ok[:, None, None] & g_ok[None, :, None]
+            b = tl.load(qw_ptr + qrow[:, None, None] + (grp * HALF)[None, :, None] + j[None, None, :], mask=w_mask,
+                        other=0, eviction_policy="evict_first")  # (BLOCK_N, GPT, HALF)
+            g_off = srow[:, None] + grp[None, :]
+            s = tl.load(s_ptr + g_off, mask=n_ok[:, None] & g_ok[None, :], other=0.0)[:, :, None]
+            mn = tl.load(m_ptr + g_off, mask=n_ok[:, None] & g_ok[None, :], other=0.0)[:, :, None]
+            x_off = ms[:, None, None] * K + (grp * G)[None, :, None] + j[None, None, :]
+            x_mask = m_ok[:, None, None] & g_ok[None, :, None]
+            x_lo = tl.load(x_ptr + x_off, mask=x_mask, other=0.0).to(tl.float32)  # (M_PAD, GPT, HALF)
             x_hi = tl.load(x_ptr + x_off + HALF, mask=x_mask, other=0.0).to(tl.float32)
-            acc += x_lo[:, None, :] * _dequant(b, s, mn, False)[None, :, :]
-            acc += x_hi[:, None, :] * _dequant(b, s, mn, True)[None, :, :]
-        y = tl.sum(acc, axis=2)  # (M_PAD, BLOCK_N)
+            acc += x_lo[:, None, :, :] * _dequant(b, s, mn, False)[None, :, :, :]
+            acc += x_hi[:, None, :, :] * _dequant(b, s, mn, True)[None, :, :, :]
+        y = tl.sum(tl.sum(acc, axis=3), axis=2)  # (M_PAD, BLOCK_N)
         tl.store(out_ptr + ms[:, None] * N + rows[None, :], y.to(out_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
@@ -162,7 +166,8 @@ def linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, pdl: bool =
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m <= MAX_M:
         cfg = gemv_config or Int4GemvConfig()
-        block_k = max(g, min(cfg.block_k, 1 << (k - 1).bit_length()))  # a multiple of G, no longer than needed
+        want = cfg.block_k or (1024 if m <= 2 else 512 if m <= 4 else 256)  # the accumulator is M_PAD x tile
+        block_k = max(g, min(want, 1 << (k - 1).bit_length()))  # a multiple of G, no longer than needed
         _int4_gemv_kernel[(_cdiv(n, cfg.block_n),)](
             x2, qweight, scales, mins, out, m, n, k, M_PAD=1 << max(m - 1, 0).bit_length(), BLOCK_N=cfg.block_n,
             BLOCK_K=block_k, G=g, num_warps=cfg.num_warps, **pdl_args(x2, pdl))
