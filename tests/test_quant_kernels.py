@@ -6,10 +6,10 @@ from interp import run_interpreted
 
 SCRIPT = r"""
 import torch
-from phi3v.kernels import gemv, int4
+from phi3v.kernels import fp8_act, gemv, int4
 from phi3v.kernels.gemv import GemvConfig
 from phi3v.kernels.int4 import Int4GemmConfig, Int4GemvConfig
-from phi3v.models.quant import dequantize_int4, quantize_fp8, quantize_int4
+from phi3v.models.quant import dequantize_int4, quantize_fp8, quantize_int4, quantize_rows_fp8
 
 torch.manual_seed(0)
 
@@ -65,6 +65,17 @@ assert not int4.supported(torch.randn(1, 128).double(), q, sc, mn)
 assert not int4.supported(torch.randn(1, 128), q.int(), sc, mn)
 q16, sc16, mn16 = quantize_int4(torch.randn(8, 64), 16)  # group 16: not a kernel group size
 assert not int4.supported(torch.randn(1, 64), q16, sc16, mn16)
+
+# per-token activation quantization (the FP8 prefill GEMM's input): bit for bit torch's, rows longer than a block
+for m, k in [(3, 200), (2, 5000)]:
+    x = torch.randn(m, k) * torch.tensor([1.0, 1e-3, 300.0][:m])[:, None]
+    x[0, 7] = 0.0
+    q, s = fp8_act.quantize_rows(x)
+    q_ref, s_ref = quantize_rows_fp8(x)
+    assert s.shape == (m, 1) and torch.equal(s, s_ref), (s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+q, s = fp8_act.quantize_rows(torch.zeros(1, 64))
+assert torch.equal(q.float(), torch.zeros(1, 64)) and abs(s.item() - 1e-12) < 1e-18  # an all-zero row
 
 # the layers route to the kernels when the fused switch is on, and agree with their unfused (CPU) path
 from phi3v.models.quant import FP8Linear, Int4Linear, fp8_linear_reference

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from phi3v.kernels import gemv, int4
+from phi3v.kernels import fp8_act, gemv, int4
 
 __all__ = ["QuantSpec", "QuantLinear", "FP8Linear", "Int4Linear", "swap_linears", "quantize_fp8",
            "quantize_int4", "dequantize_int4", "quantize_rows_fp8", "METHODS", "FP8", "FP8_MAX"]
@@ -198,7 +198,7 @@ class FP8Linear(QuantLinear):
             return gemv.linear(x, w, pdl=pdl, scale=s)
         x2 = x.reshape(-1, self.in_features)
         if x.is_cuda:  # FP8 tensor cores, x quantized per token; W (N, K) row-major is the column-major B
-            xq, xs = quantize_rows_fp8(x2)
+            xq, xs = fp8_act.quantize_rows(x2, pdl) if fused and fp8_act.supported(x2) else quantize_rows_fp8(x2)
             y = torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=s.view(1, -1), out_dtype=torch.bfloat16)
         else:  # the same numerics in fp32 (CPU: tests); few rows as the decode GEMV, more as the prefill GEMM
             y = fp8_linear_reference(x2, w, s, per_token=x2.shape[0] > gemv.MAX_M)
