@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 from phi3v import LLM, SamplingParams  # noqa: E402
 from phi3v.bench import PROMPT, _decode, emit, kv_capacity, noise_image, write_random_checkpoint  # noqa: E402
 from phi3v.models.phi3 import proj  # noqa: E402
-from phi3v.models.quant import QuantLinear, QuantSpec  # noqa: E402
+from phi3v.models.quant import (FP8Linear, Int4Linear, QuantLinear, QuantSpec, dequantize_int4,  # noqa: E402
+                                fp8_linear_reference)
 from phi3v.models.weights import checkpoint_files  # noqa: E402
 
 KINDS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
@@ -75,6 +76,28 @@ def layer_errors(llm: LLM, folder: str) -> dict[str, dict[str, float]]:
             acc.setdefault(name.rpartition(".")[2], {}).setdefault(phase, []).append(err)
     return {k: {f"{p}_{s}": (max(v) if s == "max" else sum(v) / len(v)) for p, v in d.items() for s in ("max", "mean")}
             for k, d in acc.items()}
+
+
+@torch.no_grad()
+def kernel_check(llm: LLM) -> dict[str, float]:
+    """The quantized kernels (GEMV, GEMM, _scaled_mm with the Triton activation quantizer) against the plain-torch
+    math of the same quantized weights, layer 0's shapes plus lm_head: {kind/rows: relative error}. Kernel bugs
+    show here; quantization error does not (it is in both)."""
+    out: dict[str, float] = {}
+    dev = llm.device
+    mods = {n.rpartition(".")[2]: m for n, m in llm.model.named_modules()
+            if (n.startswith("model.layers.0.") or n == "lm_head") and isinstance(m, QuantLinear)}
+    for kind, mod in mods.items():
+        for rows in (1, 3, 8, 64, 2560):
+            x = torch.randn(rows, mod.in_features, device=dev, dtype=llm.dtype)
+            y = mod.project(x, mod_fused(llm.model), False).float()
+            if isinstance(mod, FP8Linear):
+                ref = fp8_linear_reference(x, mod.weight, mod.weight_scale, per_token=rows > 8)
+            else:
+                assert isinstance(mod, Int4Linear)
+                ref = x.float() @ dequantize_int4(mod.qweight, mod.scales, mod.mins).T
+            out[f"{kind}/{rows}"] = float((y - ref).norm() / ref.norm())
+    return out
 
 
 def mod_fused(model: torch.nn.Module) -> bool:
@@ -152,6 +175,9 @@ def run_mode(a: argparse.Namespace, mode: str, ref: dict) -> dict:
         res.update(kv_capacity(llm, free, a.gpu_memory_utilization, 200))
         res["mem_after_load_gib"] = torch.cuda.max_memory_allocated() / 2**30
     res["layer_errors"] = layer_errors(llm, a.model)
+    if mode != "bf16":
+        res["kernel_vs_torch"] = kernel_check(llm)
+        res["kernels_ok"] = all(e < 2e-2 for e in res["kernel_vs_torch"].values())  # bf16 output rounding
     greedy = llm.generate(PROMPT, [noise_image(1344, 1344, 0)], SamplingParams(max_tokens=a.tokens, ignore_eos=True),
                           num_crops=16).token_ids
     if mode == "bf16":
@@ -218,9 +244,12 @@ def main() -> None:
         results.append(run_mode(a, mode, ref))
         print(table(results[-1:]), flush=True)
     print(table(results))
+    bad = [f"{r['mode']} {k}: {e:.3g}" for r in results for k, e in r.get("kernel_vs_torch", {}).items() if e >= 2e-2]
+    print("kernels vs torch: " + ("ok" if not bad else "MISMATCH " + "; ".join(bad)))
     emit({"device": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu", "torch": torch.__version__,
           "kv_cache_dtype": a.kv_cache_dtype, "quantize_lm_head": a.quantize_lm_head, "tokens": a.tokens,
           "results": results}, a.out)
+    sys.exit(1 if bad else 0)
 
 
 if __name__ == "__main__":
