@@ -136,6 +136,16 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def default_gemm_config(m: int) -> Int4GemmConfig:
+    """Untuned starting points (benchmarks/quant_check.py --sweep measures the alternatives): big row tiles for
+    long prompts, where the dequantised B tile is then shared by more rows; 16-row tiles for short batches."""
+    if m >= 1024:
+        return Int4GemmConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+    if m <= 16:
+        return Int4GemmConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)
+    return Int4GemmConfig()
+
+
 def group_size(qweight: Tensor, scales: Tensor) -> int:
     """G of a packed weight: K / groups per row."""
     return 2 * qweight.shape[1] // scales.shape[1]
@@ -172,7 +182,7 @@ def linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, pdl: bool =
             x2, qweight, scales, mins, out, m, n, k, M_PAD=1 << max(m - 1, 0).bit_length(), BLOCK_N=cfg.block_n,
             BLOCK_K=block_k, G=g, num_warps=cfg.num_warps, **pdl_args(x2, pdl))
     else:
-        cfg = gemm_config or Int4GemmConfig()
+        cfg = gemm_config or default_gemm_config(m)
         _int4_gemm_kernel[(_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n))](
             x2, qweight, scales, mins, out, m, n, k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, G=g,
             IEEE=x.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x2, pdl))
