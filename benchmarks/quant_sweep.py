@@ -64,7 +64,7 @@ def sweep_gemv(n: int, k: int, rows: int, dev: str, smoke: bool = False) -> dict
     cfgs += [GemvConfig(bn, 128, sk, 4, st, True) for bn, sk, st in itertools.product((32, 64), (1, 4), (3, 4))]
     cfgs = cfgs[::12] if smoke else cfgs
     r = _best(lambda c: time_cycle([lambda q=q, s=s: gemv.linear(x, q, c, scale=s) for q, s in fp8]), cfgs,
-              gemv.default_config(rows, n, k))
+              gemv.default_config(rows, n, k, fp8=True))
     r["best_gb_s"] = fp8_bytes / r["best_us"] / 1e3
     out["fp8_gemv"] = r
     i4 = _copies(quantize_int4(w, 128))

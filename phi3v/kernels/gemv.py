@@ -13,7 +13,7 @@ stored (a split's partial is scaled too: the sum of scaled partials is the scale
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -71,6 +71,11 @@ BEST: dict[tuple[int, int, int], GemvConfig] = {
     (4, 32064, 3072): GemvConfig(64, 128, 1, 2, 3, True),  # lm_head 1.082x
     (8, 32064, 3072): GemvConfig(32, 256, 1, 2, 4, True),  # lm_head 1.077x
 }
+
+
+# FP8 weights (1 byte each): measured winners go here (benchmarks/quant_sweep.py prints them). Until then a shape
+# takes its bf16 entry, with twice the K elements per tile on the FMA path: the same bytes per load.
+BEST_FP8: dict[tuple[int, int, int], GemvConfig] = {}
 
 
 if HAVE_TRITON:
@@ -159,8 +164,15 @@ def _pow2_at_least(v: int) -> int:
     return 1 << max(v - 1, 0).bit_length()
 
 
-def default_config(m: int, n: int, k: int) -> GemvConfig:
-    """BEST[(m, n, k)], else the entry for the next larger tabled M of the same shape, else a heuristic."""
+def default_config(m: int, n: int, k: int, fp8: bool = False) -> GemvConfig:
+    """BEST[(m, n, k)] (BEST_FP8 for fp8 weights), else the entry for the next larger tabled M of the same shape,
+    else a heuristic."""
+    if fp8:
+        for mm in range(m, MAX_M + 1):
+            if (mm, n, k) in BEST_FP8:
+                return BEST_FP8[(mm, n, k)]
+        cfg = default_config(m, n, k)
+        return cfg if cfg.dot else replace(cfg, block_k=min(2 * cfg.block_k, max(_pow2_at_least(k), 1)))
     for mm in range(m, MAX_M + 1):
         if (mm, n, k) in BEST:
             return BEST[(mm, n, k)]
@@ -198,7 +210,7 @@ def linear(x: Tensor, weight: Tensor, config: GemvConfig | None = None, pdl: boo
     k, n = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, k).contiguous()  # (M, K)
     m = x2.shape[0]
-    cfg = config or default_config(m, n, k)
+    cfg = config or default_config(m, n, k, fp8=scale is not None)
     k_per_split = _cdiv(_cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     splits = _cdiv(k, k_per_split)  # no empty splits when K is short
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
