@@ -69,7 +69,8 @@ def sweep_gemv(n: int, k: int, rows: int, dev: str, smoke: bool = False) -> dict
     out["fp8_gemv"] = r
     i4 = _copies(quantize_int4(w, 128))
     i4_bytes = n * k // 2 + 4 * n * k // 128
-    cfgs = [Int4GemvConfig(bn, bk, nw) for bn, bk, nw in itertools.product((1, 2, 4, 8), (256, 512, 1024, 2048), (2, 4, 8))]
+    cfgs = [Int4GemvConfig(bn, bk, nw)
+            for bn, bk, nw in itertools.product((1, 2, 4, 8), (256, 512, 1024, 2048), (2, 4, 8))]
     cfgs = cfgs[::16] if smoke else cfgs
     r = _best(lambda c: time_cycle([lambda t=t: int4.linear(x, *t, gemv_config=c) for t in i4]), cfgs, Int4GemvConfig())
     r["best_gb_s"] = i4_bytes / r["best_us"] / 1e3

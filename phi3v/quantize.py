@@ -86,7 +86,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    q = sub.add_parser("quantize", help="write a checkpoint with fp8 or int4 decoder weights (loads without bf16 files)")
+    q = sub.add_parser("quantize",
+                       help="write a checkpoint with fp8 or int4 decoder weights (loads without bf16 files)")
     q.add_argument("--model", required=True, help="bf16 checkpoint: local folder or Hugging Face repo id")
     q.add_argument("--quantization", required=True, choices=METHODS)
     q.add_argument("--output", required=True, help="folder to write")

@@ -18,9 +18,10 @@ int4: weight-only, groups of `group_size` (128) along K, ASYMMETRIC: code q in 0
   [min, max] instead of a symmetric [-amax, amax] of which one side is often half empty (a skewed group, or
   one outlier), so the step is smaller for the same bits; it costs 2 bytes per group (0.125 bit per weight)
   and one FMA per weight in registers, free in a bandwidth-bound GEMV. Layout: `phi3v.kernels.int4`.
-  Error: |w - w_q| <= scale / 2 per weight; for Gaussian weights about 9 % rms of the layer's output.
-  Bound tested: per-layer relative error < 13 %; on the tiny checkpoint logit cosine > 0.93. No dequantised matrix is kept; on the GPU the kernels
-  dequantise tiles in registers, elsewhere (CPU, tests) each call dequantises into a temporary.
+  Error: |w - w_q| <= scale / 2 per weight; for Gaussian weights about 10 % rms of the layer's output.
+  Bound tested: per-layer relative error < 13 %; on the tiny checkpoint logit cosine > 0.93.
+  No dequantised matrix is kept: on the GPU the kernels dequantise tiles in registers, elsewhere (CPU, tests)
+  each call dequantises its layer into a temporary.
 Real checkpoints have outlier channels that random weights lack: a per-channel (fp8) or per-group (int4)
 scale stretched by an outlier rounds the rest of its row or group more coarsely, so expect larger errors
 than the random-weight numbers of benchmarks/quant_check.py, most of all for int4.
