@@ -49,7 +49,7 @@ for n, k, g in [(37, 256, 128), (20, 64, 64), (50, 384, 32)]:  # 2, 1 and 12 gro
                 dict(gemm_config=Int4GemmConfig(block_m=16, block_n=16, num_warps=2, num_stages=1)))
         for cfg in cfgs:
             assert int4.supported(x, q, sc, mn)
-            y = int4.linear(x, q, sc, mn, **cfg)
+            y = int4.linear(x, q, sc, mn, early=m == 1, **cfg)  # the first tile read ahead (PDL's order)
             assert y.shape == (m, n) and y.dtype == torch.float32
             assert rel(y, ref) < 1e-5, (n, k, g, m, cfg, rel(y, ref))
             n_int4 += 1

@@ -64,39 +64,56 @@ if HAVE_TRITON:
         return qf * s.to(tl.float32) + m.to(tl.float32)
 
     @triton.jit
+    def _gemv_tile(qw_ptr, s_ptr, m_ptr, qrow, srow, n_ok, k0, K, GPT: tl.constexpr, HALF: tl.constexpr,
+                   G: tl.constexpr):
+        # the weights of one K tile: bytes (BLOCK_N, GPT, HALF), scales and mins (BLOCK_N, GPT, 1)
+        grp = k0 // G + tl.arange(0, GPT)  # groups of this tile; K % G == 0: a group is whole or absent
+        g_ok = grp < K // G
+        b = tl.load(qw_ptr + qrow[:, None, None] + (grp * HALF)[None, :, None] + tl.arange(0, HALF)[None, None, :],
+                    mask=n_ok[:, None, None] & g_ok[None, :, None], other=0, eviction_policy="evict_first")
+        g_off = srow[:, None] + grp[None, :]
+        s = tl.load(s_ptr + g_off, mask=n_ok[:, None] & g_ok[None, :], other=0.0)[:, :, None]
+        mn = tl.load(m_ptr + g_off, mask=n_ok[:, None] & g_ok[None, :], other=0.0)[:, :, None]
+        return b, s, mn
+
+    @triton.jit
+    def _gemv_step(x_ptr, b, s, mn, acc, ms, m_ok, k0, K, GPT: tl.constexpr, HALF: tl.constexpr, G: tl.constexpr):
+        grp = k0 // G + tl.arange(0, GPT)
+        x_off = ms[:, None, None] * K + (grp * G)[None, :, None] + tl.arange(0, HALF)[None, None, :]
+        x_mask = m_ok[:, None, None] & (grp < K // G)[None, :, None]
+        x_lo = tl.load(x_ptr + x_off, mask=x_mask, other=0.0).to(tl.float32)  # (M_PAD, GPT, HALF)
+        x_hi = tl.load(x_ptr + x_off + HALF, mask=x_mask, other=0.0).to(tl.float32)
+        acc += x_lo[:, None, :, :] * _dequant(b, s, mn, False)[None, :, :, :]
+        return acc + x_hi[:, None, :, :] * _dequant(b, s, mn, True)[None, :, :, :]
+
+    @triton.jit
     def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, out_ptr, M, N, K, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, G: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_K: tl.constexpr, G: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr):
         # grid (cdiv(N, BLOCK_N),); x (M, K), qweight (N, K/2), scales/mins (N, K/G), out (M, N) in x's dtype.
         # A tile is (BLOCK_N, GPT, G/2) bytes: GPT whole groups, so a group's scale and min broadcast along
         # the last axis (no per-element gathers); products summed over the last two axes after the loop.
+        # EARLY (with PDL on the GPU; alone in tests): the first tile is read before waiting for x.
         HALF: tl.constexpr = G // 2
         GPT: tl.constexpr = BLOCK_K // G
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         ms = tl.arange(0, M_PAD)
         n_ok = rows < N
         m_ok = ms < M
-        gi = tl.arange(0, GPT)
-        j = tl.arange(0, HALF)
         qrow = rows.to(tl.int64) * (K // 2)
         srow = rows.to(tl.int64) * (K // G)
         acc = tl.zeros((M_PAD, BLOCK_N, GPT, HALF), dtype=tl.float32)
         pdl_trigger(PDL)
-        pdl_wait(PDL)  # x is the previous kernel's output
-        for k0 in range(0, K, BLOCK_K):
-            grp = k0 // G + gi  # (GPT,) groups of this tile; K % G == 0: a group is whole or absent
-            g_ok = grp < K // G
-            w_mask = n_ok[:, None, None] & g_ok[None, :, None]
-            b = tl.load(qw_ptr + qrow[:, None, None] + (grp * HALF)[None, :, None] + j[None, None, :], mask=w_mask,
-                        other=0, eviction_policy="evict_first")  # (BLOCK_N, GPT, HALF)
-            g_off = srow[:, None] + grp[None, :]
-            s = tl.load(s_ptr + g_off, mask=n_ok[:, None] & g_ok[None, :], other=0.0)[:, :, None]
-            mn = tl.load(m_ptr + g_off, mask=n_ok[:, None] & g_ok[None, :], other=0.0)[:, :, None]
-            x_off = ms[:, None, None] * K + (grp * G)[None, :, None] + j[None, None, :]
-            x_mask = m_ok[:, None, None] & g_ok[None, :, None]
-            x_lo = tl.load(x_ptr + x_off, mask=x_mask, other=0.0).to(tl.float32)  # (M_PAD, GPT, HALF)
-            x_hi = tl.load(x_ptr + x_off + HALF, mask=x_mask, other=0.0).to(tl.float32)
-            acc += x_lo[:, None, :, :] * _dequant(b, s, mn, False)[None, :, :, :]
-            acc += x_hi[:, None, :, :] * _dequant(b, s, mn, True)[None, :, :, :]
+        start = 0
+        if EARLY:  # no kernel writes weights: read them while the previous kernel drains
+            b, s, mn = _gemv_tile(qw_ptr, s_ptr, m_ptr, qrow, srow, n_ok, 0, K, GPT, HALF, G)
+            pdl_wait(PDL)
+            acc = _gemv_step(x_ptr, b, s, mn, acc, ms, m_ok, 0, K, GPT, HALF, G)
+            start = BLOCK_K
+        else:
+            pdl_wait(PDL)  # x is the previous kernel's output
+        for k0 in range(start, K, BLOCK_K):
+            b, s, mn = _gemv_tile(qw_ptr, s_ptr, m_ptr, qrow, srow, n_ok, k0, K, GPT, HALF, G)
+            acc = _gemv_step(x_ptr, b, s, mn, acc, ms, m_ok, k0, K, GPT, HALF, G)
         y = tl.sum(tl.sum(acc, axis=3), axis=2)  # (M_PAD, BLOCK_N)
         tl.store(out_ptr + ms[:, None] * N + rows[None, :], y.to(out_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
@@ -171,8 +188,10 @@ def supported(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor) -> bool:
 
 
 def linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, pdl: bool = False,
-           gemv_config: Int4GemvConfig | None = None, gemm_config: Int4GemmConfig | None = None) -> Tensor:
-    """x (..., K) @ dequant(W).T -> (..., N) in x's dtype: the GEMV for up to MAX_M rows, else the GEMM."""
+           gemv_config: Int4GemvConfig | None = None, gemm_config: Int4GemmConfig | None = None,
+           early: bool = False) -> Tensor:
+    """x (..., K) @ dequant(W).T -> (..., N) in x's dtype: the GEMV for up to MAX_M rows, else the GEMM.
+    `early`: the GEMV's first weight tile is read before x even without PDL (tests of that path)."""
     k, n = x.shape[-1], qweight.shape[0]
     g = group_size(qweight, scales)
     x2 = x.reshape(-1, k).contiguous()
@@ -182,9 +201,10 @@ def linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, pdl: bool =
         cfg = gemv_config or Int4GemvConfig()
         want = cfg.block_k or (1024 if m <= 2 else 512 if m <= 4 else 256)  # the accumulator is M_PAD x tile
         block_k = max(g, min(want, 1 << (k - 1).bit_length()))  # a multiple of G, no longer than needed
+        launch = pdl_args(x2, pdl)
         _int4_gemv_kernel[(_cdiv(n, cfg.block_n),)](
             x2, qweight, scales, mins, out, m, n, k, M_PAD=1 << max(m - 1, 0).bit_length(), BLOCK_N=cfg.block_n,
-            BLOCK_K=block_k, G=g, num_warps=cfg.num_warps, **pdl_args(x2, pdl))
+            BLOCK_K=block_k, G=g, EARLY=launch["PDL"] or early, num_warps=cfg.num_warps, **launch)
     else:
         cfg = gemm_config or default_gemm_config(m)
         _int4_gemm_kernel[(_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n))](
