@@ -7,7 +7,8 @@ so a quantized checkpoint loads with the same name -> tensor mapping. The vision
 
 fp8: W = q * scale[n], q float8 e4m3 (N, K), one fp32 scale per output feature (row amax / 448).
   Decode (1..8 rows, Triton): bf16 x times W upcast in registers (weight-only numerics).
-  Prefill (CUDA): x quantized per token (row amax / 448, dynamic) and an FP8 tensor-core GEMM
+  Prefill and decode batches over 8 rows (CUDA): x quantized per token (row amax / 448, dynamic; one Triton
+  kernel, phi3v.kernels.fp8_act) and an FP8 tensor-core GEMM
   (`torch._scaled_mm`, row-wise scales, needs compute capability >= 8.9). On an older GPU loading refuses
   fp8 (ValueError); on the CPU the same math runs in plain torch (exact emulation, slow: for tests).
   Error: a weight's relative rounding error is at most 2**-4 (3 mantissa bits), about 2.5 % rms; the per-token
