@@ -77,6 +77,9 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     if checkpoint_quantization(src) is not None:
         raise ValueError(f"{a.model} is quantized already: quantize the bf16 checkpoint")
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    old_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9)
+    if a.device is None and spec.method == "fp8" and old_gpu:
+        device = torch.device("cpu")  # quantizing needs no FP8 GEMM; this GPU could not run one (the loader refuses)
     config = Phi3VConfig.from_pretrained(src)
     model = load_model(src, config, device, torch.bfloat16, spec)
     save_quantized(model, spec, src, a.output)
