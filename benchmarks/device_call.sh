@@ -10,6 +10,11 @@
 #   bench          phi3v bench --parts abc (bf16), --compare the reference's JSON when there is one
 #   bench_fp8      the same with --kv-cache-dtype fp8
 #   bench_c        phi3v bench --parts c only (A/B of offline throughput)
+#   bench_fp8w, bench_int4w, bench_fp8w_kv8
+#                  phi3v bench --parts abc with --quantization fp8 / int4 / fp8 and --kv-cache-dtype fp8 (issue 20)
+#   quant_check    benchmarks/quant_check.py: bf16 / fp8 / int4 error, kernels vs torch, decode tok/s, GEMM
+#                  TFLOP/s, memory (exits 1 when a quantized kernel disagrees with its torch math)
+#   quant_sweep    benchmarks/quant_sweep.py: tuning of the FP8 / int4 GEMV and the int4 GEMM per Phi-3 shape
 #   bench_c_base   the same from the package copy in $BASE (default .ab_base, carried: an earlier commit's
 #                  phi3v/, e.g. `git archive HEAD phi3v | tar -x -C .ab_base`), for an A/B in one call
 #   gpu_tests      python -m pytest -m gpu tests/gpu (golden parity on CUDA, the engine against the reference
@@ -64,6 +69,12 @@ for step in "$@"; do
         bench) bench --parts abc $(compare) --json-out "$OUT/${TAG}_bench.json" >"$log" 2>&1 ;;
         bench_fp8) bench --parts abc --kv-cache-dtype fp8 $(compare) --json-out "$OUT/${TAG}_bench_fp8.json" >"$log" 2>&1 ;;
         bench_c) bench --parts c --json-out "$OUT/${TAG}_bench_c.json" >"$log" 2>&1 ;;
+        bench_fp8w|bench_int4w) bench --parts abc --quantization "${step#bench_}" --json-out "$OUT/${TAG}_$step.json" \
+            >"$log" 2>&1 ;;
+        bench_fp8w_kv8) bench --parts abc --quantization fp8 --kv-cache-dtype fp8 --json-out "$OUT/${TAG}_$step.json" \
+            >"$log" 2>&1 ;;
+        quant_check) python3 benchmarks/quant_check.py --model "$M" --out "$OUT/${TAG}_quant_check.json" >"$log" 2>&1 ;;
+        quant_sweep) python3 benchmarks/quant_sweep.py --out "$OUT/${TAG}_quant_sweep.json" >"$log" 2>&1 ;;
         bench_c_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts c) >"$log" 2>&1 ;;
         gpu_tests) python3 -m pytest -m gpu -q tests/gpu --junitxml "$OUT/${TAG}_gpu_tests.xml" >"$log" 2>&1 ;;
         profile_decode|profile_prefill|profile_ttft|profile_offline)

@@ -23,6 +23,7 @@ from phi3v.engine.grammar import Grammars
 from phi3v.driver import RequestDriver
 from phi3v.engine.graphs import CAPTURE_LOCK
 from phi3v.hub import resolve_model
+from phi3v.models.quant import QuantSpec
 from phi3v.models.weights import load_model
 from phi3v.output import Completion
 from phi3v.processing.chat import expand_placeholders, render_chat, tokenize_prompt
@@ -70,16 +71,21 @@ class LLM:
     """A loaded Phi-3-vision / Phi-3.5-vision model with its tokenizer, image processor and engine."""
 
     def __init__(self, model: str = DEFAULT_MODEL, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None, *, revision: str | None = None,
-                 allow_url_images: bool = False, engine_config: EngineConfig | None = None,
-                 **engine_options: Any) -> None:
-        """engine_options: fields of `EngineConfig` (max_num_seqs, max_model_len, gpu_memory_utilization,
+                 dtype: str | torch.dtype | None = None, *, quantization: str | QuantSpec | None = None,
+                 revision: str | None = None, allow_url_images: bool = False,
+                 engine_config: EngineConfig | None = None, **engine_options: Any) -> None:
+        """quantization: the decoder's weights, None (the checkpoint's own: bf16, or what `phi3v quantize`
+        wrote), "fp8" (e4m3, per-channel scales; a GPU of compute capability >= 8.9) or "int4" (weight-only,
+        groups of 128), quantized at load time; a QuantSpec also sets int4's group size and lm_head
+        (phi3v/models/quant.py: what each costs in fidelity).
+        engine_options: fields of `EngineConfig` (max_num_seqs, max_model_len, gpu_memory_utilization,
         kv_block_size, kv_cache_dtype ("auto" keeps the KV cache in the model's dtype, outputs as the
         reference's; "fp8" stores it in e4m3: half the KV memory, at changed numerics), ...), or a whole
         `engine_config`."""
         if engine_config is not None and engine_options:
             raise ValueError("pass engine options either as keyword arguments or as engine_config, not both")
         options = engine_config or EngineConfig.from_options(engine_options)  # bad options fail before loading
+        quant = QuantSpec.parse(quantization)  # likewise a bad mode
         if device is None or device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -94,7 +100,7 @@ class LLM:
         self.config = Phi3VConfig.from_pretrained(self.folder)
         self.tokenizer = Tokenizer.from_pretrained(self.folder)
         self.image_processor = ImageProcessor.from_config(self.config)
-        self.model = load_model(self.folder, self.config, self.device, self.dtype)
+        self.model = load_model(self.folder, self.config, self.device, self.dtype, quant)
         self.engine = Engine(self.model, self.config, options,
                              grammars=Grammars.from_tokenizer(self.tokenizer, self.config.vocab_size,
                                                               self.config.eos_token_ids))

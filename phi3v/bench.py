@@ -2,7 +2,8 @@
 
 (a) batch-1 decode tokens/s with one 16-crop image in context; (b) time to first token,
 preprocessing included, at 16 and 4 crops (a new image each time: no embedding-cache hits);
-(c) offline throughput over many images of mixed sizes; (d) peak GPU memory. Output length is
+(c) offline throughput over many images of mixed sizes; (d) peak GPU memory and how many 16-crop
+sequences the KV cache could hold by the engine's sizing rule (more with fp8/int4 weights). Output length is
 forced by ignoring eos. With `--random CONFIG_DIR` a full-size checkpoint of random weights is
 written first (speed does not depend on weight values).
 """
@@ -202,6 +203,25 @@ def _offline(llm: Any, res: dict[str, Any], crops: tuple[int, ...], n_offline: i
         res[f"c_offline_{nc}crop_tokens_per_s"] = sum(len(o.token_ids) for o in outs) / dt
 
 
+def kv_capacity(llm: Any, free_bytes: int, utilization: float, out_tokens: int) -> dict[str, Any]:
+    """How many 16-crop sequences (the (a) prompt + `out_tokens`) the KV cache holds when it is sized as the
+    engine sizes it (free GPU memory after the weights x utilization - 2 GiB of activation headroom), not
+    capped by max_num_seqs: what the memory freed by quantized weights buys. `free_bytes`: free memory
+    right after loading, the engine's own cache counted as free."""
+    from phi3v import SamplingParams
+    from phi3v.engine.kv_cache import KVCache
+
+    eng, cfg = llm.engine, llm.config
+    bpt = KVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, eng.cache.kv_dtype)
+    budget = int(free_bytes * utilization) - (2 << 30)
+    prompt = len(llm.prepare(PROMPT, [noise_image(1344, 1344, 0)], SamplingParams(), num_crops=16).prompt_ids)
+    bs = eng.cache.block_size
+    per_seq = -(-(prompt + out_tokens) // bs)  # blocks
+    blocks = max(0, budget // (bs * bpt))
+    return {"d_kv_budget_gib": budget / 2**30, "d_kv_bytes_per_token": bpt, "d_16crop_seq_tokens": prompt + out_tokens,
+            "d_concurrent_16crop_seqs": blocks // per_seq, "d_kv_blocks_allocated": eng.cache.n_blocks}
+
+
 def add_parser(sub: Any) -> None:
     b = sub.add_parser("bench", help="measure decode tokens/s, time to first token, offline throughput, memory")
     b.add_argument("--model", default=None, help="checkpoint folder or repo id")
@@ -224,6 +244,9 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     b.add_argument("--kv-cache-dtype", default="auto",
                    help=f"{' | '.join(KV_CACHE_DTYPES)}; fp8: e4m3 KV cache (changed numerics; not the reference's outputs)")
+    from phi3v.cli import add_quant_args
+
+    add_quant_args(b)
     b.add_argument("--compare", default=None, help="JSON of the reference recipe's numbers: print ratios")
     b.add_argument("--json-out", default=None)
     b.set_defaults(fn=cmd_bench)
@@ -231,7 +254,7 @@ def add_parser(sub: Any) -> None:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from phi3v import LLM
-    from phi3v.cli import engine_switches
+    from phi3v.cli import engine_switches, quant_spec
 
     model = a.model
     if a.random:
@@ -241,17 +264,28 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
+    quant = quant_spec(a)
     llm = LLM(model, device=a.device, dtype=a.dtype, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
-              gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_dtype=a.kv_cache_dtype, **engine_switches())
+              gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_dtype=a.kv_cache_dtype, quantization=quant,
+              **engine_switches())
     load_s = time.perf_counter() - t
+    capacity: dict[str, Any] = {}
+    if llm.device.type == "cuda":  # before warmup: what the engine saw when it sized its cache
+        c = llm.engine.cache
+        cache_bytes = 2 * c.k.numel() * c.k.element_size()
+        free = torch.cuda.mem_get_info(llm.device)[0] + cache_bytes
+        capacity = kv_capacity(llm, free, a.gpu_memory_utilization, a.offline_tokens)
+        capacity["d_weights_gib"] = sum(p.numel() * p.element_size() for p in llm.model.parameters()) / 2**30
     t = time.perf_counter()
     llm.warmup()  # every CUDA graph and blank requests, as the server and batch jobs do at start
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if llm.device.type == "cuda" else "cpu",
-                           "kv_cache_dtype": a.kv_cache_dtype,
+                           "kv_cache_dtype": a.kv_cache_dtype, "quantization": a.quantization,
+                           "quantize_lm_head": a.quantize_lm_head,
                            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "load_s": load_s,
                            "warmup_s": time.perf_counter() - t, "command": " ".join(["phi3v"] + sys.argv[1:])}
     res.update(run_bench(llm, a.decode_tokens, n_offline=a.n_offline, offline_tokens=a.offline_tokens, parts=a.parts,
                          prep_workers=a.prep_workers, profile=a.profile_prefill))
+    res.update(capacity)
     if a.compare:
         with open(a.compare, encoding="utf-8") as f:
             res["ratios_vs_reference"] = ratios(res, json.load(f))

@@ -10,8 +10,11 @@ from typing import Any, Callable
 
 from phi3v.api import DEFAULT_MODEL
 from phi3v.engine.config import KV_CACHE_DTYPES
+from phi3v.models.quant import METHODS, QuantSpec
 from phi3v.sampling_params import SamplingParams
 
+QUANT_HELP = ("decoder weights: none (the checkpoint's), fp8 (e4m3 + per-channel scales, GPU of compute capability "
+              ">= 8.9) or int4 (weight-only, groups of 128), quantized at load time (default: none)")
 KV_HELP = ("KV cache storage, auto or fp8: auto = the model's dtype (outputs as the reference's); fp8 = e4m3, half the KV "
            "memory, changed numerics (default: auto)")
 
@@ -33,6 +36,24 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="answer with JSON valid against the JSON Schema in FILE (constrained decoding)")
     p.add_argument("--json-object", action="store_true", help="answer with a JSON object (any)")
     p.add_argument("--kv-cache-dtype", default="auto", help=KV_HELP)
+    add_quant_args(p)
+
+
+def add_quant_args(p: argparse.ArgumentParser, env: dict[str, str] | None = None) -> None:
+    env = env or {}
+    p.add_argument("--quantization", default=env.get("QUANTIZATION", "none"), choices=("none",) + METHODS,
+                   help=QUANT_HELP)
+    p.add_argument("--quantize-lm-head", action="store_true", default=env.get("QUANTIZE_LM_HEAD", False),
+                   help="quantize lm_head too (with --quantization; default: kept in bf16)")
+
+
+def quant_spec(a: argparse.Namespace) -> QuantSpec | None:
+    """The QuantSpec of --quantization / --quantize-lm-head."""
+    if a.quantization in (None, "none"):
+        if a.quantize_lm_head:
+            raise ValueError("--quantize-lm-head needs --quantization fp8 or int4")
+        return None
+    return QuantSpec(a.quantization, lm_head=a.quantize_lm_head)
 
 
 # The engine's speed switches, for debugging and A/B runs (each off gives the same tokens, slower): the only
@@ -93,7 +114,7 @@ def _load(a: argparse.Namespace) -> Any:
 
     # the person at the command line names the images, URLs included (private addresses stay refused)
     # `batch` decodes up to --batch-size requests at once (KV memory permitting)
-    return LLM(a.model, device=a.device, dtype=a.dtype, allow_url_images=True,
+    return LLM(a.model, device=a.device, dtype=a.dtype, quantization=quant_spec(a), allow_url_images=True,
                max_num_seqs=getattr(a, "batch_size", 8), kv_cache_dtype=a.kv_cache_dtype, **engine_switches())
 
 
@@ -215,6 +236,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                  max_body_bytes=a.max_body_bytes, max_image_bytes=a.max_image_bytes, image_timeout=a.image_timeout,
                  image_fetch_deadline=a.image_fetch_deadline, image_min_rate=a.image_min_rate,
                  max_waiting_bytes=a.max_waiting_bytes,
+                 quantization=quant_spec(a),
                  engine_switches=engine_switches(), web_ui=not a.no_web_ui)
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"phi3v: warning: listening on {a.host} without --api-key: anyone who can reach it can use it",
@@ -263,6 +285,8 @@ def _serve_parser(sub: Any) -> None:
     s.add_argument("--device", default=_env("DEVICE"), help="cpu, cuda, cuda:N (default: cuda if available)")
     s.add_argument("--dtype", default=_env("DTYPE"), help="auto, bf16, fp16, fp32")
     s.add_argument("--kv-cache-dtype", default=_env("KV_CACHE_DTYPE", "auto"), help=KV_HELP)
+    add_quant_args(s, {"QUANTIZATION": _env("QUANTIZATION", "none"),
+                       "QUANTIZE_LM_HEAD": _env("QUANTIZE_LM_HEAD", False, flag=True)})
     s.add_argument("--no-web-ui", action="store_true", default=_env("NO_WEB_UI", False, flag=True),
                    help="do not serve the browser chat page at / (the API is unchanged)")
     s.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
@@ -300,8 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_batch)
     _serve_parser(sub)
     from phi3v.bench import add_parser as add_bench_parser
+    from phi3v.quantize import add_parser as add_quantize_parser
 
     add_bench_parser(sub)
+    add_quantize_parser(sub)
     return ap
 
 

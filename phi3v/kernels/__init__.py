@@ -1,5 +1,7 @@
 """Triton kernels: the decoder's and CLIP's fused elementwise ops (`fused`), small-batch GEMV (`gemv`) and
-paged decode attention (`paged_attention`), each beside the eager math it replaces or a test reference.
+paged decode attention (`paged_attention`), each beside the eager math it replaces or a test reference; for
+quantized weights (phi3v.models.quant) the FP8 GEMV (`gemv` with a scale), the int4 GEMV and GEMM (`int4`) and
+the per-token FP8 activation quantizer of the FP8 prefill GEMM (`fp8_act`).
 
 This module holds what they share: whether Triton can run on a device, and programmatic dependent launch
 (PDL, Hopper+). A decode step is ~300 kernels in a row, each waiting for the previous one to drain and the

@@ -5,11 +5,15 @@ GEMV's speed is the fraction of HBM bandwidth it reaches. Each program streams a
 of W per step, contiguous along K, and reuses it for every row of x. Small N (o_proj, down: 3072) gives
 too few programs to fill 132 SMs, so K can be split: each split writes fp32 partials (splits, M, N) and a
 second kernel sums them in a fixed order (deterministic, no atomics) and casts to x's dtype.
+
+FP8 weights (`quantization="fp8"`): W in float8 e4m3 with one fp32 scale per output feature (row of W). The
+tile is upcast in registers and the scale, constant along K, multiplies each program's sum once before it is
+stored (a split's partial is scaled too: the sum of scaled partials is the scaled sum). Half the bytes of bf16.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -24,6 +28,7 @@ if HAVE_TRITON:
 
 MAX_M = 8
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FP8 = torch.float8_e4m3fn
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,11 @@ BEST: dict[tuple[int, int, int], GemvConfig] = {
 }
 
 
+# FP8 weights (1 byte each): measured winners go here (benchmarks/quant_sweep.py prints them). Until then a shape
+# takes its bf16 entry, with twice the K elements per tile on the FMA path: the same bytes per load.
+BEST_FP8: dict[tuple[int, int, int], GemvConfig] = {}
+
+
 if HAVE_TRITON:
 
     @triton.jit
@@ -87,19 +97,21 @@ if HAVE_TRITON:
                    IEEE: tl.constexpr):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + ms[:, None] * K + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0.0)
-        if USE_DOT:
+        if USE_DOT:  # an fp8 W tile is upcast to x's dtype first (a no-op for bf16 W)
             if IEEE:  # fp32 inputs: no TF32 rounding
-                return tl.dot(x, w, acc, input_precision="ieee")
+                return tl.dot(x, w.to(x.dtype), acc, input_precision="ieee")
             else:
-                return tl.dot(x, w, acc)
+                return tl.dot(x, w.to(x.dtype), acc)
         else:
             return acc + x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, k_per_split, M_PAD: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, PDL: tl.constexpr):
         # grid (cdiv(N, BLOCK_N), splits); x (M, K), w (N, K), out (splits, M, N): the fp32 partials, or
         # directly y (M, N) in x's dtype when there is one split. k_per_split is a multiple of BLOCK_K.
+        # HAS_SCALE: w is fp8 and scale (N,) fp32 multiplies output feature n.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
@@ -127,6 +139,8 @@ if HAVE_TRITON:
             y = acc
         else:
             y = tl.sum(acc, axis=2)  # (M_PAD, BLOCK_N)
+        if HAS_SCALE:
+            y = y * tl.load(scale_ptr + rows, mask=n_ok, other=0.0)[None, :]
         dst = out_ptr + pid_k * M * N + ms[:, None] * N + rows[None, :]  # splits * M * N < 2**31: int32
         tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -150,8 +164,15 @@ def _pow2_at_least(v: int) -> int:
     return 1 << max(v - 1, 0).bit_length()
 
 
-def default_config(m: int, n: int, k: int) -> GemvConfig:
-    """BEST[(m, n, k)], else the entry for the next larger tabled M of the same shape, else a heuristic."""
+def default_config(m: int, n: int, k: int, fp8: bool = False) -> GemvConfig:
+    """BEST[(m, n, k)] (BEST_FP8 for fp8 weights), else the entry for the next larger tabled M of the same shape,
+    else a heuristic."""
+    if fp8:
+        for mm in range(m, MAX_M + 1):
+            if (mm, n, k) in BEST_FP8:
+                return BEST_FP8[(mm, n, k)]
+        cfg = default_config(m, n, k)
+        return cfg if cfg.dot else replace(cfg, block_k=min(2 * cfg.block_k, max(_pow2_at_least(k), 1)))
     for mm in range(m, MAX_M + 1):
         if (mm, n, k) in BEST:
             return BEST[(mm, n, k)]
@@ -166,30 +187,38 @@ def default_config(m: int, n: int, k: int) -> GemvConfig:
     return GemvConfig(block_n, block_k, split, num_warps=4, num_stages=stages, dot=dot)
 
 
-def supported(x: Tensor, weight: Tensor) -> bool:
+def supported(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> bool:
     """Whether linear() takes this: Triton on CUDA (or the interpreter), weight (N, K) contiguous,
-    x (..., K) of the same dtype with 1..8 rows."""
+    x (..., K) with 1..8 rows, of weight's dtype, or weight fp8 e4m3 with `scale` (N,) fp32."""
     if not HAVE_TRITON or weight.dim() != 2 or x.dim() < 1 or not weight.is_contiguous():
         return False
     n, k = weight.shape
-    if k == 0 or n == 0 or x.shape[-1] != k or x.dtype != weight.dtype or x.dtype not in _DTYPES:
+    if k == 0 or n == 0 or x.shape[-1] != k or x.dtype not in _DTYPES:
+        return False
+    if scale is None:
+        if x.dtype != weight.dtype:
+            return False
+    elif weight.dtype != FP8 or scale.shape != (n,) or scale.dtype != torch.float32 or scale.device != x.device:
         return False
     return 1 <= x.numel() // k <= MAX_M and x.device == weight.device and available(x.device)
 
 
-def linear(x: Tensor, weight: Tensor, config: GemvConfig | None = None, pdl: bool = False) -> Tensor:
-    """F.linear(x, weight) without bias for x (..., K) with at most 8 rows; check supported() first."""
+def linear(x: Tensor, weight: Tensor, config: GemvConfig | None = None, pdl: bool = False,
+           scale: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight) without bias for x (..., K) with at most 8 rows; check supported() first.
+    With `scale` (N,) fp32, weight is fp8 e4m3 and output feature n is scaled by scale[n]."""
     k, n = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, k).contiguous()  # (M, K)
     m = x2.shape[0]
-    cfg = config or default_config(m, n, k)
+    cfg = config or default_config(m, n, k, fp8=scale is not None)
     k_per_split = _cdiv(_cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     splits = _cdiv(k, k_per_split)  # no empty splits when K is short
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     dst = out if splits == 1 else torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
     _gemv_kernel[(_cdiv(n, cfg.block_n), splits)](
-        x2, weight, dst, m, n, k, k_per_split, M_PAD=16 if cfg.dot else _pow2_at_least(m), BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, USE_DOT=cfg.dot, IEEE=x.dtype == torch.float32, num_warps=cfg.num_warps,
+        x2, weight, weight if scale is None else scale, dst, m, n, k, k_per_split,
+        M_PAD=16 if cfg.dot else _pow2_at_least(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.dot,
+        IEEE=x.dtype == torch.float32, HAS_SCALE=scale is not None, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **pdl_args(x2, pdl))
     if splits > 1:
         _splitk_sum_kernel[(_cdiv(m * n, 1024),)](dst, out, m * n, SPLITS=splits, BLOCK=1024, num_warps=4,

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from phi3v.config import Phi3VConfig
 from phi3v.kernels import fused as kernels
 from phi3v.kernels import gemv
+from phi3v.models.quant import QuantLinear
 
 __all__ = [
     "AttentionBackend",
@@ -153,9 +154,12 @@ class LongRoPE(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-def proj(layer: nn.Linear, x: Tensor, fused: bool, pdl: bool = False) -> Tensor:
+def proj(layer: nn.Linear | QuantLinear, x: Tensor, fused: bool, pdl: bool = False) -> Tensor:
     """layer(x) (no bias); with the fused kernels on, 1..8 rows (decode) go through the Triton GEMV,
-    which streams the weight closer to HBM bandwidth than cuBLAS does at these sizes."""
+    which streams the weight closer to HBM bandwidth than cuBLAS does at these sizes. A quantized layer
+    (fp8 / int4 weights, phi3v.models.quant) picks its own kernels."""
+    if isinstance(layer, QuantLinear):
+        return layer.project(x, fused, pdl)
     if fused and gemv.supported(x, layer.weight):
         return gemv.linear(x, layer.weight, pdl=pdl)
     return layer(x)

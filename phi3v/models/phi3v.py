@@ -105,13 +105,14 @@ class Phi3VForCausalLM(KernelSwitches, nn.Module):
             if isinstance(m, KernelSwitches):
                 m.fused, m.pdl = fused, pdl and fused
 
+    # the embedding table: lm_head may hold quantized weights (phi3v.models.quant)
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     # ------------------------------------------------------------------ images
     def _grid(self, i: int, crops: Tensor, size: tuple[int, int]) -> tuple[int, int]:

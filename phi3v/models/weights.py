@@ -3,6 +3,10 @@
 Loading builds the model on the `meta` device (no memory), checks every checkpoint name and shape
 against the model before reading any data, then reads tensors one at a time (safetensors mmap) straight
 to the target device and dtype, so at most one tensor is ever held twice.
+
+Quantized weights (phi3v.models.quant): `quantization="fp8" | "int4"` quantizes the decoder's linear layers
+as each bf16 tensor arrives (on the target device); a checkpoint written by `phi3v quantize` (config.json
+has a `quantization_config`) holds the quantized tensors themselves and loads without any bf16 weights.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from torch import nn
 
 from phi3v.config import Phi3VConfig
 from phi3v.models.phi3v import Phi3VForCausalLM
+from phi3v.models.quant import QuantLinear, QuantSpec, swap_linears
 
-__all__ = ["load_model", "random_checkpoint", "checkpoint_files"]
+__all__ = ["load_model", "random_checkpoint", "checkpoint_files", "checkpoint_quantization", "check_quant_device"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -72,18 +77,62 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     mod._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
 
 
+def checkpoint_quantization(folder: str) -> QuantSpec | None:
+    """The QuantSpec of a checkpoint written by `phi3v quantize` (its config.json's quantization_config)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        qc = json.load(f).get("quantization_config")
+    return None if qc is None else QuantSpec.from_config(qc)
+
+
+def check_quant_device(spec: QuantSpec | None, device: torch.device) -> None:
+    """fp8 needs FP8 tensor cores on a GPU (compute capability >= 8.9); on the CPU it runs the plain-torch
+    emulation (slow, for tests). int4 runs anywhere (Triton kernels on CUDA, a dequantising fallback elsewhere)."""
+    if spec is not None and spec.method == "fp8" and device.type == "cuda":
+        cc = torch.cuda.get_device_capability(device)
+        if cc < (8, 9):
+            raise ValueError(f"quantization='fp8' needs an NVIDIA GPU of compute capability 8.9 or newer "
+                             f"(Ada, Hopper) for its FP8 GEMMs; this one is {cc[0]}.{cc[1]}: use int4 or none")
+
+
+def _quant_plan(model: Phi3VForCausalLM, folder: str, quantization: str | QuantSpec | None,
+                ) -> tuple[QuantSpec | None, dict[str, QuantLinear], bool]:
+    """Swap in the quantized layers; returns (spec, {module name: layer}, whether the checkpoint holds them
+    quantized already). Raises ValueError when the asked-for mode and the checkpoint's disagree."""
+    saved = checkpoint_quantization(folder)
+    asked = QuantSpec.parse(quantization)
+    if saved is not None and asked is not None and asked.method != saved.method:
+        raise ValueError(f"{folder} holds {saved.method} weights (written by `phi3v quantize`); it cannot be "
+                         f"loaded as {asked.method}: leave quantization unset or use the bf16 checkpoint")
+    spec = saved or asked
+    return spec, (swap_linears(model, spec) if spec else {}), saved is not None
+
+
 def load_model(folder: str, config: Phi3VConfig, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.bfloat16) -> Phi3VForCausalLM:
+               dtype: torch.dtype = torch.bfloat16,
+               quantization: str | QuantSpec | None = None) -> Phi3VForCausalLM:
     """Build `Phi3VForCausalLM` for `config` and fill it from the safetensors in `folder`.
 
-    Raises ValueError listing missing keys, unexpected keys and shape mismatches (first 20 of each,
-    with counts) before any tensor data is read.
+    `quantization`: None (the checkpoint's own: bf16, or what `phi3v quantize` wrote), "fp8", "int4" or a
+    QuantSpec (quantize the decoder's linear layers at load time). Raises ValueError listing missing keys,
+    unexpected keys and shape mismatches (first 20 of each, with counts) before any tensor data is read.
     """
     device = torch.device(device)
     with torch.device("meta"):
         model = Phi3VForCausalLM(config)
+    spec, quant, prequantized = _quant_plan(model, folder, quantization)
+    check_quant_device(spec, device)
     # named_parameters() drops the tied duplicate, so with tied embeddings lm_head.weight is not expected.
     expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    at_load: dict[str, QuantLinear] = {}  # checkpoint weight name -> layer to quantize it into
+    if not prequantized:
+        for name, mod in quant.items():
+            for pname, _ in mod.named_parameters():
+                del expected[f"{name}.{pname}"]
+            expected[f"{name}.weight"] = (mod.out_features, mod.in_features)
+            at_load[f"{name}.weight"] = mod
     tied = config.tie_word_embeddings
 
     # Pass 1: headers only (names and shapes).
@@ -123,7 +172,13 @@ def load_model(folder: str, config: Phi3VConfig, device: torch.device | str = "c
     for path, entries in by_file.items():
         with safe_open(path, framework="pt", device="cpu") as f:
             for name, key in entries:
-                _set_param(model, name, f.get_tensor(key).to(device=device, dtype=dtype))
+                t = f.get_tensor(key)
+                if name in at_load:  # quantized on the device, from the checkpoint's dtype
+                    at_load[name].quantize_(t.to(device))
+                    continue
+                mod, _, leaf = name.rpartition(".")
+                cast = getattr(quant[mod], leaf).dtype if mod in quant else dtype  # quantized: as stored
+                _set_param(model, name, t.to(device=device, dtype=cast))
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     for m in model.modules():

@@ -62,6 +62,7 @@ class Settings:
     device: str | None = None
     dtype: str | None = None
     kv_cache_dtype: str = "auto"
+    quantization: Any = None  # None, "fp8", "int4" or a phi3v.models.quant.QuantSpec
     max_body_bytes: int = 100 * 2**20
     engine_switches: dict[str, Any] = field(default_factory=dict)  # more EngineConfig fields (phi3v.cli.engine_switches)
     web_ui: bool = True  # the chat page at / (phi3v/server/webui.py); --no-web-ui turns it off
@@ -97,7 +98,7 @@ class _State:
             t0 = time.perf_counter()
             llm = LLM(s.model, device=s.device, dtype=s.dtype, max_num_seqs=s.max_num_seqs,
                       max_model_len=s.max_model_len, allow_url_images=s.allow_url_images,
-                      kv_cache_dtype=s.kv_cache_dtype, **s.engine_switches)
+                      kv_cache_dtype=s.kv_cache_dtype, quantization=s.quantization, **s.engine_switches)
             llm.warmup()  # every CUDA graph and first kernel use now (blank requests), not as the first requests arrive
             load_kwargs = dict(allowed_dir=s.allowed_media_dir, allow_paths=s.allowed_media_dir is not None,
                                allow_urls=s.allow_url_images, max_bytes=s.max_image_bytes, timeout=s.image_timeout,

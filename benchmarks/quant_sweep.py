@@ -1,0 +1,138 @@
+"""Tuning sweep of the quantized-weight kernels at Phi-3-vision's shapes (GPU): the FP8 GEMV and the int4 GEMV at
+1 and 4 rows (weight GB/s, cycling over weight copies past L2), the int4 GEMM at 2,560 rows (TFLOP/s) beside
+cuBLAS bf16 and torch._scaled_mm FP8 on the same shape. Prints the best config per shape and how far the default
+is from it; JSON to --out.
+
+Usage: python benchmarks/quant_sweep.py [--rows 1,4] [--out $OUT/quant_sweep.json]
+Smoke run on the CPU: TRITON_INTERPRET=1 python benchmarks/quant_sweep.py --smoke (tiny shapes, a few configs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.quant_check import time_cycle  # noqa: E402
+from phi3v.bench import emit  # noqa: E402
+from phi3v.kernels import fp8_act, gemv, int4  # noqa: E402
+from phi3v.kernels.gemv import GemvConfig  # noqa: E402
+from phi3v.kernels.int4 import Int4GemmConfig, Int4GemvConfig  # noqa: E402
+from phi3v.models.quant import quantize_fp8, quantize_int4  # noqa: E402
+
+SHAPES = {"qkv": (9216, 3072), "o": (3072, 3072), "gate_up": (16384, 3072), "down": (3072, 8192),
+          "lm_head": (32064, 3072)}
+PAST_L2 = 256 << 20
+DEV = "cuda"
+
+
+def _copies(tensors: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+    if DEV != "cuda":
+        return [tensors]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(min(63, PAST_L2 // nbytes))]
+
+
+def _best(fn, configs: list, default) -> dict:
+    """fn(config) -> seconds; the best config and the default's time."""
+    times = {}
+    for c in configs + [default]:
+        try:
+            times[c] = fn(c)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile (resources) is skipped
+            print(f"  skipped {c}: {type(e).__name__}")
+    best = min(times, key=times.get)
+    return {"best": repr(best), "best_us": times[best] * 1e6, "default_us": times.get(default, float("nan")) * 1e6}
+
+
+def sweep_gemv(n: int, k: int, rows: int, dev: str, smoke: bool = False) -> dict:
+    w = torch.randn(n, k, device=dev) * 0.02
+    x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
+    out = {}
+    fp8 = _copies(quantize_fp8(w))
+    fp8_bytes = n * k + 4 * n
+    cfgs = [GemvConfig(bn, bk, sk, nw, 1, False) for bn, bk, sk, nw in itertools.product((2, 4, 8), (1024, 2048, 4096),
+                                                                                        (1, 2), (4, 8)) if bk <= k]
+    cfgs += [GemvConfig(bn, 128, sk, 4, st, True) for bn, sk, st in itertools.product((32, 64), (1, 4), (3, 4))]
+    cfgs = cfgs[::12] if smoke else cfgs
+    r = _best(lambda c: time_cycle([lambda q=q, s=s: gemv.linear(x, q, c, scale=s) for q, s in fp8]), cfgs,
+              gemv.default_config(rows, n, k, fp8=True))
+    r["best_gb_s"] = fp8_bytes / r["best_us"] / 1e3
+    out["fp8_gemv"] = r
+    i4 = _copies(quantize_int4(w, 128))
+    i4_bytes = n * k // 2 + 4 * n * k // 128
+    cfgs = [Int4GemvConfig(bn, bk, nw)
+            for bn, bk, nw in itertools.product((1, 2, 4, 8), (256, 512, 1024, 2048), (2, 4, 8))]
+    cfgs = cfgs[::16] if smoke else cfgs
+    r = _best(lambda c: time_cycle([lambda t=t: int4.linear(x, *t, gemv_config=c) for t in i4]), cfgs, Int4GemvConfig())
+    r["best_gb_s"] = i4_bytes / r["best_us"] / 1e3
+    out["int4_gemv"] = r
+    wb = _copies((w.to(torch.bfloat16),))
+    out["bf16_gemv_us"] = time_cycle([lambda t=t: gemv.linear(x, t[0]) for t in wb]) * 1e6
+    out["bf16_cublas_us"] = time_cycle([lambda t=t: F.linear(x, t[0]) for t in wb]) * 1e6
+    return out
+
+
+def sweep_gemm(n: int, k: int, rows: int, dev: str, smoke: bool = False) -> dict:
+    w = torch.randn(n, k, device=dev) * 0.02
+    x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
+    flop = 2 * rows * n * k
+    q = quantize_int4(w, 128)
+    cfgs = [Int4GemmConfig(bm, bn, nw, st) for bm, bn, nw, st in itertools.product((64, 128), (64, 128, 256), (4, 8),
+                                                                                   (2, 3, 4))]
+    cfgs = [Int4GemmConfig(16, 16, 2, 1)] if smoke else cfgs
+    r = _best(lambda c: time_cycle([lambda: int4.linear(x, *q, gemm_config=c)]), cfgs, int4.default_gemm_config(rows))
+    r["best_tflops"] = flop / r["best_us"] / 1e6
+    out = {"int4_gemm": r}
+    wb = w.to(torch.bfloat16)
+    out["bf16_cublas_tflops"] = flop / time_cycle([lambda: F.linear(x, wb)]) / 1e12
+    wq, ws = quantize_fp8(w)
+
+    def fp8_mm() -> torch.Tensor:
+        xq, xs = fp8_act.quantize_rows(x)
+        return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=torch.bfloat16)
+
+    if smoke:
+        fp8_mm()  # the call itself, not its speed
+        return out
+
+    out["fp8_scaled_mm_tflops"] = flop / time_cycle([fp8_mm]) / 1e12  # activation quantization included
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="1,4", help="GEMV rows to tune")
+    ap.add_argument("--prefill-rows", type=int, default=2560)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "quant_sweep.json"))
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes and configs on the CPU (Triton interpreter)")
+    a = ap.parse_args()
+    global DEV
+    if a.smoke:
+        DEV = "cpu"
+        SHAPES.clear()
+        SHAPES["tiny"] = (48, 512)
+        a.shapes, a.prefill_rows, a.rows = "tiny", 40, "1"
+        torch.backends.cuda.matmul.allow_tf32 = False
+    res: dict = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "torch": torch.__version__}
+    for name in a.shapes.split(","):
+        n, k = SHAPES[name]
+        for rows in map(int, a.rows.split(",")):
+            res[f"{name}/m{rows}"] = r = sweep_gemv(n, k, rows, DEV, a.smoke)
+            print(name, rows, {kk: v for kk, v in r.items()}, flush=True)
+        res[f"{name}/m{a.prefill_rows}"] = r = sweep_gemm(n, k, a.prefill_rows, DEV, a.smoke)
+        print(name, a.prefill_rows, r, flush=True)
+    emit(res, a.out)
+
+
+if __name__ == "__main__":
+    main()
