@@ -62,6 +62,7 @@ class Prompt:
     def run(self) -> torch.Tensor:
         o = None
         for attn, q, k, v in self.calls:
+            attn.kernel = MODE  # the mode with_mode set (the objects are built once, in __init__)
             o = attn(0, q, k, v)
         return o  # the last chunk's output
 

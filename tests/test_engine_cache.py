@@ -148,7 +148,7 @@ def test_long_rope_crossing_needs_no_evicted_image_features(llm: LLM) -> None:
 
 def test_long_prompt_in_chunks_while_another_request_streams(llm: LLM) -> None:
     eng = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=2, max_model_len=4096, kv_block_size=16,
-                                                     prefill_chunk=100))
+                                                     prefill_chunk=100, long_prefill_chunk=100))
     eng.sched.max_prefill_tokens = 200  # a 1.2k-token prompt over 6 prefill steps
     short = llm.prepare(TURN1, [image_path("logo_RGBA")], greedy(30), 1)
     long = llm.prepare("<|user|>\n" + "<|image_1|>\n" * 4 + "All four.<|end|>\n<|assistant|>\n",

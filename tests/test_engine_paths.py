@@ -63,7 +63,7 @@ def test_chunked_prefill_across_blocks_equals_one_pass(llm: LLM) -> None:
     reqs = [llm.prepare(prompt, [image_path(n) for n in names], SamplingParams(max_tokens=6, ignore_eos=True), nc)
             for prompt, names, nc in PROMPTS]
     alone = [llm.generate_many([r])[0].token_ids for r in reqs]
-    eng = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=1, max_model_len=1024, kv_block_size=16, prefill_chunk=100))
+    eng = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=1, max_model_len=1024, kv_block_size=16, prefill_chunk=100, long_prefill_chunk=100))
     got = []
     for r in reqs:
         rid = eng.add_request(r.prompt_ids, r.images, r.params)

@@ -78,7 +78,7 @@ def test_fp8_engine_equals_the_reference_with_the_cache_rounding(llm: LLM, i: in
 def test_fp8_chunked_prefill_reads_earlier_chunks_back_rounded(llm: LLM) -> None:
     prompt, names, nc = PROMPTS[1]  # two images: several 100-token chunks
     req = llm.prepare(prompt, [image_path(n) for n in names], SamplingParams(max_tokens=6, ignore_eos=True), nc)
-    eng = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=1, max_model_len=1024, kv_block_size=16, prefill_chunk=100,
+    eng = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=1, max_model_len=1024, kv_block_size=16, prefill_chunk=100, long_prefill_chunk=100,
                  kv_cache_dtype="fp8"))
     rid = eng.add_request(req.prompt_ids, req.images, req.params)
     got = eng.run_to_completion()[rid]

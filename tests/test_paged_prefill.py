@@ -140,7 +140,7 @@ prompt = ("<|user|>\nCount slowly: one two three four five six seven eight nine 
           "twelve eleven ten nine eight seven six five four three two one.<|end|>\n<|assistant|>\n")
 req = llm.prepare(prompt, [], SamplingParams(max_tokens=2, ignore_eos=True))
 assert len(req.prompt_ids) > 40, len(req.prompt_ids)  # three chunks, the last one mid-block
-eng = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=1, max_model_len=256, kv_block_size=16, prefill_chunk=20,
+eng = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=1, max_model_len=256, kv_block_size=16, prefill_chunk=20, long_prefill_chunk=20,
                                                  fused_kernels=False, enable_prefix_caching=False))
 calls = []
 orig = paged_prefill.paged_prefill_attention

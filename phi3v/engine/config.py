@@ -22,7 +22,8 @@ class EngineConfig:
     kv_budget_bytes: int | None = None  # KV cache size in bytes (None: from gpu_memory_utilization; 2 GiB on a CPU)
     kv_block_size: int = 64  # tokens per KV block
     kv_cache_dtype: str = "auto"  # "auto" = the model's dtype (exact); "fp8" = e4m3 (half the bytes, changed numerics)
-    prefill_chunk: int = 4096  # a longer prompt is prefilled in chunks of this many tokens
+    prefill_chunk: int = 4096  # prompts up to this long are batched / graphed whole; longer ones run in chunks of
+    long_prefill_chunk: int = 16384  # tokens per forward (bigger chunks: fewer passes over the cached past)
     image_cache_size: int = 32  # projected image features kept for reuse (entries)
     enable_prefix_caching: bool = True  # reuse the KV blocks of an earlier request's identical prefix
     # ---- speed switches (for debugging and A/B runs: each off gives the same tokens, slower)
@@ -51,8 +52,10 @@ class EngineConfig:
             bad(f"kv_block_size must be an integer >= 1, got {self.kv_block_size!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             bad(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {self.kv_cache_dtype!r}")
-        if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
-            bad(f"prefill_chunk must be an integer >= 1, got {self.prefill_chunk!r}")
+        for name in ("prefill_chunk", "long_prefill_chunk"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                bad(f"{name} must be an integer >= 1, got {v!r}")
         if self.paged_prefill not in ("past", "all", "off"):
             bad(f"paged_prefill must be past, all or off, not {self.paged_prefill!r}")
         if not isinstance(self.image_cache_size, int) or self.image_cache_size < 0:

@@ -70,7 +70,7 @@ class Engine:
         # grow, so that the host resynchronises (to schedule) about once per block_size steps, not at every step
         # where some row crosses into a new block.
         self.run_ahead = self.device.type == "cuda" and o.run_ahead
-        self.sched = Scheduler(o.max_num_seqs, max_len, n_blocks, bs, max_prefill_tokens=max(o.prefill_chunk, 16384),
+        self.sched = Scheduler(o.max_num_seqs, max_len, n_blocks, bs, max_prefill_tokens=max(o.prefill_chunk, o.long_prefill_chunk),
                                enable_prefix_caching=o.enable_prefix_caching, lookahead=bs if self.run_ahead else 0,
                                long_rope_after=config.original_max_position_embeddings if config.rope_type else None)
         # host wall time per kind of step (prefill steps end with a sync, decode steps with the token copy)
@@ -169,6 +169,7 @@ class Engine:
         return StepOutput(seq.rid, [], True, "error", error=error)
 
     # ---------------------------------------------------------------- warm-up
+    @torch.inference_mode()
     def warmup(self) -> int:
         """Capture every CUDA graph the engine may need now (decode batch buckets up to max_num_seqs, prefill
         length buckets, vision chunk sizes), then on CUDA a few blank requests (`warmup_requests`), so that no

@@ -64,7 +64,8 @@ class ModelRunner:
         self.vision = VisionRunner(model.model.vision_embed_tokens.img_processor, self.device, vision_graphs)
         self.images = ImageFeatures(model, self.vision, self.device, options.image_cache_size)
         self.prefill_kernel = PrefillKernelOptions(options.paged_prefill, dict(options.prefill_attn_configs))
-        self.prefiller = Prefiller(model, cache, self.prefill_graphs, options.prefill_chunk, stats, self.prefill_kernel)
+        self.prefiller = Prefiller(model, cache, self.prefill_graphs, options.prefill_chunk, stats, self.prefill_kernel,
+                                   options.long_prefill_chunk)
         self.time_phases = False  # benchmarks: sync around the prefill phases and add their times to stats
         self._bt_cache: tuple[tuple[tuple[Sequence, int], ...], torch.Tensor] | None = None
         self._samp_cache: tuple[Any, ...] | None = None

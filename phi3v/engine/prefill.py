@@ -2,7 +2,7 @@
 
 A chunk that is a whole prompt from position 0 goes through `prefill_many`: prompts of similar length batched
 into one padded forward, or one short prompt replayed as a CUDA graph of its length bucket. Any other chunk (a
-prompt after a prefix-cache hit, a later part of a long prompt) runs eagerly in pieces of at most `chunk` tokens,
+prompt after a prefix-cache hit, a later part of a long prompt) runs eagerly in pieces of at most `long_chunk` tokens,
 each attending over the sequence's cached positions. Every path returns the last position's logits of the
 chunks that end their sequence's prefill; sampling and bookkeeping stay with the caller. Cache slots and padding
 indices are built as CPU tensors and copied once per forward.
@@ -20,8 +20,10 @@ from phi3v.engine.sequence import Sequence
 
 class Prefiller:
     def __init__(self, model: torch.nn.Module, cache: KVCache, runner: PrefillRunner, chunk: int,
-                 stats: dict, kernel: PrefillKernelOptions | None = None) -> None:
+                 stats: dict, kernel: PrefillKernelOptions | None = None, long_chunk: int | None = None) -> None:
+        """chunk: the longest prompt batched or replayed whole; long_chunk: tokens per forward of a longer one."""
         self.model, self.cache, self.runner, self.chunk, self.stats = model, cache, runner, chunk, stats
+        self.long_chunk = long_chunk or chunk
         self.kernel = kernel or PrefillKernelOptions()
         self.device = cache.k.device
 
@@ -38,8 +40,8 @@ class Prefiller:
             if logits is not None:
                 return logits
         h = None
-        for s in range(start, start + T, self.chunk):
-            x = embeds[s - start: s - start + self.chunk][None]  # (1, t, hidden)
+        for s in range(start, start + T, self.long_chunk):
+            x = embeds[s - start: s - start + self.long_chunk][None]  # (1, t, hidden)
             e = s + x.shape[1]
             pos = torch.arange(s, e, device=dev)[None]
             where = to_device(self.cache.slots(seq.blocks, 0, e), dev)  # (2, e): [:s] past, [s:] new

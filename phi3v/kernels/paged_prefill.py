@@ -235,9 +235,9 @@ def parse_configs(raw: str) -> dict[str, PrefillConfig]:
     return out
 
 
-# Untuned starting points (benchmarks/long_prefill.py sweeps them on the GPU). fp32 (exact products, no tensor
+# bf16: the best of benchmarks/long_prefill.py's sweep on the H200 (docs/perf-log.md); fp8: untuned. fp32 (exact products, no tensor
 # cores): small tiles, as its dot layouts take many registers (sm90 compile: 128 x 64 spills, 16 x 16 barely).
-CONFIGS: dict[str, PrefillConfig] = {"bf16": PrefillConfig(128, 64, 8, 3), "fp8": PrefillConfig(128, 64, 8, 3),
+CONFIGS: dict[str, PrefillConfig] = {"bf16": PrefillConfig(128, 128, 8, 2), "fp8": PrefillConfig(128, 64, 8, 3),
                                      "fp32": PrefillConfig(16, 16, 4, 2)}
 
 
