@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Any, Callable
 
+from phi3v import batch_io
 from phi3v.sampling_params import SamplingParams
 
 _PARAM_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "stop", "ignore_eos",
@@ -66,12 +67,12 @@ def run_batch(a: argparse.Namespace, base: SamplingParams, load: Callable[[argpa
     request and an interrupted run loses nothing that finished."""
     if a.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
-    with open(a.input, encoding="utf-8") as f:
-        lines = [ln for ln in f if ln.strip()]
-    done = _done_ids(a.output)
+    items = list(batch_io.read_inputs(a.input, a.prompt, batch_io.Columns(a.image_column, a.prompt_column, a.id_column),
+                                      a.image_dir, a.limit))
+    journal = batch_io.journal_path(a.output)  # the output itself, or the JSONL journal of a Parquet output
+    done = _done_ids(journal) | batch_io.done_ids(a.output)
     llm = load(a)
     llm.warmup()  # every CUDA graph (and first kernel use) up front: none is captured mid-run
-    n_ok = n_err = n_skip = 0
 
     def prep(rec: dict[str, Any]) -> Any:  # a bad request becomes its error, returned, not raised
         try:
@@ -79,36 +80,26 @@ def run_batch(a: argparse.Namespace, base: SamplingParams, load: Callable[[argpa
         except (ValueError, OSError) as e:
             return ValueError(" ".join(str(e).split()))
 
-    with open(a.output, "a", encoding="utf-8") as out:
-        def write(rec: dict[str, Any]) -> None:
+    todo = [(it.id, it.request) for it in items if it.id not in done and it.error is None]
+    progress = batch_io.Progress(sum(it.id not in done for it in items), sum(it.id in done for it in items), a.output,
+                                 disable=getattr(a, "quiet", False))
+    with open(journal, "a", encoding="utf-8") as out:
+        def write(rec: dict[str, Any], n_images: int = 1) -> None:
             out.write(json.dumps(rec, ensure_ascii=False) + "\n")
             out.flush()
+            progress.update(rec, n_images)
 
-        todo: list[tuple[str, dict[str, Any]]] = []
-        for n, line in enumerate(lines):
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                rec, err = {"id": f"line-{n + 1}"}, f"invalid JSON: {e}"
-            else:
-                err = None
-            rid = str(rec.get("id", f"line-{n + 1}")) if isinstance(rec, dict) else f"line-{n + 1}"
-            if rid in done:
-                n_skip += 1
-            elif err is None:
-                todo.append((rid, rec))
-            else:
-                write({"id": rid, "error": err})
-                n_err += 1
+        for it in items:
+            if it.id not in done and it.error is not None:
+                write(batch_io.make_record(it.id, error=it.error))
         for i, _delta, result in llm.run([functools.partial(prep, rec) for _, rec in todo]):
             if result is None:
                 continue
+            rid, rec = todo[i]
             if isinstance(result, Exception):
-                write({"id": todo[i][0], "error": str(result)})
-                n_err += 1
+                write(batch_io.make_record(rid, error=str(result)))
             else:
-                write({"id": todo[i][0], "text": result.text, "finish_reason": result.finish_reason,
-                       "usage": result.usage})
-                n_ok += 1
-    print(f"phi3v batch: {n_ok} done, {n_err} failed, {n_skip} skipped (already in {a.output})", file=sys.stderr)
+                write(batch_io.make_record(rid, result), len(rec.get("images") or []))
+    batch_io.finish_output(a.output)
+    print(progress.close(), file=sys.stderr)
     return 0
