@@ -46,6 +46,12 @@ class Columns:
 # ---------------------------------------------------------------- which reader
 
 
+def read_job_inputs(a: Any) -> Iterator[InputItem]:
+    """The inputs of a `phi3v batch` command line (its --input, --prompt, columns, --image-dir, --limit, --num-crops)."""
+    return read_inputs(a.input, a.prompt, Columns(a.image_column, a.prompt_column, a.id_column), a.image_dir, a.limit,
+                       {"num_crops": a.num_crops} if a.num_crops is not None else None)
+
+
 def input_kind(path: str) -> str:
     """folder | glob | dataset | csv | parquet | jsonl."""
     if os.path.isdir(path):
@@ -59,8 +65,10 @@ def input_kind(path: str) -> str:
 
 
 def read_inputs(path: str, prompt: str | None = None, columns: Columns | None = None,
-                image_dir: str | None = None, limit: int | None = None) -> Iterator[InputItem]:
-    """Every input of `path` in a stable order (the same on every run: resume and --limit rely on it)."""
+                image_dir: str | None = None, limit: int | None = None,
+                defaults: dict[str, Any] | None = None) -> Iterator[InputItem]:
+    """Every input of `path` in a stable order (the same on every run: resume and --limit rely on it).
+    `defaults`: request keys (e.g. num_crops from --num-crops) for the requests that do not set them."""
     kind = input_kind(path)
     if kind in ("folder", "glob") and prompt is None:
         raise ValueError(f"--input {path!r} is a {kind} of images: give the question for all of them with --prompt")
@@ -79,6 +87,9 @@ def read_inputs(path: str, prompt: str | None = None, columns: Columns | None = 
     for n, item in enumerate(it):
         if limit is not None and n >= limit:
             return
+        if item.request is not None:
+            for k, v in (defaults or {}).items():
+                item.request.setdefault(k, v)
         yield item
 
 
