@@ -207,7 +207,9 @@ def _pipeline(ray: Any, a: argparse.Namespace, base: SamplingParams, todo: list[
     rows = [{"id": it.id, "request": pickle.dumps(it.request)} for it in todo]
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), max(1, 4 * n)))
     ds = ds.map(_prepare_row, fn_kwargs={"folder": folder, "device_type": device.split(":")[0], "dtype": a.dtype,
-                                         "base": base, "image_dir": a.image_dir}, **task_args)
+                                         "base": base, "image_dir": a.image_dir},
+                ray_remote_args_fn=lambda: dict(task_args))  # a remote-args function: Ray Data then does not fuse
+    # this step into the engine actors (on CPU tasks of their own, the decoding keeps pace with the engines)
     per_call = a.batch_size if device == "cpu" else 2 * a.batch_size
     ds = ds.map_batches(_EngineActor, batch_size=per_call, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=n),

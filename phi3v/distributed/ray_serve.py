@@ -207,34 +207,33 @@ class Gateway:
 
 
 def merge_metrics(texts: dict[str, str]) -> str:
-    """Prometheus texts of several replicas -> one text: each family once, every sample labelled with its replica."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    families: dict[str, Any] = {}
+    """Prometheus texts of several replicas -> one text: each family's HELP/TYPE once, then every replica's samples,
+    each labelled with its replica (sum them in the query: `sum(phi3v_generation_tokens_total)`)."""
+    heads: dict[str, list[str]] = {}  # family name (as its TYPE line has it) -> HELP/TYPE lines
     samples: dict[str, list[str]] = {}
     for rid, text in sorted(texts.items()):
-        for fam in text_string_to_metric_families(text):
-            families.setdefault(fam.name, fam)
-            for s in fam.samples:
-                labels = dict(s.labels, replica=rid)
-                lbl = ",".join(f'{k}="{_escape(str(v))}"' for k, v in sorted(labels.items()))
-                samples.setdefault(fam.name, []).append(f"{s.name}{{{lbl}}} {_num(s.value)}")
-    lines = []
-    for name, fam in families.items():
-        lines += [f"# HELP {name} {fam.documentation}", f"# TYPE {name} {fam.type}"] + samples.get(name, [])
-    return "\n".join(lines) + ("\n" if lines else "")
+        family = ""
+        for line in text.splitlines():
+            if line.startswith(("# HELP ", "# TYPE ")):
+                family = line.split(" ", 3)[2]
+                if line not in heads.setdefault(family, []):
+                    heads[family].append(line)
+            elif line and not line.startswith("#"):
+                samples.setdefault(family, []).append(_with_replica(line, rid))
+    out = []
+    for family, head in heads.items():
+        out += head + samples.get(family, [])
+    return "\n".join(out) + ("\n" if out else "")
 
 
-def _escape(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _num(v: float) -> str:
-    if v != v:
-        return "NaN"
-    if v in (float("inf"), float("-inf")):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v))
+def _with_replica(sample: str, rid: str) -> str:
+    """`name{a="b"} 1.0` / `name 1.0` -> the same sample with replica="rid" among its labels."""
+    label = 'replica="' + rid.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    brace, space = sample.find("{"), sample.find(" ")
+    if 0 <= brace < space:
+        return f"{sample[:brace + 1]}{label},{sample[brace + 1:]}" if sample[brace + 1] != "}" else \
+            f"{sample[:brace + 1]}{label}{sample[brace + 1:]}"
+    return f"{sample[:space]}{{{label}}}{sample[space:]}"
 
 
 # ---------------------------------------------------------------- the Serve application
