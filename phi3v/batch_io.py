@@ -304,6 +304,7 @@ class Progress:
         self.total, self.skipped, self.output = total, skipped, output
         self.ok = self.failed = self.tokens = self.images = 0
         self.t0 = time.perf_counter()
+        self.t_first: float | None = None  # the first record: the rate after it leaves out start-up (Ray's actors)
         try:
             from tqdm import tqdm
 
@@ -313,6 +314,8 @@ class Progress:
             self.bar = None
 
     def update(self, rec: dict[str, Any], n_images: int = 1) -> None:
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
         if "error" in rec:
             self.failed += 1
         else:
@@ -327,6 +330,11 @@ class Progress:
     def close(self) -> str:
         if self.bar is not None:
             self.bar.close()
-        dt = max(time.perf_counter() - self.t0, 1e-9)
+        now = time.perf_counter()
+        dt = max(now - self.t0, 1e-9)
+        after = ""
+        if self.t_first is not None and self.ok + self.failed > 1 and now > self.t_first:
+            after = f" ({(self.ok + self.failed - 1) / (now - self.t_first):.2f} records/s after the first)"
         return (f"phi3v batch: {self.ok} done, {self.failed} failed, {self.skipped} skipped (already in "
-                f"{self.output}) in {dt:.1f}s: {self.images / dt:.2f} images/s, {self.tokens / dt:.1f} tokens/s")
+                f"{self.output}) in {dt:.1f}s: {self.images / dt:.2f} images/s, {self.tokens / dt:.1f} tokens/s"
+                + after)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -166,13 +167,14 @@ def cmd_batch(a: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be at least 1, got {a.limit}")
     if a.num_replicas is not None and (a.num_replicas < 1 or not a.ray):
         raise ValueError("--num-replicas needs --ray and must be at least 1")
+    params = dataclasses.replace(_params(a), ignore_eos=True) if a.ignore_eos else _params(a)
     if a.ray:
         from phi3v.distributed.ray_batch import run_ray_batch
 
-        return run_ray_batch(a, _params(a))
+        return run_ray_batch(a, params)
     from phi3v.batch import run_batch
 
-    return run_batch(a, _params(a), _load)
+    return run_batch(a, params, _load)
 
 
 def _env(name: str, default: Any = None, flag: bool = False) -> Any:
@@ -287,6 +289,7 @@ def _batch_parser(sub: Any) -> None:
     b.add_argument("--num-replicas", type=int, default=None,
                    help="with --ray: engines (actors), one GPU each on CUDA (default: the cluster's GPUs)")
     b.add_argument("--quiet", action="store_true", help="no progress bar (the summary line stays)")
+    b.add_argument("--ignore-eos", action="store_true", help="generate --max-tokens whatever the model says (benchmarks)")
     b.set_defaults(fn=cmd_batch)
 
 

@@ -213,7 +213,7 @@ def _pipeline(ray: Any, a: argparse.Namespace, base: SamplingParams, todo: list[
     per_call = a.batch_size if device == "cpu" else 2 * a.batch_size
     ds = ds.map_batches(_EngineActor, batch_size=per_call, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=n),
-                        fn_constructor_kwargs={"model": folder, "device": device, "dtype": a.dtype,
+                        fn_constructor_kwargs={"model": folder, "device": device.split(":")[0],  # its own GPU: cuda:0 "dtype": a.dtype,
                                                "max_num_seqs": a.batch_size, "kv_cache_dtype": a.kv_cache_dtype,
                                                "switches": switches},
                         **actor_args)  # the pool's defaults: max_restarts=-1, max_task_retries=-1 (see module doc)
