@@ -67,7 +67,7 @@ def run_batch(a: argparse.Namespace, base: SamplingParams, load: Callable[[argpa
     request and an interrupted run loses nothing that finished."""
     if a.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
-    items = list(batch_io.read_job_inputs(a))
+    items = batch_io.read_job_inputs(a)
     journal = batch_io.journal_path(a.output)  # the output itself, or the JSONL journal of a Parquet output
     done = _done_ids(journal) | batch_io.done_ids(a.output)
     llm = load(a)

@@ -46,10 +46,16 @@ class Columns:
 # ---------------------------------------------------------------- which reader
 
 
-def read_job_inputs(a: Any) -> Iterator[InputItem]:
-    """The inputs of a `phi3v batch` command line (its --input, --prompt, columns, --image-dir, --limit, --num-crops)."""
-    return read_inputs(a.input, a.prompt, Columns(a.image_column, a.prompt_column, a.id_column), a.image_dir, a.limit,
-                       {"num_crops": a.num_crops} if a.num_crops is not None else None)
+def read_job_inputs(a: Any) -> list[InputItem]:
+    """The inputs of a `phi3v batch` command line (its --input, --prompt, columns, --image-dir, --limit, --num-crops).
+    Raises ValueError when there is none (an empty folder, a glob that matches no image)."""
+    items = list(read_inputs(a.input, a.prompt, Columns(a.image_column, a.prompt_column, a.id_column), a.image_dir,
+                             a.limit, {"num_crops": a.num_crops} if a.num_crops is not None else None))
+    if not items:
+        kind = input_kind(a.input)
+        what = f"no image file ({', '.join(IMAGE_EXTENSIONS)})" if kind in ("folder", "glob") else "no request"
+        raise ValueError(f"--input {a.input!r} ({kind}) holds {what}")
+    return items
 
 
 def input_kind(path: str) -> str:

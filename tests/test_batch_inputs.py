@@ -139,9 +139,21 @@ def test_saved_dataset_and_jsonl(llm, reference, tmp_path) -> None:  # noqa: F81
     assert "nope.png" in recs["y"]["error"]
 
 
-def test_folder_needs_a_prompt(tmp_path) -> None:
-    with pytest.raises(ValueError, match="--prompt"):
-        list(batch_io.read_inputs(str(_folder(tmp_path))))
+@pytest.mark.parametrize("case", ["folder without --prompt", "empty glob", "missing csv", "--num-replicas alone"])
+def test_bad_command_lines_are_one_line_and_exit_2(case, tmp_path, capsys) -> None:
+    from phi3v.cli import main
+
+    folder = str(_folder(tmp_path))
+    args = {"folder without --prompt": ["--input", folder],
+            "empty glob": ["--input", str(tmp_path / "*.webp"), "--prompt", "x"],
+            "missing csv": ["--input", str(tmp_path / "nope.csv")],
+            "--num-replicas alone": ["--input", folder, "--prompt", "x", "--num-replicas", "2"]}[case]
+    assert main(["batch", *COMMON, "--output", str(tmp_path / "o.jsonl"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("phi3v: error:") and "\n" not in err
+    expect = {"folder without --prompt": "--prompt", "empty glob": "holds no image file", "missing csv": "nope.csv",
+              "--num-replicas alone": "--ray"}[case]
+    assert expect in err and not os.path.exists(tmp_path / "o.jsonl")
 
 
 def test_kill_9_at_random_points_then_resume(llm, tmp_path) -> None:  # noqa: F811
