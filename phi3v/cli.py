@@ -279,7 +279,8 @@ def _batch_parser(sub: Any) -> None:
     b.add_argument("--image-column", default="image", help="CSV/Parquet/dataset column with the image: path, URL or "
                                                            "bytes (default: %(default)s)")
     b.add_argument("--prompt-column", default=None, help="CSV/Parquet/dataset column with each row's question")
-    b.add_argument("--id-column", default=None, help="CSV/Parquet/dataset column with each row's id (default: row number)")
+    b.add_argument("--id-column", default=None,
+                   help="CSV/Parquet/dataset column with each row's id (default: the row number)")
     b.add_argument("--limit", type=int, default=None, help="only the first N inputs (try a few first)")
     b.add_argument("--batch-size", type=int, default=64,
                    help="requests decoded at once (KV memory permitting); more wait and join as others finish")
@@ -289,7 +290,8 @@ def _batch_parser(sub: Any) -> None:
     b.add_argument("--num-replicas", type=int, default=None,
                    help="with --ray: engines (actors), one GPU each on CUDA (default: the cluster's GPUs)")
     b.add_argument("--quiet", action="store_true", help="no progress bar (the summary line stays)")
-    b.add_argument("--ignore-eos", action="store_true", help="generate --max-tokens whatever the model says (benchmarks)")
+    b.add_argument("--ignore-eos", action="store_true",
+                   help="generate --max-tokens whatever the model says (benchmarks)")
     b.set_defaults(fn=cmd_batch)
 
 

@@ -65,10 +65,10 @@ def test_ray_batch_gives_the_single_process_records_with_an_actor_killed(llm, cl
     out = tmp_path / "ray.jsonl"
     a = build_parser().parse_args(common + ["--output", str(out), "--ray", "local", "--num-replicas", "2"])
     killed: list[int] = []
+    finished = threading.Event()
 
     def kill_one_actor_mid_run() -> None:  # once the first records are out, while others are still being made
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not killed:
+        while not finished.is_set() and not killed:
             pids = _pids("MapWorker(MapBatches(_EngineActor))")  # not fused with the CPU tasks' preparation
             n = len(batch_io.read_records(str(out)))
             if len(pids) == 2 and 2 <= n < len(single) - 2:
@@ -78,8 +78,11 @@ def test_ray_batch_gives_the_single_process_records_with_an_actor_killed(llm, cl
 
     watcher = threading.Thread(target=kill_one_actor_mid_run, daemon=True)
     watcher.start()
-    assert run_ray_batch(a, _params(a)) == 0
-    watcher.join()
+    try:
+        assert run_ray_batch(a, _params(a)) == 0
+    finally:
+        finished.set()
+        watcher.join()
     assert killed, "no actor was killed mid-run: the job was too short"
     recs = batch_io.read_records(str(out))
     assert len(recs) == len({r["id"] for r in recs}) == len(single)  # none lost, none doubled
@@ -113,8 +116,8 @@ def test_serve_replicas_answer_openai_and_survive_a_killed_replica(cluster) -> N
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
     assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
     png = base64.b64encode((IMG / "coffee.png").read_bytes()).decode()
-    image_msg = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
-                                              {"type": "text", "text": "What is it?"}]}]
+    image = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}
+    image_msg = [{"role": "user", "content": [image, {"type": "text", "text": "What is it?"}]}]
     chunks = list(client.chat.completions.create(model="tiny", messages=image_msg, max_tokens=5, stream=True,
                                                  temperature=0, extra_body={"num_crops": 1}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -204,7 +207,8 @@ def test_merged_metrics_label_each_replica() -> None:
         m.e2e.labels("tiny").observe(0.3)
         texts[rid] = generate_latest(m.registry).decode()
     fams = {f.name: f for f in text_string_to_metric_families(merge_metrics(texts))}
-    tokens = {s.labels["replica"]: s.value for s in fams["phi3v_generation_tokens"].samples if s.name.endswith("_total")}
+    tokens = {s.labels["replica"]: s.value for s in fams["phi3v_generation_tokens"].samples
+              if s.name.endswith("_total")}
     assert tokens == {"r1": 5, "r2": 7}
     counts = [s for s in fams["phi3v_e2e_request_latency_seconds"].samples if s.name.endswith("_count")]
     assert sorted((s.labels["replica"], s.value) for s in counts) == [("r1", 1), ("r2", 1)]

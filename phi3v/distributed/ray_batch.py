@@ -198,22 +198,26 @@ def run_ray_batch(a: argparse.Namespace, base: SamplingParams) -> int:
     return 0
 
 
-def _pipeline(ray: Any, a: argparse.Namespace, base: SamplingParams, todo: list[batch_io.InputItem], folder: str, device: str, n: int,
-              actor_args: dict[str, Any], task_args: dict[str, Any], switches: dict[str, Any]) -> Iterator[dict]:
+def _pipeline(ray: Any, a: argparse.Namespace, base: SamplingParams, todo: list[batch_io.InputItem], folder: str,
+              device: str, n: int, actor_args: dict[str, Any], task_args: dict[str, Any],
+              switches: dict[str, Any]) -> Iterator[dict]:
     ctx = ray.data.DataContext.get_current()
     for name, value in (("enable_progress_bars", False), ("print_on_execution_start", False)):
         if hasattr(ctx, name):
             setattr(ctx, name, value)
+    per_call = a.batch_size if device == "cpu" else 2 * a.batch_size  # requests an engine gets per call
     rows = [{"id": it.id, "request": pickle.dumps(it.request)} for it in todo]
-    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), max(1, 4 * n)))
+    # small blocks (<= 4 requests): the preparation spreads over every CPU, the engines get their first work early
+    # and records come back as each call ends (Ray Data bundles the blocks into calls of `per_call` requests)
+    ds = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // min(4, per_call)))
     ds = ds.map(_prepare_row, fn_kwargs={"folder": folder, "device_type": device.split(":")[0], "dtype": a.dtype,
                                          "base": base, "image_dir": a.image_dir},
                 ray_remote_args_fn=lambda: dict(task_args))  # a remote-args function: Ray Data then does not fuse
-    # this step into the engine actors (on CPU tasks of their own, the decoding keeps pace with the engines)
-    per_call = a.batch_size if device == "cpu" else 2 * a.batch_size
+    # this step into the engine actors (on CPU tasks of their own, the decoding keeps pace with the engines);
+    # an actor sees its own GPU as cuda:0, whatever --device names
     ds = ds.map_batches(_EngineActor, batch_size=per_call, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=n),
-                        fn_constructor_kwargs={"model": folder, "device": device.split(":")[0],  # its own GPU: cuda:0 "dtype": a.dtype,
+                        fn_constructor_kwargs={"model": folder, "device": device.split(":")[0], "dtype": a.dtype,
                                                "max_num_seqs": a.batch_size, "kv_cache_dtype": a.kv_cache_dtype,
                                                "switches": switches},
                         **actor_args)  # the pool's defaults: max_restarts=-1, max_task_retries=-1 (see module doc)
