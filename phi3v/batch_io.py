@@ -248,6 +248,30 @@ def done_ids(output: str) -> set[str]:
     return ids
 
 
+def cut_torn_tail(path: str) -> None:
+    """Drop a last line without its newline (a write cut short by a kill), so the next record starts a line."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        pos = size - 1
+        while pos > 0:  # back to the last newline, a block at a time
+            step = min(65536, pos)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                f.truncate(pos - step + nl + 1)
+                return
+            pos -= step
+        f.truncate(0)
+
+
 def make_record(rid: str, completion: Any = None, error: str | None = None) -> dict[str, Any]:
     if error is not None:
         return {"id": rid, "error": error}

@@ -189,3 +189,15 @@ def test_kill_9_at_random_points_then_resume(llm, tmp_path) -> None:  # noqa: F8
     recs = batch_io.read_records(str(out))
     assert sorted(x["id"] for x in recs) == sorted(want)  # exactly one record per input
     assert {x["id"]: x["text"] for x in recs} == want
+
+
+def test_a_torn_last_line_is_cut(tmp_path) -> None:
+    p = tmp_path / "o.jsonl"
+    p.write_text('{"id": "a", "text": "x"}\n{"id": "b", "te')
+    batch_io.cut_torn_tail(str(p))
+    assert p.read_text() == '{"id": "a", "text": "x"}\n'
+    batch_io.cut_torn_tail(str(p))  # a whole last line stays
+    assert p.read_text() == '{"id": "a", "text": "x"}\n'
+    p.write_text('{"id": "only", "te')
+    batch_io.cut_torn_tail(str(p))
+    assert p.read_text() == ""

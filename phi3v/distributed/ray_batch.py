@@ -170,6 +170,7 @@ def run_ray_batch(a: argparse.Namespace, base: SamplingParams) -> int:
     if a.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
     items = batch_io.read_job_inputs(a)
+    batch_io.cut_torn_tail(batch_io.journal_path(a.output))
     done = batch_io.done_ids(a.output)
     ray = connect(a.ray)
     device, n, actor_args, task_args = _plan(ray, a)
