@@ -160,7 +160,7 @@ def _plan(ray: Any, a: argparse.Namespace) -> tuple[str, int, dict[str, Any], di
     n = a.num_replicas or 1
     cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
     share = min(1.0, cpus / (2 * n))  # CPU engines take half the CPUs between them, the preparation tasks the rest
-    return device, n, {"num_cpus": share}, {"num_cpus": min(1.0, cpus / 4)}
+    return device, n, {"num_cpus": share}, {"num_cpus": share / 2}  # (a task's share differs: see _pipeline)
 
 
 def run_ray_batch(a: argparse.Namespace, base: SamplingParams) -> int:
@@ -213,9 +213,8 @@ def _pipeline(ray: Any, a: argparse.Namespace, base: SamplingParams, todo: list[
     ds = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // min(4, per_call)))
     ds = ds.map(_prepare_row, fn_kwargs={"folder": folder, "device_type": device.split(":")[0], "dtype": a.dtype,
                                          "base": base, "image_dir": a.image_dir},
-                ray_remote_args_fn=lambda: dict(task_args))  # a remote-args function: Ray Data then does not fuse
-    # this step into the engine actors (on CPU tasks of their own, the decoding keeps pace with the engines);
-    # an actor sees its own GPU as cuda:0, whatever --device names
+                **task_args)  # other resources than the actors': Ray Data then does not fuse this step into them
+    # (on CPU tasks of their own, the decoding keeps pace with the engines); an actor sees its GPU as cuda:0
     ds = ds.map_batches(_EngineActor, batch_size=per_call, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=n),
                         fn_constructor_kwargs={"model": folder, "device": device.split(":")[0], "dtype": a.dtype,
