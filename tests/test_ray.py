@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -42,9 +41,15 @@ def cluster():
 
 
 def _pids(title: str) -> list[int]:
-    """Processes whose title (Ray sets it to the actor's class) contains `title`."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
-    return [int(line.split()[0]) for line in out[1:] if title in line]
+    """Processes whose title (Ray sets it to the actor's class, e.g. ray::ServeReplica:phi3v:Engine) has `title`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and title in (d / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(d.name))
+        except OSError:  # gone meanwhile
+            continue
+    return sorted(pids)
 
 
 def test_ray_batch_gives_the_single_process_records_with_an_actor_killed(llm, cluster, tmp_path) -> None:  # noqa: F811
