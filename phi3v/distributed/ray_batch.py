@@ -1,7 +1,8 @@
 """`phi3v batch --ray ADDRESS`: the batch job as a Ray Data pipeline.
 
     inputs (driver) -> from_items -> map(_prepare_row): decode + HD preprocess + tokenize, CPU tasks
-                    -> map_batches(_EngineActor): generation, an actor pool with one phi3v engine per GPU
+                    -> map_batches(_EngineActor): generation, an actor pool with one phi3v engine per GPU; two calls
+                       (batches) at once per actor feed one engine loop, which never drains between batches
                     -> iter_rows (driver): each record written once, as it arrives, with the progress bar
 
 The driver lists the inputs with `phi3v.batch_io` (ids, prompts, the rows' errors: the same as the single-process
@@ -20,8 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import queue
 import sys
+import threading
+import time
 import types
+from concurrent.futures import Future
 from typing import Any, Iterator
 
 from phi3v import batch_io
@@ -107,8 +112,56 @@ def _prepare_row(row: dict[str, Any], folder: str, device_type: str, dtype: str 
 # ---------------------------------------------------------------- GPU side: one engine per actor
 
 
+class _EngineLoop:
+    """One engine fed from a queue by a thread of its own: the requests of several calls (batches) run in one continuous
+    batch, so the engine never drains between two calls. `submit` -> a Future of the request's Completion."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm, self.inbox = llm, queue.Queue()
+        threading.Thread(target=self._loop, name="phi3v-engine", daemon=True).start()
+
+    def submit(self, req: Any) -> Future:
+        fut: Future = Future()
+        self.inbox.put((req, fut))
+        return fut
+
+    def _loop(self) -> None:
+        from phi3v.output import RequestOutput
+
+        llm, eng, t0 = self.llm, self.llm.engine, time.perf_counter()
+        live: dict[str, tuple[Future, Any]] = {}
+        while True:
+            # block while idle; otherwise admit what waits while the engine's own queue is short
+            while not eng.has_unfinished() or (eng.num_waiting < eng.sched.max_num_seqs and not self.inbox.empty()):
+                req, fut = self.inbox.get()
+                try:
+                    rid = eng.add_request(req.prompt_ids, req.images, req.params)
+                except ValueError as e:  # this request only
+                    fut.set_result(e)
+                    continue
+                live[rid] = (fut, RequestOutput(llm.tokenizer, len(req.prompt_ids), req.params,
+                                                llm.config.eos_token_ids, req.preprocess_s, t0))
+            try:
+                outs = eng.step()
+            except Exception as e:  # noqa: BLE001 - a failed step fails the requests in it, the loop goes on
+                for rid, (fut, _ro) in list(live.items()):
+                    eng.abort(rid)
+                    fut.set_result(RuntimeError(f"the engine step failed: {type(e).__name__}: {e}"))
+                live.clear()
+                continue
+            for o in outs:
+                fut, ro = live[o.rid]
+                _delta, done, stop_hit = ro.update(o)
+                if stop_hit:
+                    eng.abort(o.rid)
+                if done is not None:
+                    del live[o.rid]
+                    fut.set_result(done)
+
+
 class _EngineActor:
-    """One phi3v engine; each call runs a batch of prepared requests through it together (continuous batching)."""
+    """One phi3v engine per actor. Calls run concurrently (threads): each hands its requests to the engine loop and
+    waits for them, so the requests of the next batch join the engine while the last ones of this batch finish."""
 
     def __init__(self, model: str, device: str | None, dtype: str | None, max_num_seqs: int, kv_cache_dtype: str,
                  switches: dict[str, Any]) -> None:
@@ -117,11 +170,12 @@ class _EngineActor:
         self.llm = LLM(model, device=device, dtype=dtype, allow_url_images=True, max_num_seqs=max_num_seqs,
                        kv_cache_dtype=kv_cache_dtype, **switches)
         self.llm.warmup()
+        self.loop = _EngineLoop(self.llm)
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         ids = [str(i) for i in batch["id"]]
         records: list[dict[str, Any] | None] = [None] * len(ids)
-        reqs, where = [], []
+        waiting: list[tuple[int, Future]] = []
         ctx = self.llm.engine.sched.max_model_len
         for k, (err, blob) in enumerate(zip(batch["error"], batch["prepared"])):
             if err:
@@ -133,16 +187,22 @@ class _EngineActor:
                     f"the prompt is {len(req.prompt_ids)} tokens (images included) but the context holds {ctx}: "
                     "use fewer images, fewer crops (num_crops) or a shorter prompt"))
                 continue
-            reqs.append(req)
-            where.append(k)
-        for i, _delta, done in self.llm.run(reqs):
-            if done is not None:
-                k = where[i]
-                records[k] = (batch_io.make_record(ids[k], error=str(done)) if isinstance(done, Exception)
-                              else batch_io.make_record(ids[k], done))
+            waiting.append((k, self.loop.submit(req)))
+        for k, fut in waiting:
+            done = fut.result()
+            records[k] = (batch_io.make_record(ids[k], error=" ".join(str(done).split())) if isinstance(done, Exception)
+                          else batch_io.make_record(ids[k], done))
         # records go back only now, all together: a batch cut short by a dead actor is retried whole
         return {"id": ids, "n_images": [int(n) for n in batch["n_images"]],
                 "record": [json.dumps(r, ensure_ascii=False) for r in records]}
+
+
+def _actor_pool(ray: Any, n: int) -> Any:
+    """n actors, each running up to 2 calls at once (the engine loop overlaps them); older Ray: one at a time."""
+    try:
+        return ray.data.ActorPoolStrategy(size=n, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
+    except TypeError:
+        return ray.data.ActorPoolStrategy(size=n)
 
 
 # ---------------------------------------------------------------- the job
@@ -206,7 +266,7 @@ def _pipeline(ray: Any, a: argparse.Namespace, base: SamplingParams, todo: list[
     for name, value in (("enable_progress_bars", False), ("print_on_execution_start", False)):
         if hasattr(ctx, name):
             setattr(ctx, name, value)
-    per_call = a.batch_size if device == "cpu" else 2 * a.batch_size  # requests an engine gets per call
+    per_call = a.batch_size  # requests per call; with 2 calls in flight per actor its engine has a batch waiting
     rows = [{"id": it.id, "request": pickle.dumps(it.request)} for it in todo]
     # small blocks (<= 4 requests): the preparation spreads over every CPU, the engines get their first work early
     # and records come back as each call ends (Ray Data bundles the blocks into calls of `per_call` requests)
@@ -216,7 +276,7 @@ def _pipeline(ray: Any, a: argparse.Namespace, base: SamplingParams, todo: list[
                 **task_args)  # other resources than the actors': Ray Data then does not fuse this step into them
     # (on CPU tasks of their own, the decoding keeps pace with the engines); an actor sees its GPU as cuda:0
     ds = ds.map_batches(_EngineActor, batch_size=per_call, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=n),
+                        compute=_actor_pool(ray, n),
                         fn_constructor_kwargs={"model": folder, "device": device.split(":")[0], "dtype": a.dtype,
                                                "max_num_seqs": a.batch_size, "kv_cache_dtype": a.kv_cache_dtype,
                                                "switches": switches},
