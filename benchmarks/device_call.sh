@@ -24,6 +24,7 @@
 #   attention      benchmarks/attention_sweep.py (bf16; attention_fp8: --kv-dtype fp8), a tuning sweep
 #   gemv_m1        benchmarks/gemv_sweep.py --m 1 (the GEMV table's tuning sweep at batch 1)
 #   batch_job      benchmarks/batch_job.py (phi3v batch end to end, 64 images, 16 crops)
+#   batch_folder   benchmarks/batch_folder.py (a folder of 500 PNGs, 4 and 16 crops, single-process and --ray local)
 #   json           benchmarks/json_overhead.py (decode with and without a JSON schema)
 #   peer, peer_fp8 benchmarks/vllm_peer_bench.py (vLLM with PYTHONPATH=$VLLM_SITE, default /tmp/vllm_site, installed as
 #                  benchmarks/README.md says; carry .ref: the model folder $PEER_M is made from $M and .ref/)
@@ -83,6 +84,7 @@ for step in "$@"; do
         attention_fp8) python3 benchmarks/attention_sweep.py --kv-dtype fp8 --out "$OUT/${TAG}_attention_fp8.json" >"$log" 2>&1 ;;
         gemv_m1) timeout 240 python3 benchmarks/gemv_sweep.py --m 1 --json-out "$OUT/${TAG}_gemv_m1.json" >"$log" 2>&1 ;;
         batch_job) python3 benchmarks/batch_job.py --model "$M" --out "$OUT/${TAG}_batch_job.json" >"$log" 2>&1 ;;
+        batch_folder) python3 benchmarks/batch_folder.py --model "$M" --out "$OUT/${TAG}_batch_folder.json" >"$log" 2>&1 ;;
         json) python3 benchmarks/json_overhead.py --model "$M" --out "$OUT/${TAG}_json.json" >"$log" 2>&1 ;;
         peer) peer peer '{}' >"$log" 2>&1 ;;
         peer_fp8) peer peer_fp8 '{"quantization": "fp8", "kv_cache_dtype": "fp8"}' >"$log" 2>&1 ;;

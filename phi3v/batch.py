@@ -1,6 +1,7 @@
-"""`phi3v batch`: thousands of requests from a JSONL file through the engine, resumable.
+"""`phi3v batch`: thousands of requests (a folder, a glob, JSONL, CSV, Parquet or a saved dataset: batch_io.py)
+through the engine, resumable.
 
-Each input line is `{"id": ..., "prompt": "..."|"messages": [...], "images": [...], "max_tokens": ...,
+Each JSONL input line is `{"id": ..., "prompt": "..."|"messages": [...], "images": [...], "max_tokens": ...,
 "temperature": ..., "num_crops": ...}` (`prompt` may be plain text: it is wrapped in a user turn
 with the images first). Each output line is `{"id", "text", "finish_reason", "usage"}` or
 `{"id", "error"}`: a bad request is recorded and the others go on. Results are written in the order
@@ -25,6 +26,7 @@ import sys
 import time
 from typing import IO, Any, Callable
 
+from phi3v import batch_io
 from phi3v.sampling_params import SamplingParams
 
 _PARAM_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "stop", "ignore_eos",
@@ -47,31 +49,6 @@ def _done_ids(path: str) -> tuple[set[str], set[int]]:
                 except (ValueError, KeyError, TypeError):
                     continue
     return done, dup_lines
-
-
-def repair_tail(path: str) -> int:
-    """Cut a torn last line (no final newline: a crash mid-write) off the file; returns the bytes removed."""
-    if not os.path.exists(path):
-        return 0
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return 0
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return 0
-        pos, cut = size, 0
-        while pos > 0:
-            start = max(0, pos - 65536)
-            f.seek(start)
-            i = f.read(pos - start).rfind(b"\n")
-            if i >= 0:
-                cut = start + i + 1
-                break
-            pos = start
-        f.truncate(cut)
-        os.fsync(f.fileno())
-        return size - cut
 
 
 class _Output:
@@ -126,36 +103,6 @@ def _prepare(llm: Any, rec: dict[str, Any], base: SamplingParams, image_dir: str
     return llm.prepare(prompt, images, params, nc)
 
 
-def _plan(lines: list[str], done: set[str], dup_lines: set[int],
-          out: _Output) -> tuple[list[tuple[str, Any]], int, int]:
-    """(requests to run, errors written, skipped) from the input lines: invalid JSON and duplicate ids are written
-    as errors here, ids already done are skipped."""
-    todo: list[tuple[str, Any]] = []
-    first_line: dict[str, int] = {}
-    n_err = n_skip = 0
-    for n, line in enumerate(lines, 1):
-        try:
-            rec, err = json.loads(line), None
-        except ValueError as e:
-            rec, err = {"id": f"line-{n}"}, f"invalid JSON: {e}"
-        rid = str(rec.get("id", f"line-{n}")) if isinstance(rec, dict) else f"line-{n}"
-        if rid in first_line:
-            if n not in dup_lines:
-                out.write({"id": rid, "line": n, "error": f"duplicate id {rid!r}: line {n} repeats the id of line "
-                                                          f"{first_line[rid]}; give every request its own id"})
-                n_err += 1
-            continue
-        first_line[rid] = n
-        if rid in done:
-            n_skip += 1
-        elif err is None:
-            todo.append((rid, rec))
-        else:
-            out.write({"id": rid, "error": err})
-            n_err += 1
-    return todo, n_err, n_skip
-
-
 def run_batch(a: argparse.Namespace, base: SamplingParams, load: Callable[[argparse.Namespace], Any]) -> int:
     """Stream every request not yet in the output through one engine run: requests are prepared on
     threads a bounded window ahead and join the running batch as they become ready, and each result
@@ -166,16 +113,23 @@ def run_batch(a: argparse.Namespace, base: SamplingParams, load: Callable[[argpa
     interval = getattr(a, "fsync_interval", 1.0)
     if interval < 0:
         raise ValueError("--fsync-interval must be >= 0")
-    with open(a.input, encoding="utf-8", errors="surrogateescape") as f:
-        lines = [ln for ln in f if ln.strip()]
-    torn = repair_tail(a.output)
+    items = batch_io.read_job_inputs(a)
+    journal = batch_io.journal_path(a.output)  # the output itself, or the JSONL journal of a Parquet output
+    torn = batch_io.cut_torn_tail(journal)
     if torn:
-        print(f"phi3v batch: removed a torn last line ({torn} bytes) from {a.output}", file=sys.stderr)
-    done, dup_lines = _done_ids(a.output)
-    with open(a.output, "a", encoding="utf-8") as f:
+        print(f"phi3v batch: removed a torn last line ({torn} bytes) from {journal}", file=sys.stderr)
+    done, dup_lines = _done_ids(journal)
+    done |= batch_io.done_ids(a.output)
+    progress = batch_io.Progress(sum(it.id not in done for it in items), sum(it.id in done for it in items), a.output,
+                                 disable=getattr(a, "quiet", False))
+    with open(journal, "a", encoding="utf-8") as f:
         out = _Output(f, interval)
-        todo, n_err, n_skip = _plan(lines, done, dup_lines, out)
-        n_ok = 0
+
+        def write(rec: dict[str, Any], n_images: int = 1) -> None:
+            out.write(rec)
+            progress.update(rec, n_images)
+
+        todo = _plan(items, done, dup_lines, write)
         llm = load(a) if todo else None  # a resume with nothing left to run loads no model
         if llm is not None:
             llm.warmup()  # every CUDA graph (and first kernel use) up front: none is captured mid-run
@@ -189,16 +143,36 @@ def run_batch(a: argparse.Namespace, base: SamplingParams, load: Callable[[argpa
         for i, _delta, result in (llm.run([functools.partial(prep, rec) for _, rec in todo]) if todo else ()):
             if result is None:
                 continue
-            rid = todo[i][0]
+            rid, rec = todo[i]
             try:
                 if isinstance(result, Exception):
                     raise result
-                out.write({"id": rid, "text": result.text, "finish_reason": result.finish_reason,
-                           "usage": result.usage})
-                n_ok += 1
+                write(batch_io.make_record(rid, result), len(rec.get("images") or []))
             except Exception as e:  # noqa: BLE001
-                out.write({"id": rid, "error": _one_line(e)})
-                n_err += 1
+                write(batch_io.make_record(rid, error=_one_line(e)))
         out.close()
-    print(f"phi3v batch: {n_ok} done, {n_err} failed, {n_skip} skipped (already in {a.output})", file=sys.stderr)
+    batch_io.finish_output(a.output)
+    print(progress.close(), file=sys.stderr)
     return 0
+
+
+def _plan(items: list[batch_io.InputItem], done: set[str], dup_lines: set[int],
+          write: Callable[[dict[str, Any]], None]) -> list[tuple[str, Any]]:
+    """The requests to run: unusable inputs and duplicate ids are written as errors here (a duplicate once, named
+    by its input position), ids already done are skipped."""
+    todo: list[tuple[str, Any]] = []
+    first: dict[str, int] = {}
+    for n, it in enumerate(items, 1):
+        if it.id in first:
+            if n not in dup_lines:
+                write({"id": it.id, "line": n, "error": f"duplicate id {it.id!r}: input {n} repeats the id of input "
+                                                        f"{first[it.id]}; give every request its own id"})
+            continue
+        first[it.id] = n
+        if it.id in done:
+            continue
+        if it.error is not None:
+            write(batch_io.make_record(it.id, error=it.error))
+        else:
+            todo.append((it.id, it.request))
+    return todo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -190,9 +191,18 @@ def _echo(d: str) -> str:
 
 
 def cmd_batch(a: argparse.Namespace) -> int:
+    if a.limit is not None and a.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {a.limit}")
+    if a.num_replicas is not None and (a.num_replicas < 1 or not a.ray):
+        raise ValueError("--num-replicas needs --ray and must be at least 1")
+    params = dataclasses.replace(_params(a), ignore_eos=True) if a.ignore_eos else _params(a)
+    if a.ray:
+        from phi3v.distributed.ray_batch import run_ray_batch
+
+        return run_ray_batch(a, params)
     from phi3v.batch import run_batch
 
-    return run_batch(a, _params(a), _load)
+    return run_batch(a, params, _load)
 
 
 def _env(name: str, default: Any = None, flag: bool = False) -> Any:
@@ -246,6 +256,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print(f"phi3v: chat page at http://{shown}:{a.port}/ (--no-web-ui turns it off)",
               file=sys.stderr)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if a.replicas is not None:
+        if a.replicas < 1:
+            raise ValueError(f"--replicas must be at least 1, got {a.replicas}")
+        try:
+            from phi3v.distributed.ray_serve import run_serve
+        except ImportError as e:
+            raise ValueError(f"--replicas needs Ray Serve ({e.name} is missing): pip install 'phi3v[ray]'") from None
+
+        return run_serve(s, a.replicas, a.ray or "local")
     uvicorn.run(create_app(s), host=a.host, port=a.port, log_level=a.log_level, access_log=False,
                 timeout_graceful_shutdown=5, http=http_protocol())  # uvicorn's own 400s in the OpenAI shape
     return 0
@@ -289,8 +308,42 @@ def _serve_parser(sub: Any) -> None:
                        "QUANTIZE_LM_HEAD": _env("QUANTIZE_LM_HEAD", False, flag=True)})
     s.add_argument("--no-web-ui", action="store_true", default=_env("NO_WEB_UI", False, flag=True),
                    help="do not serve the browser chat page at / (the API is unchanged)")
+    s.add_argument("--replicas", type=int, default=_env("REPLICAS", None),
+                   help="engine replicas (one GPU each) behind these routes, on Ray Serve (extra phi3v[ray])")
+    s.add_argument("--ray", default=_env("RAY", None), metavar="ADDRESS",
+                   help="with --replicas: local (default), auto (the running cluster) or an address")
     s.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
     s.set_defaults(fn=cmd_serve)
+
+
+def _batch_parser(sub: Any) -> None:
+    b = sub.add_parser("batch", help="answer a folder, glob, JSONL, CSV, Parquet or saved dataset of requests, "
+                                     "one record per input (resumable)")
+    _common(b)
+    b.add_argument("--input", required=True,
+                   help="a folder of images (recursive), a glob, a JSONL file ({id, prompt|messages, images?, ...} per "
+                        "line), a .csv or .parquet file, or a Hugging Face dataset saved with save_to_disk")
+    b.add_argument("--output", required=True,
+                   help="JSONL results, or Parquet when it ends in .parquet; inputs already there are skipped (resume)")
+    b.add_argument("--prompt", default=None, help="the question for every image of a folder/glob (and every row "
+                                                  "without --prompt-column)")
+    b.add_argument("--image-column", default="image", help="CSV/Parquet/dataset column with the image: path, URL or "
+                                                           "bytes (default: %(default)s)")
+    b.add_argument("--prompt-column", default=None, help="CSV/Parquet/dataset column with each row's question")
+    b.add_argument("--id-column", default=None,
+                   help="CSV/Parquet/dataset column with each row's id (default: the row number)")
+    b.add_argument("--limit", type=int, default=None, help="only the first N inputs (try a few first)")
+    b.add_argument("--batch-size", type=int, default=64,
+                   help="requests decoded at once (KV memory permitting); more wait and join as others finish")
+    b.add_argument("--image-dir", default=None, help="relative image paths are taken from here")
+    b.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run on Ray Data: local (a Ray cluster on this machine), auto (the running one) or an address")
+    b.add_argument("--num-replicas", type=int, default=None,
+                   help="with --ray: engines (actors), one GPU each on CUDA (default: the cluster's GPUs)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar (the summary line stays)")
+    b.add_argument("--ignore-eos", action="store_true",
+                   help="generate --max-tokens whatever the model says (benchmarks)")
+    b.set_defaults(fn=cmd_batch)
 
 
 def _one_line(e: BaseException) -> str:
@@ -312,16 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image", action="append", help="image attached to the first message (repeatable)")
     c.add_argument("--system", default=None)
     c.set_defaults(fn=cmd_chat)
-    b = sub.add_parser("batch", help="run a JSONL file of requests, writing one JSONL result per request")
-    _common(b)
-    b.add_argument("--input", required=True, help="JSONL: {id, prompt|messages, images?, max_tokens?, ...} per line")
-    b.add_argument("--output", required=True, help="JSONL results; requests already there are skipped (resume)")
-    b.add_argument("--batch-size", type=int, default=64,
-                   help="requests decoded at once (KV memory permitting); more wait and join as others finish")
-    b.add_argument("--image-dir", default=None, help="relative image paths are taken from here")
-    b.add_argument("--fsync-interval", type=float, default=1.0,
-                   help="seconds between fsyncs of the output (a crash loses at most this much; 0: every record)")
-    b.set_defaults(fn=cmd_batch)
+    _batch_parser(sub)
     _serve_parser(sub)
     from phi3v.bench import add_parser as add_bench_parser
     from phi3v.quantize import add_parser as add_quantize_parser

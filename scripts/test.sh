@@ -17,5 +17,5 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # CPU PyTorch: the pinned release installs from a local wheel where one is provided, else from PyPI.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0" || python -m pip install -q torch
-python -m pip install -q -e ".[test,serve]"
+python -m pip install -q -e ".[test,serve,ray]"
 python -m pytest -p no:cacheprovider "$@"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from phi3v.batch import repair_tail
+from phi3v.batch_io import cut_torn_tail as repair_tail
 from phi3v.cli import main
 
 DATA = Path(__file__).parent / "data"
