@@ -165,7 +165,7 @@ def _plan(items: list[batch_io.InputItem], done: set[str], dup_lines: set[int],
     for n, it in enumerate(items, 1):
         if it.id in first:
             if n not in dup_lines:
-                write({"id": it.id, "line": n, "error": f"duplicate id {it.id!r}: input {n} repeats the id of input "
+                write({"id": it.id, "line": n, "error": f"duplicate id {it.id!r}: input line {n} repeats the id of input line "
                                                         f"{first[it.id]}; give every request its own id"})
             continue
         first[it.id] = n

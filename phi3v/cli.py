@@ -336,6 +336,8 @@ def _batch_parser(sub: Any) -> None:
     b.add_argument("--batch-size", type=int, default=64,
                    help="requests decoded at once (KV memory permitting); more wait and join as others finish")
     b.add_argument("--image-dir", default=None, help="relative image paths are taken from here")
+    b.add_argument("--fsync-interval", type=float, default=1.0,
+                   help="seconds between fsyncs of the output (a crash loses at most this much; 0: every record)")
     b.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run on Ray Data: local (a Ray cluster on this machine), auto (the running one) or an address")
     b.add_argument("--num-replicas", type=int, default=None,
