@@ -120,8 +120,8 @@ def run_batch(a: argparse.Namespace, base: SamplingParams, load: Callable[[argpa
         print(f"phi3v batch: removed a torn last line ({torn} bytes) from {journal}", file=sys.stderr)
     done, dup_lines = _done_ids(journal)
     done |= batch_io.done_ids(a.output)
-    progress = batch_io.Progress(sum(it.id not in done for it in items), sum(it.id in done for it in items), a.output,
-                                 disable=getattr(a, "quiet", False))
+    ids = {it.id for it in items}  # a duplicate id is one error record, not one more request
+    progress = batch_io.Progress(len(ids - done), len(ids & done), a.output, disable=getattr(a, "quiet", False))
     with open(journal, "a", encoding="utf-8") as f:
         out = _Output(f, interval)
 
