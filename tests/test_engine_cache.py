@@ -5,6 +5,8 @@ chunked long prompts between decode steps, and a failing sequence that fails alo
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -17,9 +19,19 @@ from engine_common import CKPT, image_path, reference_tokens
 TURN1 = "<|user|>\n<|image_1|>\nDescribe the image.<|end|>\n<|assistant|>\n"
 
 
+# PHI3V_TEST_DEVICE=cuda runs the same checks on the GPU (fp32, TF32 off: the reference's numbers), graphs,
+# Triton kernels and run-ahead included: the GPU part of the engine check (device_call.sh gpu_tests)
+DEVICE = os.environ.get("PHI3V_TEST_DEVICE", "cpu")
+
+
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(CKPT, device="cpu", dtype="fp32", max_num_seqs=6, max_model_len=4096, kv_block_size=16)
+    if DEVICE != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    llm = LLM(CKPT, device=DEVICE, dtype="fp32", max_num_seqs=6, max_model_len=4096, kv_block_size=16)
+    llm.warmup()
+    return llm
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +39,7 @@ def kv_memory_is_free_after_each_test(llm: LLM):
     llm.engine.reset_prefix_cache()
     yield
     eng = llm.engine
+    eng.step()  # drains a run-ahead step still in flight, if any
     assert not eng.has_unfinished() and eng.sched.all_free and not eng.sched.seqs
     assert min(eng.sched.pool.refs) == 0
 
