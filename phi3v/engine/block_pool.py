@@ -23,25 +23,25 @@ def block_hashes(ids: list[int], image_keys: list[str], block_size: int, long_ro
     """Hashes of the full blocks of `ids` from block `start` on (parent: the hash of block start-1).
     ids: token ids with image k's placeholders as -k (image_keys[k-1] names its content: the key fixes the
     resized image and its crop grid, so its token count too)."""
-    arr = np.asarray(ids, dtype=np.int64)
+    n_full = len(ids) // block_size
+    if n_full <= start:
+        return []
+    arr = np.asarray(ids[: n_full * block_size], dtype=np.int64)
     # offset of each placeholder within its image's run (a run starts where the id changes)
     neg = arr < 0
-    starts = np.flatnonzero(neg & np.r_[True, arr[1:] != arr[:-1]])
-    run_start = np.zeros(len(arr), dtype=np.int64)
-    if len(starts):
-        idx = np.searchsorted(starts, np.arange(len(arr)), side="right") - 1
-        run_start = np.where(idx >= 0, starts[np.maximum(idx, 0)], 0)
-    offsets = np.where(neg, np.arange(len(arr)) - run_start, 0)
-    pairs = np.stack([arr, offsets], 1)  # (n, 2): the token, and its offset inside an image (0 for text)
+    idx = np.arange(len(arr))
+    run_start = np.maximum.accumulate(np.where(neg & np.r_[True, arr[1:] != arr[:-1]], idx, 0))
+    pairs = np.stack([arr, np.where(neg, idx - run_start, 0)], 1).reshape(n_full, 2 * block_size)  # token, offset
+    has_image = arr.reshape(n_full, block_size).min(1) < 0
+    keys = [k.encode() for k in image_keys]
     h = parent if parent is not None else (b"long" if long_rope else b"short")
     out = []
-    for b in range(start, len(arr) // block_size):
-        blk = pairs[b * block_size: (b + 1) * block_size]
+    for b in range(start, n_full):
         d = hashlib.blake2b(h, digest_size=16)
-        d.update(blk.tobytes())
-        if blk[:, 0].min() < 0:
-            for k in np.unique(-blk[:, 0][blk[:, 0] < 0]):
-                d.update(image_keys[k - 1].encode())
+        d.update(pairs[b].tobytes())
+        if has_image[b]:
+            for k in sorted(set(pairs[b, 0::2][pairs[b, 0::2] < 0].tolist()), reverse=True):
+                d.update(keys[-k - 1])
         h = d.digest()
         out.append(h)
     return out
