@@ -195,3 +195,22 @@ def test_a_failing_sequence_fails_alone(llm: LLM, monkeypatch: pytest.MonkeyPatc
     outs = llm.generate_many(reqs)
     assert isinstance(outs[1], RuntimeError) and "boom" in str(outs[1])
     assert [outs[0].token_ids, outs[2].token_ids] == [reference_tokens(llm, reqs[i], 6) for i in (0, 2)]
+
+
+def test_requests_without_max_tokens_reserve_nothing_ahead(llm: LLM) -> None:
+    """(g): 200 requests whose max_tokens is the whole context are all admitted at once: each holds the blocks
+    of its prompt, not of the context (reserving 1,024 tokens each, 4 of them would fit)."""
+    cfg = llm.config
+    bpt = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    eng = Engine(llm.model, cfg, EngineConfig(max_num_seqs=200, max_model_len=1024, kv_block_size=16,
+                                              kv_budget_bytes=4200 * 16 * bpt // 16))
+    req = llm.prepare("<|user|>\nHi<|end|>\n<|assistant|>\n", [], SamplingParams(max_tokens=1024, ignore_eos=True))
+    assert eng.cache.n_blocks * 16 < 5 * 1024
+    rids = [eng.add_request(req.prompt_ids, [], req.params) for _ in range(200)]
+    first = eng.step()
+    assert eng.num_running == 200 and eng.num_waiting == 0 and len(first) == 200
+    for _ in range(3):
+        assert len(eng.step()) == 200
+    for r in rids:
+        eng.abort(r)
+    assert eng.sched.all_free
