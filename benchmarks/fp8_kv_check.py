@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 from phi3v.bench import emit  # noqa: E402
 from phi3v.engine.kv_cache import FP8, DecodeAttention, KVCache  # noqa: E402
-from phi3v.engine.paged_attention import num_splits  # noqa: E402
-from phi3v.models import kernels  # noqa: E402
+from phi3v.kernels.paged_attention import num_splits  # noqa: E402
+from phi3v.kernels import fused as kernels  # noqa: E402
 
 
 def main() -> None:

@@ -64,8 +64,8 @@ def main() -> None:
         for o in eng.step():
             got.setdefault(o.rid, []).extend(o.token_ids)
     eng.step()
-    res = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "run_ahead": eng.run_ahead, "graphs": len(eng.runner.graphs),
-           "fused": llm.model.model.fused,
+    res = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "run_ahead": eng.run_ahead, "graphs": len(eng.runner.decoder.graphs),
+           "fused": llm.model.fused,
            "cases": {rid: {"equal": got.get(rid) == ref, "n": len(ref)} for rid, ref in zip(rids, refs)},
            "victim_tokens": len(got.get("victim", [])), "slots_free": eng.sched.all_free}
     res["all_equal"] = all(c["equal"] for c in res["cases"].values())
