@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 
-from test_server_harness import (IMAGES, MODEL_ID, TINY, assert_openai_error, chat_body, data_uri, expected,
-                                 image_bytes, image_part, metric, start_server, user, wait_idle)
+from server_harness import (IMAGES, MODEL_ID, TINY, assert_openai_error, chat_body, data_uri, expected,
+                            image_bytes, image_part, metric, start_server, user, wait_idle)
 
 openai = pytest.importorskip("openai")
 

@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-from test_server_harness import (IMAGE_NAMES, IMAGES, allowed_mismatches, assert_openai_error, chat_body, data_uri,
-                                 expected, expected_many, image_bytes, metric, png, start_server, user, wait_idle)
+from server_harness import (IMAGE_NAMES, IMAGES, allowed_mismatches, assert_openai_error, chat_body, data_uri,
+                            expected, expected_many, image_bytes, metric, png, start_server, user, wait_idle)
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven zebras quietly graze near old oak trees".split()
 

@@ -17,7 +17,7 @@ schemathesis = pytest.importorskip("schemathesis")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from test_server_harness import MODEL_ID, TINY, start_server  # noqa: E402
+from server_harness import MODEL_ID, TINY, start_server  # noqa: E402
 
 from phi3v.server.app import Settings, create_app  # noqa: E402
 
