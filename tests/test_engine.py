@@ -10,16 +10,13 @@ import torch
 from phi3v import LLM, SamplingParams
 from phi3v.engine.engine import ImageInput
 
-from engine_common import GOLD, MANIFEST, PROMPTS, image_path, reference_tokens
-from engine_common import kv_memory_is_free_after_each_test, llm  # noqa: F401  (fixtures)
+from engine_common import ENGINE_CASES, GOLD, MANIFEST, PROMPTS, image_path, reference_tokens
 
-# Crossing cases follow Microsoft's later fix (the Phi-3.5 code); all others are identical in both.
-CASES = [k for k, v in MANIFEST["model"].items()
-         if v.get("status") == "ok" and v.get("file") and (k.endswith("phi35v") or
-                                                          k.replace("/phi3v", "/phi35v") not in MANIFEST["model"])]
+pytestmark = pytest.mark.usefixtures("kv_memory_is_free")  # after every test: the shared engine is empty
 
 
-@pytest.mark.parametrize("key", CASES)
+
+@pytest.mark.parametrize("key", ENGINE_CASES)
 def test_golden_greedy_tokens_and_logprobs(llm: LLM, key: str) -> None:
     case = MANIFEST["model"][key]
     z = np.load(GOLD / case["file"])
@@ -56,6 +53,7 @@ def test_cached_engine_equals_reference_generator(llm: LLM, i: int) -> None:
     assert fast == reference_tokens(llm, req, 24)
 
 
+@pytest.mark.slow
 def test_crossing_original_max_recomputes_with_long_factors(llm: LLM) -> None:
     # tiny config: original_max 512. A 313-token image prompt + 250 tokens crosses it mid-decode.
     req = llm.prepare("<|user|>\n<|image_1|>\nGo on.<|end|>\n<|assistant|>\n", [image_path("astronaut")],
@@ -120,6 +118,7 @@ def test_stream_deltas_join_to_the_text_and_stop_strings_cut(llm: LLM) -> None:
     assert streamed == cut.text and stop not in streamed
 
 
+@pytest.mark.slow
 def test_seeded_sampling_reproducible_and_batch_independent(llm: LLM) -> None:
     prompt = "<|user|>\n<|image_1|>\nTell me.<|end|>\n<|assistant|>\n"
     p = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=50, seed=123, ignore_eos=True)

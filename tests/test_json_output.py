@@ -47,6 +47,7 @@ def llm() -> LLM:
     return LLM(CKPT, device="cpu", dtype="fp32", max_num_seqs=SEEDS + 2, max_model_len=1024)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCHEMAS)
 def test_every_completed_output_validates(llm: LLM, name: str) -> None:
     schema = SCHEMAS[name]

@@ -19,11 +19,6 @@ openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
-def srv():
-    return start_server("main", allow_url_images=True, allowed_media_dir=str(IMAGES))
-
-
-@pytest.fixture(scope="module")
 def client(srv):
     return openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=60)
 
@@ -210,6 +205,7 @@ def test_api_key():
     assert httpx.get(h.url + "/health").status_code == 200  # health stays open for probes
 
 
+@pytest.mark.slow
 def test_cli_serve_reads_env(tmp_path):
     with __import__("socket").socket() as s:
         s.bind(("127.0.0.1", 0))

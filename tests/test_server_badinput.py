@@ -18,11 +18,6 @@ from server_harness import (IMAGES, MODEL_ID, assert_openai_error, chat_body, da
 
 
 @pytest.fixture(scope="module")
-def srv():
-    return start_server("main", allow_url_images=True, allowed_media_dir=str(IMAGES))
-
-
-@pytest.fixture(scope="module")
 def listener():
     """A TCP listener on 127.0.0.1 that no image fetch may ever reach."""
     s = socket.socket()

@@ -16,11 +16,6 @@ from server_harness import (IMAGE_NAMES, IMAGES, allowed_mismatches, assert_open
 WORDS = "the quick brown fox jumps over a lazy dog while seven zebras quietly graze near old oak trees".split()
 
 
-@pytest.fixture(scope="module")
-def srv():
-    return start_server("main", allow_url_images=True, allowed_media_dir=str(IMAGES))
-
-
 def _mixed(n: int) -> list[tuple[list, int, bool]]:
     """n requests: 0-2 images (base64 or path), prompt lengths 2..20 words, max_tokens 2..8, some streamed."""
     out = []
