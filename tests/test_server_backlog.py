@@ -18,8 +18,8 @@ IMG = Path(__file__).parent / "data" / "golden" / "images" / "astronaut.png"
 
 
 @pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM("tests/data/tiny-phi3v", device="cpu", max_num_seqs=2, max_model_len=512)
+def llm(tiny_ckpt: str) -> LLM:
+    return LLM(tiny_ckpt, device="cpu", max_num_seqs=2, max_model_len=512)
 
 
 def test_requests_beyond_the_device_backlog_move_their_crops_to_the_host(llm: LLM, monkeypatch) -> None:

@@ -65,6 +65,7 @@ def _gather(url: str, reqs: list[tuple[list, int, bool]]) -> list:
     return asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_220_concurrent_mixed_requests_all_correct(srv):
     reqs = _mixed(220)
     want = expected_many([(m, mt) for m, mt, _ in reqs])
