@@ -1,8 +1,8 @@
-"""What the whole suite shares: the test data's paths, one CPU LLM on the tiny checkpoint, the main test
-server, and the markers.
+"""What the whole suite shares: the tiny checkpoint's and the golden data's paths, one CPU LLM on the tiny
+checkpoint, the main test server, and the markers.
 
 Markers (registered in pyproject.toml; pytest runs with --strict-markers):
-  slow         a test that takes several seconds of both cores; `-m "not slow"` for a quick run
+  slow         a test that takes over ~1.5 s on a quiet 2-core machine; `-m "not slow"` for a quick run
   interpreter  Triton kernels run on the CPU by Triton's interpreter, in a subprocess (tests/interp.py)
   gpu          needs CUDA (tests/gpu/); skipped here when CUDA is absent, run on the GPU machine with
                `python -m pytest -m gpu tests/gpu`
@@ -13,12 +13,19 @@ no tests from them, and the test modules import them by name (this folder is on 
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-import torch
+# One CPU thread per test process (and the CLI, server and interpreter subprocesses it starts) unless set: the tiny
+# model's ops gain nothing from a second thread, and on a shared machine an OpenMP thread that waits for a busy
+# core holds up every op.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from engine_common import CKPT, DATA, GOLD
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from engine_common import CKPT, GOLD
 
 from phi3v import LLM
 
@@ -30,12 +37,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
-
-
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    """tests/data: the tiny checkpoint, golden references, real configs, tokenizer checks."""
-    return DATA
 
 
 @pytest.fixture(scope="session")

@@ -174,7 +174,6 @@ def test_bench_command_runs_end_to_end_on_cpu(capsys, tmp_path) -> None:
     assert res["c_offline_4crop_images_per_s"] > 0 and json.loads(stdout) == res
 
 
-@pytest.mark.slow
 def test_bench_offline_part_alone_with_the_prefill_profile(capsys, tmp_path) -> None:
     out = tmp_path / "bench.json"
     code, _stdout, err = _run(capsys, ["bench", "--model", CKPT, "--device", "cpu", "--parts", "c", "--n-offline", "3",

@@ -53,7 +53,6 @@ def test_cached_engine_equals_reference_generator(llm: LLM, i: int) -> None:
     assert fast == reference_tokens(llm, req, 24)
 
 
-@pytest.mark.slow
 def test_crossing_original_max_recomputes_with_long_factors(llm: LLM) -> None:
     # tiny config: original_max 512. A 313-token image prompt + 250 tokens crosses it mid-decode.
     req = llm.prepare("<|user|>\n<|image_1|>\nGo on.<|end|>\n<|assistant|>\n", [image_path("astronaut")],
@@ -118,7 +117,6 @@ def test_stream_deltas_join_to_the_text_and_stop_strings_cut(llm: LLM) -> None:
     assert streamed == cut.text and stop not in streamed
 
 
-@pytest.mark.slow
 def test_seeded_sampling_reproducible_and_batch_independent(llm: LLM) -> None:
     prompt = "<|user|>\n<|image_1|>\nTell me.<|end|>\n<|assistant|>\n"
     p = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=50, seed=123, ignore_eos=True)

@@ -46,7 +46,6 @@ def llm(tiny_ckpt: str) -> LLM:
     return LLM(tiny_ckpt, device="cpu", dtype="fp32", max_num_seqs=SEEDS + 2, max_model_len=1024)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", SCHEMAS)
 def test_every_completed_output_validates(llm: LLM, name: str) -> None:
     schema = SCHEMAS[name]
