@@ -13,8 +13,8 @@ import zlib
 import httpx
 import pytest
 
-from server_harness import (IMAGES, MODEL_ID, assert_openai_error, chat_body, data_uri, image_bytes, png,
-                            start_server, user, wait_idle)
+from server_harness import (IMAGES, MODEL_ID, assert_openai_error, chat_body, data_uri, image_bytes, png, user,
+                            wait_idle)
 
 
 @pytest.fixture(scope="module")
