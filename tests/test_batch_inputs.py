@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_common import CKPT, GOLD, llm  # noqa: F401 - the module's LLM fixture
+from engine_common import CKPT, GOLD
 from phi3v import batch_io
 from phi3v.batch import run_batch
 from phi3v.cli import _params, build_parser

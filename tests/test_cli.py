@@ -21,11 +21,6 @@ CKPT = str(DATA / "tiny-phi3v")
 BASE = ["--model", CKPT, "--device", "cpu", "--max-tokens", "12", "--num-crops", "2"]
 
 
-@pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM(CKPT, device="cpu", max_model_len=4096)
-
-
 def _run(capsys, args: list[str]) -> tuple[int, str, str]:
     code = main(args)
     out = capsys.readouterr()
@@ -71,6 +66,7 @@ def test_chat_multi_turn_with_image_command(monkeypatch, capsys) -> None:
     assert out.count("\n") == 2  # two answers, one line each
 
 
+@pytest.mark.slow
 def test_installed_entry_point_runs() -> None:
     r = subprocess.run([sys.executable, "-m", "phi3v.cli", "run", *BASE, "--json", "--image", str(IMG / "tiny_1x1.png"),
                         "Describe."], capture_output=True, text=True, timeout=300)
@@ -165,6 +161,7 @@ def test_checkpoint_missing_weights_lists_keys(tmp_path) -> None:
     assert "model.norm.weight" in str(e.value) and "model.extra.weight" in str(e.value)
 
 
+@pytest.mark.slow
 def test_bench_command_runs_end_to_end_on_cpu(capsys, tmp_path) -> None:
     out = tmp_path / "bench.json"
     code, stdout, err = _run(capsys, ["bench", "--model", CKPT, "--device", "cpu", "--decode-tokens", "3",

@@ -10,16 +10,13 @@ import torch
 from phi3v import LLM, SamplingParams
 from phi3v.engine.engine import ImageInput
 
-from engine_common import GOLD, MANIFEST, PROMPTS, image_path, reference_tokens
-from engine_common import kv_memory_is_free_after_each_test, llm  # noqa: F401  (fixtures)
+from engine_common import ENGINE_CASES, GOLD, MANIFEST, PROMPTS, image_path, reference_tokens
 
-# Crossing cases follow Microsoft's later fix (the Phi-3.5 code); all others are identical in both.
-CASES = [k for k, v in MANIFEST["model"].items()
-         if v.get("status") == "ok" and v.get("file") and (k.endswith("phi35v") or
-                                                          k.replace("/phi3v", "/phi35v") not in MANIFEST["model"])]
+pytestmark = pytest.mark.usefixtures("kv_memory_is_free")  # after every test: the shared engine is empty
 
 
-@pytest.mark.parametrize("key", CASES)
+
+@pytest.mark.parametrize("key", ENGINE_CASES)
 def test_golden_greedy_tokens_and_logprobs(llm: LLM, key: str) -> None:
     case = MANIFEST["model"][key]
     z = np.load(GOLD / case["file"])

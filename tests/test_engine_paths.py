@@ -10,7 +10,8 @@ import torch
 from phi3v import LLM, SamplingParams
 
 from engine_common import PROMPTS, image_path, reference_tokens
-from engine_common import kv_memory_is_free_after_each_test, llm  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("kv_memory_is_free")  # after every test: the shared engine is empty
 
 
 def test_batched_prefill_of_similar_prompts_equals_each_alone(llm: LLM) -> None:

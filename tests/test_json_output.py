@@ -16,7 +16,6 @@ from phi3v.cli import main
 from phi3v.engine.grammar import Grammars
 from phi3v.engine.sampler import apply_token_bitmask
 
-CKPT = str(Path(__file__).parent / "data" / "tiny-phi3v")
 PROMPT = "<|user|>\nRead the cover: title and author as JSON.<|end|>\n<|assistant|>\n"
 SEEDS = 30
 
@@ -43,8 +42,8 @@ SCHEMAS = {"book": BOOK, "nested": NESTED, "numbers": NUMBERS, "enums": ENUMS, "
 
 
 @pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM(CKPT, device="cpu", dtype="fp32", max_num_seqs=SEEDS + 2, max_model_len=1024)
+def llm(tiny_ckpt: str) -> LLM:
+    return LLM(tiny_ckpt, device="cpu", dtype="fp32", max_num_seqs=SEEDS + 2, max_model_len=1024)
 
 
 @pytest.mark.parametrize("name", SCHEMAS)
@@ -150,10 +149,10 @@ def test_invalid_schema_is_a_clear_value_error(kw: dict, msg: str) -> None:
     assert msg in str(e.value)
 
 
-def test_cli_json_schema_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_json_schema_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_ckpt: str) -> None:
     path = tmp_path / "book.json"
     path.write_text(json.dumps(BOOK))
-    base = ["run", "--model", CKPT, "--device", "cpu", "--max-tokens", "60"]
+    base = ["run", "--model", tiny_ckpt, "--device", "cpu", "--max-tokens", "60"]
     assert main(base + ["--json-schema", str(path), "--temperature", "1", "--seed", "3", "Read the cover."]) == 0
     jsonschema.validate(json.loads(capsys.readouterr().out), BOOK)
     assert main(base + ["--json-object", "--json", "Read the cover."]) == 0
@@ -166,14 +165,14 @@ def test_cli_json_schema_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "cannot read --json-schema" in capsys.readouterr().err
 
 
-def test_batch_lines_may_carry_a_schema(tmp_path: Path) -> None:
+def test_batch_lines_may_carry_a_schema(tmp_path: Path, tiny_ckpt: str) -> None:
     lines = [{"id": "a", "prompt": "Read the cover.", "json_schema": BOOK, "max_tokens": 60},
              {"id": "b", "prompt": "Receipt?", "json_object": True, "max_tokens": 2},
              {"id": "c", "prompt": "Read.", "json_schema": {"type": "foo"}},
              {"id": "d", "prompt": "Free.", "max_tokens": 5}]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert main(["batch", "--model", CKPT, "--device", "cpu", "--input", str(src), "--output", str(dst)]) == 0
+    assert main(["batch", "--model", tiny_ckpt, "--device", "cpu", "--input", str(src), "--output", str(dst)]) == 0
     out = {r["id"]: r for r in map(json.loads, dst.read_text().splitlines())}
     jsonschema.validate(json.loads(out["a"]["text"]), BOOK)
     assert out["b"]["finish_reason"] == "length" and out["b"]["text"].startswith("{")

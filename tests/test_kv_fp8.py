@@ -19,12 +19,12 @@ from phi3v.engine.config import EngineConfig
 from phi3v.engine.engine import Engine
 from phi3v.engine.kv_cache import FP8
 
-from engine_common import CKPT, PROMPTS, image_path
+from engine_common import PROMPTS, image_path
 
 
 @pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM(CKPT, device="cpu", dtype="fp32", max_num_seqs=4, max_model_len=2048, kv_cache_dtype="fp8")
+def llm(tiny_ckpt: str) -> LLM:
+    return LLM(tiny_ckpt, device="cpu", dtype="fp32", max_num_seqs=4, max_model_len=2048, kv_cache_dtype="fp8")
 
 
 def _rounded(x: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,11 @@ import torch
 
 from phi3v import LLM, SamplingParams
 
-from engine_common import CKPT, image_path
+from engine_common import image_path
 
 
-def test_run_lets_go_of_each_requests_crops_once_prefilled() -> None:
-    llm = LLM(CKPT, device="cpu", dtype="fp32", max_num_seqs=2, max_model_len=2048)
+def test_run_lets_go_of_each_requests_crops_once_prefilled(tiny_ckpt: str) -> None:
+    llm = LLM(tiny_ckpt, device="cpu", dtype="fp32", max_num_seqs=2, max_model_len=2048)
     names = ["astronaut", "coffee", "page_L", "logo_RGBA", "astronaut", "coffee", "page_L", "logo_RGBA"]
     crops: list[weakref.ref] = []
 
@@ -38,8 +38,8 @@ def test_run_lets_go_of_each_requests_crops_once_prefilled() -> None:
     assert alive_at_end == 0, f"{alive_at_end} requests' crops still held after every request was prefilled"
 
 
-def test_crops_in_the_model_dtype_give_the_same_features() -> None:
-    llm = LLM(CKPT, device="cpu", dtype="bf16", max_num_seqs=1, max_model_len=2048)
+def test_crops_in_the_model_dtype_give_the_same_features(tiny_ckpt: str) -> None:
+    llm = LLM(tiny_ckpt, device="cpu", dtype="bf16", max_num_seqs=1, max_model_len=2048)
     r = llm.prepare("<|user|>\n<|image_1|>\nHi<|end|>\n<|assistant|>\n", [image_path("coffee")], num_crops=4)
     img = r.images[0]
     assert img.crops.dtype == torch.bfloat16

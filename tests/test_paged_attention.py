@@ -4,6 +4,7 @@ on 2 KV heads), head_dim 96 (not a power of two), rows of length 0, mid-block an
 block tables in scrambled order, 1 and 4 KV splits; the kernel must also store the new K/V, and, given q/k
 unrotated with cos/sin, rotate them itself exactly as kernels.rope_qk does."""
 
+import pytest
 from interp import run_interpreted
 
 ROPE_CHECK = r"""
@@ -72,28 +73,42 @@ print("ok", d)
 """
 
 
+@pytest.mark.interpreter
+@pytest.mark.slow
 def test_paged_decode_kernel_matches_gather_attention_in_the_interpreter() -> None:
     assert run_interpreted(SCRIPT).startswith("ok")
 
 
-ENGINE_SCRIPT = r"""
+# The engine on the tiny checkpoint, every kernel interpreted (paged decode attention with RoPE inside, the fused
+# norms and activations), gives the tokens of its torch fallbacks. Two prompts of 15 and 14 tokens in 16-token KV
+# blocks: with 5 tokens each, both rows' decode steps (positions 15-18 and 14-17) cross into a second block.
+ENGINE_CHECK = r"""
 from phi3v import LLM, SamplingParams
 from phi3v.kernels import gemv
 gemv.MAX_M = 0  # the GEMV has its own test; interpreting it over the 32k-row lm_head takes minutes
-llm = LLM("tests/data/tiny-phi3v", device="cpu", dtype="fp32", max_num_seqs=4, max_model_len=256, kv_block_size=16)
+llm = LLM("tests/data/tiny-phi3v", device="cpu", dtype="fp32", max_num_seqs=4, max_model_len=256, kv_block_size=16,
+          kv_cache_dtype=KV_CACHE_DTYPE)
 eng = llm.engine
-assert eng.cache.triton and llm.model.fused
-prompts = ["<|user|>\nHello there, who are you?<|end|>\n<|assistant|>\n", "<|user|>\nCount: one two three four five six seven eight.<|end|>\n<|assistant|>\n"]
-reqs = [llm.prepare(p, [], SamplingParams(max_tokens=12, ignore_eos=True)) for p in prompts]
+assert eng.cache.triton and llm.model.fused and eng.cache.k.dtype == KV_STORAGE, eng.cache.k.dtype
+prompts = ["<|user|>\nHello there, who are you?<|end|>\n<|assistant|>\n", "<|user|>\nCount: one two three.<|end|>\n<|assistant|>\n"]
+reqs = [llm.prepare(p, [], SamplingParams(max_tokens=5, ignore_eos=True)) for p in prompts]
+assert [len(r.prompt_ids) for r in reqs] == [15, 14]
 kern = [c.token_ids for c in llm.generate_many(reqs)]
 eng.cache.triton = False
 llm.model.set_kernels(False)
 plain = [c.token_ids for c in llm.generate_many(reqs)]
 assert kern == plain, (kern, plain)
-print("ok", kern)
+"""
+
+ENGINE_SCRIPT = r"""
+import torch
+KV_CACHE_DTYPE, KV_STORAGE = "auto", torch.float32
+""" + ENGINE_CHECK + r"""print("ok", kern)
 """
 
 
+@pytest.mark.interpreter
+@pytest.mark.slow
 def test_engine_with_paged_kernel_and_fused_kernels_equals_plain_torch_in_the_interpreter() -> None:
     assert run_interpreted(ENGINE_SCRIPT).startswith("ok")
 
@@ -151,24 +166,14 @@ blk, off = torch.tensor([1, 1, 3, 3, 5, 6]), torch.tensor([0, 1, 2, 3, 4, 5])
 kernels.store_kv(kk, vv, cache.k[0], cache.v[0], blk, off)
 assert torch.equal(cache.k[0][blk, :, off].float(), kk.clamp(-448, 448).to(FP8).float())
 assert torch.equal(cache.v[0][blk, :, off].float(), vv.to(FP8).float())
-# the engine, every kernel interpreted, equals its torch fallbacks with the fp8 cache too
-from phi3v import LLM, SamplingParams
-from phi3v.kernels import gemv
-gemv.MAX_M = 0
-llm = LLM("tests/data/tiny-phi3v", device="cpu", dtype="fp32", max_num_seqs=4, max_model_len=256, kv_block_size=16,
-          kv_cache_dtype="fp8")
-assert llm.engine.cache.k.dtype == FP8 and llm.engine.cache.triton
-prompts = ["<|user|>\nHello there, who are you?<|end|>\n<|assistant|>\n", "<|user|>\nCount: one two three.<|end|>\n<|assistant|>\n"]
-reqs = [llm.prepare(p, [], SamplingParams(max_tokens=10, ignore_eos=True)) for p in prompts]
-kern = [c.token_ids for c in llm.generate_many(reqs)]
-llm.engine.cache.triton = False
-llm.model.set_kernels(False)
-plain = [c.token_ids for c in llm.generate_many(reqs)]
-assert kern == plain, (kern, plain)
-print("ok", d)
+# the engine with the fp8 cache too
+KV_CACHE_DTYPE, KV_STORAGE = "fp8", FP8
+""" + ENGINE_CHECK + r"""print("ok", d)
 """
 
 
+@pytest.mark.interpreter
+@pytest.mark.slow
 def test_fp8_kv_cache_kernels_match_the_torch_fallbacks_in_the_interpreter() -> None:
     """fp8 (e4m3) KV storage: the decode kernel widens cached K/V and rounds the new token as the
     fallback does, stores saturate at +-448 instead of overflowing to NaN, and the whole engine

@@ -22,7 +22,7 @@ serve = pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from engine_common import CKPT, GOLD, llm  # noqa: E402,F401 - the module's LLM fixture
+from engine_common import CKPT, GOLD  # noqa: E402
 from phi3v import batch_io  # noqa: E402
 from phi3v.batch import run_batch  # noqa: E402
 from phi3v.cli import _params, build_parser  # noqa: E402

@@ -12,15 +12,10 @@ import time
 import httpx
 import pytest
 
-from test_server_harness import (IMAGES, MODEL_ID, TINY, assert_openai_error, chat_body, data_uri, expected,
-                                 image_bytes, image_part, metric, start_server, user, wait_idle)
+from server_harness import (IMAGES, MODEL_ID, TINY, assert_openai_error, chat_body, data_uri, expected,
+                            image_bytes, image_part, metric, start_server, user, wait_idle)
 
 openai = pytest.importorskip("openai")
-
-
-@pytest.fixture(scope="module")
-def srv():
-    return start_server("main", allow_url_images=True, allowed_media_dir=str(IMAGES))
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +205,7 @@ def test_api_key():
     assert httpx.get(h.url + "/health").status_code == 200  # health stays open for probes
 
 
+@pytest.mark.slow
 def test_cli_serve_reads_env(tmp_path):
     with __import__("socket").socket() as s:
         s.bind(("127.0.0.1", 0))

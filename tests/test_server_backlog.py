@@ -14,26 +14,28 @@ from phi3v import LLM, SamplingParams
 from phi3v.api import PreparedRequest
 from phi3v.server.frontend import Frontend
 
-IMG = Path(__file__).parent / "data" / "golden" / "images" / "astronaut.png"
+@pytest.fixture(scope="module")
+def img(golden_dir: Path) -> Path:
+    return golden_dir / "images" / "astronaut.png"
 
 
 @pytest.fixture(scope="module")
-def llm() -> LLM:
-    return LLM("tests/data/tiny-phi3v", device="cpu", max_num_seqs=2, max_model_len=512)
+def llm(tiny_ckpt: str) -> LLM:
+    return LLM(tiny_ckpt, device="cpu", max_num_seqs=2, max_model_len=512)
 
 
-def test_requests_beyond_the_device_backlog_move_their_crops_to_the_host(llm: LLM, monkeypatch) -> None:
+def test_requests_beyond_the_device_backlog_move_their_crops_to_the_host(llm: LLM, img: Path, monkeypatch) -> None:
     moved: list[int] = []
     orig = PreparedRequest.to_host
     monkeypatch.setattr(PreparedRequest, "to_host", lambda self: (moved.append(moved_from[-1]), orig(self)))
-    fe = Frontend(llm, max_queue=8, load_kwargs={"allow_paths": True, "allowed_dir": str(IMG.parent)})
+    fe = Frontend(llm, max_queue=8, load_kwargs={"allow_paths": True, "allowed_dir": str(img.parent)})
     fe.device_waiting = 2
     moved_from: list[int] = []
 
     async def submit_all() -> None:
         for i in range(5):
             moved_from.append(i)
-            msgs = [{"role": "user", "content": [{"type": "image", "image": str(IMG)}, {"type": "text", "text": "Hi"}]}]
+            msgs = [{"role": "user", "content": [{"type": "image", "image": str(img)}, {"type": "text", "text": "Hi"}]}]
             await fe.submit(f"r{i}", msgs, SamplingParams(max_tokens=2), num_crops=1, n_images=1)
 
     try:
@@ -45,12 +47,12 @@ def test_requests_beyond_the_device_backlog_move_their_crops_to_the_host(llm: LL
     assert moved == [2, 3, 4]  # requests 0 and 1 are the 2 allowed to wait on the device; 2, 3 and 4 are moved
 
 
-def test_to_host_keeps_the_values_and_the_tokens(llm: LLM) -> None:
+def test_to_host_keeps_the_values_and_the_tokens(llm: LLM, img: Path) -> None:
     """On the CPU there is nothing to move (the crops stay where they are); the request still runs to the
     same tokens as one that was never touched."""
     params = SamplingParams(max_tokens=6)
-    a = llm.prepare("<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\n", [str(IMG)], params, 1)
-    b = llm.prepare("<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\n", [str(IMG)], params, 1)
+    a = llm.prepare("<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\n", [str(img)], params, 1)
+    b = llm.prepare("<|user|>\n<|image_1|>\nWhat is this?<|end|>\n<|assistant|>\n", [str(img)], params, 1)
     crops = b.images[0].crops
     b.to_host()
     assert b.images[0].crops is crops and torch.equal(a.images[0].crops, b.images[0].crops)

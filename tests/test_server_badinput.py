@@ -13,13 +13,8 @@ import zlib
 import httpx
 import pytest
 
-from test_server_harness import (IMAGES, MODEL_ID, assert_openai_error, chat_body, data_uri, image_bytes, png,
-                                 start_server, user, wait_idle)
-
-
-@pytest.fixture(scope="module")
-def srv():
-    return start_server("main", allow_url_images=True, allowed_media_dir=str(IMAGES))
+from server_harness import (IMAGES, MODEL_ID, assert_openai_error, chat_body, data_uri, image_bytes, png, user,
+                            wait_idle)
 
 
 @pytest.fixture(scope="module")

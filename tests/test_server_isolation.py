@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from test_server_harness import (assert_openai_error, chat_body, data_uri, image_part, metric, png,
+from server_harness import (assert_openai_error, chat_body, data_uri, image_part, metric, png,
                                  start_server, user, wait_idle)
 
 

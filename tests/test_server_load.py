@@ -10,15 +10,10 @@ import time
 import httpx
 import pytest
 
-from test_server_harness import (IMAGE_NAMES, IMAGES, allowed_mismatches, assert_openai_error, chat_body, data_uri,
-                                 expected, expected_many, image_bytes, metric, png, start_server, user, wait_idle)
+from server_harness import (IMAGE_NAMES, IMAGES, allowed_mismatches, assert_openai_error, chat_body, data_uri,
+                            expected, expected_many, image_bytes, metric, png, start_server, user, wait_idle)
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven zebras quietly graze near old oak trees".split()
-
-
-@pytest.fixture(scope="module")
-def srv():
-    return start_server("main", allow_url_images=True, allowed_media_dir=str(IMAGES))
 
 
 def _mixed(n: int) -> list[tuple[list, int, bool]]:
@@ -70,6 +65,7 @@ def _gather(url: str, reqs: list[tuple[list, int, bool]]) -> list:
     return asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_220_concurrent_mixed_requests_all_correct(srv):
     reqs = _mixed(220)
     want = expected_many([(m, mt) for m, mt, _ in reqs])

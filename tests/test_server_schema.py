@@ -17,7 +17,7 @@ schemathesis = pytest.importorskip("schemathesis")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from test_server_harness import MODEL_ID, TINY, start_server  # noqa: E402
+from server_harness import MODEL_ID, TINY, start_server  # noqa: E402
 
 from phi3v.server.app import Settings, create_app  # noqa: E402
 
@@ -51,6 +51,7 @@ def _bound(case) -> None:
 @schema.parametrize()
 @settings(max_examples=int(os.environ.get("PHI3V_FUZZ_EXAMPLES", "60")), deadline=None,
           suppress_health_check=list(HealthCheck), database=None)
+@pytest.mark.slow
 def test_no_server_errors(srv, case):
     _bound(case)
     r = case.call(base_url=srv.url, timeout=60)

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_server_harness import IMAGES, MODEL_ID, TINY, assert_openai_error, data_uri, image_bytes, metric, start_server
-from test_server_harness import wait_idle
+from server_harness import IMAGES, MODEL_ID, TINY, assert_openai_error, data_uri, image_bytes, metric, start_server
+from server_harness import wait_idle
 from webui_harness import FORCED, ForcedReply, Page, chrome, js_errors, screenshot, sse_reply, viewport, wait_for
 
 from phi3v.server import webui

@@ -9,7 +9,7 @@ import base64
 import httpx
 import pytest
 
-from test_server_harness import MODEL_ID, assert_openai_error, data_uri, png, start_server, wait_idle
+from server_harness import MODEL_ID, assert_openai_error, data_uri, png, start_server, wait_idle
 from webui_harness import FORCED, ForcedReply, Page, chrome, js_errors, sse_reply, viewport, wait_for
 
 
