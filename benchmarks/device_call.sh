@@ -18,7 +18,8 @@
 #   bench_c_base   the same from the package copy in $BASE (default .ab_base, carried: an earlier commit's
 #                  phi3v/, e.g. `git archive HEAD phi3v | tar -x -C .ab_base`), for an A/B in one call
 #   gpu_tests      python -m pytest -m gpu tests/gpu (golden parity on CUDA, the engine against the reference
-#                  generator, the fp8 KV kernels); junit XML under $OUT
+#                  generator, the fp8 KV kernels), then tests/test_engine_cache.py on CUDA (prefix-cache hits,
+#                  preemption, the LongRoPE crossing, chunked long prompts, against the reference generator)
 #   profile_decode | profile_prefill | profile_ttft | profile_offline
 #                  benchmarks/profiler.py MODE (where the time of (a) / a (c) prefill step / (b) / (c) goes)
 #   attention      benchmarks/attention_sweep.py (bf16; attention_fp8: --kv-dtype fp8), a tuning sweep
@@ -77,7 +78,8 @@ for step in "$@"; do
         quant_check) python3 benchmarks/quant_check.py --model "$M" --out "$OUT/${TAG}_quant_check.json" >"$log" 2>&1 ;;
         quant_sweep) python3 benchmarks/quant_sweep.py --out "$OUT/${TAG}_quant_sweep.json" >"$log" 2>&1 ;;
         bench_c_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts c) >"$log" 2>&1 ;;
-        gpu_tests) python3 -m pytest -m gpu -q tests/gpu --junitxml "$OUT/${TAG}_gpu_tests.xml" >"$log" 2>&1 ;;
+        gpu_tests) { PHI3V_GPU_OUT=/tmp/gpu_out python3 -m pytest -p no:cacheprovider -m gpu -q tests/gpu && \
+                     PHI3V_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -q tests/test_engine_cache.py; } >"$log" 2>&1 ;;
         profile_decode|profile_prefill|profile_ttft|profile_offline)
             python3 benchmarks/profiler.py "${step#profile_}" --folder "$M" --out "$OUT/${TAG}_$step.json" >"$log" 2>&1 ;;
         attention) python3 benchmarks/attention_sweep.py --out "$OUT/${TAG}_attention.json" >"$log" 2>&1 ;;

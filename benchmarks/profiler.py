@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from phi3v import LLM, SamplingParams, api  # noqa: E402
 from phi3v.bench import MIXED_SIZES, PROMPT, emit, noise_image, offline_request, write_random_checkpoint  # noqa: E402
 from phi3v.engine import engine as engine_mod, images as images_mod, prefill as prefill_mod  # noqa: E402
-from phi3v.engine import kv_cache, runner  # noqa: E402
+from phi3v.engine import graphs, kv_cache, model_runner, scheduler  # noqa: E402
 from phi3v.models import phi3v as phi3v_mod  # noqa: E402
 from phi3v.processing import image as image_mod  # noqa: E402
 
@@ -49,12 +49,13 @@ DATA = ROOT / "tests" / "data"
 # (owner, attribute) of every host phase that gets a profiler label
 PHASES = [(api.LLM, "prepare"), (image_mod.ImageProcessor, "preprocess"), (image_mod, "hd_resized"),
           (image_mod, "pad_canvas"), (image_mod.ImageProcessor, "normalize"), (api, "tokenize_prompt"),
-          (engine_mod.Engine, "add_request"), (engine_mod.Engine, "_step"), (images_mod.ImageFeatures, "encode"),
-          (engine_mod.Engine, "_prompt_embeds"), (prefill_mod.Prefiller, "prefill_many"),
-          (prefill_mod.Prefiller, "prefill_one"), (prefill_mod.Prefiller, "prefill_batch"),
-          (runner.PrefillRunner, "run"), (kv_cache.KVCache, "positions"), (phi3v_mod.Phi3VForCausalLM, "embed"),
-          (phi3v_mod.Phi3VForCausalLM, "encode_images"), (phi3v_mod.Phi3VForCausalLM, "logits"),
-          (engine_mod.Engine, "_sample_device"), (engine_mod.Engine, "_commit")]
+          (engine_mod.Engine, "add_request"), (engine_mod.Engine, "_step"), (scheduler.Scheduler, "schedule"),
+          (images_mod.ImageFeatures, "encode"), (model_runner.ModelRunner, "_embeds"),
+          (prefill_mod.Prefiller, "prefill_many"), (prefill_mod.Prefiller, "prefill_range"),
+          (prefill_mod.Prefiller, "prefill_batch"), (graphs.PrefillRunner, "run"), (kv_cache.KVCache, "slots"),
+          (phi3v_mod.Phi3VForCausalLM, "embed"), (phi3v_mod.Phi3VForCausalLM, "encode_images"),
+          (phi3v_mod.Phi3VForCausalLM, "logits"), (model_runner.ModelRunner, "sample"),
+          (engine_mod.Engine, "_commit")]
 ALLOC = ("num_device_alloc", "num_device_free", "num_sync_all_streams", "num_alloc_retries")
 
 
