@@ -140,22 +140,25 @@ def test_preempted_seeded_sampling_continues_the_same_stream(llm: LLM) -> None:
     assert [got[r][: len(a)] for r, a in zip(rids, alone)] == alone
 
 
-def test_long_rope_crossing_needs_no_evicted_image_features(llm: LLM) -> None:
+@pytest.mark.parametrize("lookahead", [0, 64])
+def test_long_rope_crossing_needs_no_evicted_image_features(llm: LLM, lookahead: int) -> None:
     """A request crossing original_max (512 in the tiny config) after many other images went through a
     one-entry image cache: it keeps its own features, recomputes with the long factors, and equals the
     reference; the other requests are untouched."""
     eng = llm.engine
     size = eng.runner.images.size
-    crossing = llm.prepare(TURN1, [image_path("astronaut")], greedy(250), 1)
-    assert len(crossing.prompt_ids) < 512 < len(crossing.prompt_ids) + 250
+    crossing = llm.prepare(TURN1, [image_path("astronaut")], greedy(230), 1)  # max_len within one lookahead of 512
+    assert len(crossing.prompt_ids) < 512 < len(crossing.prompt_ids) + 230 <= 512 + 64
     others = [llm.prepare(TURN1, [image_path(n)], greedy(4), nc) for n in ("coffee", "page_L", "logo_RGBA")
               for nc in (1, 4)]
-    try:
-        eng.runner.images.size = 1
+    ahead = eng.sched.lookahead
+    try:  # lookahead 64: blocks held ahead (as with run-ahead on CUDA, capped by max_len): the recomputed sequence's new
+        # block table has as many blocks as its old one, and must still replace it in the decode batch
+        eng.runner.images.size, eng.sched.lookahead = 1, max(ahead, lookahead)
         outs = llm.generate_many([crossing] + others)
     finally:
-        eng.runner.images.size = size
-    assert outs[0].token_ids == reference_tokens(llm, crossing, 250)
+        eng.runner.images.size, eng.sched.lookahead = size, ahead
+    assert outs[0].token_ids == reference_tokens(llm, crossing, 230)
     assert [c.token_ids for c in outs[1:]] == [reference_tokens(llm, r, 4) for r in others]
 
 

@@ -75,7 +75,7 @@ class _Preparer:
         self.device = torch.device("cpu")
         self.dtype = _dtype(dtype, torch.device(device_type))  # the crops as the engine keeps them
         self.allow_url_images = True  # the person at the command line names the images (as `phi3v batch`)
-        self.engine = types.SimpleNamespace(sched=types.SimpleNamespace(max_model_len=sys.maxsize))
+        self.engine = types.SimpleNamespace(max_model_len=sys.maxsize)  # the actor checks the real one
 
     def prepare(self, *args: Any, **kwargs: Any) -> Any:
         from phi3v.api import LLM

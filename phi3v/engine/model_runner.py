@@ -67,7 +67,7 @@ class ModelRunner:
         self.prefiller = Prefiller(model, cache, self.prefill_graphs, options.prefill_chunk, stats, self.prefill_kernel,
                                    options.long_prefill_chunk)
         self.time_phases = False  # benchmarks: sync around the prefill phases and add their times to stats
-        self._bt_cache: tuple[tuple[tuple[Sequence, int], ...], torch.Tensor] | None = None
+        self._bt_cache: tuple[tuple[tuple[Sequence, int, int], ...], torch.Tensor] | None = None
         self._samp_cache: tuple[Any, ...] | None = None
 
     # ---------------------------------------------------------------- prefill
@@ -186,8 +186,9 @@ class ModelRunner:
         return logits
 
     def _block_table(self, rows: list[Sequence]) -> torch.Tensor:
-        """(n, max_blocks) int32 on the device; rebuilt only when the rows or their block counts change."""
-        key = tuple((s, len(s.blocks)) for s in rows)
+        """(n, max_blocks) int32 on the device; rebuilt only when the rows or their block tables change (a table
+        only grows, until it is dropped whole: its epoch and length name it)."""
+        key = tuple((s, s.blocks_epoch, len(s.blocks)) for s in rows)
         if self._bt_cache is None or self._bt_cache[0] != key:
             bt = torch.full((len(rows), self.decoder.max_blocks), self.cache.scratch, dtype=torch.int32)
             for i, s in enumerate(rows):

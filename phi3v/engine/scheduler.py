@@ -233,6 +233,7 @@ class Scheduler:
     def _drop_blocks(self, s: Sequence) -> None:
         self.pool.release(s.blocks)
         s.blocks, s.num_computed, s.num_registered = [], 0, 0
+        s.blocks_epoch += 1
 
     def computed(self, chunk: PrefillChunk) -> None:
         """A prefill chunk ran: its positions are in the cache; full blocks join the prefix cache."""

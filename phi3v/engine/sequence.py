@@ -39,7 +39,8 @@ class Sequence:
     finish_reason: str | None = None
     error: str | None = None  # why the engine failed this sequence (finish_reason "error")
     # ---- KV (scheduler)
-    blocks: list[int] = field(default_factory=list)  # block table
+    blocks: list[int] = field(default_factory=list)  # block table: only appended to, until dropped whole
+    blocks_epoch: int = 0  # +1 each time `blocks` is dropped (preemption, LongRoPE restart, finish)
     num_computed: int = 0  # positions whose K/V is in `blocks`
     prefilled: bool = False  # its (re)computation is done: every step now decodes its last token
     num_cached: int = 0  # prompt tokens found in the prefix cache at its (last) admission

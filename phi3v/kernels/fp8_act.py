@@ -20,6 +20,8 @@ if HAVE_TRITON:
 FP8_MAX = 448.0
 
 if HAVE_TRITON:
+    _FP8_MAX = tl.constexpr(FP8_MAX)  # a jit function reads module globals only as constexprs (the GPU compiler
+    # refuses a plain float; the CPU interpreter does not)
 
     @triton.jit
     def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, BLOCK: tl.constexpr, PDL: tl.constexpr):
@@ -31,11 +33,11 @@ if HAVE_TRITON:
         for k0 in range(0, K, BLOCK):
             x = tl.load(x_ptr + base + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX, 1e-12)
+        scale = tl.maximum(tl.max(amax, axis=0) / _FP8_MAX, 1e-12)
         for k0 in range(0, K, BLOCK):
             ok = k0 + offs < K
             x = tl.load(x_ptr + base + k0 + offs, mask=ok, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale + tl.zeros_like(x)), -FP8_MAX), FP8_MAX)
+            q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale + tl.zeros_like(x)), -_FP8_MAX), _FP8_MAX)
             tl.store(q_ptr + base + k0 + offs, q.to(tl.float8e4nv), mask=ok)
         tl.store(s_ptr + tl.program_id(0), scale)
 
