@@ -47,7 +47,8 @@ class Scheduler:
     def __init__(self, max_num_seqs: int, max_model_len: int, num_blocks: int, block_size: int, *,
                  max_prefill_tokens: int = 16384, enable_prefix_caching: bool = True, lookahead: int = 0,
                  long_rope_after: int | None = None) -> None:
-        """lookahead: decode positions held beyond the current one (1 when the engine runs a step ahead);
+        """lookahead: decode positions held beyond the current one when blocks are free (the engine's run-ahead
+        steps need them; they never cause a preemption);
         long_rope_after: a sequence longer than this uses the long LongRoPE factors (None: one regime)."""
         if max_num_seqs < 1 or max_model_len < 2 or block_size < 1 or max_prefill_tokens < 1:
             raise ValueError("max_num_seqs must be >= 1, max_model_len >= 2, block_size and max_prefill_tokens >= 1")
@@ -141,8 +142,13 @@ class Scheduler:
             if self._crosses_long_rope(s):
                 self._restart(s)  # recomputed with the long factors by the next prefill step
         for s in sorted(rows, key=lambda q: q.arrival):
-            if s.decoding and not self._grow(s, min(s.num_tokens + self.lookahead, s.max_len)):
+            if s.decoding and not self._grow(s, s.num_tokens):  # this step writes position num_tokens - 1
                 break
+        if self.lookahead:  # blocks ahead (for run-ahead steps) only from what is free: they never preempt
+            for s in self.running:
+                ahead = self.blocks_for(min(s.num_tokens + self.lookahead, s.max_len)) - len(s.blocks)
+                if s.decoding and 0 < ahead <= self.pool.num_free - self.watermark:
+                    s.blocks += self.pool.allocate(ahead)
         return ScheduledBatch(decodes=[s for s in self.running if s.decoding])
 
     def _schedule_prefill(self) -> ScheduledBatch:
