@@ -9,6 +9,8 @@ import torch
 
 from phi3v import LLM, SamplingParams
 
+from phi3v.engine.graphs import PREFILL_BUCKETS, PrefillRunner
+
 from engine_common import PROMPTS, image_path, reference_tokens
 
 pytestmark = pytest.mark.usefixtures("kv_memory_is_free")  # after every test: the shared engine is empty
@@ -34,6 +36,23 @@ def test_batched_prefill_of_similar_prompts_equals_each_alone(llm: LLM) -> None:
     assert together == refs
 
 
+class EagerPaddedPrefill(PrefillRunner):
+    """The graph path of short prompts with each "graph" replayed eagerly: the same padded buffers and forward."""
+
+    def bucket(self, n: int) -> int | None:
+        return next((b for b in PREFILL_BUCKETS if b >= n), None)
+
+    def _capture(self, b: int, like: torch.Tensor):
+        io = self._buffers(b, like)
+        runner = self
+
+        class Replay:  # what replaying the captured forward does
+            def replay(self) -> None:
+                io["logits"] = runner._forward(io)
+
+        return Replay(), io
+
+
 def test_padded_prefill_of_the_graph_path_equals_unpadded(llm: LLM) -> None:
     """Short prompts are prefilled padded to a length bucket (a CUDA graph on the GPU; here the same
     padded forward, eagerly): padding writes only the scratch block and the tokens do not change."""
@@ -41,17 +60,18 @@ def test_padded_prefill_of_the_graph_path_equals_unpadded(llm: LLM) -> None:
             for prompt, names, nc in PROMPTS]
     plain = [llm.generate_many([r])[0].token_ids for r in reqs]
     eng = llm.engine
-    runner = eng.runner.prefill_graphs
+    prefiller = eng.runner.prefiller
+    runner, padded_runner = prefiller.runner, EagerPaddedPrefill(llm.model, eng.cache, False)
     scratch = eng.cache.k[:, eng.cache.scratch].clone()
     try:
-        runner.pad_eager = True
+        prefiller.runner = padded_runner
         eng.reset_prefix_cache()  # whole prompts again, not prefix-cache hits
         padded = [llm.generate_many([r])[0].token_ids for r in reqs]
     finally:
-        runner.pad_eager = False
+        prefiller.runner = runner
     assert padded == plain
-    assert sorted(runner.graphs) == sorted({next(b for b in (128, 256, 384, 512, 640, 768, 896, 1024)
-                                                 if b >= len(r.prompt_ids)) for r in reqs})
+    assert sorted(padded_runner.graphs) == sorted({next(b for b in PREFILL_BUCKETS if b >= len(r.prompt_ids))
+                                                   for r in reqs})
     assert not torch.equal(eng.cache.k[:, eng.cache.scratch], scratch)  # the padding went there
 
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from phi3v.processing import fetch, image_io
-from phi3v.processing.image import (ImageBatch, ImageProcessor, ProcessedImage, content_key, hd_canvas, hd_resized,
+from phi3v.processing.image import (ImageBatch, ImageProcessor, ProcessedImage, content_key_later, hd_canvas, hd_resized,
                                     num_image_tokens)
 from phi3v.processing.image_io import ImageInputError, load_image
 
@@ -209,6 +209,10 @@ def test_canvas_at_the_target_size_is_the_image() -> None:
     pixels, target_h, transposed = hd_resized(img, 16)
     assert (target_h, transposed) == (1344, False)
     np.testing.assert_array_equal(hd_canvas(img, 16), np.asarray(img))
+
+
+def content_key(pixels, *meta) -> str:
+    return content_key_later(pixels, *meta)()
 
 
 def test_content_key() -> None:

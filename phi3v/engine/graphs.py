@@ -83,14 +83,6 @@ class DecodeRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
         self.pool = None
 
-    def reset(self) -> None:
-        """Drop the captured graphs (and their memory pool), e.g. after changing the model's kernels."""
-        self.graphs.clear()
-        self.pool = None
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-
     def warmup(self, max_batch: int) -> int:
         """Capture the graph of every batch bucket up to max_batch's now (a capture also compiles the
         Triton kernels for its bucket's KV split count: seconds on a fresh machine), so that a batch
@@ -106,17 +98,17 @@ class DecodeRunner:
         return self.model.logits(h[:, 0])  # (n, V) float32
 
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor, flags: torch.Tensor, block_table: torch.Tensor,
-               max_tokens: int) -> torch.Tensor:
+               width: int) -> torch.Tensor:
         """tokens, lengths (n,) int64, flags (n,) bool, block_table (n, max_blocks) int32, all on the
-        device; row b's new token goes to position lengths[b]. max_tokens: host-side bound on
+        device; row b's new token goes to position lengths[b]. width: host-side bound on
         lengths+1 (for the gather fallback). Returns logits (n, V)."""
         n = tokens.shape[0]
         bucket = next((b for b in BATCH_BUCKETS if b >= n), None)
         if not self.use_graphs or bucket is None:
-            return self._forward(tokens, lengths, flags, block_table, max_tokens, num_splits(n, self.n_heads))
+            return self._forward(tokens, lengths, flags, block_table, width, num_splits(n, self.n_heads))
         entry = cached_graph(self, bucket, lambda: self._capture(bucket), "decode")
         if entry is None:
-            return self._forward(tokens, lengths, flags, block_table, max_tokens, num_splits(n, self.n_heads))
+            return self._forward(tokens, lengths, flags, block_table, width, num_splits(n, self.n_heads))
         graph, io = entry
         io["tokens"][:n].copy_(tokens)
         io["lengths"][:n].copy_(lengths)
@@ -150,17 +142,16 @@ class PrefillRunner:
     """One short prompt's prefill (T <= 1024 tokens, from position 0) replayed as a CUDA graph per
     length bucket. Such a prefill is launch-bound (~500 kernels for ~10 ms of math at 790 tokens).
     Padding tokens follow the real ones (causal attention keeps them out of every real query) and
-    store their K/V in the scratch block. `pad_eager` runs the same padded forward without graphs
-    (how the CPU tests check the padding)."""
+    store their K/V in the scratch block."""
 
-    def __init__(self, model: torch.nn.Module, cache: KVCache, use_graphs: bool, pad_eager: bool = False) -> None:
-        self.model, self.cache, self.use_graphs, self.pad_eager = model, cache, use_graphs, pad_eager
+    def __init__(self, model: torch.nn.Module, cache: KVCache, use_graphs: bool) -> None:
+        self.model, self.cache, self.use_graphs = model, cache, use_graphs
         self.device = cache.k.device
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, dict[str, torch.Tensor]]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
         self.pool = None
 
     def bucket(self, n: int) -> int | None:
-        if not (self.use_graphs or self.pad_eager):
+        if not self.use_graphs:
             return None
         return next((b for b in PREFILL_BUCKETS if b >= n), None)
 
@@ -194,21 +185,21 @@ class PrefillRunner:
         io["off"][:T].copy_(off)
         io["off"][T:].copy_(torch.arange(T, b, device=self.device) % self.cache.block_size)
         io["last"].fill_(T - 1)
-        if graph is None:
-            return self._forward(io)
         graph.replay()
         return io["logits"]
 
-    def _capture(self, b: int, like: torch.Tensor) -> tuple[torch.cuda.CUDAGraph | None, dict[str, torch.Tensor]]:
+    def _buffers(self, b: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The static inputs of bucket b's graph (`like`: a (., hidden) tensor of the activations' dtype)."""
         dev = self.device
-        io = {"x": torch.zeros(1, b, like.shape[1], dtype=like.dtype, device=dev),
-              "pos": torch.arange(b, device=dev)[None],
-              "flag": torch.zeros(1, dtype=torch.bool, device=dev),
-              "blk": torch.full((b,), self.cache.scratch, dtype=torch.long, device=dev),
-              "off": torch.arange(b, device=dev) % self.cache.block_size,
-              "last": torch.zeros(1, dtype=torch.long, device=dev)}
-        if not self.use_graphs:
-            return None, io
+        return {"x": torch.zeros(1, b, like.shape[1], dtype=like.dtype, device=dev),
+                "pos": torch.arange(b, device=dev)[None],
+                "flag": torch.zeros(1, dtype=torch.bool, device=dev),
+                "blk": torch.full((b,), self.cache.scratch, dtype=torch.long, device=dev),
+                "off": torch.arange(b, device=dev) % self.cache.block_size,
+                "last": torch.zeros(1, dtype=torch.long, device=dev)}
+
+    def _capture(self, b: int, like: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
+        io = self._buffers(b, like)
         graph, io["logits"] = capture_graph(lambda: self._forward(io), self.pool)
         self.pool = graph.pool()
         return graph, io

@@ -121,11 +121,6 @@ _hash_pool: ThreadPoolExecutor | None = None
 _hash_pool_lock = threading.Lock()
 
 
-def content_key(pixels: np.ndarray, *meta: Any) -> str:
-    """A sha256-based key of a C-contiguous uint8 array and `meta` (see `content_key_later`)."""
-    return content_key_later(pixels, *meta)()
-
-
 def content_key_later(pixels: np.ndarray, *meta: Any) -> Callable[[], str]:
     """Start hashing; the returned function gives the key. Arrays of several MB are hashed in chunks on threads
     (hashlib lets go of the GIL) and the chunk digests hashed together: a single-threaded sha256 of a 16-crop
@@ -159,7 +154,7 @@ class ProcessedImage:
     image_size: tuple[int, int]  # (H, W) of the padded HD canvas in pixels, multiples of 336
     num_tokens: int  # num_image_tokens(h, w)
     grid: tuple[int, int]  # (h, w) = (H // 336, W // 336)
-    key: str = ""  # content_key of the resized pixels + padding: the crops (so the features) are a function of it
+    key: str = ""  # content key (content_key_later) of the resized pixels + padding: the crops (so the features) are a function of it
 
 
 @dataclass
