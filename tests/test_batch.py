@@ -3,16 +3,15 @@ last line left by a crash is cut off before anything is appended, duplicate ids 
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
 from phi3v.batch_io import cut_torn_tail as repair_tail
 from phi3v.cli import main
+
+from image_mutants import decoder_mutant
 
 DATA = Path(__file__).parent / "data"
 IMG = DATA / "golden" / "images"
@@ -21,20 +20,7 @@ CKPT = str(DATA / "tiny-phi3v")
 
 def _avif_mutant() -> bytes:
     """An AVIF file Pillow opens but whose decode raises RuntimeError."""
-    img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (32, 48, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="AVIF")
-    data = buf.getvalue()
-    for i in range(min(400, len(data))):
-        b = bytearray(data)
-        b[i] ^= 0xFF
-        try:
-            Image.open(io.BytesIO(bytes(b))).load()
-        except RuntimeError:
-            return bytes(b)
-        except Exception:  # noqa: BLE001
-            continue
-    raise AssertionError("no AVIF mutant raised RuntimeError")
+    return decoder_mutant("AVIF", ("RuntimeError",))
 
 
 def test_repair_tail(tmp_path) -> None:

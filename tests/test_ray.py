@@ -92,8 +92,9 @@ def test_ray_batch_gives_the_single_process_records_with_an_actor_killed(llm, cl
     recs = batch_io.read_records(str(out))
     assert len(recs) == len({r["id"] for r in recs}) == len(single)  # none lost, none doubled
 
-    def same(r: dict) -> dict:
-        return {k: r.get(k) for k in ("id", "text", "finish_reason", "usage", "error")}
+    def same(r: dict) -> dict:  # the prefix cache's share of the prompt depends on what ran before on that engine
+        usage = {k: v for k, v in (r.get("usage") or {}).items() if k != "prompt_tokens_details"}
+        return {"usage": usage, **{k: r.get(k) for k in ("id", "text", "finish_reason", "error")}}
 
     assert sorted(map(same, recs), key=lambda r: r["id"]) == sorted(map(same, single.values()), key=lambda r: r["id"])
     assert "zz_broken.png" in {r["id"] for r in recs if "error" in r}

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
+from image_mutants import decoder_mutant
 from server_harness import (assert_openai_error, chat_body, data_uri, image_part, metric, png,
                                  start_server, user, wait_idle)
 
@@ -53,28 +54,11 @@ def test_lone_surrogates_are_400(srv, case):
     assert "surrogate" in err["message"] or "hex escape" in err["message"], err
 
 
-def _decoder_mutant(fmt: str, kinds: tuple[str, ...]) -> bytes:
-    """A one-byte mutant of a small image that makes Pillow raise one of `kinds` (not OSError/ValueError)."""
-    img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (32, 48, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    (img.convert("P") if fmt == "BLP" else img).save(buf, format=fmt)
-    data = buf.getvalue()
-    for i in range(min(400, len(data))):
-        b = bytearray(data)
-        b[i] ^= 0xFF
-        try:
-            Image.open(io.BytesIO(bytes(b))).load()
-        except Exception as e:  # noqa: BLE001
-            if type(e).__name__ in kinds:
-                return bytes(b)
-    raise AssertionError(f"no {fmt} mutant raised {kinds}")
-
-
 @pytest.mark.parametrize("fmt,kinds", [("AVIF", ("RuntimeError",)), ("BLP", ("BLPFormatError",))])
 def test_decoder_exceptions_are_400_invalid_image(srv, fmt, kinds):
     if fmt == "AVIF" and not features.check("avif"):
         pytest.skip("this Pillow has no AVIF codec (it then cannot decode AVIF at all: nothing to wrap)")
-    body = chat_body(user("what is it?", data_uri(_decoder_mutant(fmt, kinds))))
+    body = chat_body(user("what is it?", data_uri(decoder_mutant(fmt, kinds))))
     err = assert_openai_error(_post(srv.base_url + "/chat/completions", body), 400)
     assert err["code"] == "invalid_image", err
 

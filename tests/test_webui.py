@@ -15,22 +15,11 @@ import pytest
 
 from server_harness import IMAGES, MODEL_ID, TINY, assert_openai_error, data_uri, image_bytes, metric, start_server
 from server_harness import wait_idle
+from webui_harness import browser, srv  # noqa: F401 - fixtures
 from webui_harness import FORCED, ForcedReply, Page, chrome, js_errors, screenshot, sse_reply, viewport, wait_for
 
 from phi3v.server import webui
 from phi3v.server.app import Settings, create_app
-
-
-@pytest.fixture(scope="module")
-def srv():
-    return start_server("webui", before_start=lambda app: app.add_middleware(ForcedReply))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    driver = chrome()
-    yield driver
-    driver.quit()
 
 
 @pytest.fixture

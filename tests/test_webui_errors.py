@@ -10,19 +10,8 @@ import httpx
 import pytest
 
 from server_harness import MODEL_ID, assert_openai_error, data_uri, png, start_server, wait_idle
+from webui_harness import browser, srv  # noqa: F401 - fixtures
 from webui_harness import FORCED, ForcedReply, Page, chrome, js_errors, sse_reply, viewport, wait_for
-
-
-@pytest.fixture(scope="module")
-def srv():
-    return start_server("webui", before_start=lambda app: app.add_middleware(ForcedReply))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    driver = chrome()
-    yield driver
-    driver.quit()
 
 
 @pytest.fixture

@@ -213,3 +213,18 @@ class Page:
         self.js("window.__copied = null; navigator.clipboard.writeText = async (t) => { window.__copied = t; };")
         self.answers()[n - 1].find_element("css selector", "button.copy").click()
         return wait_for(lambda: self.js("return window.__copied"), 5, "the copied text")
+
+
+@pytest.fixture(scope="module")
+def srv():
+    """The test server with the page on, its completions answerable by a forced reply (`FORCED`)."""
+    from server_harness import start_server
+
+    return start_server("webui", before_start=lambda app: app.add_middleware(ForcedReply))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = chrome()
+    yield driver
+    driver.quit()
