@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from phi3v.bench import emit  # noqa: E402
+from phi3v.bench import cuda_median_ms, emit  # noqa: E402
 from phi3v.kernels.paged_attention import num_splits, paged_decode_attention  # noqa: E402
 
 H, D, BS, LAYERS = 32, 96, 64, 8
@@ -36,15 +36,7 @@ def graph_ms(fn, reps: int = 10) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    return cuda_median_ms(g.replay, reps)
 
 
 @torch.inference_mode()

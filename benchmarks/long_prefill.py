@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from phi3v.bench import emit  # noqa: E402
+from phi3v.bench import cuda_median_ms, emit  # noqa: E402
 from phi3v.kernels import paged_prefill  # noqa: E402
 from phi3v.engine.kv_cache import FP8, KVCache, PrefillAttention, PrefillKernelOptions  # noqa: E402
 from phi3v.kernels.paged_prefill import PrefillConfig  # noqa: E402
@@ -70,15 +70,7 @@ class Prompt:
         self.run()  # warm-up: compiles, and fills the cache for every chunk's past
         if DEV == "cpu":  # --small: a dry run of the script in the interpreter, nothing to time
             return 1.0
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            self.run()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return sorted(times)[len(times) // 2]
+        return cuda_median_ms(self.run, reps)
 
     def tflops(self, ms: float) -> float:
         return 4 * D * H * self.pairs / ms / 1e9

@@ -299,6 +299,19 @@ def ratios(res: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
             for k in res if k in ref and isinstance(ref[k], (int, float)) and isinstance(res[k], (int, float)) and ref[k]}
 
 
+def cuda_median_ms(fn: Any, reps: int) -> float:
+    """Median over `reps` calls of fn's GPU time in ms, each between two CUDA events (benchmarks/ scripts)."""
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
 def emit(res: dict[str, Any], path: str | None) -> None:
     """Print a result dict as JSON, and write it to `path` when given (benchmark scripts share this)."""
     text = json.dumps(res, indent=1)
