@@ -217,3 +217,30 @@ def test_requests_without_max_tokens_reserve_nothing_ahead(llm: LLM) -> None:
     for r in rids:
         eng.abort(r)
     assert eng.sched.all_free
+
+
+def test_a_prefill_that_fails_alone_fails_only_its_request(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request prefilled alone in its step (no batch to retry one by one) whose forward raises: it finishes with
+    an error, the request already decoding goes on to the reference's tokens, and nothing escapes step()."""
+    eng = llm.engine
+    good = llm.prepare(TURN1, [image_path("astronaut")], greedy(8), 1)
+    bad = llm.prepare(TURN1, [image_path("coffee")], greedy(8), 1)
+    prefiller = eng.runner.prefiller
+    real = prefiller.prefill_range
+
+    def prefill_range(seq, *args, **kw):
+        if seq.rid == "bad":
+            raise RuntimeError("out of memory, say")
+        return real(seq, *args, **kw)
+
+    monkeypatch.setattr(prefiller, "prefill_range", prefill_range)
+    eng.add_request(good.prompt_ids, good.images, good.params, rid="good")
+    got: dict[str, list] = {"good": [], "bad": []}
+    for o in eng.step():
+        got[o.rid].append(o)
+    eng.add_request(bad.prompt_ids, bad.images, bad.params, rid="bad")
+    while eng.has_unfinished():
+        for o in eng.step():
+            got[o.rid].append(o)
+    assert [o.finish_reason for o in got["bad"]] == ["error"] and "out of memory" in got["bad"][0].error
+    assert [t for o in got["good"] for t in o.token_ids] == reference_tokens(llm, good, 8)

@@ -18,13 +18,12 @@ from collections import OrderedDict
 import numpy as np
 
 
-def block_hashes(ids: list[int], image_keys: list[str], block_size: int, long_rope: bool,
-                 start: int = 0, parent: bytes | None = None) -> list[bytes]:
-    """Hashes of the full blocks of `ids` from block `start` on (parent: the hash of block start-1).
+def block_hashes(ids: list[int], image_keys: list[str], block_size: int, long_rope: bool) -> list[bytes]:
+    """Hashes of the full blocks of `ids`, a chain (each covers every token before it).
     ids: token ids with image k's placeholders as -k (image_keys[k-1] names its content: the key fixes the
     resized image and its crop grid, so its token count too)."""
     n_full = len(ids) // block_size
-    if n_full <= start:
+    if n_full == 0:
         return []
     arr = np.asarray(ids[: n_full * block_size], dtype=np.int64)
     # offset of each placeholder within its image's run (a run starts where the id changes)
@@ -34,9 +33,9 @@ def block_hashes(ids: list[int], image_keys: list[str], block_size: int, long_ro
     pairs = np.stack([arr, np.where(neg, idx - run_start, 0)], 1).reshape(n_full, 2 * block_size)  # token, offset
     has_image = arr.reshape(n_full, block_size).min(1) < 0
     keys = [k.encode() for k in image_keys]
-    h = parent if parent is not None else (b"long" if long_rope else b"short")
+    h = b"long" if long_rope else b"short"
     out = []
-    for b in range(start, n_full):
+    for b in range(n_full):
         d = hashlib.blake2b(h, digest_size=16)
         d.update(pairs[b].tobytes())
         if has_image[b]:

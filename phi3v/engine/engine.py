@@ -10,6 +10,7 @@ hits one. docs/architecture.md follows a request through these types.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +25,8 @@ from phi3v.engine.model_runner import ModelRunner, Sampled
 from phi3v.engine.scheduler import Scheduler
 from phi3v.engine.sequence import Sequence, Status
 from phi3v.sampling_params import SamplingParams
+
+log = logging.getLogger("phi3v.engine")
 
 
 @dataclass
@@ -190,6 +193,7 @@ class Engine:
             raise RuntimeError("warm-up requests need an idle engine")
         stats, pool = dict(self.stats), self.sched.pool
         caching, pool.enable_caching = pool.enable_caching, False
+        counts = pool.hits, pool.queries
         vc = self.cfg.vision
         s = vc.image_size
         imgs = [ImageInput(torch.zeros(1 + h * w, vc.num_channels, s, s, dtype=self.dtype, device=self.device),
@@ -204,6 +208,7 @@ class Engine:
             self.run_to_completion()
         finally:
             pool.enable_caching = caching
+            pool.hits, pool.queries = counts
             for img in imgs:
                 self.runner.images.cache.pop(img.key, None)
             self.stats.clear()
@@ -275,7 +280,11 @@ class Engine:
                 return
             if cross is not None and not s.long_rope and s.num_tokens + 1 > cross:
                 return
-        self._ahead = (rows, self.runner.decode(rows, sampled.tokens))
+        try:
+            self._ahead = (rows, self.runner.decode(rows, sampled.tokens))
+        except Exception:  # noqa: BLE001 - the next step's own decode redoes it from the host state, isolated
+            log.warning("a run-ahead decode could not be launched: resynchronising", exc_info=True)
+            self.runner.forget()
 
     def _commit(self, sampled: Sampled) -> list[StepOutput]:
         """The host side of a step: read the tokens, append, finish. Rows that finished or were aborted since

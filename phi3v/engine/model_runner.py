@@ -99,9 +99,11 @@ class ModelRunner:
         try:
             for s, lg in zip(seqs, self.prefiller.prefill_many(seqs, embs)):
                 logits[s] = lg[None]
-        except Exception:  # noqa: BLE001 - pinned on a sequence below
+        except Exception as e:  # noqa: BLE001 - pinned on a sequence below
             if len(seqs) == 1:
-                raise
+                log.warning("request %s failed in the engine: %s", seqs[0].rid, _describe(e), exc_info=True)
+                failed[seqs[0]] = _describe(e)
+                return
             log.warning("a batched prefill failed: retrying its %d sequences one at a time", len(seqs))
             for s, e in zip(seqs, embs):
                 self._guard(s, failed, lambda s=s, e=e: self._store(logits, s, self.prefiller.prefill_range(s, e, 0, True)))
@@ -229,7 +231,7 @@ class ModelRunner:
     def _sampling_tensors(self, rows: list[Sequence]) -> tuple[SamplingTensors, torch.Tensor]:
         """Per-row parameter tensors, rebuilt only when the batch changes; the per-row step counters then
         advance on the device (no host-to-device copy in a steady decode)."""
-        key = tuple(s.rid for s in rows)
+        key = tuple(rows)
         steps_now = [len(s.output_ids) for s in rows]
         cached = self._samp_cache
         if cached is not None and cached[0] == key and cached[3] == [n - 1 for n in steps_now]:

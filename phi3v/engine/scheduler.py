@@ -4,8 +4,8 @@ Pure Python (no torch), tested on the CPU alone. Each step is either a prefill s
 a token budget) or a decode step (one token for every sequence that is decoding); when both are wanted they
 alternate, so that a long prompt, prefilled over several steps, does not stall everyone else's streaming.
 
-KV memory is taken on demand: a sequence holds blocks for the tokens it has computed (plus one step ahead),
-not for its whole possible length. Admission is FIFO: a waiting sequence is admitted when a batch row is free
+KV memory is taken on demand: a sequence holds blocks for the tokens it has computed (plus, when free blocks
+allow, `lookahead` positions ahead for the engine's run-ahead steps), not for its whole possible length. Admission is FIFO: a waiting sequence is admitted when a batch row is free
 and the blocks of its first chunk are (after the prefix cache gave what it holds). When a running sequence
 needs a block and none is free, the newest running sequence is preempted: its blocks go back (full prompt
 blocks stay in the prefix cache, so its recompute is cheap) and it waits at the head of the queue, before
@@ -169,35 +169,39 @@ class Scheduler:
             plan = self._admission(s)
             if plan is None:
                 break
-            hits, need = plan
+            hits = plan
             self.waiting.popleft()
             self.pool.take(hits)
             start = len(hits) * self.block_size
             n = min(s.num_tokens - start, budget)
             s.blocks = hits + self.pool.allocate(self.blocks_for(start + n) - len(hits))
-            s.num_computed = s.num_cached = start
-            s.num_registered = len(hits)
+            s.num_computed, s.num_registered = start, len(hits)
             s.status = Status.RUNNING
             self.running.append(s)
-            self.pool.hits += start
-            self.pool.queries += s.num_tokens
+            if not s.output_ids:  # a first admission: what the prefix cache gave of the prompt (usage, hit rate)
+                s.num_cached = start
+                self.pool.hits += start
+                self.pool.queries += s.num_tokens
             chunks.append(PrefillChunk(s, start, start + n))
             budget -= n
         return ScheduledBatch(prefills=chunks)
 
-    def _admission(self, s: Sequence) -> tuple[list[int], int] | None:
-        """(prefix-cache hits, new blocks for its first chunk) if `s` can be admitted now, else None."""
-        long_rope = self.long_rope_after is not None and s.num_tokens > self.long_rope_after
+    def _admission(self, s: Sequence) -> list[int] | None:
+        """The prefix-cache hits of `s` if it can be admitted now (they and its first chunk's blocks fit), else None."""
+        hits = self._cached_prefix(s, self.long_rope_after is not None and s.num_tokens > self.long_rope_after)
+        start = len(hits) * self.block_size
+        need = self.blocks_for(start + min(s.num_tokens - start, self.max_prefill_tokens)) - len(hits)
+        free = self.pool.num_free - sum(1 for b in hits if self.pool.refs[b] == 0)
+        return hits if need + (self.watermark if self.running else 0) <= free else None
+
+    def _cached_prefix(self, s: Sequence, long_rope: bool) -> list[int]:
+        """The blocks of the longest cached prefix of s's tokens in the given LongRoPE regime (not taken yet); at
+        least the last token is left to compute, its logits give the next token."""
         if long_rope != s.long_rope or len(s.block_hashes) < s.num_tokens // self.block_size:
             s.long_rope = long_rope
             s.block_hashes = block_hashes(s.all_ids, [i.key for i in s.images], self.block_size, long_rope) \
                 if self.pool.enable_caching else []
-        # at least the last token is computed: its logits give the next token
-        hits = self.pool.lookup(s.block_hashes[: (s.num_tokens - 1) // self.block_size])
-        start = len(hits) * self.block_size
-        need = self.blocks_for(start + min(s.num_tokens - start, self.max_prefill_tokens)) - len(hits)
-        free = self.pool.num_free - sum(1 for b in hits if self.pool.refs[b] == 0)
-        return (hits, need) if need + (self.watermark if self.running else 0) <= free else None
+        return self.pool.lookup(s.block_hashes[: (s.num_tokens - 1) // self.block_size])
 
     # ---------------------------------------------------------------- blocks
     def _grow(self, s: Sequence, n_tokens: int) -> bool:
@@ -226,10 +230,8 @@ class Scheduler:
         """Recompute s from position 0 in the long LongRoPE regime (its length passed long_rope_after): the
         keys of every position change, so its blocks are given back and new ones filled."""
         self._drop_blocks(s)
-        s.long_rope, s.prefilled = True, False
-        s.block_hashes = block_hashes(s.all_ids, [i.key for i in s.images], self.block_size, True) \
-            if self.pool.enable_caching else []
-        hits = self.pool.lookup(s.block_hashes[: (s.num_tokens - 1) // self.block_size])
+        s.prefilled = False
+        hits = self._cached_prefix(s, True)
         self.pool.take(hits)
         s.blocks, s.num_computed, s.num_registered = hits, len(hits) * self.block_size, len(hits)
 
