@@ -148,18 +148,11 @@ def _long_prompts(llm: Any, res: dict[str, Any], lengths: tuple[int, ...] = (35_
 
 
 def _ttft(llm: Any, res: dict[str, Any], crops: tuple[int, ...], ttft_reps: int) -> None:
-    from phi3v import SamplingParams
-
     for nc in crops:
         size = (1344, 1344) if nc >= 16 else (672, 672) if nc >= 4 else (336, 336)
         ttft = []
         for s in range(ttft_reps):
-            img = noise_image(*size, 100 + s)
-            _sync()
-            t = time.perf_counter()
-            llm.generate(PROMPT, [img], SamplingParams(max_tokens=1), num_crops=nc)
-            _sync()
-            ttft.append(time.perf_counter() - t)
+            ttft.append(_timed_first_token(llm, PROMPT, noise_image(*size, 100 + s), nc)[0])
         res[f"b_ttft_ms_{nc}crop"] = 1000 * statistics.median(ttft[1:] or ttft)
 
 

@@ -68,7 +68,3 @@ class RequestDriver:
                 del self.outputs[o.rid]
             events.append(Event(o.rid, delta, done, n_tokens=len(o.token_ids)))
         return events
-
-    def abort_all(self) -> None:
-        for rid in list(self.outputs):
-            self.abort(rid)

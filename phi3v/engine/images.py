@@ -7,7 +7,6 @@ together, in vision batches of at most `batch_crops` crops (bounding activation 
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ from phi3v.device import to_device
 class ImageInput:
     crops: torch.Tensor  # (1 + h*w, 3, 336, 336): global view + sub-crops, no padding crops
     image_size: tuple[int, int]  # (H, W) of the padded HD canvas
-    key: str | None = None  # content key for the image-embedding cache (None: hash the crops)
+    key: str | None = None  # content key for the caches (None: Engine.add_request hashes the crops)
 
 
 class ImageFeatures:
@@ -42,8 +41,6 @@ class ImageFeatures:
         todo: dict[str, ImageInput] = {}
         needed: set[str] = set()
         for img in images:
-            if img.key is None:
-                img.key = hashlib.blake2b(img.crops.cpu().numpy().tobytes(), digest_size=16).hexdigest()
             needed.add(img.key)
             if img.key in self.cache:
                 self.cache.move_to_end(img.key)

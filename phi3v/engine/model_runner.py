@@ -96,17 +96,27 @@ class ModelRunner:
         return rows, (torch.cat([logits[s] for s in rows], 0) if rows else None), failed
 
     def _prefill_whole(self, seqs: list[Sequence], embs: list[torch.Tensor], logits: dict, failed: dict) -> None:
-        try:
+        def together() -> None:
             for s, lg in zip(seqs, self.prefiller.prefill_many(seqs, embs)):
                 logits[s] = lg[None]
+
+        alone = dict(zip(seqs, embs))
+        self._together_or_alone(seqs, failed, together,
+                                lambda s: self._store(logits, s, self.prefiller.prefill_range(s, alone[s], 0, True)))
+
+    def _together_or_alone(self, seqs: list[Sequence], failed: dict[Sequence, str], together: Callable[[], Any],
+                           alone: Callable[[Sequence], Any]) -> None:
+        """`together()` does the work of all `seqs` at once; if it raises, `alone(s)` redoes it for each, so that a
+        failure is pinned on its own sequence (a single sequence fails at once)."""
+        if len(seqs) == 1:
+            self._guard(seqs[0], failed, together)
+            return
+        try:
+            together()
         except Exception as e:  # noqa: BLE001 - pinned on a sequence below
-            if len(seqs) == 1:
-                log.warning("request %s failed in the engine: %s", seqs[0].rid, _describe(e), exc_info=True)
-                failed[seqs[0]] = _describe(e)
-                return
-            log.warning("a batched prefill failed: retrying its %d sequences one at a time", len(seqs))
-            for s, e in zip(seqs, embs):
-                self._guard(s, failed, lambda s=s, e=e: self._store(logits, s, self.prefiller.prefill_range(s, e, 0, True)))
+            log.warning("work of %d sequences failed together (%s): retrying one at a time", len(seqs), _describe(e))
+            for s in seqs:
+                self._guard(s, failed, lambda s=s: alone(s))
 
     @staticmethod
     def _store(logits: dict, seq: Sequence, lg: torch.Tensor | None) -> None:
@@ -119,15 +129,8 @@ class ModelRunner:
         todo = [s for s in seqs if s.features is None and s.images]
         if not todo:
             return
-        try:
-            self.images.encode([i for s in todo for i in s.images], self.stats)
-        except Exception as e:  # noqa: BLE001
-            if len(todo) == 1:
-                log.warning("request %s failed in the engine: %s", todo[0].rid, _describe(e), exc_info=True)
-                failed[todo[0]] = _describe(e)
-                return
-            for s in todo:
-                self._guard(s, failed, lambda s=s: self.images.encode(s.images, self.stats))
+        self._together_or_alone(todo, failed, lambda: self.images.encode([i for s in todo for i in s.images], self.stats),
+                                lambda s: self.images.encode(s.images, self.stats))
         for s in todo:
             if s not in failed:
                 s.features = [self.images[i.key] for i in s.images]

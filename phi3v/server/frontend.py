@@ -78,7 +78,6 @@ class _Handle:
     q: asyncio.Queue
     prep: Any  # phi3v.api.PreparedRequest; None once prefilled (or over)
     arrival: float
-    added: bool = False
     held_bytes: int = 0  # counted in Frontend.waiting until the prefill (first output) or the end
     first: float | None = None
 
@@ -255,7 +254,6 @@ class Frontend:
     def _add(self, h: _Handle) -> None:
         try:
             self.driver.add(h.prep, rid=h.rid)
-            h.added = True
         except Exception as e:
             self.driver.abort(h.rid)
             err = e if isinstance(e, ValueError) else RequestFailed(f"engine rejected the request ({type(e).__name__})")
