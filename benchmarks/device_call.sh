@@ -10,6 +10,7 @@
 #   bench          phi3v bench --parts abc (bf16), --compare the reference's JSON when there is one
 #   bench_fp8      the same with --kv-cache-dtype fp8
 #   bench_c        phi3v bench --parts c only (A/B of offline throughput)
+#   bench_e        phi3v bench --parts e only (a follow-up question and a second chat turn: prefix-cache hits)
 #   bench_fp8w, bench_int4w, bench_fp8w_kv8
 #                  phi3v bench --parts abc with --quantization fp8 / int4 / fp8 and --kv-cache-dtype fp8 (issue 20)
 #   quant_check    benchmarks/quant_check.py: bf16 / fp8 / int4 error, kernels vs torch, decode tok/s, GEMM
@@ -20,8 +21,9 @@
 #   gpu_tests      python -m pytest -m gpu tests/gpu (golden parity on CUDA, the engine against the reference
 #                  generator, the fp8 KV kernels), then tests/test_engine_cache.py on CUDA (prefix-cache hits,
 #                  preemption, the LongRoPE crossing, chunked long prompts, against the reference generator)
-#   profile_decode | profile_prefill | profile_ttft | profile_offline
+#   profile_decode | profile_prefill | profile_ttft | profile_offline | profile_followup
 #                  benchmarks/profiler.py MODE (where the time of (a) / a (c) prefill step / (b) / (c) goes)
+#   attention_backends  benchmarks/attention_backends.py (long-prompt prefill attention: Triton vs SDPA backends)
 #   attention      benchmarks/attention_sweep.py (bf16; attention_fp8: --kv-dtype fp8), a tuning sweep
 #   gemv_m1        benchmarks/gemv_sweep.py --m 1 (the GEMV table's tuning sweep at batch 1)
 #   batch_job      benchmarks/batch_job.py (phi3v batch end to end, 64 images, 16 crops)
@@ -70,6 +72,7 @@ for step in "$@"; do
                 --model "$M" --create --verify-golden --n-offline "$REF_N" --json-out "$ref_json" >"$log" 2>&1 ;;
         bench) bench --parts abc $(compare) --json-out "$OUT/${TAG}_bench.json" >"$log" 2>&1 ;;
         bench_fp8) bench --parts abc --kv-cache-dtype fp8 $(compare) --json-out "$OUT/${TAG}_bench_fp8.json" >"$log" 2>&1 ;;
+        bench_e) bench --parts e --json-out "$OUT/${TAG}_bench_e.json" >"$log" 2>&1 ;;
         bench_c) bench --parts c --json-out "$OUT/${TAG}_bench_c.json" >"$log" 2>&1 ;;
         bench_fp8w|bench_int4w) bench --parts abc --quantization "${step#bench_}" --json-out "$OUT/${TAG}_$step.json" \
             >"$log" 2>&1 ;;
@@ -80,9 +83,10 @@ for step in "$@"; do
         bench_c_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts c) >"$log" 2>&1 ;;
         gpu_tests) { PHI3V_GPU_OUT=/tmp/gpu_out python3 -m pytest -p no:cacheprovider -m gpu -q tests/gpu && \
                      PHI3V_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -q tests/test_engine_cache.py; } >"$log" 2>&1 ;;
-        profile_decode|profile_prefill|profile_ttft|profile_offline)
+        profile_decode|profile_prefill|profile_ttft|profile_offline|profile_followup)
             python3 benchmarks/profiler.py "${step#profile_}" --folder "$M" --out "$OUT/${TAG}_$step.json" >"$log" 2>&1 ;;
         attention) python3 benchmarks/attention_sweep.py --out "$OUT/${TAG}_attention.json" >"$log" 2>&1 ;;
+        attention_backends) python3 benchmarks/attention_backends.py --out "$OUT/${TAG}_attention_backends.json" >"$log" 2>&1 ;;
         attention_fp8) python3 benchmarks/attention_sweep.py --kv-dtype fp8 --out "$OUT/${TAG}_attention_fp8.json" >"$log" 2>&1 ;;
         gemv_m1) timeout 240 python3 benchmarks/gemv_sweep.py --m 1 --json-out "$OUT/${TAG}_gemv_m1.json" >"$log" 2>&1 ;;
         batch_job) python3 benchmarks/batch_job.py --model "$M" --out "$OUT/${TAG}_batch_job.json" >"$log" 2>&1 ;;
@@ -95,7 +99,7 @@ for step in "$@"; do
     rc=$?
     echo "rc $rc"
     # the headline numbers, so that the call's reply shows them
-    grep -hE '"(a_decode_tok_s|b_ttft_ms_[0-9]+crop|c_offline_[0-9]+crop_images_per_s|d_peak_mem_gib|prefill_s|decode_s|engine_step_ms|wall_ms_per_image|wall_ms_median|unprofiled_wall_s|gpu_first_ms|gpu_busy_ms|gpu_end_ms|profiled_wall_s|images_per_s_incl_load)"|passed|failed' "$log" | head -40
+    grep -hE '"(e_[a-z_]+|a_decode_tok_s|b_ttft_ms_[0-9]+crop|c_offline_[0-9]+crop_images_per_s|d_peak_mem_gib|prefill_s|decode_s|engine_step_ms|wall_ms_per_image|wall_ms_median|unprofiled_wall_s|gpu_first_ms|gpu_busy_ms|gpu_end_ms|profiled_wall_s|images_per_s_incl_load)"|passed|failed' "$log" | head -40
     [ $rc -eq 0 ] || tail -5 "$log"
     { echo "=== $step rc $rc"; cat "$log"; } >>"$OUT/${TAG}_steps.log"
 done

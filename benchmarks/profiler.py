@@ -8,6 +8,8 @@ Modes (one per part of the bench; each writes one JSON with --out):
   ttft     (b) one `llm.generate(max_tokens=1)` per size (16 crops 1344x1344, 4 crops 672x672): the median wall
            of 5 fresh images, then one call under the profiler, its host phases lined up with the GPU's busy time
            and idle gaps; also the vision tower and the decoder prefill timed alone.
+  followup (e) a follow-up question about a 16-crop image already asked about: wall median, one call under the
+           profiler (host phases against the GPU's busy time), and cProfile's top host functions.
   offline  (c) the bench's offline job (N images x T tokens, prepared on threads) after the bench's warm-up, once
            under the profiler (GPU idle time summed by the engine thread's host phase, allocator calls, Triton
            compiles and GC pauses during the run), then once without it.
@@ -222,6 +224,46 @@ def mode_ttft(llm: LLM, a: argparse.Namespace) -> dict:
     return res
 
 
+def mode_followup(llm: LLM, a: argparse.Namespace) -> dict:
+    """(e) a follow-up question about a 16-crop image already asked about: wall median, one call under the
+    profiler (host phases against GPU busy time) and the host's own hot spots (cProfile, top 30 by cumulative)."""
+    import cProfile
+    import io
+    import pstats
+
+    q2 = "<|user|>\n<|image_1|>\nWhat is in the top left corner?<|end|>\n<|assistant|>\n"
+    seed = iter(range(3000, 4000))
+
+    def pair() -> Callable[[], Any]:
+        img = noise_image(1344, 1344, next(seed))
+        llm.generate(PROMPT, [img], SamplingParams(max_tokens=64, ignore_eos=True), num_crops=16)
+        sync()
+        return lambda: llm.generate(q2, [img], SamplingParams(max_tokens=1), num_crops=16)
+
+    walls = []
+    for _ in range(a.reps):
+        f = pair()
+        walls.append(cuda_ms(f, 2))
+    res: dict = {"wall_ms_median": statistics.median(walls[1:]), "walls_ms": walls}
+    f = pair()
+    with profile(activities=activities(a.device)) as prof:
+        f()
+        sync()
+    res["profiled"] = gpu_timeline(prof, gap_us=30.0)
+    res["top_kernels"] = top_kernels(prof, 12)
+    f = pair()
+    pr = cProfile.Profile()
+    pr.enable()
+    f()
+    sync()
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(30)
+    res["cprofile"] = buf.getvalue().splitlines()[-45:]
+    print("\n".join(res["cprofile"]))
+    return res
+
+
 class GCPauses:
     """The garbage collector's pauses over 1 ms while `on`, as (ms, generation)."""
 
@@ -285,7 +327,8 @@ def mode_offline(llm: LLM, a: argparse.Namespace) -> dict:
     return res
 
 
-MODES = {"decode": mode_decode, "prefill": mode_prefill, "ttft": mode_ttft, "offline": mode_offline}
+MODES = {"decode": mode_decode, "prefill": mode_prefill, "ttft": mode_ttft, "offline": mode_offline,
+         "followup": mode_followup}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -310,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not (Path(a.folder) / "config.json").exists():
         write_random_checkpoint(str(DATA / "real-configs" / "phi-3-vision-128k-instruct"), str(DATA / "tiny-phi3v"),
                                 a.folder)
-    missing = label_phases() if a.mode in ("ttft", "offline") else []
+    missing = label_phases() if a.mode in ("ttft", "offline", "followup") else []
     llm = LLM(a.folder, device=a.device, max_num_seqs=64 if a.mode in ("prefill", "offline") else 4,
               max_model_len=3072)
     llm.warmup()  # as the bench, the server and the batch job do

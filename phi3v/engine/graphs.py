@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from phi3v.engine.kv_cache import DecodeAttention, DecodeKernelOptions, KVCache, PrefillAttention
+from phi3v.engine.kv_cache import DecodeAttention, DecodeKernelOptions, KVCache, PrefillAttention, SuffixAttention
 from phi3v.kernels.paged_attention import num_splits
 
 # Held while a CUDA graph is captured. Other threads that launch GPU work (image preprocessing on
@@ -64,6 +64,9 @@ def capture_all(runner: Any, keys: Any, capture: Callable[[Any], Any], what: str
 
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# New tokens after a cached prefix (a follow-up question, the next chat turn) replayed as decode rows: up to this
+# many, from the decode graphs' buckets
+SUFFIX_MAX = 128
 
 
 class DecodeRunner:
@@ -121,6 +124,54 @@ class DecodeRunner:
         graph.replay()
         return io["logits"][:n]
 
+    # ------------------------------------------------------------ a short suffix after a cached prefix
+    def suffix(self, x: torch.Tensor, rows: torch.Tensor, flag: torch.Tensor, table: torch.Tensor) -> torch.Tensor | None:
+        """One sequence's T <= SUFFIX_MAX new tokens after its cached prefix, as T decode rows (SuffixAttention) in
+        a CUDA graph of the batch bucket. x (T, hidden) embeddings; rows (3, T) int64 on the device: position,
+        cache block and offset of each token; flag (1,) bool; table (max_blocks,) int32, the sequence's blocks.
+        Returns the last token's logits (1, V), or None without a graph (the caller prefills as usual)."""
+        T = x.shape[0]
+        bucket = next((b for b in BATCH_BUCKETS if b >= T), None)
+        if not self.use_graphs or bucket is None or T > SUFFIX_MAX:
+            return None
+        entry = cached_graph(self, ("suffix", bucket), lambda: self._capture_suffix(bucket, x), "suffix prefill")
+        if entry is None:
+            return None
+        graph, io = entry
+        fill_suffix_inputs(io, x, rows, flag, table, self.cache.scratch)
+        graph.replay()
+        return io["logits"]
+
+    def suffix_forward(self, io: dict[str, torch.Tensor], width: int = 0) -> torch.Tensor:
+        """The suffix step on buffers `io` (suffix_buffers, fill_suffix_inputs): last token's logits (1, V).
+        Eager on the CPU (tests; width: bound on positions + 1 for the gather fallback), captured on CUDA."""
+        n = io["x"].shape[0]
+        attn = SuffixAttention(self.cache, io["pos"], io["block_table"], width, num_splits(n, self.n_heads),
+                               self.kernel, io["blk"], io["off"])
+        h = self.model(io["x"][:, None], io["pos"][:, None], io["flags"], attn)  # (n, 1, hidden)
+        return self.model.logits(h[io["last"], 0])  # (1, V)
+
+    def suffix_buffers(self, n: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        dev, scratch = self.device, self.cache.scratch
+        return {"x": torch.zeros(n, like.shape[-1], dtype=like.dtype, device=dev),
+                "pos": torch.zeros(n, dtype=torch.long, device=dev),
+                "blk": torch.full((n,), scratch, dtype=torch.long, device=dev),
+                "off": torch.zeros(n, dtype=torch.long, device=dev),
+                "flags": torch.zeros(n, dtype=torch.bool, device=dev),
+                "block_table": torch.full((n, self.max_blocks), scratch, dtype=torch.int32, device=dev),
+                "last": torch.zeros(1, dtype=torch.long, device=dev)}
+
+    def _capture_suffix(self, bucket: int, like: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
+        io = self.suffix_buffers(bucket, like)  # the warm-up runs for real, into the scratch block
+        graph, io["logits"] = capture_graph(lambda: self.suffix_forward(io), self.pool)
+        self.pool = graph.pool()
+        return graph, io
+
+    def warmup_suffix(self, hidden: int, dtype: torch.dtype) -> int:
+        like = torch.empty(1, hidden, dtype=dtype, device=self.device)
+        keys = [("suffix", b) for b in BATCH_BUCKETS if b <= SUFFIX_MAX]
+        return capture_all(self, keys, lambda key: self._capture_suffix(key[1], like), "suffix prefill")
+
     def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
         # the warm-up runs for real: every row points at the scratch block
         io = {"tokens": torch.zeros(bucket, dtype=torch.long, device=self.device),
@@ -133,6 +184,25 @@ class DecodeRunner:
             lambda: self._forward(io["tokens"], io["lengths"], io["flags"], io["block_table"], 0, nsplit), self.pool)
         self.pool = graph.pool()
         return graph, io
+
+
+def fill_suffix_inputs(io: dict[str, torch.Tensor], x: torch.Tensor, rows: torch.Tensor, flag: torch.Tensor,
+                       table: torch.Tensor, scratch: int) -> None:
+    """Copy one suffix's inputs (DecodeRunner.suffix) into buffers of n >= T rows; padding rows: position 0 of the
+    scratch block."""
+    T = x.shape[0]
+    io["x"][:T].copy_(x)
+    io["x"][T:].zero_()
+    io["pos"][:T].copy_(rows[0])
+    io["blk"][:T].copy_(rows[1])
+    io["off"][:T].copy_(rows[2])
+    io["pos"][T:].zero_()
+    io["blk"][T:].fill_(scratch)
+    io["off"][T:].zero_()
+    io["flags"].copy_(flag.expand(io["flags"].shape[0]))
+    io["block_table"][:T].copy_(table.expand(T, -1))
+    io["block_table"][T:].fill_(scratch)
+    io["last"].fill_(T - 1)
 
 
 PREFILL_BUCKETS = tuple(range(128, 1025, 128))  # prompt lengths replayed as graphs (4 crops: ~790 tokens)

@@ -210,3 +210,25 @@ class DecodeAttention:
         vv = c.v[layer][bt].transpose(1, 2).flatten(2, 3).to(q.dtype)
         mask = (torch.arange(nb * bs, device=q.device)[None, :] <= self.lengths[:, None])[:, None, None, :]
         return attention(q, kk, vv, mask)
+
+
+class SuffixAttention(DecodeAttention):
+    """One sequence's few new tokens after its cached prefix, laid out as decode rows: row i is the token at
+    position lengths[i] (start + i), every row with the sequence's block table (n, max_blocks). All rows' K/V are
+    stored first (blk/off (n,): their places), so row i reads rows < i from the cache like any cached position:
+    causal attention over prefix + suffix, with the decode kernel's KV splits (a short suffix gives the prefill
+    kernel too few query tiles to fill the GPU). The kernel stores its own row again, the same values. q/k come
+    rotated (fused_rope off: the kernel would rotate only its own row's key). Padding rows point at the scratch
+    block. `width`: as DecodeAttention's (the gather fallback's bound on lengths + 1)."""
+
+    def __init__(self, cache: KVCache, lengths: Tensor, block_table: Tensor, width: int, nsplit: int,
+                 kernel: DecodeKernelOptions | None, blk: Tensor, off: Tensor) -> None:
+        super().__init__(cache, lengths, block_table, width, nsplit, kernel)
+        self.blk, self.off = blk, off
+        self.fused_rope = False
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
+                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        # q (n, n_heads, 1, D); k, v (n, n_kv, 1, D)
+        self.cache.write(layer, self.blk, self.off, k[:, :, 0], v[:, :, 0])
+        return super().__call__(layer, q, k, v)

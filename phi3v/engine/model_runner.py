@@ -65,7 +65,7 @@ class ModelRunner:
         self.images = ImageFeatures(model, self.vision, self.device, options.image_cache_size)
         self.prefill_kernel = PrefillKernelOptions(options.paged_prefill, dict(options.prefill_attn_configs))
         self.prefiller = Prefiller(model, cache, self.prefill_graphs, options.prefill_chunk, stats, self.prefill_kernel,
-                                   options.long_prefill_chunk)
+                                   options.long_prefill_chunk, self.decoder if cache.triton else None)
         self.time_phases = False  # benchmarks: sync around the prefill phases and add their times to stats
         self._bt_cache: tuple[tuple[tuple[Sequence, int, int], ...], torch.Tensor] | None = None
         self._samp_cache: tuple[Any, ...] | None = None
@@ -265,6 +265,8 @@ class ModelRunner:
         vision chunk sizes). Returns how many were captured (0 without graphs)."""
         n = self.decoder.warmup(max_num_seqs)
         n += self.prefill_graphs.warmup(self.cfg.hidden_size, self.model.dtype)
+        if self.prefiller.decoder is not None:
+            n += self.decoder.warmup_suffix(self.cfg.hidden_size, self.model.dtype)
         vc = self.cfg.vision
         crop = torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size, dtype=self.model.dtype,
                            device=self.device)
