@@ -245,39 +245,3 @@ def test_a_prefill_that_fails_alone_fails_only_its_request(llm: LLM, monkeypatch
     assert [o.finish_reason for o in got["bad"]] == ["error"] and "out of memory" in got["bad"][0].error
     assert [t for o in got["good"] for t in o.token_ids] == reference_tokens(llm, good, 8)
 
-
-@pytest.mark.parametrize("start,T", [(37, 5), (48, 16), (3, 1)])
-def test_a_short_suffix_as_decode_rows_equals_its_prefill(llm: LLM, start: int, T: int) -> None:
-    """What DecodeRunner.suffix replays on CUDA (a follow-up question's new tokens after the cached prefix, as T
-    decode rows whose K/V are all stored before attention), run eagerly: the same last logits and the same cache
-    contents as prefilling those tokens after the same prefix."""
-    from types import SimpleNamespace
-
-    from phi3v.engine.graphs import DecodeRunner, fill_suffix_inputs
-    from phi3v.engine.kv_cache import KVCache
-    from phi3v.engine.prefill import Prefiller
-
-    cfg, m = llm.config, llm.model
-    dev, bs = torch.device(DEVICE), 16
-    caches = [KVCache(cfg.num_hidden_layers, 8, bs, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
-                      dev, m.dtype) for _ in range(2)]
-    seq = SimpleNamespace(blocks=[5, 2, 7, 0, 3], long_rope=False)
-    x = torch.randn(start + T, cfg.hidden_size, generator=torch.Generator().manual_seed(start)).to(dev, m.dtype)
-    want, got = [], []
-    for cache, suffix in zip(caches, (False, True)):
-        pre = Prefiller(m, cache, SimpleNamespace(bucket=lambda n: None), 4096, {"prefill_tokens": 0})
-        pre.prefill_range(seq, x[:start], 0, False)  # the cached prefix
-        if not suffix:
-            want.append(pre.prefill_range(seq, x[start:], start, True))
-            continue
-        runner = DecodeRunner(m, cache, max_blocks=6, use_graphs=False)
-        io = runner.suffix_buffers(T + 3, x)  # 3 padding rows, as a graph bucket has
-        rows = torch.cat([torch.arange(start, start + T)[None], cache.slots(seq.blocks, start, start + T)]).to(dev)
-        table = torch.full((6,), cache.scratch, dtype=torch.int32)
-        table[:5] = torch.tensor(seq.blocks, dtype=torch.int32)
-        fill_suffix_inputs(io, x[start:], rows, torch.tensor([False], device=dev), table.to(dev), cache.scratch)
-        got.append(runner.suffix_forward(io, width=start + T))
-    torch.testing.assert_close(got[0], want[0], atol=2e-4, rtol=2e-4)
-    where = caches[0].slots(seq.blocks, 0, start + T)
-    for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
-        torch.testing.assert_close(a[:, where[0], :, where[1]], b[:, where[0], :, where[1]], atol=1e-5, rtol=1e-5)

@@ -158,3 +158,53 @@ print("ok", got)
 
 def test_prefill_attention_and_chunked_engine_with_the_kernel_equal_sdpa_in_the_interpreter() -> None:
     assert run_interpreted(WIRING_SCRIPT).startswith("ok")
+
+
+SUFFIX_SCRIPT = r"""
+import torch
+from types import SimpleNamespace
+from phi3v import LLM
+from phi3v.engine.graphs import SuffixRunner, fill_suffix_inputs
+from phi3v.engine.kv_cache import KVCache
+from phi3v.engine.prefill import Prefiller
+
+llm = LLM("tests/data/tiny-phi3v", device="cpu", dtype="fp32", max_model_len=512)
+cfg, m = llm.config, llm.model
+m.set_kernels(fused=False)  # plain torch around the attention: the interpreter runs only the kernels under test
+for start, T, bucket in ((37, 5, 16), (3, 1, 16), (70, 40, 64)):
+    caches = [KVCache(cfg.num_hidden_layers, 12, 16, cfg.num_key_value_heads,
+                      cfg.hidden_size // cfg.num_attention_heads, "cpu", m.dtype) for _ in range(2)]
+    assert caches[0].triton  # the interpreter; only the suffix step below runs the kernels (they are slow there)
+    for c in caches:
+        c.triton = False
+    seq = SimpleNamespace(blocks=[5, 2, 7, 0, 3, 9, 11, 1], long_rope=False)
+    x = torch.randn(start + T, cfg.hidden_size, generator=torch.Generator().manual_seed(start))
+    out = []
+    for cache, graphed in zip(caches, (False, True)):
+        pre = Prefiller(m, cache, SimpleNamespace(bucket=lambda n: None), 4096, {"prefill_tokens": 0})
+        pre.prefill_range(seq, x[:start], 0, False)  # the cached prefix
+        if not graphed:  # the eager chunk after a cached prefix
+            out.append(pre.prefill_range(seq, x[start:], start, True))
+            continue
+        cache.triton = True
+        runner = SuffixRunner(m, cache, max_blocks=10, use_graphs=False)
+        io = runner.buffers(bucket, x)  # what a graph of this bucket replays, run eagerly
+        rows = torch.cat([torch.arange(start, start + T)[None], cache.slots(seq.blocks, start, start + T)])
+        table = torch.full((10,), cache.scratch, dtype=torch.int32)
+        table[:8] = torch.tensor(seq.blocks, dtype=torch.int32)
+        fill_suffix_inputs(io, x[start:], rows, torch.tensor([False]), table, cache)
+        out.append(runner.forward(io))
+    torch.testing.assert_close(out[1], out[0], atol=1e-4, rtol=1e-4)
+    where = caches[0].slots(seq.blocks, 0, start + T)
+    for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+        torch.testing.assert_close(a[:, where[0], :, where[1]], b[:, where[0], :, where[1]], atol=1e-5, rtol=1e-5)
+    print("ok", start, T)
+"""
+
+
+def test_a_short_suffix_graph_step_equals_its_eager_prefill_in_the_interpreter() -> None:
+    """What SuffixRunner replays on CUDA (a follow-up question's new tokens after the cached prefix, padded to a
+    length bucket, start and T read on the device by the kernel), run eagerly in the interpreter: the same last
+    logits and cache contents as the eager chunk after the same prefix; padding rows change nothing."""
+    out = run_interpreted(SUFFIX_SCRIPT)
+    assert out.count("ok") == 3, out

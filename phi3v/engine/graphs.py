@@ -64,9 +64,6 @@ def capture_all(runner: Any, keys: Any, capture: Callable[[Any], Any], what: str
 
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-# New tokens after a cached prefix (a follow-up question, the next chat turn) replayed as decode rows: up to this
-# many, from the decode graphs' buckets
-SUFFIX_MAX = 128
 
 
 class DecodeRunner:
@@ -124,54 +121,6 @@ class DecodeRunner:
         graph.replay()
         return io["logits"][:n]
 
-    # ------------------------------------------------------------ a short suffix after a cached prefix
-    def suffix(self, x: torch.Tensor, rows: torch.Tensor, flag: torch.Tensor, table: torch.Tensor) -> torch.Tensor | None:
-        """One sequence's T <= SUFFIX_MAX new tokens after its cached prefix, as T decode rows (SuffixAttention) in
-        a CUDA graph of the batch bucket. x (T, hidden) embeddings; rows (3, T) int64 on the device: position,
-        cache block and offset of each token; flag (1,) bool; table (max_blocks,) int32, the sequence's blocks.
-        Returns the last token's logits (1, V), or None without a graph (the caller prefills as usual)."""
-        T = x.shape[0]
-        bucket = next((b for b in BATCH_BUCKETS if b >= T), None)
-        if not self.use_graphs or bucket is None or T > SUFFIX_MAX:
-            return None
-        entry = cached_graph(self, ("suffix", bucket), lambda: self._capture_suffix(bucket, x), "suffix prefill")
-        if entry is None:
-            return None
-        graph, io = entry
-        fill_suffix_inputs(io, x, rows, flag, table, self.cache.scratch)
-        graph.replay()
-        return io["logits"]
-
-    def suffix_forward(self, io: dict[str, torch.Tensor], width: int = 0) -> torch.Tensor:
-        """The suffix step on buffers `io` (suffix_buffers, fill_suffix_inputs): last token's logits (1, V).
-        Eager on the CPU (tests; width: bound on positions + 1 for the gather fallback), captured on CUDA."""
-        n = io["x"].shape[0]
-        attn = SuffixAttention(self.cache, io["pos"], io["block_table"], width, num_splits(n, self.n_heads),
-                               self.kernel, io["blk"], io["off"])
-        h = self.model(io["x"][:, None], io["pos"][:, None], io["flags"], attn)  # (n, 1, hidden)
-        return self.model.logits(h[io["last"], 0])  # (1, V)
-
-    def suffix_buffers(self, n: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
-        dev, scratch = self.device, self.cache.scratch
-        return {"x": torch.zeros(n, like.shape[-1], dtype=like.dtype, device=dev),
-                "pos": torch.zeros(n, dtype=torch.long, device=dev),
-                "blk": torch.full((n,), scratch, dtype=torch.long, device=dev),
-                "off": torch.zeros(n, dtype=torch.long, device=dev),
-                "flags": torch.zeros(n, dtype=torch.bool, device=dev),
-                "block_table": torch.full((n, self.max_blocks), scratch, dtype=torch.int32, device=dev),
-                "last": torch.zeros(1, dtype=torch.long, device=dev)}
-
-    def _capture_suffix(self, bucket: int, like: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
-        io = self.suffix_buffers(bucket, like)  # the warm-up runs for real, into the scratch block
-        graph, io["logits"] = capture_graph(lambda: self.suffix_forward(io), self.pool)
-        self.pool = graph.pool()
-        return graph, io
-
-    def warmup_suffix(self, hidden: int, dtype: torch.dtype) -> int:
-        like = torch.empty(1, hidden, dtype=dtype, device=self.device)
-        keys = [("suffix", b) for b in BATCH_BUCKETS if b <= SUFFIX_MAX]
-        return capture_all(self, keys, lambda key: self._capture_suffix(key[1], like), "suffix prefill")
-
     def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
         # the warm-up runs for real: every row points at the scratch block
         io = {"tokens": torch.zeros(bucket, dtype=torch.long, device=self.device),
@@ -184,25 +133,6 @@ class DecodeRunner:
             lambda: self._forward(io["tokens"], io["lengths"], io["flags"], io["block_table"], 0, nsplit), self.pool)
         self.pool = graph.pool()
         return graph, io
-
-
-def fill_suffix_inputs(io: dict[str, torch.Tensor], x: torch.Tensor, rows: torch.Tensor, flag: torch.Tensor,
-                       table: torch.Tensor, scratch: int) -> None:
-    """Copy one suffix's inputs (DecodeRunner.suffix) into buffers of n >= T rows; padding rows: position 0 of the
-    scratch block."""
-    T = x.shape[0]
-    io["x"][:T].copy_(x)
-    io["x"][T:].zero_()
-    io["pos"][:T].copy_(rows[0])
-    io["blk"][:T].copy_(rows[1])
-    io["off"][:T].copy_(rows[2])
-    io["pos"][T:].zero_()
-    io["blk"][T:].fill_(scratch)
-    io["off"][T:].zero_()
-    io["flags"].copy_(flag.expand(io["flags"].shape[0]))
-    io["block_table"][:T].copy_(table.expand(T, -1))
-    io["block_table"][T:].fill_(scratch)
-    io["last"].fill_(T - 1)
 
 
 PREFILL_BUCKETS = tuple(range(128, 1025, 128))  # prompt lengths replayed as graphs (4 crops: ~790 tokens)
@@ -273,6 +203,84 @@ class PrefillRunner:
         graph, io["logits"] = capture_graph(lambda: self._forward(io), self.pool)
         self.pool = graph.pool()
         return graph, io
+
+
+# New tokens after a cached prefix (a follow-up question, the next chat turn), replayed as a CUDA graph per length
+# bucket: eager, such a prefill is launch-bound (~400 kernels for a few ms of math)
+SUFFIX_BUCKETS = (16, 32, 64, 128)
+
+
+class SuffixRunner:
+    """One sequence's T <= 128 new tokens at positions start.. after its cached prefix, replayed as a CUDA graph
+    of its length bucket (SuffixAttention: the paged prefill kernel reads start and T on the device). Padding
+    tokens follow the real ones, store their K/V in the scratch block and are masked out of the attention."""
+
+    def __init__(self, model: torch.nn.Module, cache: KVCache, max_blocks: int, use_graphs: bool) -> None:
+        self.model, self.cache, self.max_blocks, self.use_graphs = model, cache, max_blocks, use_graphs
+        self.device = cache.k.device
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
+        self.pool = None
+
+    def bucket(self, n: int) -> int | None:
+        return next((b for b in SUFFIX_BUCKETS if b >= n), None) if self.use_graphs else None
+
+    def warmup(self, hidden: int, dtype: torch.dtype) -> int:
+        like = torch.empty(1, hidden, dtype=dtype, device=self.device)
+        return capture_all(self, SUFFIX_BUCKETS, lambda b: self._capture(b, like), "suffix prefill")
+
+    def run(self, embeds: torch.Tensor, rows: torch.Tensor, flag: torch.Tensor, table: torch.Tensor) -> torch.Tensor | None:
+        """embeds (T, hidden); rows (3, T) int64 on the device: position, cache block and offset of each token;
+        flag (1,) bool; table (max_blocks,) int32: the sequence's blocks. Returns the last token's logits (1, V),
+        or None without a graph for T (the caller prefills eagerly)."""
+        T = embeds.shape[0]
+        b = self.bucket(T)
+        entry = None if b is None else cached_graph(self, b, lambda: self._capture(b, embeds), "suffix prefill")
+        if entry is None:
+            return None
+        graph, io = entry
+        fill_suffix_inputs(io, embeds, rows, flag, table, self.cache)
+        graph.replay()
+        return io["logits"]
+
+    def forward(self, io: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The step on buffers `io` (buffers(), fill_suffix_inputs): the last real token's logits (1, V)."""
+        attn = SuffixAttention(self.cache, io["blk"], io["off"], io["table"], io["lens"])
+        h = self.model(io["x"][None], io["pos"][None], io["flag"], attn)  # (1, Tb, hidden)
+        return self.model.logits(h[0, io["last"]])  # (1, V)
+
+    def buffers(self, b: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        dev, c = self.device, self.cache
+        return {"x": torch.zeros(b, like.shape[-1], dtype=like.dtype, device=dev),
+                "pos": torch.arange(b, device=dev), "blk": torch.full((b,), c.scratch, dtype=torch.long, device=dev),
+                "off": torch.arange(b, device=dev) % c.block_size, "flag": torch.zeros(1, dtype=torch.bool, device=dev),
+                "table": torch.full((self.max_blocks,), c.scratch, dtype=torch.int32, device=dev),
+                "lens": torch.tensor([0, b], dtype=torch.int32, device=dev),  # [start, T]
+                "last": torch.zeros(1, dtype=torch.long, device=dev)}
+
+    def _capture(self, b: int, like: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
+        io = self.buffers(b, like)  # the warm-up runs for real, into the scratch block
+        graph, io["logits"] = capture_graph(lambda: self.forward(io), self.pool)
+        self.pool = graph.pool()
+        return graph, io
+
+
+def fill_suffix_inputs(io: dict[str, torch.Tensor], x: torch.Tensor, rows: torch.Tensor, flag: torch.Tensor,
+                       table: torch.Tensor, cache: KVCache) -> None:
+    """Copy one suffix's inputs (SuffixRunner.run's arguments) into the buffers of a bucket >= T."""
+    T, b = x.shape[0], io["x"].shape[0]
+    io["x"][:T].copy_(x)
+    io["x"][T:].zero_()
+    io["pos"][:T].copy_(rows[0])
+    io["pos"][T:].copy_(rows[0, -1].expand(b - T))  # padding: the last real position (in range; masked out)
+    io["blk"][:T].copy_(rows[1])
+    io["off"][:T].copy_(rows[2])
+    io["blk"][T:].fill_(cache.scratch)
+    io["off"][T:].copy_(torch.arange(T, b, device=x.device) % cache.block_size)
+    io["flag"].copy_(flag)
+    io["table"].copy_(table)
+    io["lens"][0].copy_(rows[0, 0])
+    io["lens"][1].fill_(T)
+    io["last"].fill_(T - 1)
 
 
 # 1 + h*w crops: nc=1 -> 2, nc=4 -> <=5, nc=16 -> <=17. The tower runs in chunks of at most 17 crops (one

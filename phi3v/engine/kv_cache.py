@@ -145,6 +145,27 @@ class PrefillAttention:
             return attention(q, kc, vc, causal_lower_right(q.shape[2], kc.shape[2]))
 
 
+class SuffixAttention:
+    """One sequence's new tokens after its cached prefix, padded to a graph bucket: token i at (blk[i], off[i]);
+    lens (2,) int32 on the device = [start, T] (real tokens; padding follows them). Stores the new K/V, then the
+    paged prefill kernel attends over the past in place and over the real new keys, causally, reading start and
+    T on the device: one CUDA graph per bucket serves every prefix length. Triton only (CUDA, or the
+    interpreter)."""
+
+    def __init__(self, cache: KVCache, blk: Tensor, off: Tensor, table: Tensor, lens: Tensor) -> None:
+        self.cache, self.blk, self.off, self.table, self.lens = cache, blk, off, table, lens
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        # q (1, n_heads, Tb, D); k, v (1, n_kv, Tb, D)
+        c = self.cache
+        kt, vt = k[0].transpose(0, 1), v[0].transpose(0, 1)  # (Tb, n_kv, D)
+        c.write(layer, self.blk, self.off, kt, vt)
+        cfg = paged_prefill.suffix_config(q.shape[2], q.dtype, c.k.dtype)
+        o = paged_prefill.paged_prefill_attention(q[0].transpose(0, 1), c.k[layer], c.v[layer], self.table,
+                                                  self.lens, kt, vt, config=cfg)
+        return o.transpose(0, 1)[None]
+
+
 class BatchPrefillAttention:
     """Several sequences' whole prompts at once, padded to T. `rows` holds the flat indices b*T+t of
     the real tokens; only they are stored, at (blk, off). Causal attention over the new tokens is
@@ -210,25 +231,3 @@ class DecodeAttention:
         vv = c.v[layer][bt].transpose(1, 2).flatten(2, 3).to(q.dtype)
         mask = (torch.arange(nb * bs, device=q.device)[None, :] <= self.lengths[:, None])[:, None, None, :]
         return attention(q, kk, vv, mask)
-
-
-class SuffixAttention(DecodeAttention):
-    """One sequence's few new tokens after its cached prefix, laid out as decode rows: row i is the token at
-    position lengths[i] (start + i), every row with the sequence's block table (n, max_blocks). All rows' K/V are
-    stored first (blk/off (n,): their places), so row i reads rows < i from the cache like any cached position:
-    causal attention over prefix + suffix, with the decode kernel's KV splits (a short suffix gives the prefill
-    kernel too few query tiles to fill the GPU). The kernel stores its own row again, the same values. q/k come
-    rotated (fused_rope off: the kernel would rotate only its own row's key). Padding rows point at the scratch
-    block. `width`: as DecodeAttention's (the gather fallback's bound on lengths + 1)."""
-
-    def __init__(self, cache: KVCache, lengths: Tensor, block_table: Tensor, width: int, nsplit: int,
-                 kernel: DecodeKernelOptions | None, blk: Tensor, off: Tensor) -> None:
-        super().__init__(cache, lengths, block_table, width, nsplit, kernel)
-        self.blk, self.off = blk, off
-        self.fused_rope = False
-
-    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
-                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        # q (n, n_heads, 1, D); k, v (n, n_kv, 1, D)
-        self.cache.write(layer, self.blk, self.off, k[:, :, 0], v[:, :, 0])
-        return super().__call__(layer, q, k, v)

@@ -22,7 +22,7 @@ from phi3v.config import Phi3VConfig
 from phi3v.device import to_device
 from phi3v.engine.config import EngineConfig
 from phi3v.engine.grammar import Grammars
-from phi3v.engine.graphs import DecodeRunner, PrefillRunner, VisionRunner
+from phi3v.engine.graphs import DecodeRunner, PrefillRunner, SuffixRunner, VisionRunner
 from phi3v.engine.images import ImageFeatures, ImageInput
 from phi3v.engine.kv_cache import DecodeKernelOptions, KVCache, PrefillKernelOptions
 from phi3v.engine.prefill import Prefiller
@@ -60,12 +60,13 @@ class ModelRunner:
         kernel = DecodeKernelOptions(pdl=options.pdl, attn_configs=dict(options.attn_configs))
         self.decoder = DecodeRunner(model, cache, max_blocks, options.cuda_graphs, kernel)
         self.prefill_graphs = PrefillRunner(model, cache, self.decoder.use_graphs)
+        self.suffix = SuffixRunner(model, cache, max_blocks, self.decoder.use_graphs)
         vision_graphs = (cuda if options.cuda_graphs is None else options.cuda_graphs) and options.vision_graphs
         self.vision = VisionRunner(model.model.vision_embed_tokens.img_processor, self.device, vision_graphs)
         self.images = ImageFeatures(model, self.vision, self.device, options.image_cache_size)
         self.prefill_kernel = PrefillKernelOptions(options.paged_prefill, dict(options.prefill_attn_configs))
         self.prefiller = Prefiller(model, cache, self.prefill_graphs, options.prefill_chunk, stats, self.prefill_kernel,
-                                   options.long_prefill_chunk, self.decoder if cache.triton else None)
+                                   options.long_prefill_chunk, self.suffix if cache.triton else None)
         self.time_phases = False  # benchmarks: sync around the prefill phases and add their times to stats
         self._bt_cache: tuple[tuple[tuple[Sequence, int, int], ...], torch.Tensor] | None = None
         self._samp_cache: tuple[Any, ...] | None = None
@@ -265,8 +266,8 @@ class ModelRunner:
         vision chunk sizes). Returns how many were captured (0 without graphs)."""
         n = self.decoder.warmup(max_num_seqs)
         n += self.prefill_graphs.warmup(self.cfg.hidden_size, self.model.dtype)
-        if self.prefiller.decoder is not None:
-            n += self.decoder.warmup_suffix(self.cfg.hidden_size, self.model.dtype)
+        if self.prefiller.suffix is not None:
+            n += self.suffix.warmup(self.cfg.hidden_size, self.model.dtype)
         vc = self.cfg.vision
         crop = torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size, dtype=self.model.dtype,
                            device=self.device)

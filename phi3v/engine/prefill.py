@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from phi3v.device import to_device
-from phi3v.engine.graphs import SUFFIX_MAX, DecodeRunner, PrefillRunner
+from phi3v.engine.graphs import PrefillRunner, SuffixRunner
 from phi3v.engine.kv_cache import BatchPrefillAttention, KVCache, PrefillAttention, PrefillKernelOptions
 from phi3v.engine.sequence import Sequence
 
@@ -21,11 +21,11 @@ from phi3v.engine.sequence import Sequence
 class Prefiller:
     def __init__(self, model: torch.nn.Module, cache: KVCache, runner: PrefillRunner, chunk: int,
                  stats: dict, kernel: PrefillKernelOptions | None = None, long_chunk: int | None = None,
-                 decoder: DecodeRunner | None = None) -> None:
+                 suffix: SuffixRunner | None = None) -> None:
         """chunk: the longest prompt batched or replayed whole; long_chunk: tokens per forward of a longer one;
-        decoder: replays a short suffix after a cached prefix as decode rows (DecodeRunner.suffix)."""
+        suffix: replays a short suffix after a cached prefix as a CUDA graph."""
         self.model, self.cache, self.runner, self.chunk, self.stats = model, cache, runner, chunk, stats
-        self.decoder = decoder
+        self.suffix = suffix
         self.long_chunk = long_chunk or chunk
         self.kernel = kernel or PrefillKernelOptions()
         self.device = cache.k.device
@@ -42,9 +42,7 @@ class Prefiller:
             logits = self.runner.run(embeds, flag, where[0], where[1])
             if logits is not None:
                 return logits
-        # (each row reads the whole prefix: worth it while rows x prefix stays small, e.g. 128 x 4k)
-        if 0 < start and T <= SUFFIX_MAX and T * start <= 1 << 19 and self.decoder is not None \
-                and self.decoder.use_graphs:
+        if start > 0 and self.suffix is not None and self.suffix.bucket(T) is not None:
             logits = self._suffix(seq, embeds, start, flag)
             if logits is not None:
                 self.stats["suffix_graphs"] = self.stats.get("suffix_graphs", 0) + 1
@@ -64,9 +62,9 @@ class Prefiller:
     def _suffix(self, seq: Sequence, embeds: torch.Tensor, start: int, flag: torch.Tensor) -> torch.Tensor | None:
         T = embeds.shape[0]
         rows = torch.cat([torch.arange(start, start + T)[None], self.cache.slots(seq.blocks, start, start + T)])
-        table = torch.full((self.decoder.max_blocks,), self.cache.scratch, dtype=torch.int32)
+        table = torch.full((self.suffix.max_blocks,), self.cache.scratch, dtype=torch.int32)
         table[: len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
-        return self.decoder.suffix(embeds, to_device(rows, self.device), flag, to_device(table, self.device))
+        return self.suffix.run(embeds, to_device(rows, self.device), flag, to_device(table, self.device))
 
     def prefill_many(self, seqs: list[Sequence], embs: list[torch.Tensor]) -> torch.Tensor:
         """Whole prompts from position 0, batching prompts of similar length into one padded forward

@@ -125,8 +125,11 @@ if HAVE_TRITON:
                         GROUP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, D_LO: tl.constexpr,
                         D_HI: tl.constexpr, HAS_HI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         NEW_PAGED: tl.constexpr, FP8: tl.constexpr, NEW_FP8: tl.constexpr, IEEE: tl.constexpr,
-                        PDL: tl.constexpr):
+                        PDL: tl.constexpr, DYN: tl.constexpr):
         pdl_start(PDL)  # everything read here (q, k, v, the cache) comes from earlier kernels
+        if DYN:  # start and T from device memory (`start` is then a pointer): one CUDA graph serves any prefix
+            T = tl.load(start + 1)
+            start = tl.load(start)
         mt = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest query tile first
         h = tl.program_id(1)
         kvh = h // GROUP
@@ -241,6 +244,15 @@ CONFIGS: dict[str, PrefillConfig] = {"bf16": PrefillConfig(128, 128, 8, 2), "fp8
                                      "fp32": PrefillConfig(16, 16, 4, 2)}
 
 
+def suffix_config(t_len: int, dtype: torch.dtype, kv_dtype: torch.dtype) -> PrefillConfig:
+    """Tiles for a short suffix after a cached prefix (SuffixAttention): small query tiles, so that its few
+    queries make cdiv(T, BLOCK_M) x heads programs, each streaming the whole past once."""
+    if dtype == torch.float32:
+        return CONFIGS["fp32"]
+    bm = 16 if t_len <= 16 else 32 if t_len <= 64 else 64
+    return PrefillConfig(bm, min(bm, 32) if kv_dtype == torch.float8_e4m3fn else bm, 4, 2)
+
+
 def config_key(q: Tensor, k_cache: Tensor) -> str:
     if k_cache.dtype == torch.float8_e4m3fn:
         return "fp8"
@@ -267,7 +279,7 @@ def _split_head_dim(d: int) -> tuple[int, int]:
     return lo, triton.next_power_of_2(d - lo)
 
 
-def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, start: int,
+def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, start: int | Tensor,
                             k: Tensor | None = None, v: Tensor | None = None,
                             config: PrefillConfig | None = None) -> Tensor:
     """Causal attention of one sequence's chunk over its paged cache, scale 1/sqrt(D).
@@ -278,6 +290,8 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     0..start-1, and start..start+T-1 too when k/v are not given.
     k, v (T, Hkv, D): the chunk's own K/V (last dim contiguous), read from here instead of the cache
     (positions start.. must then be in the cache only when k/v are None).
+    `start` may be a device tensor [start, T] (int32 or int64): read by the kernel, so that a CUDA graph captured
+    for q's length serves any prefix; queries from T on are padding (not computed; their output rows are garbage).
     Returns (T, Hq, D), contiguous, in q's dtype."""
     t_len, hq, d = q.shape
     hkv, bs = k_cache.shape[1], k_cache.shape[2]
@@ -302,7 +316,8 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
         d ** -0.5 * 1.4426950408889634,  # log2(e): exp(x) = exp2(x * log2 e)
         GROUP=hq // hkv, BS=bs, D=d, D_LO=d_lo, D_HI=max(d_hi, 1), HAS_HI=d_hi > 0, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, NEW_PAGED=paged, FP8=fp8, NEW_FP8=fp8 and paged,
-        IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(q, False))
+        IEEE=q.dtype == torch.float32, DYN=isinstance(start, Tensor), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **pdl_args(q, False))
     return out
 
 
