@@ -12,7 +12,7 @@ from phi3v.output import Completion
 from phi3v.server.logprobs import choice_logprobs
 from phi3v.server.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
                                    ChoiceLogprobs, ChunkChoice, DeltaMessage, DeltaToolCall, Usage)
-from phi3v.server.serving import (SSE, check_request, collect_unless_gone, parse_body, sse, sse_error,
+from phi3v.server.serving import (SSE, check_params, check_request, collect_unless_gone, parse_body, sse, sse_error,
                                   submit_unless_gone, total_usage)
 from phi3v.server.tools import ToolCall, ToolCallFunction, ToolPlan, new_call_id, read_call
 
@@ -39,6 +39,7 @@ def add_chat_route(app: FastAPI, state: Any, errors: dict[int | str, Any]) -> No
         fe = state.ready()
         tp = req.tool_plan()
         params = req.sampling_params(fe.engine.max_model_len, tp)
+        check_params(params, fe)
         messages = req.internal_messages(tp)
         crops, n_images, streaming = req.crops(settings.num_crops), req.num_images(), req.stream
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -21,7 +21,7 @@ from phi3v.sampling_params import SamplingParams
 from phi3v.server.frontend import PromptInput
 from phi3v.server.logprobs import legacy_logprobs
 from phi3v.server.protocol import FinishReason, SamplingRequest, Usage, _Req
-from phi3v.server.serving import (SSE, check_request, collect_unless_gone, parse_body, sse, sse_error,
+from phi3v.server.serving import (SSE, check_params, check_request, collect_unless_gone, parse_body, sse, sse_error,
                                   submit_unless_gone, total_usage)
 
 _Source = Annotated[str, Field(min_length=1)]
@@ -94,6 +94,7 @@ def add_completions_route(app: FastAPI, state: Any, errors: dict[int | str, Any]
         check_request(req, settings.model_id, settings.max_num_seqs)
         fe = state.ready()
         params = req.sampling_params(fe.engine.max_model_len)
+        check_params(params, fe)
         inputs = PromptInput(req.text(), req.image_sources())
         echo = inputs.prompt if req.echo else ""
         crops, streaming = req.num_crops or settings.num_crops, req.stream

@@ -107,6 +107,15 @@ def check_request(req: SamplingRequest, model_id: str, max_n: int) -> None:
                        param="n", code="invalid_value")
 
 
+def check_params(params: Any, fe: Frontend) -> None:
+    """What only the loaded model can tell, before the request is queued (a streaming request's headers are not
+    sent yet): logit_bias's token ids."""
+    vocab = fe.engine.cfg.vocab_size
+    if params.logit_bias and max(params.logit_bias) >= vocab:
+        raise APIError(400, f"logit_bias names token {max(params.logit_bias)}, past the vocabulary ({vocab} tokens)",
+                       param="logit_bias", code="invalid_value")
+
+
 async def submit_unless_gone(fe: Frontend, request: Request, rid: str, held: list[Any], params: Any,
                              crops: int | None, n_images: int) -> RequestStream | None:
     """`fe.submit`, given up (its preparation cancelled) when the client disconnects first: None then. The
