@@ -7,42 +7,11 @@ import pytest
 import torch
 
 from phi3v.api import LLM
-from phi3v.engine.sampler import uniform_noise
 from phi3v.sampling_params import SamplingParams
 
+from engine_common import slow_sampled_tokens as _slow
+
 MESSAGES = [{"role": "user", "content": "Tell me about cats and dogs please"}]
-
-
-@torch.inference_mode()
-def _slow(llm: LLM, prompt_ids: list[int], n: int, *, temperature: float = 0.0, seed: int = 0,
-          presence: float = 0.0, frequency: float = 0.0, bias: dict[int, float] | None = None) -> list[int]:
-    """The reference: full recompute each step; logits + bias - presence * (count > 0) - frequency * count over the
-    generated tokens; greedy, or the exponential race with the sampler's counter-based noise (seed, step)."""
-    model = llm.model
-    prompt = model.embed(torch.tensor(prompt_ids), [])
-    out: list[int] = []
-    vocab = llm.config.vocab_size
-    for step in range(n):
-        gen = model.model.embed_tokens(torch.tensor(out, dtype=torch.long)).to(prompt.dtype)
-        x = torch.cat([prompt, gen], 0)[None]
-        h = model(x, torch.arange(x.shape[1])[None], torch.tensor([False]), None)
-        logits = model.logits(h[:, -1])[0].float()
-        for tok, v in (bias or {}).items():
-            logits[tok] += v
-        counts = torch.zeros(vocab)
-        for t in out:
-            counts[t] += 1
-        logits = logits - presence * (counts > 0).float() - frequency * counts
-        if temperature == 0.0:
-            tok = int(logits.argmax())
-        else:
-            probs = torch.softmax(logits / temperature, -1)
-            e = -torch.log(uniform_noise(torch.tensor([seed]), torch.tensor([step]), vocab)[0])
-            tok = int((probs / e).argmax())
-        out.append(tok)
-        if tok in llm.config.eos_token_ids:
-            break
-    return out
 
 
 def _ids(llm: LLM) -> list[int]:

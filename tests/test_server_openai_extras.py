@@ -283,3 +283,15 @@ def test_cors_only_when_enabled(srv):
     other = httpx.get(h.base_url + "/models", headers={"Origin": "http://evil.example",
                                                         "Authorization": "Bearer sekret"})
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_cors_origin_flag_and_env(monkeypatch):
+    from phi3v.cli import build_parser
+
+    monkeypatch.delenv("PHI3V_CORS_ORIGIN", raising=False)
+    a = build_parser().parse_args(["serve"])
+    assert not a.cors_origin
+    a = build_parser().parse_args(["serve", "--cors-origin", "http://a.example", "--cors-origin", "http://b.example"])
+    assert a.cors_origin == ["http://a.example", "http://b.example"]
+    monkeypatch.setenv("PHI3V_CORS_ORIGIN", "http://c.example,http://d.example")
+    assert build_parser().parse_args(["serve"]).cors_origin == ["http://c.example", "http://d.example"]
