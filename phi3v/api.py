@@ -166,8 +166,8 @@ class LLM:
             workers: int | None = None) -> Iterator[tuple[int, str, Completion | Exception | None]]:
         """Run requests concurrently through the engine. Yields (index, text delta, Completion when
         that request is done). A request with `n > 1` yields the deltas of its choices interleaved and n
-        Completions (their `.index` tells them apart). An item may be a zero-argument callable that prepares its request
-        (e.g. `functools.partial(llm.prepare, prompt, images)`): those run on a thread pool while the
+        Completions (their `.index` tells them apart). An item may be a zero-argument callable that
+        prepares its request (e.g. `functools.partial(llm.prepare, prompt, images)`): those run on a thread pool while the
         engine generates, and join the batch as they become ready, in order. At most max_num_seqs
         wait in the engine and 2 * max_num_seqs (at least 16) more are prepared ahead, so the crops
         of thousands of requests are never held at once. A callable may return an Exception instead of raising: that request

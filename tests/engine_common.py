@@ -36,9 +36,11 @@ def reference_tokens(llm: LLM, req, max_tokens: int) -> list[int]:
 
 @torch.inference_mode()
 def slow_sampled_tokens(llm: LLM, prompt_ids: list[int], n: int, *, temperature: float = 0.0, seed: int = 0,
-                        presence: float = 0.0, frequency: float = 0.0, bias: dict[int, float] | None = None) -> list[int]:
-    """A text prompt's tokens by the sampling formulas, with plain torch: full recompute each step; logits + bias - presence * (count > 0) - frequency * count over the
-    generated tokens; greedy, or the exponential race with the sampler's counter-based noise (seed, step)."""
+                        presence: float = 0.0, frequency: float = 0.0,
+                        bias: dict[int, float] | None = None) -> list[int]:
+    """A text prompt's tokens by the sampling formulas, with plain torch: full recompute each step; logits + bias
+    - presence * (count > 0) - frequency * count over the generated tokens; greedy, or the exponential race with
+    the sampler's counter-based noise (seed, step)."""
     model = llm.model
     dev = next(model.parameters()).device
     prompt = model.embed(torch.tensor(prompt_ids, device=dev), [])

@@ -148,7 +148,8 @@ def test_defaults_leave_logits_alone():
     p = SamplingParams()
     t = _t([p])
     assert p.plain_argmax and t.bias is None and not t.any_counts
-    assert not SamplingParams(logit_bias={1: 0.5}).plain_argmax and not SamplingParams(frequency_penalty=0.1).plain_argmax
+    assert not SamplingParams(logit_bias={1: 0.5}).plain_argmax
+    assert not SamplingParams(frequency_penalty=0.1).plain_argmax
 
 
 def test_choice_seeds_are_distinct_and_keep_choice_zero():

@@ -2,8 +2,9 @@
 
 The sampler turns a (B, V) float32 logits tensor into B token ids with per-row parameters and no
 host sync: logit bias, repetition / presence / frequency penalties, temperature, top-k, top-p and
-seeded randomness are all tensor ops. Order: bias, penalties, structured-output mask, temperature. Randomness is counter-based (a hash of seed, step and token id), so a seeded request gives
-the same tokens whatever else shares its batch, on any device.
+seeded randomness are all tensor ops, in that order (the structured-output mask after the penalties).
+Randomness is counter-based (a hash of seed, step and token id), so a seeded request gives the same
+tokens whatever else shares its batch, on any device.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def _sparse_bias(params: list[SamplingParams], dev: torch.device) -> tuple[torch
     if not entries:
         return None
     rows, toks, vals = zip(*entries)
-    return (to_device(torch.tensor(rows, dtype=torch.int64), dev), to_device(torch.tensor(toks, dtype=torch.int64), dev),
+    return (to_device(torch.tensor(rows, dtype=torch.int64), dev),
+            to_device(torch.tensor(toks, dtype=torch.int64), dev),
             to_device(torch.tensor(vals, dtype=torch.float32), dev))
 
 

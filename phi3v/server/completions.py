@@ -140,7 +140,8 @@ async def _chunks(rid: str, model: str, stream: Any, tok: Any, echo: str, includ
                 done.append(item.done)
                 yield chunk(item.index, "", item.done.finish_reason)
         if include_usage:
-            yield sse(TextCompletion(id=rid, model=model, created=created, choices=[], usage=Usage(**total_usage(done))))
+            yield sse(TextCompletion(id=rid, model=model, created=created, choices=[],
+                                     usage=Usage(**total_usage(done))))
     except Exception as e:  # noqa: BLE001 - headers are sent: report in-band
         yield sse_error(rid, e)
     yield "data: [DONE]\n\n"

@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from phi3v.sampling_params import SamplingParams
-from phi3v.server.tools import Tool, ToolCall, ToolChoice, ToolPlan, plan, render_calls, render_result, with_tools_prompt
+from phi3v.server.tools import (Tool, ToolCall, ToolChoice, ToolPlan, plan, render_calls, render_result,
+                                with_tools_prompt)
 
 _REQ = ConfigDict(strict=True, extra="allow")
 

@@ -162,7 +162,7 @@ async def collect_unless_gone(request: Request, stream: RequestStream) -> list[C
 
 def total_usage(done: list[Completion]) -> dict[str, Any]:
     """The usage of n choices: the prompt once, every choice's generated tokens."""
-    u = min(done, key=lambda c: c.index).usage  # choice 0 computed the prompt (the others join once it is in the prefix cache)
+    u = min(done, key=lambda c: c.index).usage  # choice 0 computed the prompt; the others found it in the prefix cache
     gen = sum(c.usage["completion_tokens"] for c in done)
     cached = u.get("prompt_tokens_details", {}).get("cached_tokens", 0)
     return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": gen, "total_tokens": u["prompt_tokens"] + gen,
