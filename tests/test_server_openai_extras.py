@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 
-from server_harness import (IMAGES, MODEL_ID, assert_openai_error, chat_body, data_uri, expected, image_bytes,
+from server_harness import (MODEL_ID, assert_openai_error, chat_body, data_uri, expected, image_bytes,
                             reference_llm, start_server, user)
 
 openai = pytest.importorskip("openai")
