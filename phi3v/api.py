@@ -165,8 +165,9 @@ class LLM:
     def run(self, requests: Sequence[PreparedRequest | Callable[[], PreparedRequest]],
             workers: int | None = None) -> Iterator[tuple[int, str, Completion | Exception | None]]:
         """Run requests concurrently through the engine. Yields (index, text delta, Completion when
-        that request is done). An item may be a zero-argument callable that prepares its request
-        (e.g. `functools.partial(llm.prepare, prompt, images)`): those run on a thread pool while the
+        that request is done). A request with `n > 1` yields the deltas of its choices interleaved and n
+        Completions (their `.index` tells them apart). An item may be a zero-argument callable that
+        prepares its request (e.g. `functools.partial(llm.prepare, prompt, images)`): those run on a thread pool while the
         engine generates, and join the batch as they become ready, in order. At most max_num_seqs
         wait in the engine and 2 * max_num_seqs (at least 16) more are prepared ahead, so the crops
         of thousands of requests are never held at once. A callable may return an Exception instead of raising: that request
@@ -216,27 +217,36 @@ class LLM:
             for rid in index:
                 drv.abort(rid)
 
-    def _one(self, req: PreparedRequest) -> Completion:
+    def _one(self, req: PreparedRequest) -> Any:
+        """The Completion; with params.n > 1 the list of the n Completions, in choice order."""
+        n = req.params.n
+        got: list[Completion | None] = [None] * n
         for _i, _delta, done in self.run([req]):
             if isinstance(done, Exception):
                 raise done
             if done is not None:
-                return done
-        raise RuntimeError("the engine finished without a result")  # unreachable: every request finishes
+                got[done.index] = done
+        if any(c is None for c in got):
+            raise RuntimeError("the engine finished without a result")  # unreachable: every request finishes
+        return got[0] if n == 1 else got
 
     # ---------------------------------------------------------------- public calls
     def generate(self, prompt: str, images: list[Any] | None = None, sampling_params: SamplingParams | None = None,
-                 num_crops: int | None = None) -> Completion:
-        """`prompt` already in the chat format with `<|image_N|>` tags, as the reference processor takes it."""
+                 num_crops: int | None = None) -> Any:
+        """`prompt` already in the chat format with `<|image_N|>` tags, as the reference processor takes it.
+        Returns a Completion, or a list of `n` Completions (choice order) when `sampling_params.n > 1`."""
         return self._one(self.prepare(prompt, images, sampling_params, num_crops))
 
     def chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
-             num_crops: int | None = None) -> Completion:
+             num_crops: int | None = None) -> Any:
+        """A Completion, or a list of `n` Completions when `sampling_params.n > 1` (see `generate`)."""
         return self._one(self.prepare_chat(messages, sampling_params, num_crops))
 
     def stream(self, prompt_or_messages: str | list[dict[str, Any]], images: list[Any] | None = None,
                sampling_params: SamplingParams | None = None, num_crops: int | None = None) -> Iterator[str]:
-        """Text deltas as they are generated: a prompt string (with `images`) or chat messages."""
+        """Text deltas as they are generated: a prompt string (with `images`) or chat messages (n = 1 only)."""
+        if sampling_params is not None and sampling_params.n != 1:
+            raise ValueError("stream() generates one answer: use n=1 (chat/generate/run take n > 1)")
         if isinstance(prompt_or_messages, str):
             req = self.prepare(prompt_or_messages, images, sampling_params, num_crops)
         else:
@@ -257,12 +267,16 @@ class LLM:
         """Several requests batched together by the engine; results in input order. Callables are
         prepared on a thread pool of `workers` threads while the engine runs (see `run`). A request that
         failed (its preparation returned an Exception, or the engine failed it) has that exception in place
-        of its Completion; the others are unaffected."""
-        out: list[Completion | None] = [None] * len(requests)
+        of its Completion; the others are unaffected. A request with `n > 1` has the list of its n Completions."""
+        out: list[Any] = [None] * len(requests)
         for i, _delta, done in self.run(requests, workers):
-            if done is not None:
+            if isinstance(done, Completion) and (done.index > 0 or isinstance(out[i], list)):
+                out[i] = out[i] if isinstance(out[i], list) else [out[i]]
+                out[i].extend([None] * (done.index + 1 - len(out[i])))
+                out[i][done.index] = done
+            elif done is not None:
                 out[i] = done
-        return out  # type: ignore[return-value]
+        return out
 
 
 

@@ -247,7 +247,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                  image_fetch_deadline=a.image_fetch_deadline, image_min_rate=a.image_min_rate,
                  max_waiting_bytes=a.max_waiting_bytes,
                  quantization=quant_spec(a),
-                 engine_switches=engine_switches(), web_ui=not a.no_web_ui)
+                 engine_switches=engine_switches(), web_ui=not a.no_web_ui, cors_origins=tuple(a.cors_origin or ()))
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"phi3v: warning: listening on {a.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
@@ -308,6 +308,10 @@ def _serve_parser(sub: Any) -> None:
                        "QUANTIZE_LM_HEAD": _env("QUANTIZE_LM_HEAD", False, flag=True)})
     s.add_argument("--no-web-ui", action="store_true", default=_env("NO_WEB_UI", False, flag=True),
                    help="do not serve the browser chat page at / (the API is unchanged)")
+    s.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   default=[o for o in (_env("CORS_ORIGIN") or "").split(",") if o] or None,
+                   help="let browser pages from ORIGIN (e.g. http://localhost:3000, or *) call the API; repeatable "
+                        "(PHI3V_CORS_ORIGIN: comma-separated); default: no CORS headers")
     s.add_argument("--replicas", type=int, default=_env("REPLICAS", None),
                    help="engine replicas (one GPU each) behind these routes, on Ray Serve (extra phi3v[ray])")
     s.add_argument("--ray", default=_env("RAY", None), metavar="ADDRESS",

@@ -21,6 +21,13 @@ class Completion:
     usage: dict[str, Any]  # prompt_tokens, completion_tokens, total_tokens, prompt_tokens_details.cached_tokens
     logprobs: list[dict[str, Any]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    index: int = 0  # which choice of an n > 1 request this is
+
+
+def logprob_entries(lp: list[Any]) -> list[dict[str, Any]]:
+    """The engine's (token id, logprob, [(id, logprob)...]) tuples -> Completion.logprobs entries."""
+    return [{"token_id": t, "logprob": v, "top_logprobs": [{"token_id": a, "logprob": b} for a, b in top]}
+            for t, v, top in lp]
 
 
 class StopChecker:
@@ -95,8 +102,7 @@ class RequestOutput:
         decode_s = now - first
         lp = None
         if self.params.logprobs is not None:
-            lp = [{"token_id": t, "logprob": v, "top_logprobs": [{"token_id": a, "logprob": b} for a, b in top]}
-                  for t, v, top in self.lp]
+            lp = logprob_entries(self.lp)
         return Completion(
             text=text, token_ids=list(self.ids), finish_reason=reason,
             usage={"prompt_tokens": self.prompt_len, "completion_tokens": n_gen, "total_tokens": self.prompt_len + n_gen,

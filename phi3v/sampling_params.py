@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -22,6 +23,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     json_schema: dict[str, Any] | str | None = None  # the output is JSON valid against this schema
     json_object: bool = False  # the output is a JSON object (any)
+    # OpenAI semantics: logit -= presence * (count > 0) + frequency * count, count over the generated tokens
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    n: int = 1  # independent answers to the same prompt (choice i > 0 of a seeded request: a seed derived from i)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,6 +56,13 @@ class SamplingParams:
             bad("stop must be a non-empty string or a list of non-empty strings")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not -2.0 <= v <= 2.0:
+                bad(f"{name} must be a number in [-2, 2], got {v!r}")
+        self._check_bias(bad)
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= 128:
+            bad(f"n must be an integer in [1, 128], got {self.n!r}")
         if not isinstance(self.json_object, bool):
             bad(f"json_object must be true or false, got {self.json_object!r}")
         if self.json_schema is not None:
@@ -61,6 +74,40 @@ class SamplingParams:
                 self.json_schema = check_schema(self.json_schema)
             except ValueError as e:
                 bad(str(e))
+
+    def _check_bias(self, bad: Any) -> None:
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, dict):
+            bad(f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
+        if len(self.logit_bias) > 1024:
+            bad(f"logit_bias may name at most 1024 tokens, got {len(self.logit_bias)}")
+        for k, v in self.logit_bias.items():
+            if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                bad(f"logit_bias keys must be token ids (integers >= 0), got {k!r}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not -100.0 <= v <= 100.0:
+                bad(f"logit_bias values must be numbers in [-100, 100], got {v!r} for token {k}")
+        self.logit_bias = {k: float(v) for k, v in self.logit_bias.items()} or None
+
+    def for_choice(self, i: int) -> "SamplingParams":
+        """The parameters of choice i of an n > 1 request: n=1; a given seed is kept by choice 0 and mixed with
+        i for the others (distinct draws, reproducible; without a seed each choice's request id seeds it)."""
+        seed = self.seed
+        if seed is not None and i > 0:
+            digest = hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest()
+            seed = int.from_bytes(digest, "little") >> 1
+        return replace(self, n=1, seed=seed)
+
+    @property
+    def plain_argmax(self) -> bool:
+        """Greedy with nothing that changes the logits first: the sampler is one argmax."""
+        return (self.greedy and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
+                and self.frequency_penalty == 0.0 and not self.logit_bias)
+
+    @property
+    def counts_penalty(self) -> bool:
+        """Presence or frequency penalty: needs the counts of the generated tokens."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def constrained(self) -> bool:

@@ -137,6 +137,9 @@ class Engine:
                 raise ValueError(f"prompt has placeholders for image {-t} but only {n_img} images were given")
         if any(i >= self.cfg.vocab_size for i in prompt_ids):
             raise ValueError(f"prompt has token ids >= vocab size {self.cfg.vocab_size}")
+        if params.logit_bias and max(params.logit_bias) >= self.cfg.vocab_size:
+            raise ValueError(f"logit_bias names token {max(params.logit_bias)}, past the vocabulary "
+                             f"({self.cfg.vocab_size} tokens)")
         for img in images:  # the prefix cache and the image cache name an image by its content
             if img.key is None:
                 img.key = hashlib.blake2b(img.crops.cpu().numpy().tobytes(), digest_size=16).hexdigest()
@@ -164,7 +167,7 @@ class Engine:
         # a run-ahead forward still in flight may write into these blocks: harmless, a new owner's
         # prefill is queued after it on the same stream (and decode positions are never in cached blocks)
         self.sched.finish(seq, reason)
-        seq.features = seq.embeds = seq.seen = seq.grammar = None
+        seq.features = seq.embeds = seq.seen = seq.counts = seq.grammar = None
 
     def _fail(self, seq: Sequence, error: str) -> StepOutput:
         seq.error = error
@@ -298,6 +301,8 @@ class Engine:
             seq.output_ids.append(tok)
             if seq.seen is not None:
                 seq.seen[tok] = True
+            if seq.counts is not None:
+                seq.counts[tok] += 1
             out = StepOutput(seq.rid, [tok], cached_tokens=seq.num_cached)
             if seq.params.logprobs is not None:
                 lp = packed[i]

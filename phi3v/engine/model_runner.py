@@ -211,7 +211,7 @@ class ModelRunner:
         params = [s.params for s in rows]
         constrained = [(i, s.grammar) for i, s in enumerate(rows) if s.grammar is not None
                        and s.status is Status.RUNNING]
-        if not constrained and all(p.greedy and p.repetition_penalty == 1.0 for p in params):
+        if not constrained and all(p.plain_argmax for p in params):
             tokens = logits.argmax(dim=-1)  # the common case: no parameter tensors to build
         else:
             # structured output: the constrained rows' allowed-token masks, filled on the CPU first,
@@ -219,7 +219,8 @@ class ModelRunner:
             masks = self.grammars.fill_masks(constrained, len(rows), self.device) if constrained else None
             t, steps = self._sampling_tensors(rows)
             seen = torch.stack([self._seen(s) for s in rows]) if t.any_penalty else None
-            tokens = sample(logits, t, steps, seen, masks)
+            counts = torch.stack([self._counts(s) for s in rows]) if t.any_counts else None
+            tokens = sample(logits, t, steps, seen, masks, counts)
         want_lp = any(p.logprobs is not None for p in params)
         packed = top_logprobs(logits, tokens, max((p.logprobs or 0) for p in params)) if want_lp else None
         if self.device.type != "cuda":
@@ -255,6 +256,16 @@ class ModelRunner:
             seen[to_device(torch.tensor(ids, dtype=torch.long), self.device)] = True
             seq.seen = seen
         return seq.seen
+
+    def _counts(self, seq: Sequence) -> torch.Tensor:
+        """(vocab,) float32 counts of the generated tokens (presence / frequency penalties), kept up to date by
+        Engine._commit once made."""
+        if seq.status is not Status.RUNNING:
+            return torch.zeros(self.cfg.vocab_size, dtype=torch.float32, device=self.device)
+        if seq.counts is None:
+            ids = torch.tensor(seq.output_ids, dtype=torch.long)
+            seq.counts = to_device(torch.bincount(ids, minlength=self.cfg.vocab_size).float(), self.device)
+        return seq.counts
 
     def forget(self) -> None:
         """Drop per-batch caches (after a failed step: nothing of it may be reused)."""

@@ -1,9 +1,10 @@
 """The batched on-device sampler (the parameters it takes: `phi3v.sampling_params`).
 
 The sampler turns a (B, V) float32 logits tensor into B token ids with per-row parameters and no
-host sync: temperature, top-k, top-p, repetition penalty and seeded randomness are all tensor
-ops. Randomness is counter-based (a hash of seed, step and token id), so a seeded request gives
-the same tokens whatever else shares its batch, on any device.
+host sync: logit bias, repetition / presence / frequency penalties, temperature, top-k, top-p and
+seeded randomness are all tensor ops, in that order (the structured-output mask after the penalties).
+Randomness is counter-based (a hash of seed, step and token id), so a seeded request gives the same
+tokens whatever else shares its batch, on any device.
 """
 
 from __future__ import annotations
@@ -50,24 +51,59 @@ class SamplingTensors:
     any_sampling: bool
     any_top: bool
     any_penalty: bool
+    presence: torch.Tensor | None = None  # (B,) float32, when any row has a presence or frequency penalty
+    frequency: torch.Tensor | None = None  # (B,) float32
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, token ids, values), (nnz,) each
+
+    @property
+    def any_counts(self) -> bool:
+        return self.presence is not None
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], device: torch.device | str) -> "SamplingTensors":
         dev = torch.device(device)
-        # one (5, B) float64 host tensor -> one (pinned, non-blocking on CUDA) copy; float64 holds every
+        # one (6, B) float64 host tensor -> one (pinned, non-blocking on CUDA) copy; float64 holds every
         # int32 top_k exactly, and the int64 seeds travel separately as int64
         host = torch.tensor([[p.temperature for p in params], [p.top_p for p in params],
-                             [max(p.top_k, 0) for p in params], [p.repetition_penalty for p in params]],
+                             [max(p.top_k, 0) for p in params], [p.repetition_penalty for p in params],
+                             [p.presence_penalty for p in params], [p.frequency_penalty for p in params]],
                             dtype=torch.float64)
         seed_host = torch.tensor(seeds, dtype=torch.int64)
         d = to_device(host, dev)
+        counts = any(p.counts_penalty for p in params)
         return cls(
             temperature=d[0].float(), top_p=d[1].float(), top_k=d[2].long(), penalty=d[3].float(),
             seeds=to_device(seed_host, dev),
             any_sampling=any(not p.greedy for p in params),
             any_top=any(not p.greedy and (p.top_p < 1.0 or p.top_k > 0) for p in params),
             any_penalty=any(p.repetition_penalty != 1.0 for p in params),
+            presence=d[4].float() if counts else None, frequency=d[5].float() if counts else None,
+            bias=_sparse_bias(params, dev),
         )
+
+
+def _sparse_bias(params: list[SamplingParams], dev: torch.device) -> tuple[torch.Tensor, ...] | None:
+    """Every row's logit_bias as three (nnz,) device tensors: row, token id, value (None when no row has one)."""
+    entries = [(i, tok, v) for i, p in enumerate(params) for tok, v in (p.logit_bias or {}).items()]
+    if not entries:
+        return None
+    rows, toks, vals = zip(*entries)
+    return (to_device(torch.tensor(rows, dtype=torch.int64), dev),
+            to_device(torch.tensor(toks, dtype=torch.int64), dev),
+            to_device(torch.tensor(vals, dtype=torch.float32), dev))
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """OpenAI's logit_bias: each (row, token) entry's value added to that logit (out of place)."""
+    rows, toks, vals = bias
+    return logits.index_put((rows, toks), vals, accumulate=True)
+
+
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
+                             frequency: torch.Tensor) -> torch.Tensor:
+    """OpenAI semantics: logit[j] -= presence * (count[j] > 0) + frequency * count[j]. counts: (B, V) float32 of
+    the generated tokens (the prompt's do not count)."""
+    return logits - presence[:, None] * (counts > 0).to(logits.dtype) - frequency[:, None] * counts
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -93,12 +129,17 @@ def apply_token_bitmask(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tens
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors, steps: torch.Tensor, seen: torch.Tensor | None = None,
-           masks: torch.Tensor | None = None) -> torch.Tensor:
+           masks: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
     """Pick one token per row. logits (B, V) float32 raw; steps (B,) int64 per-row step counters;
-    masks: packed allowed-token bitmasks of structured output (see apply_token_bitmask) or None.
-    Returns (B,) int64. Greedy rows take the argmax of the (penalised, masked) logits."""
+    masks: packed allowed-token bitmasks of structured output (see apply_token_bitmask) or None;
+    counts: (B, V) float32 counts of each row's generated tokens (presence / frequency penalties) or None.
+    Returns (B,) int64. Greedy rows take the argmax of the (biased, penalised, masked) logits."""
+    if t.bias is not None:
+        logits = apply_logit_bias(logits, t.bias)
     if t.any_penalty and seen is not None:
         logits = apply_repetition_penalty(logits, seen, t.penalty)
+    if t.any_counts and counts is not None:
+        logits = apply_presence_frequency(logits, counts, t.presence, t.frequency)
     if masks is not None:
         logits = apply_token_bitmask(logits, masks)
     greedy_tok = logits.argmax(dim=-1)

@@ -53,6 +53,7 @@ class Sequence:
     embeds: torch.Tensor | None = None  # (num_tokens, hidden) while prefilling in several chunks
     grammar: Any = None  # structured output: the request's grammar matcher
     seen: torch.Tensor | None = None  # (vocab,) bool on the device: tokens seen (repetition penalty)
+    counts: torch.Tensor | None = None  # (vocab,) float32 on the device: generated tokens' counts (presence/frequency)
 
     @property
     def num_tokens(self) -> int:

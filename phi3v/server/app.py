@@ -6,34 +6,33 @@ startup (`/health` answers 503 until it is ready). Run it with uvicorn or `phi3v
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from phi3v.output import Completion
+from phi3v import __version__
 from phi3v.processing.chat import PromptError
 from phi3v.processing.fetch import MIN_FETCH_RATE
 from phi3v.processing.image_io import MAX_IMAGE_PIXELS, ImageInputError
 from phi3v.server.admission import MAX_WAITING_BYTES
-from phi3v.server.frontend import Frontend, QueueFull, RequestFailed, RequestStream, ServerMetrics
+from phi3v.server.chat import add_chat_route
+from phi3v.server.completions import CompletionRequest, add_completions_route
+from phi3v.server.frontend import Frontend, QueueFull, RequestFailed, ServerMetrics
 from phi3v.server.middleware import RequestGuard, error_response
-from phi3v.server.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-                                   ChunkChoice, DeltaMessage, ErrorResponse, Health, ModelCard, ModelList, Usage,
-                                   choice_logprobs, error_body, validation_message)
+from phi3v.server.protocol import ChatCompletionRequest, ErrorResponse, Health, ModelCard, ModelList, validation_message
+from phi3v.server.routes_extra import add_extra_routes
+from phi3v.server.serving import APIError
 from phi3v.server.webui import add_web_ui
 
 log = logging.getLogger("phi3v.server")
@@ -66,18 +65,11 @@ class Settings:
     max_body_bytes: int = 100 * 2**20
     engine_switches: dict[str, Any] = field(default_factory=dict)  # more EngineConfig fields (phi3v.cli.engine_switches)
     web_ui: bool = True  # the chat page at / (phi3v/server/webui.py); --no-web-ui turns it off
+    cors_origins: tuple[str, ...] = ()  # origins allowed to call the API from a browser (--cors-origin); none: off
 
     @property
     def model_id(self) -> str:
         return self.served_model_name or self.model
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type_
-        self.param, self.code, self.headers = param, code, headers
 
 
 _err = error_response
@@ -113,6 +105,11 @@ class _State:
             self.status, self.detail = "error", f"loading the model failed: {type(e).__name__}: {e}"
             log.exception("loading the model failed")
 
+    def model_card(self) -> ModelCard:
+        fe = self.frontend
+        return ModelCard(id=self.settings.model_id,
+                         max_model_len=fe.engine.max_model_len if fe else self.settings.max_model_len)
+
     def ready(self) -> Frontend:
         if self.frontend is None:
             msg = ("the model is still loading; retry shortly" if self.status == "loading"
@@ -121,98 +118,22 @@ class _State:
         return self.frontend
 
 
-class _SSE(StreamingResponse):
-    """SSE that always watches for the client leaving and calls `on_close` however the stream ends."""
-
-    def __init__(self, content: AsyncIterator[str], on_close: Any, headers: dict[str, str]) -> None:
-        super().__init__(content, media_type="text/event-stream", headers=headers)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                async def run() -> None:
-                    with contextlib.suppress(OSError):
-                        await self.stream_response(send)
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(run)
-                await self.listen_for_disconnect(receive)
-                tg.cancel_scope.cancel()
-        finally:
-            self._on_close()
-
-
-# ---------------------------------------------------------------- request -> engine inputs, outputs -> responses
-
-
-async def _until_disconnect(request: Request) -> None:
-    while True:
-        if (await request.receive())["type"] == "http.disconnect":
-            return
-
-
-async def _collect(stream: RequestStream) -> Completion:
-    async for _delta, done in stream.events():
-        if done is not None:
-            return done
-    raise RequestFailed("the request ended without a result")
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {obj.model_dump_json()}\n\n"
-
-
-async def _parse_chat(request: Request) -> ChatCompletionRequest:
-    """The body, parsed and validated here rather than by a FastAPI body parameter: FastAPI would keep the raw
-    bytes and the parsed JSON for as long as the handler runs, so a waiting request with a 15 MB body held
-    several copies of it. Here they are dropped once validated."""
-    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if ctype and not (ctype == "application/json" or ctype.endswith("+json")):
-        raise APIError(400, f"the request body must be JSON (Content-Type: application/json), got {ctype!r}",
-                       code="invalid_content_type")
-    raw = await request.body()
-    request.__dict__.pop("_body", None)  # Starlette's cached copy
-    try:
-        return ChatCompletionRequest.model_validate_json(raw)
-    except ValidationError as e:
-        raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors()]) from None
-
-
-async def _submit_unless_gone(fe: Frontend, request: Request, rid: str, held: list[list[dict[str, Any]]],
-                              params: Any, crops: int | None, n_images: int) -> RequestStream | None:
-    """`fe.submit`, given up (its preparation cancelled) when the client disconnects first: None then. The
-    messages come in a list that is emptied here, so that only the preparation holds them, until it is done."""
-    task = asyncio.ensure_future(fe.submit(rid, held.pop(), params, crops, n_images))
-    watch = asyncio.ensure_future(_until_disconnect(request))
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()  # submit's cancellation sets the preparation's cancel event
-    if task.cancelled():
-        log.info("[%s] client gone during preparation", rid)
-        return None
-    return task.result()
-
-
-def _document_chat_body(app: FastAPI) -> None:
-    """The chat route reads its body itself (see _parse_chat); its schema goes into the OpenAPI document here."""
+def _document_bodies(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> None:
+    """The generating routes read their bodies themselves (serving.parse_body); their schemas go into the OpenAPI
+    document here. bodies: path -> request model."""
     base = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
         doc = base()
-        schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/Req_{model}")
-        defs = schema.pop("$defs", {})
         comps = doc.setdefault("components", {}).setdefault("schemas", {})
-        comps.update({f"Req_{k}": v for k, v in defs.items()})
-        comps["Req_ChatCompletionRequest"] = schema
-        op = doc["paths"]["/v1/chat/completions"]["post"]
-        op["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": {"$ref": "#/components/schemas/Req_ChatCompletionRequest"}}}}
+        for path, model in bodies.items():
+            schema = model.model_json_schema(ref_template="#/components/schemas/Req_{model}")
+            comps.update({f"Req_{k}": v for k, v in schema.pop("$defs", {}).items()})
+            comps[f"Req_{model.__name__}"] = schema
+            doc["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/Req_{model.__name__}"}}}}
         app.openapi_schema = doc
         return doc
 
@@ -232,14 +153,26 @@ def create_app(settings: Settings) -> FastAPI:
         if state.frontend is not None:
             state.frontend.stop()  # joins the engine thread (bounded); fails what is still in flight
 
-    app = FastAPI(title="phi3v", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="phi3v", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible chat completions for Phi-3-vision / Phi-3.5-vision")
     app.state.phi3v = state
     app.add_middleware(RequestGuard, max_body=settings.max_body_bytes, api_key=settings.api_key)
-    _document_chat_body(app)
-
+    if settings.cors_origins:  # outermost: a preflight (no API key) is answered before the guard
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID", "Retry-After"])
+    _document_bodies(app, {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest})
     errors = {c: {"model": ErrorResponse} for c in (400, 401, 404, 413, 429, 500, 503)}
+    _add_error_handlers(app)
+    _add_service_routes(app, state, errors)
+    if settings.web_ui:
+        add_web_ui(app)
+    add_chat_route(app, state, errors)
+    add_completions_route(app, state, errors)
+    add_extra_routes(app, state, errors)
+    return app
 
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
         return _err(e.status, e.message, e.type, e.param, e.code, e.headers)
@@ -274,6 +207,10 @@ def create_app(settings: Settings) -> FastAPI:
         log.error("[%s] internal error: %s: %s", request.scope.get("state", {}).get("rid"), type(e).__name__, e)
         return _err(500, "internal server error", "server_error", code="internal_error")
 
+
+def _add_service_routes(app: FastAPI, state: _State, errors: dict[int | str, Any]) -> None:
+    settings = state.settings
+
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health() -> JSONResponse:
         ok = state.status == "ok" and not (state.frontend and state.frontend.dead)
@@ -284,80 +221,6 @@ def create_app(settings: Settings) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    if settings.web_ui:
-        add_web_ui(app)
-
     @app.get("/v1/models", response_model=ModelList, responses=errors)
     async def models() -> ModelList:
-        fe = state.frontend
-        return ModelList(data=[ModelCard(id=settings.model_id,
-                                         max_model_len=fe.engine.max_model_len if fe else settings.max_model_len)])
-
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=errors)
-    async def chat_completions(request: Request) -> Any:
-        rid: str = request.scope["state"]["rid"]
-        req = await _parse_chat(request)
-        if req.model != settings.model_id:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {settings.model_id!r}",
-                           param="model", code="model_not_found")
-        fe = state.ready()
-        params = req.sampling_params(fe.engine.max_model_len)
-        messages = [m.to_internal() for m in req.messages]
-        crops, n_images, streaming = req.crops(settings.num_crops), req.num_images(), req.stream
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        del req  # the parsed body (its base64 images) is not kept while the request waits or runs
-        held = [messages]
-        del messages
-        stream = await _submit_unless_gone(fe, request, rid, held, params, crops, n_images)
-        if stream is None:
-            return Response(status_code=499)
-        model = settings.model_id
-        if not streaming:
-            task = asyncio.ensure_future(_collect(stream))
-            watch = asyncio.ensure_future(_until_disconnect(request))
-            try:
-                await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-            finally:  # also when this handler is cancelled (shutdown)
-                watch.cancel()
-                if not task.done():
-                    task.cancel()
-                    stream.close()  # the client left: abort, free its KV blocks
-            if not task.done() or task.cancelled():
-                return Response(status_code=499)
-            done = task.result()
-            body = ChatCompletion(id=rid, model=model, usage=Usage(**done.usage), choices=[Choice(
-                message=AssistantMessage(content=done.text), finish_reason=done.finish_reason,
-                logprobs=choice_logprobs(fe.llm.tokenizer, done.logprobs))])
-            return JSONResponse(body.model_dump())
-
-        created = int(time.time())
-
-        def chunk(delta: DeltaMessage, finish: str | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=rid, model=model, created=created,
-                                       choices=[ChunkChoice(delta=delta, finish_reason=finish)])
-
-        async def events() -> AsyncIterator[str]:
-            try:
-                yield _sse(chunk(DeltaMessage(role="assistant", content="")))
-                async for delta, done in stream.events():
-                    if delta:
-                        yield _sse(chunk(DeltaMessage(content=delta)))
-                    if done is not None:
-                        yield _sse(chunk(DeltaMessage(), done.finish_reason))
-                        if include_usage:
-                            yield _sse(ChatCompletionChunk(id=rid, model=model, created=created, choices=[],
-                                                           usage=Usage(**done.usage)))
-            except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, no traceback
-                if isinstance(e, ValueError):
-                    body = error_body(" ".join(str(e).split()), "invalid_request_error")
-                elif isinstance(e, RequestFailed):
-                    body = error_body(str(e), "server_error", code="request_failed")
-                else:
-                    log.error("[%s] stream failed: %s: %s", rid, type(e).__name__, e)
-                    body = error_body("internal server error", "server_error", code="internal_error")
-                yield f"data: {json.dumps(body)}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return _SSE(events(), stream.close, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    return app
+        return ModelList(data=[state.model_card()])

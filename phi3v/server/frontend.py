@@ -72,6 +72,25 @@ class ServerMetrics:
 
 
 @dataclass
+class PromptInput:
+    """A text completion's input: the prompt in the chat format with `<|image_N|>` tags, and the image sources."""
+
+    prompt: str
+    images: list[str]
+
+    def as_messages(self) -> list[dict[str, Any]]:  # for pool_kind: what kind of work preparing it is
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}} for u in self.images]}]
+
+
+@dataclass
+class StreamItem:
+    index: int  # the choice
+    delta: str
+    done: Completion | None  # that choice's Completion, once it is over
+    logprobs: list[dict[str, Any]] | None  # entries of the tokens of this step (when logprobs were asked for)
+
+
+@dataclass
 class _Handle:
     rid: str
     loop: asyncio.AbstractEventLoop
@@ -80,28 +99,30 @@ class _Handle:
     arrival: float
     held_bytes: int = 0  # counted in Frontend.waiting until the prefill (first output) or the end
     first: float | None = None
+    left: int = 1  # choices not finished yet (params.n)
 
 
 class RequestStream:
-    """What `Frontend.submit` returns: iterate `events()` for (delta, Completion | None)."""
+    """What `Frontend.submit` returns: iterate `events()` for StreamItems until every choice is done."""
 
     def __init__(self, fe: "Frontend", h: _Handle) -> None:
         self._fe, self._h, self.finished = fe, h, False
         self.rid = h.rid
         self.prompt_tokens = len(h.prep.prompt_ids)
+        self.n = h.left
 
-    async def events(self) -> AsyncIterator[tuple[str, Completion | None]]:
+    async def events(self) -> AsyncIterator[StreamItem]:
+        left = self.n
         try:
-            while True:
-                delta, done, err = await self._h.q.get()
+            while left:
+                item, err = await self._h.q.get()
                 if err is not None:
                     self.finished = True
                     raise err
-                if done is not None:
-                    self.finished = True
-                yield delta, done
-                if done is not None:
-                    return
+                if item.done is not None:
+                    left -= 1
+                    self.finished = left == 0
+                yield item
         finally:
             self.close()
 
@@ -159,10 +180,11 @@ class Frontend:
     def num_waiting(self) -> int:
         return max(0, self.active - self.engine.num_running)
 
-    async def submit(self, rid: str, messages: list[dict[str, Any]], params: Any, num_crops: int | None = None,
-                     n_images: int = 0) -> RequestStream:
-        """Prepare the request (off the engine thread and the event loop) and queue it. Raises QueueFull, ValueError
-        (bad input: 400), RequestFailed. Cancelling it (the client left) stops the preparation at its next check."""
+    async def submit(self, rid: str, messages: list[dict[str, Any]] | PromptInput, params: Any,
+                     num_crops: int | None = None, n_images: int = 0) -> RequestStream:
+        """Prepare the request (chat messages or a PromptInput; off the engine thread and the event loop) and queue
+        it. Raises QueueFull, ValueError (bad input: 400), RequestFailed. Cancelling it (the client left) stops the
+        preparation at its next check."""
         if self.dead:
             raise RequestFailed(f"the engine stopped: {self.dead}")
         check_image_count(n_images, self.max_images)
@@ -177,11 +199,11 @@ class Frontend:
         try:
             loop = asyncio.get_running_loop()
             crops = num_crops if num_crops is not None else self.default_num_crops
-            pool = self._pools[pool_kind(messages)]
+            pool = self._pools[pool_kind(messages.as_messages() if isinstance(messages, PromptInput) else messages)]
             job = [messages]
             del messages
             prep = await loop.run_in_executor(pool, lambda: self._prepare(job.pop(), params, crops, cancel))
-            h = _Handle(rid, loop, asyncio.Queue(), prep, arrival, held_bytes=prepared_bytes(prep))
+            h = _Handle(rid, loop, asyncio.Queue(), prep, arrival, held_bytes=prepared_bytes(prep), left=params.n)
             del prep
             if not self.waiting.add(h.held_bytes):
                 self.metrics.outcome("rejected")
@@ -211,8 +233,12 @@ class Frontend:
     def _retry_after(self) -> int:
         return 1 + self.active // max(1, self.engine.max_num_seqs)
 
-    def _prepare(self, messages: list[dict[str, Any]], params: Any, crops: int | None, cancel: threading.Event) -> Any:
-        prep = self.llm.prepare_chat(messages, params, crops, cancel=cancel, **self.load_kwargs)
+    def _prepare(self, messages: list[dict[str, Any]] | PromptInput, params: Any, crops: int | None,
+                 cancel: threading.Event) -> Any:
+        if isinstance(messages, PromptInput):
+            prep = self.llm.prepare(messages.prompt, messages.images, params, crops, cancel=cancel, **self.load_kwargs)
+        else:
+            prep = self.llm.prepare_chat(messages, params, crops, cancel=cancel, **self.load_kwargs)
         if self.num_waiting > self.device_waiting:  # it will wait behind a backlog: off the GPU meanwhile
             prep.to_host()
         return prep
@@ -284,7 +310,7 @@ class Frontend:
             self.active -= 1
         self.metrics.outcome(outcome)
 
-    def _push(self, h: _Handle, item: tuple[str, Completion | None, BaseException | None]) -> None:
+    def _push(self, h: _Handle, item: tuple[StreamItem | None, BaseException | None]) -> None:
         try:
             h.loop.call_soon_threadsafe(h.q.put_nowait, item)
         except RuntimeError:  # the client's event loop is gone
@@ -296,7 +322,7 @@ class Frontend:
             log.info("[%s] rejected: %s", h.rid, err)
         else:
             log.warning("[%s] failed: %s", h.rid, err)
-        self._push(h, ("", None, err))
+        self._push(h, (None, err))
         self._release(h, "invalid" if isinstance(err, ValueError) else "error")
 
     def _step(self) -> None:
@@ -316,10 +342,12 @@ class Frontend:
                 h.first = now
                 self._unhold(h)
                 self.metrics.ttft.labels(self.metrics.model).observe(now - h.arrival)
-            if ev.delta or ev.done is not None:
-                self._push(h, (ev.delta, ev.done, None))
+            if ev.delta or ev.done is not None or ev.logprobs:
+                self._push(h, (StreamItem(ev.index, ev.delta, ev.done, ev.logprobs), None))
             if ev.done is not None:
-                self._finished(h, ev.done, now)
+                h.left -= 1
+                if h.left == 0:
+                    self._finished(h, ev.done, now)
         if n_tok:
             self._recent.append((now, n_tok))
             self.metrics.gen_tokens.labels(self.metrics.model).inc(n_tok)

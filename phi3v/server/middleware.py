@@ -46,8 +46,9 @@ class RequestGuard:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        chat = scope["path"].endswith("/chat/completions")
-        rid = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"req-{uuid.uuid4().hex[:16]}"
+        path = scope["path"]
+        rid = (f"chatcmpl-{uuid.uuid4().hex}" if path.endswith("/chat/completions")
+               else f"cmpl-{uuid.uuid4().hex}" if path.endswith("/completions") else f"req-{uuid.uuid4().hex[:16]}")
         scope.setdefault("state", {})["rid"] = rid
         t0, status = time.perf_counter(), [0]
 
