@@ -22,6 +22,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     json_schema: dict[str, Any] | str | None = None  # the output is JSON valid against this schema
     json_object: bool = False  # the output is a JSON object (any)
+    lora: str | None = None  # the per-request LoRA adapter, by the name it was loaded under (None: the base model)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,6 +53,8 @@ class SamplingParams:
             bad(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         if not isinstance(self.json_object, bool):
             bad(f"json_object must be true or false, got {self.json_object!r}")
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora):
+            bad(f"lora must be an adapter's name (a non-empty string) or None, got {self.lora!r}")
         if self.json_schema is not None:
             if self.json_object:
                 bad("set json_schema or json_object, not both")
