@@ -63,6 +63,8 @@ class Settings:
     dtype: str | None = None
     kv_cache_dtype: str = "auto"
     quantization: Any = None  # None, "fp8", "int4" or a phi3v.models.quant.QuantSpec
+    lora: str | None = None  # a LoRA adapter folder merged into the weights at load
+    loras: dict[str, str] = field(default_factory=dict)  # {name: folder}: adapters a request names in `model`
     max_body_bytes: int = 100 * 2**20
     engine_switches: dict[str, Any] = field(default_factory=dict)  # more EngineConfig fields (phi3v.cli.engine_switches)
     web_ui: bool = True  # the chat page at / (phi3v/server/webui.py); --no-web-ui turns it off
@@ -70,6 +72,20 @@ class Settings:
     @property
     def model_id(self) -> str:
         return self.served_model_name or self.model
+
+    def adapter(self, model: str) -> str | None:
+        """The per-request LoRA adapter a request's `model` names: the base model's id (None), an adapter's name or
+        `BASE:NAME` (as vLLM names them). APIError 404 for anything else."""
+        if model == self.model_id:
+            return None
+        base, sep, name = model.rpartition(":")
+        if model in self.loras and model != self.model_id:
+            return model
+        if sep and base == self.model_id and name in self.loras:
+            return name
+        served = ", ".join(repr(m) for m in [self.model_id, *self.loras])
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {served}", param="model",
+                       code="model_not_found")
 
 
 class APIError(Exception):
@@ -98,7 +114,8 @@ class _State:
             t0 = time.perf_counter()
             llm = LLM(s.model, device=s.device, dtype=s.dtype, max_num_seqs=s.max_num_seqs,
                       max_model_len=s.max_model_len, allow_url_images=s.allow_url_images,
-                      kv_cache_dtype=s.kv_cache_dtype, quantization=s.quantization, **s.engine_switches)
+                      kv_cache_dtype=s.kv_cache_dtype, quantization=s.quantization, lora=s.lora,
+                      loras=s.loras or None, **s.engine_switches)
             llm.warmup()  # every CUDA graph and first kernel use now (blank requests), not as the first requests arrive
             load_kwargs = dict(allowed_dir=s.allowed_media_dir, allow_paths=s.allowed_media_dir is not None,
                                allow_urls=s.allow_url_images, max_bytes=s.max_image_bytes, timeout=s.image_timeout,
@@ -290,18 +307,19 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/models", response_model=ModelList, responses=errors)
     async def models() -> ModelList:
         fe = state.frontend
-        return ModelList(data=[ModelCard(id=settings.model_id,
-                                         max_model_len=fe.engine.max_model_len if fe else settings.max_model_len)])
+        ctx = fe.engine.max_model_len if fe else settings.max_model_len
+        base = ModelCard(id=settings.model_id, root=settings.model, max_model_len=ctx)
+        return ModelList(data=[base] + [ModelCard(id=name, root=path, parent=settings.model_id, max_model_len=ctx)
+                                        for name, path in settings.loras.items()])
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=errors)
     async def chat_completions(request: Request) -> Any:
         rid: str = request.scope["state"]["rid"]
         req = await _parse_chat(request)
-        if req.model != settings.model_id:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {settings.model_id!r}",
-                           param="model", code="model_not_found")
+        adapter = settings.adapter(req.model)
         fe = state.ready()
         params = req.sampling_params(fe.engine.max_model_len)
+        params.lora = adapter
         messages = [m.to_internal() for m in req.messages]
         crops, n_images, streaming = req.crops(settings.num_crops), req.num_images(), req.stream
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -311,7 +329,7 @@ def create_app(settings: Settings) -> FastAPI:
         stream = await _submit_unless_gone(fe, request, rid, held, params, crops, n_images)
         if stream is None:
             return Response(status_code=499)
-        model = settings.model_id
+        model = settings.model_id if adapter is None else adapter
         if not streaming:
             task = asyncio.ensure_future(_collect(stream))
             watch = asyncio.ensure_future(_until_disconnect(request))
