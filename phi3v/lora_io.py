@@ -318,6 +318,9 @@ def add_lora_arg(p: Any, default: list[str] | None = None) -> None:
 def cli_loras(values: list[str] | None, one_request: bool) -> tuple[str | None, dict[str, str], str | None]:
     """`--lora` values -> (merged path, {name: path}, the adapter a `run`/`chat` request uses: `one_request`)."""
     merged, named = parse_lora_args(values)
+    for path in ([merged] if merged else []) + list(named.values()):  # before the model loads (or a server starts)
+        if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+            raise ValueError(f"--lora {path}: not a PEFT adapter folder (no {ADAPTER_CONFIG} in it)")
     if one_request and len(named) > 1:
         raise ValueError(f"--lora: run and chat answer with one adapter, got {len(named)} named ones "
                          f"({', '.join(named)}); name one, or merge it with --lora PATH")

@@ -68,7 +68,7 @@ def checkpoint_files(folder: str) -> list[str]:
         single = os.path.join(folder, single_name)
         if os.path.isfile(single):
             return [single]
-    raise ValueError(f"{folder}: none of {SINGLE_FILE}, {INDEX_FILE}, {BIN_SINGLE_FILE}, {BIN_INDEX_FILE} found")
+    raise ValueError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found (nor {BIN_SINGLE_FILE} / {BIN_INDEX_FILE})")
 
 
 def _listing(title: str, items: list[str], limit: int = 20) -> str:
