@@ -111,7 +111,6 @@ class LLM:
                                 patch=merged.patch if merged is not None else None)
         if per_request:
             attach_loras(self.model, {n: a.layers for n, a in per_request.items()}, self.dtype)
-        self.lora_paths = {n: a.path for n, a in per_request.items()}  # the adapters chosen per request
         self.engine = Engine(self.model, self.config, options,
                              grammars=Grammars.from_tokenizer(self.tokenizer, self.config.vocab_size,
                                                               self.config.eos_token_ids))

@@ -200,8 +200,6 @@ def cmd_batch(a: argparse.Namespace) -> int:
         raise ValueError("--num-replicas needs --ray and must be at least 1")
     params = dataclasses.replace(_params(a), ignore_eos=True) if a.ignore_eos else _params(a)
     if a.ray:
-        if a.lora:
-            raise ValueError("--lora is not supported with --ray yet: run the batch without --ray")
         from phi3v.distributed.ray_batch import run_ray_batch
 
         return run_ray_batch(a, params)

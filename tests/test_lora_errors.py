@@ -96,7 +96,7 @@ def test_missing_files_and_unsafe_pickles(tmp_path) -> None:
             return (os.system, ("echo pwned",))
 
     with open(os.path.join(folder, "adapter_model.bin"), "wb") as f:
-        pickle.dump({"x": Evil()}, f)
+        pickle.dump({"x": Evil()}, f, protocol=2)
     assert "cannot be read as a PyTorch state dict with weights_only=True" in _error(folder)
 
 

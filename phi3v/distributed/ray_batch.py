@@ -221,6 +221,8 @@ def run_ray_batch(a: argparse.Namespace, base: SamplingParams) -> int:
 
     if a.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
+    if getattr(a, "lora", None):
+        raise ValueError("--lora is not supported with --ray yet: run the batch without --ray")
     items = batch_io.read_job_inputs(a)
     batch_io.cut_torn_tail(batch_io.journal_path(a.output))
     done = batch_io.done_ids(a.output)
