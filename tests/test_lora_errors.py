@@ -136,3 +136,23 @@ def test_decoder_shapes_of_the_test_adapters_match_the_checkpoint() -> None:
     with safe_open(os.path.join(CKPT, "model.safetensors"), "pt") as f:
         assert f.get_slice("model.layers.0.self_attn.qkv_proj.weight").get_shape() == [3 * H, H]
         assert f.get_slice("model.layers.0.mlp.gate_up_proj.weight").get_shape() == [2 * I, H]
+
+
+def test_batch_records_choose_their_adapter(tmp_path, capsys) -> None:
+    good = write_adapter(str(tmp_path / "good"), random_layers(["o_proj", "down_proj"], 2, seed=7), 2, 4,
+                         ["o_proj", "down_proj"])
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(json.dumps(r) for r in [{"id": "base", "prompt": "hi"}, {"id": "g", "prompt": "hi", "lora": "g"},
+                                                      {"id": "zz", "prompt": "hi", "lora": "zz"}]) + "\n")
+
+    def batch(out: str, *lora: str) -> dict:
+        args = ["batch", "--model", CKPT, "--device", "cpu", "--dtype", "fp32", "--max-tokens", "6", "--ignore-eos",
+                "--input", str(inp), "--output", str(tmp_path / out), "--quiet"]
+        assert main(args + [x for v in lora for x in ("--lora", v)]) == 0
+        return {r["id"]: r for r in map(json.loads, (tmp_path / out).read_text().splitlines())}
+
+    named = batch("named.jsonl", f"g={good}")
+    capsys.readouterr()
+    assert "unknown LoRA adapter 'zz'; loaded: g" in named["zz"]["error"]
+    merged = batch("merged.jsonl", good)  # merged at load: every record answers with it (one naming it fails)
+    assert named["g"]["text"] == merged["base"]["text"] != named["base"]["text"]

@@ -144,7 +144,7 @@ class Engine:
         seed = params.seed if params.seed is not None else \
             int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8).digest(), "little") >> 1
         seq = Sequence(rid=rid, prompt_ids=list(prompt_ids), params=params, images=images,
-                       eos_ids=frozenset(self.cfg.eos_token_ids), seed=seed, lora=self._lora_index(params.lora))
+                       eos_ids=frozenset(self.cfg.eos_token_ids), seed=seed, lora=self.lora_index(params.lora))
         if params.constrained:
             if self.grammars is None:
                 raise ValueError("structured output (json_schema / json_object) needs an engine built with a "
@@ -153,7 +153,7 @@ class Engine:
         self.sched.add(seq)
         return rid
 
-    def _lora_index(self, name: str | None) -> int:
+    def lora_index(self, name: str | None) -> int:
         """The row index of per-request adapter `name` (0: the base model). ValueError for one not loaded."""
         loras = getattr(self.model, "loras", None)
         if name is not None and loras is None:
