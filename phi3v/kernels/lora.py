@@ -18,15 +18,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from phi3v.kernels import HAVE_TRITON, available
+from phi3v.kernels import HAVE_TRITON, available, pdl_args
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-MAX_M = 4  # rows: past this, the eager path (its cost does not grow with rows) wins; benchmarks/lora_bench.py
-BLOCK_N = 64
-BLOCK_K = 256
+    from phi3v.kernels import pdl_start
+
+# Not tuned on a GPU yet (benchmarks/lora_bench.py measures the cost). MAX_M: past it the eager path, whose cost
+# does not grow with the rows, should win (here each row repeats its shrink). BLOCK_N 128: one wave of programs for
+# every Phi-3 layer (gate_up: 16384 / 128 = 128 programs on 132 SMs). BLOCK_K 512: the shrink's K loop is serial
+# (not pipelined: no tl.dot), so few, wide steps (qkv 6, down 16).
+MAX_M = 4
+BLOCK_N = 128
+BLOCK_K = 512
 
 
 def supported(x: Tensor, a: Tensor) -> bool:
@@ -36,12 +42,15 @@ def supported(x: Tensor, a: Tensor) -> bool:
             and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and a.dtype == x.dtype)
 
 
-def lora_add_(x: Tensor, y: Tensor, a: Tensor, bt: Tensor, rows: Tensor, offs: Tensor, rmax: int) -> Tensor:
-    """In place: y (..., N) += each row's adapter update of x (..., K); rows (M,) int64 (0 = base)."""
+def lora_add_(x: Tensor, y: Tensor, a: Tensor, bt: Tensor, rows: Tensor, offs: Tensor, rmax: int,
+              pdl: bool = False) -> Tensor:
+    """In place: y (..., N) += each row's adapter update of x (..., K); rows (M,) int64 (0 = base). `pdl`: launched
+    with programmatic dependent launch (its launch overlaps the layer's GEMV before it)."""
     k, n = x.shape[-1], y.shape[-1]
     m = x.numel() // k
     grid = (triton.cdiv(n, BLOCK_N),)
-    _lora_kernel[grid](x, a, bt, y, rows, offs, m, n, k, RMAX=rmax, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4)
+    _lora_kernel[grid](x, a, bt, y, rows, offs, m, n, k, RMAX=rmax, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4,
+                       **pdl_args(x, pdl))
     return y
 
 
@@ -49,7 +58,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _lora_kernel(x_ptr, a_ptr, bt_ptr, y_ptr, rows_ptr, offs_ptr, M, N, K,
-                     RMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     RMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        pdl_start(PDL)  # x, y and rows come from earlier kernels
         pid = tl.program_id(0)
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N

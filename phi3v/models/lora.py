@@ -102,15 +102,15 @@ class LoraSlot:
     def __init__(self, lset: LoraSet, a: Tensor, bt: Tensor) -> None:
         self.set, self.a, self.bt = lset, a.contiguous(), bt.contiguous()  # a (R, in), bt (R, out)
 
-    def add(self, x: Tensor, y: Tensor, fused: bool = False) -> Tensor:
+    def add(self, x: Tensor, y: Tensor, fused: bool = False, pdl: bool = False) -> Tensor:
         """x (..., in), y = base(x) (..., out) -> y + the selected rows' low-rank updates (in place when it can).
         `fused`: decode steps of a few rows (x (B, 1, in): row b = batch row b) run phi3v.kernels.lora (one kernel)
-        where Triton runs."""
+        where Triton runs, `pdl`: launched with programmatic dependent launch."""
         s = self.set
         if s.rows is None:
             return y
         if fused and x.dim() == 3 and x.shape[1] == 1 and y.is_contiguous() and kernels.supported(x, self.a):
-            return kernels.lora_add_(x, y, self.a, self.bt, s.rows, s.offs, s.rmax)
+            return kernels.lora_add_(x, y, self.a, self.bt, s.rows, s.offs, s.rmax, pdl)
         xa = F.linear(x, self.a)  # (B, T, R): every adapter's shrink at once
         xa = (xa * s.mask).reshape(-1, self.a.shape[0])  # only the row's own adapter's columns stay
         if y.is_contiguous():

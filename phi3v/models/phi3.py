@@ -166,7 +166,7 @@ def proj(layer: nn.Linear | QuantLinear, x: Tensor, fused: bool, pdl: bool = Fal
     else:
         y = layer(x)
     lora = layer.__dict__.get("lora")  # per-request LoRA adapters (phi3v.models.lora): only when loaded
-    return y if lora is None else lora.add(x, y, fused)
+    return y if lora is None else lora.add(x, y, fused, pdl)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
