@@ -28,7 +28,9 @@ from torch import Tensor, nn
 
 from phi3v.config import Phi3VConfig
 from phi3v.models.lora import DECODER_MODULE, LoraLayer
+from phi3v.models.phi3v import Phi3VForCausalLM
 from phi3v.models.tensor_files import TensorFile
+from phi3v.models.weights import checkpoint_quantization, param_name
 
 __all__ = ["LoraLayer", "LoraAdapter", "load_adapter", "load_adapters", "parse_lora_args", "check_adapter_name",
            "ADAPTER_CONFIG"]
@@ -163,8 +165,6 @@ def _read_config(path: str) -> _Config:
 # ---------------------------------------------------------------------------------------------- the weights
 def _model_shapes(config: Phi3VConfig) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, ...]]]:
     """({linear module name: (out, in)}, {parameter name: shape}) of the model built from `config` (meta)."""
-    from phi3v.models.phi3v import Phi3VForCausalLM
-
     with torch.device("meta"):
         model = Phi3VForCausalLM(config)
     linears = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -200,6 +200,8 @@ def load_adapter(path: str, config: Phi3VConfig, name: str | None = None) -> Lor
                 halves.setdefault(m.group(1), {})[m.group(2)] = f.get(key)
                 continue
             pname = _saved_param(key, cfg.to_save, params)
+            if pname is None and key.startswith(_PREFIX) and param_name(key[len(_PREFIX):]) is None:
+                continue  # a known duplicate (the image embedder's second reference to embed_tokens)
             if pname is None:
                 problems.append(f"{key}: not a LoRA weight (lora_A / lora_B) nor a modules_to_save weight")
             elif f.shape(key) != params[pname]:
@@ -272,8 +274,6 @@ def load_adapters(merge: str | None, per_request: Mapping[str, str] | None, conf
     - per-request adapters that target the vision tower or projector, or carry modules_to_save (both change what
       every request shares: image features are cached by image, one lm_head / embedding table serves the batch):
       serve those merged."""
-    from phi3v.models.weights import checkpoint_quantization
-
     merged = None
     if merge is not None:
         merged = load_adapter(merge, config)

@@ -26,7 +26,8 @@ from phi3v.models.phi3v import Phi3VForCausalLM
 from phi3v.models.quant import QuantLinear, QuantSpec, swap_linears
 from phi3v.models.tensor_files import TensorFile
 
-__all__ = ["load_model", "random_checkpoint", "checkpoint_files", "checkpoint_quantization", "check_quant_device"]
+__all__ = ["load_model", "random_checkpoint", "checkpoint_files", "checkpoint_quantization", "check_quant_device",
+           "param_name"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -43,7 +44,8 @@ _RENAMES: list[tuple[re.Pattern[str], str | None]] = [
 ]
 
 
-def _model_name(ckpt_name: str) -> str | None:
+def param_name(ckpt_name: str) -> str | None:
+    """The model parameter a checkpoint name loads into (None: a known duplicate or stale buffer, skipped)."""
     for pat, repl in _RENAMES:
         if pat.search(ckpt_name):
             return None if repl is None else pat.sub(repl, ckpt_name)
@@ -151,7 +153,7 @@ def load_model(folder: str, config: Phi3VConfig, device: torch.device | str = "c
     for path in checkpoint_files(folder):
         with TensorFile(path) as f:
             for key in f.keys():
-                name = _model_name(key)
+                name = param_name(key)
                 if name is None or (tied and name == "lm_head.weight"):
                     continue
                 if name not in expected:
