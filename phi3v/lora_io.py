@@ -49,10 +49,6 @@ class LoraAdapter:
     layers: dict[str, LoraLayer]  # module name (the checkpoint's, without ".weight") -> its update
     saved: dict[str, Tensor] = field(default_factory=dict)  # modules_to_save: parameter name -> full weight
 
-    @property
-    def rank(self) -> int:
-        return max((lay.rank for lay in self.layers.values()), default=0)
-
     def patch(self, name: str, t: Tensor) -> Tensor:
         """The load-time hook (phi3v.models.weights.load_model): checkpoint tensor `name` with this adapter merged,
         W + scale * B @ A computed in fp32 (cast to the model's dtype by the loader); a modules_to_save weight is

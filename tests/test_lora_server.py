@@ -66,3 +66,12 @@ def test_unknown_models_are_404(lora_srv, model) -> None:
     with pytest.raises(openai.NotFoundError) as e:
         _answer(_client(h), model)
     assert e.value.status_code == 404 and "'a1', 'a2'" in str(e.value)
+
+
+def test_adapter_names_are_checked_at_start() -> None:
+    from phi3v.server.app import Settings
+
+    with pytest.raises(ValueError, match="cannot be named as the served model"):
+        Settings(model="m", served_model_name=MODEL_ID, loras={MODEL_ID: "/x"})
+    with pytest.raises(ValueError, match="adapter name 'a:b'"):
+        Settings(model="m", loras={"a:b": "/x"})

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from phi3v.lora_io import check_adapter_name
 from phi3v.output import Completion
 from phi3v.processing.chat import PromptError
 from phi3v.processing.fetch import MIN_FETCH_RATE
@@ -69,6 +70,12 @@ class Settings:
     engine_switches: dict[str, Any] = field(default_factory=dict)  # more EngineConfig fields (phi3v.cli.engine_switches)
     web_ui: bool = True  # the chat page at / (phi3v/server/webui.py); --no-web-ui turns it off
 
+    def __post_init__(self) -> None:
+        for name in self.loras:
+            check_adapter_name(name)
+        if self.model_id in self.loras:
+            raise ValueError(f"--lora {self.model_id}=...: an adapter cannot be named as the served model")
+
     @property
     def model_id(self) -> str:
         return self.served_model_name or self.model
@@ -79,7 +86,7 @@ class Settings:
         if model == self.model_id:
             return None
         base, sep, name = model.rpartition(":")
-        if model in self.loras and model != self.model_id:
+        if model in self.loras:
             return model
         if sep and base == self.model_id and name in self.loras:
             return name
