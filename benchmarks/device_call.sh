@@ -98,7 +98,7 @@ for step in "$@"; do
     rc=$?
     echo "rc $rc"
     # the headline numbers, so that the call's reply shows them
-    grep -hE '"(mode|a_decode_tok_s|c_images_per_s|b_ttft_ms_[0-9]+crop|c_offline_[0-9]+crop_images_per_s|d_peak_mem_gib|prefill_s|decode_s|engine_step_ms|wall_ms_per_image|wall_ms_median|unprofiled_wall_s|gpu_first_ms|gpu_busy_ms|gpu_end_ms|profiled_wall_s|images_per_s_incl_load)"|passed|failed' "$log" | head -40
+    grep -hE '"(a_decode_tok_s|b_ttft_ms_[0-9]+crop|c_offline_[0-9]+crop_images_per_s|d_peak_mem_gib|prefill_s|decode_s|engine_step_ms|wall_ms_per_image|wall_ms_median|unprofiled_wall_s|gpu_first_ms|gpu_busy_ms|gpu_end_ms|profiled_wall_s|images_per_s_incl_load)"|passed|failed' "$log" | head -40
     [ $rc -eq 0 ] || tail -5 "$log"
     { echo "=== $step rc $rc"; cat "$log"; } >>"$OUT/${TAG}_steps.log"
 done
