@@ -140,7 +140,8 @@ class LLM:
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a phi3v.SamplingParams")
-        self.engine.lora_index(params.lora)  # an adapter that is not loaded: refused before any work
+        if params.lora is not None:
+            self.engine.lora_index(params.lora)  # an adapter that is not loaded: refused before any work
         ctx = self.engine.max_model_len
         check_text(prompt, ctx * self.tokenizer.max_token_chars)
         images = list(images or [])

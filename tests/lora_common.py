@@ -21,7 +21,8 @@ DECODER = {"qkv_proj": ("self_attn.qkv_proj", (3 * H, H)), "o_proj": ("self_attn
 PREFIX = "base_model.model."
 
 
-def random_layers(targets: list[str], r: int, seed: int, std: float = 0.3) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def random_layers(targets: list[str], r: int, seed: int,
+                  std: float = 0.3) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{checkpoint module name: (A (r, in), B (out, r))} for every decoder layer's `targets`. B is not zero (PEFT
     initialises it to zero; a trained adapter's is not)."""
     g = torch.Generator().manual_seed(seed)
@@ -29,7 +30,8 @@ def random_layers(targets: list[str], r: int, seed: int, std: float = 0.3) -> di
     for i in range(CFG.num_hidden_layers):
         for t in targets:
             suffix, (o, n) = DECODER[t]
-            out[f"model.layers.{i}.{suffix}"] = (torch.randn(r, n, generator=g) * std, torch.randn(o, r, generator=g) * std)
+            a, b = torch.randn(r, n, generator=g) * std, torch.randn(o, r, generator=g) * std
+            out[f"model.layers.{i}.{suffix}"] = (a, b)
     return out
 
 
@@ -48,10 +50,11 @@ def write_adapter(folder: str, layers: dict[str, tuple[torch.Tensor, torch.Tenso
         torch.save(sd, os.path.join(folder, "adapter_model.bin"))
     else:
         save_file(sd, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
-    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "microsoft/Phi-3-vision-128k-instruct",
-           "r": r, "lora_alpha": alpha, "lora_dropout": 0.05, "use_rslora": rslora, "bias": "none",
-           "target_modules": targets, "modules_to_save": sorted({n.rsplit(".", 1)[0].split(".")[-1] for n in saved or {}})
-           or None, "fan_in_fan_out": False, "use_dora": False}
+    to_save = sorted({n.rsplit(".", 1)[0].split(".")[-1] for n in saved or {}}) or None
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
+           "base_model_name_or_path": "microsoft/Phi-3-vision-128k-instruct", "r": r, "lora_alpha": alpha,
+           "lora_dropout": 0.05, "use_rslora": rslora, "bias": "none", "target_modules": targets,
+           "modules_to_save": to_save, "fan_in_fan_out": False, "use_dora": False}
     cfg.update(config or {})
     with open(os.path.join(folder, "adapter_config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2)

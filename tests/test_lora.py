@@ -155,7 +155,8 @@ def test_quantized_modes(lora_dirs, multi, tmp_path) -> None:
     assert [c.token_ids for c in q.generate_many(reqs)] == single
     pre = merged_checkpoint(str(tmp_path / "q"), {}, 1.0)
     with open(os.path.join(pre, "config.json")) as f:
-        text = f.read().replace('"vocab_size"', '"quantization_config": {"quant_method": "phi3v", "method": "int4"},\n  "vocab_size"')
+        qc = '"quantization_config": {"quant_method": "phi3v", "method": "int4"},\n  '
+        text = f.read().replace('"vocab_size"', qc + '"vocab_size"')
     with open(os.path.join(pre, "config.json"), "w") as f:
         f.write(text)
     with pytest.raises(ValueError, match="holds int4 weights .* cannot be merged|cannot be merged .* int4"):

@@ -64,7 +64,8 @@ def test_half_pairs_unknown_keys_and_config_rank(tmp_path) -> None:
 
 def test_targets_and_modules_to_save(tmp_path) -> None:
     head = {"lm_head.weight": torch.zeros(CFG.vocab_size, H + 1)}
-    msg = _error(_adapter(tmp_path, targets=("qkv_proj",), saved=head, config={"target_modules": ["qkv_proj", "c_attn"]}))
+    msg = _error(_adapter(tmp_path, targets=("qkv_proj",), saved=head,
+                          config={"target_modules": ["qkv_proj", "c_attn"]}))
     assert "target_modules entry 'c_attn': no linear layer of the model has this name" in msg
     assert f"{PREFIX}lm_head.weight: shape [{CFG.vocab_size}, {H + 1}], the model's lm_head.weight is" in msg
     msg = _error(_adapter(tmp_path, targets=("qkv_proj", "o_proj"), config={"target_modules": ["qkv_proj"]}))
@@ -142,8 +143,8 @@ def test_batch_records_choose_their_adapter(tmp_path, capsys) -> None:
     good = write_adapter(str(tmp_path / "good"), random_layers(["o_proj", "down_proj"], 2, seed=7), 2, 4,
                          ["o_proj", "down_proj"])
     inp = tmp_path / "in.jsonl"
-    inp.write_text("\n".join(json.dumps(r) for r in [{"id": "base", "prompt": "hi"}, {"id": "g", "prompt": "hi", "lora": "g"},
-                                                      {"id": "zz", "prompt": "hi", "lora": "zz"}]) + "\n")
+    recs = [{"id": "base", "prompt": "hi"}, {"id": "g", "prompt": "hi", "lora": "g"}, {"id": "zz", "prompt": "hi", "lora": "zz"}]
+    inp.write_text("\n".join(map(json.dumps, recs)) + "\n")
 
     def batch(out: str, *lora: str) -> dict:
         args = ["batch", "--model", CKPT, "--device", "cpu", "--dtype", "fp32", "--max-tokens", "6", "--ignore-eos",

@@ -18,10 +18,12 @@ MESSAGES = [{"role": "user", "content": "Name three colours."}]
 @pytest.fixture(scope="module")
 def lora_srv(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_srv")
-    l1, l2 = random_layers(["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], 4, 11), random_layers(["down_proj"], 2, 12)
+    l1 = random_layers(["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], 4, 11)
+    l2 = random_layers(["down_proj"], 2, 12)
     dirs = {"a1": write_adapter(str(root / "a1"), l1, 4, 8, "all-linear"),
             "a2": write_adapter(str(root / "a2"), l2, 2, 2, ["down_proj"], rslora=True)}
-    merged = {"a1": merged_checkpoint(str(root / "m1"), l1, 2.0), "a2": merged_checkpoint(str(root / "m2"), l2, 2 / math.sqrt(2))}
+    merged = {"a1": merged_checkpoint(str(root / "m1"), l1, 2.0),
+              "a2": merged_checkpoint(str(root / "m2"), l2, 2 / math.sqrt(2))}
     return start_server("lora", loras=dirs), dirs, merged
 
 

@@ -70,7 +70,8 @@ def checkpoint_files(folder: str) -> list[str]:
         single = os.path.join(folder, single_name)
         if os.path.isfile(single):
             return [single]
-    raise ValueError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found (nor {BIN_SINGLE_FILE} / {BIN_INDEX_FILE})")
+    raise ValueError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found "
+                     f"(nor {BIN_SINGLE_FILE} / {BIN_INDEX_FILE})")
 
 
 def _listing(title: str, items: list[str], limit: int = 20) -> str:

@@ -27,7 +27,8 @@ def test_per_request_adapters_with_graphs(tmp_path, report) -> None:
     l1, l2 = random_layers(ALL, 4, seed=1), random_layers(["qkv_proj", "down_proj"], 8, seed=2)
     dirs = {"a1": write_adapter(str(tmp_path / "a1"), l1, 4, 8, ALL),
             "a2": write_adapter(str(tmp_path / "a2"), l2, 8, 8, ["qkv_proj", "down_proj"])}
-    merged = {"a1": merged_checkpoint(str(tmp_path / "m1"), l1, 2.0), "a2": merged_checkpoint(str(tmp_path / "m2"), l2, 1.0)}
+    merged = {"a1": merged_checkpoint(str(tmp_path / "m1"), l1, 2.0),
+              "a2": merged_checkpoint(str(tmp_path / "m2"), l2, 1.0)}
     llm = LLM(CKPT, device="cuda", dtype="fp32", max_num_seqs=8, max_model_len=4096, loras=dirs)
     llm.warmup()
     n = 24
@@ -41,11 +42,13 @@ def test_per_request_adapters_with_graphs(tmp_path, report) -> None:
     for name, folder in [(None, CKPT), *merged.items()]:
         ref_llm = LLM(folder, device="cuda", dtype="fp32", max_model_len=4096)
         with torch.inference_mode():
-            refs[name] = [reference_tokens(ref_llm, ref_llm.prepare(p, imgs, params(None), nc), n) for p, imgs, nc in CASES]
+            refs[name] = [reference_tokens(ref_llm, ref_llm.prepare(p, imgs, params(None), nc), n)
+                          for p, imgs, nc in CASES]
         del ref_llm
     want = [refs[lora][i // 3] for i, (_p, _imgs, _nc, lora) in enumerate(jobs)]
     llm.engine.reset_prefix_cache()
-    mixed = [c.token_ids for c in llm.generate_many([llm.prepare(p, imgs, params(lora), nc) for p, imgs, nc, lora in jobs])]
+    reqs = [llm.prepare(p, imgs, params(lora), nc) for p, imgs, nc, lora in jobs]
+    mixed = [c.token_ids for c in llm.generate_many(reqs)]
     eng = llm.engine
     report({"graphs": len(eng.runner.decoder.graphs), "prefill_graphs": len(eng.runner.prefill_graphs.graphs),
             "fused": llm.model.fused, "run_ahead": eng.run_ahead,
