@@ -16,6 +16,8 @@
 #   quant_check    benchmarks/quant_check.py: bf16 / fp8 / int4 error, kernels vs torch, decode tok/s, GEMM
 #                  TFLOP/s, memory (exits 1 when a quantized kernel disagrees with its torch math)
 #   quant_sweep    benchmarks/quant_sweep.py: tuning of the FP8 / int4 GEMV and the int4 GEMM per Phi-3 shape
+#   lora           benchmarks/lora_bench.py: decode tok/s and offline throughput of base / merged / 1 / 4 per-request
+#                  LoRA adapters (issue 23; cost_vs_base per mode)
 #   bench_c_base   the same from the package copy in $BASE (default .ab_base, carried: an earlier commit's
 #                  phi3v/, e.g. `git archive HEAD phi3v | tar -x -C .ab_base`), for an A/B in one call
 #   gpu_tests      python -m pytest -m gpu tests/gpu (golden parity on CUDA, the engine against the reference
@@ -80,6 +82,7 @@ for step in "$@"; do
             >"$log" 2>&1 ;;
         quant_check) python3 benchmarks/quant_check.py --model "$M" --out "$OUT/${TAG}_quant_check.json" >"$log" 2>&1 ;;
         quant_sweep) python3 benchmarks/quant_sweep.py --out "$OUT/${TAG}_quant_sweep.json" >"$log" 2>&1 ;;
+        lora) python3 benchmarks/lora_bench.py --model "$M" --json-out "$OUT/${TAG}_lora.json" >"$log" 2>&1 ;;
         bench_c_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts c) >"$log" 2>&1 ;;
         gpu_tests) { PHI3V_GPU_OUT=/tmp/gpu_out python3 -m pytest -p no:cacheprovider -m gpu -q tests/gpu && \
                      PHI3V_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -q tests/test_engine_cache.py; } >"$log" 2>&1 ;;

@@ -23,6 +23,8 @@ from phi3v.engine.grammar import Grammars
 from phi3v.driver import RequestDriver
 from phi3v.engine.graphs import CAPTURE_LOCK
 from phi3v.hub import resolve_model
+from phi3v.lora_io import load_adapters
+from phi3v.models.lora import attach_loras
 from phi3v.models.quant import QuantSpec
 from phi3v.models.weights import load_model
 from phi3v.output import Completion
@@ -72,8 +74,9 @@ class LLM:
 
     def __init__(self, model: str = DEFAULT_MODEL, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, *, quantization: str | QuantSpec | None = None,
-                 revision: str | None = None, allow_url_images: bool = False,
-                 engine_config: EngineConfig | None = None, **engine_options: Any) -> None:
+                 revision: str | None = None, allow_url_images: bool = False, lora: str | None = None,
+                 loras: dict[str, str] | None = None, engine_config: EngineConfig | None = None,
+                 **engine_options: Any) -> None:
         """quantization: the decoder's weights, None (the checkpoint's own: bf16, or what `phi3v quantize`
         wrote), "fp8" (e4m3, per-channel scales; a GPU of compute capability >= 8.9) or "int4" (weight-only,
         groups of 128), quantized at load time; a QuantSpec also sets int4's group size and lm_head
@@ -81,7 +84,10 @@ class LLM:
         engine_options: fields of `EngineConfig` (max_num_seqs, max_model_len, gpu_memory_utilization,
         kv_block_size, kv_cache_dtype ("auto" keeps the KV cache in the model's dtype, outputs as the
         reference's; "fp8" stores it in e4m3: half the KV memory, at changed numerics), ...), or a whole
-        `engine_config`."""
+        `engine_config`.
+        lora: a PEFT LoRA adapter folder merged into the weights at load (no cost per token); loras: {name: folder},
+        adapters chosen per request (`SamplingParams(lora=name)`), rows of different adapters batched together
+        (phi3v/lora_io.py: what each accepts)."""
         if engine_config is not None and engine_options:
             raise ValueError("pass engine options either as keyword arguments or as engine_config, not both")
         options = engine_config or EngineConfig.from_options(engine_options)  # bad options fail before loading
@@ -100,7 +106,11 @@ class LLM:
         self.config = Phi3VConfig.from_pretrained(self.folder)
         self.tokenizer = Tokenizer.from_pretrained(self.folder)
         self.image_processor = ImageProcessor.from_config(self.config)
-        self.model = load_model(self.folder, self.config, self.device, self.dtype, quant)
+        merged, per_request = load_adapters(lora, loras, self.config, self.folder)  # checked before the weights
+        self.model = load_model(self.folder, self.config, self.device, self.dtype, quant,
+                                patch=merged.patch if merged is not None else None)
+        if per_request:
+            attach_loras(self.model, {n: a.layers for n, a in per_request.items()}, self.dtype)
         self.engine = Engine(self.model, self.config, options,
                              grammars=Grammars.from_tokenizer(self.tokenizer, self.config.vocab_size,
                                                               self.config.eos_token_ids))
@@ -130,6 +140,8 @@ class LLM:
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a phi3v.SamplingParams")
+        if params.lora is not None:
+            self.engine.lora_index(params.lora)  # an adapter that is not loaded: refused before any work
         ctx = self.engine.max_model_len
         check_text(prompt, ctx * self.tokenizer.max_token_chars)
         images = list(images or [])

@@ -30,7 +30,7 @@ from phi3v import batch_io
 from phi3v.sampling_params import SamplingParams
 
 _PARAM_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "stop", "ignore_eos",
-               "json_schema", "json_object"}
+               "json_schema", "json_object", "lora"}
 
 
 def _done_ids(path: str) -> tuple[set[str], set[int]]:

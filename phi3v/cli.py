@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from phi3v.api import DEFAULT_MODEL
 from phi3v.engine.config import KV_CACHE_DTYPES
+from phi3v.lora_io import add_lora_arg, cli_loras
 from phi3v.models.quant import METHODS, QuantSpec
 from phi3v.sampling_params import SamplingParams
 
@@ -38,6 +39,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-object", action="store_true", help="answer with a JSON object (any)")
     p.add_argument("--kv-cache-dtype", default="auto", help=KV_HELP)
     add_quant_args(p)
+    add_lora_arg(p)
 
 
 def add_quant_args(p: argparse.ArgumentParser, env: dict[str, str] | None = None) -> None:
@@ -107,7 +109,7 @@ def _params(a: argparse.Namespace) -> SamplingParams:
     schema = _read_schema(a.json_schema) if a.json_schema else None
     return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                           seed=a.seed, repetition_penalty=a.repetition_penalty, stop=a.stop,
-                          json_schema=schema, json_object=a.json_object)
+                          json_schema=schema, json_object=a.json_object, lora=cli_loras(a.lora, a.cmd != "batch")[2])
 
 
 def _load(a: argparse.Namespace) -> Any:
@@ -115,8 +117,9 @@ def _load(a: argparse.Namespace) -> Any:
 
     # the person at the command line names the images, URLs included (private addresses stay refused)
     # `batch` decodes up to --batch-size requests at once (KV memory permitting)
-    return LLM(a.model, device=a.device, dtype=a.dtype, quantization=quant_spec(a), allow_url_images=True,
-               max_num_seqs=getattr(a, "batch_size", 8), kv_cache_dtype=a.kv_cache_dtype, **engine_switches())
+    merged, named, _ = cli_loras(a.lora, a.cmd != "batch")
+    return LLM(a.model, device=a.device, dtype=a.dtype, quantization=quant_spec(a), allow_url_images=True, lora=merged,
+               loras=named, max_num_seqs=getattr(a, "batch_size", 8), kv_cache_dtype=a.kv_cache_dtype, **engine_switches())
 
 
 def _user_message(text: str, images: list[str]) -> dict[str, Any]:
@@ -246,7 +249,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                  max_body_bytes=a.max_body_bytes, max_image_bytes=a.max_image_bytes, image_timeout=a.image_timeout,
                  image_fetch_deadline=a.image_fetch_deadline, image_min_rate=a.image_min_rate,
                  max_waiting_bytes=a.max_waiting_bytes,
-                 quantization=quant_spec(a),
+                 quantization=quant_spec(a), lora=cli_loras(a.lora, False)[0], loras=cli_loras(a.lora, False)[1],
                  engine_switches=engine_switches(), web_ui=not a.no_web_ui, cors_origins=tuple(a.cors_origin or ()))
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.api_key:
         print(f"phi3v: warning: listening on {a.host} without --api-key: anyone who can reach it can use it",
@@ -306,6 +309,7 @@ def _serve_parser(sub: Any) -> None:
     s.add_argument("--kv-cache-dtype", default=_env("KV_CACHE_DTYPE", "auto"), help=KV_HELP)
     add_quant_args(s, {"QUANTIZATION": _env("QUANTIZATION", "none"),
                        "QUANTIZE_LM_HEAD": _env("QUANTIZE_LM_HEAD", False, flag=True)})
+    add_lora_arg(s, [v for v in (_env("LORA") or "").split(",") if v] or None)  # PHI3V_LORA: comma-separated
     s.add_argument("--no-web-ui", action="store_true", default=_env("NO_WEB_UI", False, flag=True),
                    help="do not serve the browser chat page at / (the API is unchanged)")
     s.add_argument("--cors-origin", action="append", metavar="ORIGIN",

@@ -28,6 +28,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     n: int = 1  # independent answers to the same prompt (choice i > 0 of a seeded request: a seed derived from i)
+    lora: str | None = None  # the per-request LoRA adapter, by the name it was loaded under (None: the base model)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,6 +66,8 @@ class SamplingParams:
             bad(f"n must be an integer in [1, 128], got {self.n!r}")
         if not isinstance(self.json_object, bool):
             bad(f"json_object must be true or false, got {self.json_object!r}")
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora):
+            bad(f"lora must be an adapter's name (a non-empty string) or None, got {self.lora!r}")
         if self.json_schema is not None:
             if self.json_object:
                 bad("set json_schema or json_object, not both")

@@ -57,6 +57,10 @@ def connect(address: str, **kwargs: Any) -> Any:
 # ---------------------------------------------------------------- CPU side: decode + preprocess + tokenize
 
 
+def _no_lora(name: str) -> int:
+    raise ValueError(f"LoRA adapter {name!r}: per-request adapters are not supported with --ray yet")
+
+
 class _Preparer:
     """What `LLM.prepare` / `LLM.prepare_chat` need, without the model: the tokenizer and image processor of a
     checkpoint, crops built on the CPU in the engine's dtype. The context-length check is the engine's (actor)."""
@@ -75,7 +79,8 @@ class _Preparer:
         self.device = torch.device("cpu")
         self.dtype = _dtype(dtype, torch.device(device_type))  # the crops as the engine keeps them
         self.allow_url_images = True  # the person at the command line names the images (as `phi3v batch`)
-        self.engine = types.SimpleNamespace(max_model_len=sys.maxsize)  # the actor checks the real one
+        # the actor checks the real context length
+        self.engine = types.SimpleNamespace(max_model_len=sys.maxsize, lora_index=_no_lora)
 
     def prepare(self, *args: Any, **kwargs: Any) -> Any:
         from phi3v.api import LLM
@@ -221,6 +226,8 @@ def run_ray_batch(a: argparse.Namespace, base: SamplingParams) -> int:
 
     if a.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
+    if getattr(a, "lora", None):
+        raise ValueError("--lora is not supported with --ray yet: run the batch without --ray")
     items = batch_io.read_job_inputs(a)
     batch_io.cut_torn_tail(batch_io.journal_path(a.output))
     done = batch_io.done_ids(a.output)

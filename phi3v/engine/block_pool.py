@@ -2,7 +2,8 @@
 
 A block holding a full run of `block_size` prefilled tokens is registered under the hash of everything that
 fixes its K/V: the previous block's hash, its token ids, for image placeholders the image's content key and
-the offset within that image, and the LongRoPE regime (short- and long-factor keys never mix). A later
+the offset within that image, the LongRoPE regime (short- and long-factor keys never mix) and the per-request
+LoRA adapter (K/V computed with one adapter is never reused for another, nor for the base model). A later
 sequence whose prompt starts with the same tokens takes those blocks (reference count + 1) instead of
 computing them. A block nobody holds stays in the cache, and is reused for other contents only when no
 never-cached free block is left, least recently released first.
@@ -18,10 +19,12 @@ from collections import OrderedDict
 import numpy as np
 
 
-def block_hashes(ids: list[int], image_keys: list[str], block_size: int, long_rope: bool) -> list[bytes]:
+def block_hashes(ids: list[int], image_keys: list[str], block_size: int, long_rope: bool,
+                 adapter: str | None = None) -> list[bytes]:
     """Hashes of the full blocks of `ids`, a chain (each covers every token before it).
     ids: token ids with image k's placeholders as -k (image_keys[k-1] names its content: the key fixes the
-    resized image and its crop grid, so its token count too)."""
+    resized image and its crop grid, so its token count too). adapter: the per-request LoRA adapter the K/V is
+    computed with (None: the base model), part of the chain's root: no block is shared across adapters."""
     n_full = len(ids) // block_size
     if n_full == 0:
         return []
@@ -33,7 +36,7 @@ def block_hashes(ids: list[int], image_keys: list[str], block_size: int, long_ro
     pairs = np.stack([arr, np.where(neg, idx - run_start, 0)], 1).reshape(n_full, 2 * block_size)  # token, offset
     has_image = arr.reshape(n_full, block_size).min(1) < 0
     keys = [k.encode() for k in image_keys]
-    h = b"long" if long_rope else b"short"
+    h = (b"long" if long_rope else b"short") + (b"" if adapter is None else b"|lora:" + adapter.encode())
     out = []
     for b in range(n_full):
         d = hashlib.blake2b(h, digest_size=16)

@@ -147,7 +147,7 @@ class Engine:
         seed = params.seed if params.seed is not None else \
             int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8).digest(), "little") >> 1
         seq = Sequence(rid=rid, prompt_ids=list(prompt_ids), params=params, images=images,
-                       eos_ids=frozenset(self.cfg.eos_token_ids), seed=seed)
+                       eos_ids=frozenset(self.cfg.eos_token_ids), seed=seed, lora=self.lora_index(params.lora))
         if params.constrained:
             if self.grammars is None:
                 raise ValueError("structured output (json_schema / json_object) needs an engine built with a "
@@ -155,6 +155,13 @@ class Engine:
             seq.grammar = self.grammars.matcher(params)
         self.sched.add(seq)
         return rid
+
+    def lora_index(self, name: str | None) -> int:
+        """The row index of per-request adapter `name` (0: the base model). ValueError for one not loaded."""
+        loras = getattr(self.model, "loras", None)
+        if name is not None and loras is None:
+            raise ValueError(f"LoRA adapter {name!r} asked for, but no per-request adapters are loaded")
+        return 0 if loras is None else loras.index(name)
 
     def abort(self, rid: str) -> bool:
         seq = self.sched.get(rid)

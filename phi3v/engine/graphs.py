@@ -91,33 +91,38 @@ class DecodeRunner:
         return capture_all(self, BATCH_BUCKETS[: last + 1], self._capture, "decode")
 
     def _forward(self, tokens: torch.Tensor, lengths: torch.Tensor, flags: torch.Tensor, block_table: torch.Tensor,
-                 width: int, nsplit: int) -> torch.Tensor:
+                 width: int, nsplit: int, lora: torch.Tensor | None = None) -> torch.Tensor:
         x = self.model.model.embed_tokens(tokens)[:, None]  # (n, 1, hidden)
         attn = DecodeAttention(self.cache, lengths, block_table, width, nsplit, self.kernel)
-        h = self.model(x, lengths[:, None], flags, attn)
+        h = self.model(x, lengths[:, None], flags, attn, lora)
         return self.model.logits(h[:, 0])  # (n, V) float32
 
     def decode(self, tokens: torch.Tensor, lengths: torch.Tensor, flags: torch.Tensor, block_table: torch.Tensor,
-               width: int) -> torch.Tensor:
+               width: int, lora: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, lengths (n,) int64, flags (n,) bool, block_table (n, max_blocks) int32, all on the
         device; row b's new token goes to position lengths[b]. width: host-side bound on
-        lengths+1 (for the gather fallback). Returns logits (n, V)."""
+        lengths+1 (for the gather fallback). lora (n,) int64: each row's per-request LoRA adapter (0 = base),
+        given when the model has adapters loaded (then a static input of the graphs). Returns logits (n, V)."""
         n = tokens.shape[0]
         bucket = next((b for b in BATCH_BUCKETS if b >= n), None)
         if not self.use_graphs or bucket is None:
-            return self._forward(tokens, lengths, flags, block_table, width, num_splits(n, self.n_heads))
+            return self._forward(tokens, lengths, flags, block_table, width, num_splits(n, self.n_heads), lora)
         entry = cached_graph(self, bucket, lambda: self._capture(bucket), "decode")
         if entry is None:
-            return self._forward(tokens, lengths, flags, block_table, width, num_splits(n, self.n_heads))
+            return self._forward(tokens, lengths, flags, block_table, width, num_splits(n, self.n_heads), lora)
         graph, io = entry
         io["tokens"][:n].copy_(tokens)
         io["lengths"][:n].copy_(lengths)
         io["flags"][:n].copy_(flags)
         io["block_table"][:n].copy_(block_table)
-        if bucket > n:  # padding rows: token 0 at position 0 of the scratch block
+        if "lora" in io:
+            io["lora"][:n].copy_(lora)
+        if bucket > n:  # padding rows: token 0 at position 0 of the scratch block (base model)
             io["tokens"][n:].zero_()
             io["lengths"][n:].zero_()
             io["block_table"][n:].fill_(self.cache.scratch)
+            if "lora" in io:
+                io["lora"][n:].zero_()
         graph.replay()
         return io["logits"][:n]
 
@@ -128,9 +133,12 @@ class DecodeRunner:
               "flags": torch.zeros(bucket, dtype=torch.bool, device=self.device),
               "block_table": torch.full((bucket, self.max_blocks), self.cache.scratch, dtype=torch.int32,
                                         device=self.device)}
+        if getattr(self.model, "loras", None) is not None:  # each row's adapter: an input of the graph
+            io["lora"] = torch.zeros(bucket, dtype=torch.long, device=self.device)
         nsplit = num_splits(bucket, self.n_heads)
         graph, io["logits"] = capture_graph(
-            lambda: self._forward(io["tokens"], io["lengths"], io["flags"], io["block_table"], 0, nsplit), self.pool)
+            lambda: self._forward(io["tokens"], io["lengths"], io["flags"], io["block_table"], 0, nsplit,
+                                  io.get("lora")), self.pool)
         self.pool = graph.pool()
         return graph, io
 
@@ -163,12 +171,14 @@ class PrefillRunner:
 
     def _forward(self, io: dict[str, torch.Tensor]) -> torch.Tensor:
         attn = PrefillAttention(self.cache, io["blk"], io["off"], 0)
-        h = self.model(io["x"], io["pos"], io["flag"], attn)  # (1, Tb, hidden)
+        h = self.model(io["x"], io["pos"], io["flag"], attn, io.get("lora"))  # (1, Tb, hidden)
         return self.model.logits(h[0, io["last"]])  # (1, V)
 
-    def run(self, embeds: torch.Tensor, flag: torch.Tensor, blk: torch.Tensor, off: torch.Tensor) -> torch.Tensor | None:
-        """embeds (T, hidden), flag (1,) bool, blk/off (T,) cache places -> last logits (1, V), or
-        None when there is no graph for this length (the caller runs it unpadded)."""
+    def run(self, embeds: torch.Tensor, flag: torch.Tensor, blk: torch.Tensor, off: torch.Tensor,
+            lora: torch.Tensor | None = None) -> torch.Tensor | None:
+        """embeds (T, hidden), flag (1,) bool, blk/off (T,) cache places, lora (1,) int64 (the adapter, when the
+        model has per-request adapters) -> last logits (1, V), or None when there is no graph for this length (the
+        caller runs it unpadded)."""
         T = embeds.shape[0]
         b = self.bucket(T)
         if b is None:
@@ -185,6 +195,8 @@ class PrefillRunner:
         io["off"][:T].copy_(off)
         io["off"][T:].copy_(torch.arange(T, b, device=self.device) % self.cache.block_size)
         io["last"].fill_(T - 1)
+        if "lora" in io:
+            io["lora"].copy_(lora)
         graph.replay()
         return io["logits"]
 
@@ -196,7 +208,9 @@ class PrefillRunner:
                 "flag": torch.zeros(1, dtype=torch.bool, device=dev),
                 "blk": torch.full((b,), self.cache.scratch, dtype=torch.long, device=dev),
                 "off": torch.arange(b, device=dev) % self.cache.block_size,
-                "last": torch.zeros(1, dtype=torch.long, device=dev)}
+                "last": torch.zeros(1, dtype=torch.long, device=dev),
+                **({"lora": torch.zeros(1, dtype=torch.long, device=dev)}
+                   if getattr(self.model, "loras", None) is not None else {})}
 
     def _capture(self, b: int, like: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
         io = self._buffers(b, like)

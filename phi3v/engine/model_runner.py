@@ -54,6 +54,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: Phi3VConfig, options: EngineConfig, cache: KVCache,
                  max_blocks: int, stats: dict[str, Any], grammars: Grammars | None) -> None:
         self.model, self.cfg, self.cache, self.stats, self.grammars = model, config, cache, stats, grammars
+        self.lora = getattr(model, "loras", None) is not None  # per-request LoRA adapters: rows carry their index
         self.device = cache.k.device
         cuda = self.device.type == "cuda"
         model.set_kernels(fused=options.fused_kernels and available(self.device), pdl=options.pdl)
@@ -181,12 +182,13 @@ class ModelRunner:
         one position further than the host state says."""
         d = 0 if ahead is None else 1
         # one host-to-device copy of the step's inputs: (3, n) int64 = last token, position, long flag
-        host = torch.tensor([[s.output_ids[-1] if d == 0 else 0 for s in rows], [s.num_tokens - 1 + d for s in rows],
-                             [int(s.long_rope) for s in rows]], dtype=torch.long)
-        dev = to_device(host, self.device)
+        # (+ each row's LoRA adapter when per-request adapters are loaded)
+        host = [[s.output_ids[-1] if d == 0 else 0 for s in rows], [s.num_tokens - 1 + d for s in rows],
+                [int(s.long_rope) for s in rows]] + ([[s.lora for s in rows]] if self.lora else [])
+        dev = to_device(torch.tensor(host, dtype=torch.long), self.device)
         tokens = dev[0] if ahead is None else ahead
         logits = self.decoder.decode(tokens, dev[1], dev[2].bool(), self._block_table(rows),
-                                     max(s.num_tokens for s in rows) + d)
+                                     max(s.num_tokens for s in rows) + d, dev[3] if self.lora else None)
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += len(rows)
         return logits

@@ -36,13 +36,15 @@ class Prefiller:
         T = embeds.shape[0]
         dev = self.device
         flag = to_device(torch.tensor([seq.long_rope]), dev)
+        lora = self._lora([seq])
         self.stats["prefill_tokens"] += T
         if start == 0 and self.runner.bucket(T) is not None and T <= self.chunk:
             where = to_device(self.cache.slots(seq.blocks, 0, T), dev)  # (2, T)
-            logits = self.runner.run(embeds, flag, where[0], where[1])
+            logits = self.runner.run(embeds, flag, where[0], where[1], lora)
             if logits is not None:
                 return logits
-        if start > 0 and self.suffix is not None and self.suffix.bucket(T) is not None:
+        # (per-request LoRA adapters are not in the suffix graphs: those prefill eagerly)
+        if start > 0 and lora is None and self.suffix is not None and self.suffix.bucket(T) is not None:
             logits = self._suffix(seq, embeds, start, flag)
             if logits is not None:
                 self.stats["suffix_graphs"] = self.stats.get("suffix_graphs", 0) + 1
@@ -56,7 +58,7 @@ class Prefiller:
             attn = PrefillAttention(self.cache, where[0, s:], where[1, s:], s,
                                     (where[0, :s], where[1, :s]) if s else None,
                                     vary=True, kernel=self.kernel)  # vary: every prompt length is a new shape
-            h = self.model(x, pos, flag, attn)
+            h = self.model(x, pos, flag, attn, lora)
         return self.model.logits(h[:, -1]) if want_logits else None
 
     def _suffix(self, seq: Sequence, embeds: torch.Tensor, start: int, flag: torch.Tensor) -> torch.Tensor | None:
@@ -65,6 +67,12 @@ class Prefiller:
         table = torch.full((self.suffix.max_blocks,), self.cache.scratch, dtype=torch.int32)
         table[: len(seq.blocks)] = torch.tensor(seq.blocks, dtype=torch.int32)
         return self.suffix.run(embeds, to_device(rows, self.device), flag, to_device(table, self.device))
+
+    def _lora(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """(B,) int64 on the device, each row's per-request LoRA adapter; None when none are loaded."""
+        if getattr(self.model, "loras", None) is None:
+            return None
+        return to_device(torch.tensor([s.lora for s in seqs], dtype=torch.long), self.device)
 
     def prefill_many(self, seqs: list[Sequence], embs: list[torch.Tensor]) -> torch.Tensor:
         """Whole prompts from position 0, batching prompts of similar length into one padded forward
@@ -106,7 +114,7 @@ class Prefiller:
                            for i, (s, n) in enumerate(zip(seqs, lens))], 1)
         where = to_device(where, dev)
         attn = BatchPrefillAttention(self.cache, where[0], where[1], where[2])
-        h = self.model(x, pos, to_device(torch.tensor([s.long_rope for s in seqs]), dev), attn)
+        h = self.model(x, pos, to_device(torch.tensor([s.long_rope for s in seqs]), dev), attn, self._lora(seqs))
         last = h[torch.arange(len(seqs), device=dev), to_device(torch.tensor(lens) - 1, dev)]  # (B, hidden)
         self.stats["prefill_tokens"] += sum(lens)
         self.stats["batched_prefills"] += 1

@@ -199,7 +199,8 @@ class Scheduler:
         least the last token is left to compute, its logits give the next token."""
         if long_rope != s.long_rope or len(s.block_hashes) < s.num_tokens // self.block_size:
             s.long_rope = long_rope
-            s.block_hashes = block_hashes(s.all_ids, [i.key for i in s.images], self.block_size, long_rope) \
+            s.block_hashes = block_hashes(s.all_ids, [i.key for i in s.images], self.block_size, long_rope,
+                                          s.params.lora) \
                 if self.pool.enable_caching else []
         return self.pool.lookup(s.block_hashes[: (s.num_tokens - 1) // self.block_size])
 

@@ -48,6 +48,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # hash chain of full blocks, in the current regime
     long_rope: bool = False  # LongRoPE regime of the keys in `blocks` (long factors once past original_max)
     num_preemptions: int = 0
+    lora: int = 0  # per-request LoRA adapter: its row index in the model's LoraSet (0 = the base model)
     # ---- model runner
     features: list[torch.Tensor] | None = None  # projected image features (n_tokens, hidden), held while alive
     embeds: torch.Tensor | None = None  # (num_tokens, hidden) while prefilling in several chunks

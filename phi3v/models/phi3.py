@@ -157,12 +157,16 @@ class LongRoPE(nn.Module):
 def proj(layer: nn.Linear | QuantLinear, x: Tensor, fused: bool, pdl: bool = False) -> Tensor:
     """layer(x) (no bias); with the fused kernels on, 1..8 rows (decode) go through the Triton GEMV,
     which streams the weight closer to HBM bandwidth than cuBLAS does at these sizes. A quantized layer
-    (fp8 / int4 weights, phi3v.models.quant) picks its own kernels."""
+    (fp8 / int4 weights, phi3v.models.quant) picks its own kernels. A layer with per-request LoRA adapters
+    attached adds the selected rows' low-rank updates on top."""
     if isinstance(layer, QuantLinear):
-        return layer.project(x, fused, pdl)
-    if fused and gemv.supported(x, layer.weight):
-        return gemv.linear(x, layer.weight, pdl=pdl)
-    return layer(x)
+        y = layer.project(x, fused, pdl)
+    elif fused and gemv.supported(x, layer.weight):
+        y = gemv.linear(x, layer.weight, pdl=pdl)
+    else:
+        y = layer(x)
+    lora = layer.__dict__.get("lora")  # per-request LoRA adapters (phi3v.models.lora): only when loaded
+    return y if lora is None else lora.add(x, y, fused, pdl)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -227,8 +231,8 @@ class Phi3MLP(KernelSwitches, nn.Module):
         if self.fused:
             gate_up = proj(self.gate_up_proj, x, True, self.pdl)  # (B, T, 2I)
             return proj(self.down_proj, kernels.silu_mul(gate_up, self.pdl), True, self.pdl)
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, I) each
-        return self.down_proj(up * F.silu(gate))
+        gate, up = proj(self.gate_up_proj, x, False).chunk(2, dim=-1)  # (B, T, I) each
+        return proj(self.down_proj, up * F.silu(gate), False)
 
 
 class Phi3DecoderLayer(nn.Module):

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from phi3v.config import Phi3VConfig
 from phi3v.models.clip import CLIPVisionModel
 from phi3v.device import to_device
+from phi3v.models.lora import LoraSet
 from phi3v.models.phi3 import AttentionBackend, KernelSwitches, Phi3Model, proj
 
 __all__ = ["Phi3ImageEmbedding", "Phi3VForCausalLM"]
@@ -97,6 +98,7 @@ class Phi3VForCausalLM(KernelSwitches, nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.loras: LoraSet | None = None  # per-request LoRA adapters (phi3v.models.lora.attach_loras)
 
     def set_kernels(self, fused: bool, pdl: bool = False) -> None:
         """Triton kernels where Triton runs (the caller checks): the decoder's norms, RoPE, SiLU and small-M GEMV;
@@ -196,9 +198,16 @@ class Phi3VForCausalLM(KernelSwitches, nn.Module):
 
     # ---------------------------------------------------------------- decoder
     def forward(self, x: Tensor, positions: Tensor, long_rope: Tensor,
-                attn: AttentionBackend | None = None) -> Tensor:
-        """Decoder hidden states (B, T, hidden), final norm applied. See `Phi3Model.forward`."""
-        return self.model(x, positions, long_rope, attn)
+                attn: AttentionBackend | None = None, lora: Tensor | None = None) -> Tensor:
+        """Decoder hidden states (B, T, hidden), final norm applied. See `Phi3Model.forward`. `lora` (B,) int64:
+        the per-request adapter of each row (0 = base; needs `self.loras`), None: the base model."""
+        if lora is None or self.loras is None:
+            return self.model(x, positions, long_rope, attn)
+        self.loras.select(lora)
+        try:
+            return self.model(x, positions, long_rope, attn)
+        finally:
+            self.loras.select(None)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., hidden) -> (..., vocab) float32 logits."""

@@ -15,20 +15,24 @@ import json
 import os
 import re
 import shutil
+from typing import Callable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from phi3v.config import Phi3VConfig
 from phi3v.models.phi3v import Phi3VForCausalLM
 from phi3v.models.quant import QuantLinear, QuantSpec, swap_linears
+from phi3v.models.tensor_files import TensorFile
 
-__all__ = ["load_model", "random_checkpoint", "checkpoint_files", "checkpoint_quantization", "check_quant_device"]
+__all__ = ["load_model", "random_checkpoint", "checkpoint_files", "checkpoint_quantization", "check_quant_device",
+           "param_name"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+BIN_SINGLE_FILE = "pytorch_model.bin"
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 
 # Checkpoint name -> model name (None: known duplicate or stale buffer, skipped).
 _RENAMES: list[tuple[re.Pattern[str], str | None]] = [
@@ -40,7 +44,8 @@ _RENAMES: list[tuple[re.Pattern[str], str | None]] = [
 ]
 
 
-def _model_name(ckpt_name: str) -> str | None:
+def param_name(ckpt_name: str) -> str | None:
+    """The model parameter a checkpoint name loads into (None: a known duplicate or stale buffer, skipped)."""
     for pat, repl in _RENAMES:
         if pat.search(ckpt_name):
             return None if repl is None else pat.sub(repl, ckpt_name)
@@ -48,22 +53,25 @@ def _model_name(ckpt_name: str) -> str | None:
 
 
 def checkpoint_files(folder: str) -> list[str]:
-    """The safetensors files of a checkpoint folder: the shards of the index, or the single file."""
-    index = os.path.join(folder, INDEX_FILE)
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index}: no weight_map")
-        files = [os.path.join(folder, n) for n in sorted(set(weight_map.values()))]
-        absent = [p for p in files if not os.path.isfile(p)]
-        if absent:
-            raise ValueError(f"{index} names shards that are missing: {', '.join(map(os.path.basename, absent))}")
-        return files
-    single = os.path.join(folder, SINGLE_FILE)
-    if os.path.isfile(single):
-        return [single]
-    raise ValueError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+    """The weight files of a checkpoint folder: the shards of the index, or the single file; safetensors
+    (`model*.safetensors`) first, else PyTorch pickles (`pytorch_model*.bin`, read with weights_only=True)."""
+    for index_name, single_name in ((INDEX_FILE, SINGLE_FILE), (BIN_INDEX_FILE, BIN_SINGLE_FILE)):
+        index = os.path.join(folder, index_name)
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index}: no weight_map")
+            files = [os.path.join(folder, n) for n in sorted(set(weight_map.values()))]
+            absent = [p for p in files if not os.path.isfile(p)]
+            if absent:
+                raise ValueError(f"{index} names shards that are missing: {', '.join(map(os.path.basename, absent))}")
+            return files
+        single = os.path.join(folder, single_name)
+        if os.path.isfile(single):
+            return [single]
+    raise ValueError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found "
+                     f"(nor {BIN_SINGLE_FILE} / {BIN_INDEX_FILE})")
 
 
 def _listing(title: str, items: list[str], limit: int = 20) -> str:
@@ -112,12 +120,15 @@ def _quant_plan(model: Phi3VForCausalLM, folder: str, quantization: str | QuantS
 
 def load_model(folder: str, config: Phi3VConfig, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.bfloat16,
-               quantization: str | QuantSpec | None = None) -> Phi3VForCausalLM:
+               quantization: str | QuantSpec | None = None,
+               patch: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> Phi3VForCausalLM:
     """Build `Phi3VForCausalLM` for `config` and fill it from the safetensors in `folder`.
 
     `quantization`: None (the checkpoint's own: bf16, or what `phi3v quantize` wrote), "fp8", "int4" or a
     QuantSpec (quantize the decoder's linear layers at load time). Raises ValueError listing missing keys,
     unexpected keys and shape mismatches (first 20 of each, with counts) before any tensor data is read.
+    `patch(model name, tensor)`: each checkpoint tensor passes through it before it is cast or quantized (a LoRA
+    adapter merged into the weights, phi3v.lora_io); it must keep the shape.
     """
     device = torch.device(device)
     with torch.device("meta"):
@@ -141,9 +152,9 @@ def load_model(folder: str, config: Phi3VConfig, device: torch.device | str = "c
     mismatched: list[str] = []
     duplicated: list[str] = []
     for path in checkpoint_files(folder):
-        with safe_open(path, framework="pt") as f:
+        with TensorFile(path) as f:
             for key in f.keys():
-                name = _model_name(key)
+                name = param_name(key)
                 if name is None or (tied and name == "lm_head.weight"):
                     continue
                 if name not in expected:
@@ -152,7 +163,7 @@ def load_model(folder: str, config: Phi3VConfig, device: torch.device | str = "c
                 if name in where:
                     duplicated.append(f"{key} (in {os.path.basename(where[name][0])} and {os.path.basename(path)})")
                     continue
-                shape = tuple(f.get_slice(key).get_shape())
+                shape = f.shape(key)
                 if shape != expected[name]:
                     mismatched.append(f"{key}: checkpoint {list(shape)}, model {list(expected[name])}")
                 where[name] = (path, key)
@@ -170,9 +181,9 @@ def load_model(folder: str, config: Phi3VConfig, device: torch.device | str = "c
     for name, (path, key) in where.items():
         by_file.setdefault(path, []).append((name, key))
     for path, entries in by_file.items():
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with TensorFile(path) as f:
             for name, key in entries:
-                t = f.get_tensor(key)
+                t = f.get(key) if patch is None else patch(name, f.get(key))
                 if name in at_load:  # quantized on the device, from the checkpoint's dtype
                     at_load[name].quantize_(t.to(device))
                     continue

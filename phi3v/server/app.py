@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phi3v import __version__
+from phi3v.lora_io import check_adapter_name
 from phi3v.processing.chat import PromptError
 from phi3v.processing.fetch import MIN_FETCH_RATE
 from phi3v.processing.image_io import MAX_IMAGE_PIXELS, ImageInputError
@@ -62,14 +63,36 @@ class Settings:
     dtype: str | None = None
     kv_cache_dtype: str = "auto"
     quantization: Any = None  # None, "fp8", "int4" or a phi3v.models.quant.QuantSpec
+    lora: str | None = None  # a LoRA adapter folder merged into the weights at load
+    loras: dict[str, str] = field(default_factory=dict)  # {name: folder}: adapters a request names in `model`
     max_body_bytes: int = 100 * 2**20
     engine_switches: dict[str, Any] = field(default_factory=dict)  # more EngineConfig fields (phi3v.cli.engine_switches)
     web_ui: bool = True  # the chat page at / (phi3v/server/webui.py); --no-web-ui turns it off
     cors_origins: tuple[str, ...] = ()  # origins allowed to call the API from a browser (--cors-origin); none: off
 
+    def __post_init__(self) -> None:
+        for name in self.loras:
+            check_adapter_name(name)
+        if self.model_id in self.loras:
+            raise ValueError(f"--lora {self.model_id}=...: an adapter cannot be named as the served model")
+
     @property
     def model_id(self) -> str:
         return self.served_model_name or self.model
+
+    def adapter(self, model: str) -> str | None:
+        """The per-request LoRA adapter a request's `model` names: the base model's id (None), an adapter's name or
+        `BASE:NAME` (as vLLM names them). APIError 404 for anything else."""
+        if model == self.model_id:
+            return None
+        base, sep, name = model.rpartition(":")
+        if model in self.loras:
+            return model
+        if sep and base == self.model_id and name in self.loras:
+            return name
+        served = ", ".join(repr(m) for m in [self.model_id, *self.loras])
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {served}", param="model",
+                       code="model_not_found")
 
 
 _err = error_response
@@ -90,7 +113,8 @@ class _State:
             t0 = time.perf_counter()
             llm = LLM(s.model, device=s.device, dtype=s.dtype, max_num_seqs=s.max_num_seqs,
                       max_model_len=s.max_model_len, allow_url_images=s.allow_url_images,
-                      kv_cache_dtype=s.kv_cache_dtype, quantization=s.quantization, **s.engine_switches)
+                      kv_cache_dtype=s.kv_cache_dtype, quantization=s.quantization, lora=s.lora,
+                      loras=s.loras or None, **s.engine_switches)
             llm.warmup()  # every CUDA graph and first kernel use now (blank requests), not as the first requests arrive
             load_kwargs = dict(allowed_dir=s.allowed_media_dir, allow_paths=s.allowed_media_dir is not None,
                                allow_urls=s.allow_url_images, max_bytes=s.max_image_bytes, timeout=s.image_timeout,
@@ -105,10 +129,12 @@ class _State:
             self.status, self.detail = "error", f"loading the model failed: {type(e).__name__}: {e}"
             log.exception("loading the model failed")
 
-    def model_card(self) -> ModelCard:
-        fe = self.frontend
-        return ModelCard(id=self.settings.model_id,
-                         max_model_len=fe.engine.max_model_len if fe else self.settings.max_model_len)
+    def model_cards(self) -> list[ModelCard]:
+        """The base model, then each per-request LoRA adapter (its parent is the base)."""
+        s, fe = self.settings, self.frontend
+        ctx = fe.engine.max_model_len if fe else s.max_model_len
+        return [ModelCard(id=s.model_id, root=s.model, max_model_len=ctx)] + [
+            ModelCard(id=name, root=path, parent=s.model_id, max_model_len=ctx) for name, path in s.loras.items()]
 
     def ready(self) -> Frontend:
         if self.frontend is None:
@@ -209,8 +235,6 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _add_service_routes(app: FastAPI, state: _State, errors: dict[int | str, Any]) -> None:
-    settings = state.settings
-
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health() -> JSONResponse:
         ok = state.status == "ok" and not (state.frontend and state.frontend.dead)
@@ -223,4 +247,4 @@ def _add_service_routes(app: FastAPI, state: _State, errors: dict[int | str, Any
 
     @app.get("/v1/models", response_model=ModelList, responses=errors)
     async def models() -> ModelList:
-        return ModelList(data=[state.model_card()])
+        return ModelList(data=state.model_cards())

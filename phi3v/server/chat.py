@@ -35,10 +35,11 @@ def add_chat_route(app: FastAPI, state: Any, errors: dict[int | str, Any]) -> No
     async def chat_completions(request: Request) -> Any:
         rid: str = request.scope["state"]["rid"]
         req = await parse_body(request, ChatCompletionRequest)
-        check_request(req, settings.model_id, settings.max_num_seqs)
+        adapter = check_request(req, settings)
         fe = state.ready()
         tp = req.tool_plan()
         params = req.sampling_params(fe.engine.max_model_len, tp)
+        params.lora = adapter
         check_params(params, fe)
         messages = req.internal_messages(tp)
         crops, n_images, streaming = req.crops(settings.num_crops), req.num_images(), req.stream
@@ -49,7 +50,7 @@ def add_chat_route(app: FastAPI, state: Any, errors: dict[int | str, Any]) -> No
         stream = await submit_unless_gone(fe, request, rid, held, params, crops, n_images)
         if stream is None:
             return Response(status_code=499)
-        tok, model = fe.llm.tokenizer, settings.model_id
+        tok, model = fe.llm.tokenizer, settings.model_id if adapter is None else adapter
         if streaming:
             return SSE(_chunks(rid, model, stream, tp, tok, include_usage), stream.close)
         done = await collect_unless_gone(request, stream)

@@ -91,9 +91,10 @@ def add_completions_route(app: FastAPI, state: Any, errors: dict[int | str, Any]
     async def completions(request: Request) -> Any:
         rid: str = request.scope["state"]["rid"]
         req = await parse_body(request, CompletionRequest)
-        check_request(req, settings.model_id, settings.max_num_seqs)
+        adapter = check_request(req, settings)
         fe = state.ready()
         params = req.sampling_params(fe.engine.max_model_len)
+        params.lora = adapter
         check_params(params, fe)
         inputs = PromptInput(req.text(), req.image_sources())
         echo = inputs.prompt if req.echo else ""
@@ -106,7 +107,7 @@ def add_completions_route(app: FastAPI, state: Any, errors: dict[int | str, Any]
         stream = await submit_unless_gone(fe, request, rid, held, params, crops, n_images)
         if stream is None:
             return Response(status_code=499)
-        tok, model = fe.llm.tokenizer, settings.model_id
+        tok, model = fe.llm.tokenizer, settings.model_id if adapter is None else adapter
         if streaming:
             return SSE(_chunks(rid, model, stream, tok, echo, include_usage), stream.close)
         done = await collect_unless_gone(request, stream)

@@ -314,6 +314,8 @@ class ModelCard(_Resp):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "phi3v"
+    root: str | None = None  # the checkpoint, or a LoRA adapter's folder
+    parent: str | None = None  # a LoRA adapter: the base model's id (as vLLM lists adapters)
     max_model_len: int | None = None
 
 

@@ -51,14 +51,13 @@ def add_extra_routes(app: FastAPI, state: Any, errors: dict[int | str, Any]) -> 
     settings = state.settings
 
     def check_model(model: str | None) -> None:
-        if model is not None and model != settings.model_id:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {settings.model_id!r}",
-                           param="model", code="model_not_found")
+        if model is not None:
+            settings.adapter(model)  # APIError 404 unless the base model or an adapter
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=errors)
     async def model(model_id: str) -> ModelCard:
-        check_model(model_id)
-        return state.model_card()
+        adapter = settings.adapter(model_id)
+        return next(c for c in state.model_cards() if c.id == (adapter or settings.model_id))
 
     @app.get("/version", response_model=VersionResponse)
     async def version() -> VersionResponse:

@@ -93,18 +93,19 @@ async def parse_body(request: Request, model: type[M]) -> M:
         raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors()]) from None
 
 
-def check_request(req: SamplingRequest, model_id: str, max_n: int) -> None:
-    """Unknown fields, the model's name and n, before any work."""
+def check_request(req: SamplingRequest, settings: Any) -> str | None:
+    """Unknown fields, the model's name and n, before any work. Returns the per-request LoRA adapter the `model`
+    field names (None: the base model); APIError 404 for a model that is not served."""
     unknown = req.unknown_fields()
     if unknown:
         raise APIError(400, f"unsupported parameter{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)} "
                        "(docs/server.md lists the supported ones)", param=unknown[0], code="unsupported_parameter")
-    if req.model != model_id:
-        raise APIError(404, f"the model {req.model!r} does not exist; this server serves {model_id!r}",
-                       param="model", code="model_not_found")
+    adapter = settings.adapter(req.model)
+    max_n = settings.max_num_seqs
     if (req.n or 1) > max_n:
         raise APIError(400, f"n is {req.n} but this server runs at most {max_n} sequences at once (--max-num-seqs)",
                        param="n", code="invalid_value")
+    return adapter
 
 
 def check_params(params: Any, fe: Frontend) -> None:
