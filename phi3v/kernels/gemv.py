@@ -77,9 +77,15 @@ BEST: dict[tuple[int, int, int], GemvConfig] = {
 }
 
 
-# FP8 weights (1 byte each): measured winners go here (benchmarks/quant_sweep.py prints them). Until then a shape
-# takes its bf16 entry, with twice the K elements per tile on the FMA path: the same bytes per load.
-BEST_FP8: dict[tuple[int, int, int], GemvConfig] = {}
+# FP8 weights (1 byte each): benchmarks/quant_sweep.py's winners at batch 1 (H200, CUDA-graph replays past L2,
+# 2026-12-04 s10_a/s10_b; the comment is the weight GB/s, docs/perf-log.md). The 'stream' variant never won. Other
+# shapes take their bf16 entry, with twice the K elements per tile on the FMA path: the same bytes per load.
+BEST_FP8: dict[tuple[int, int, int], GemvConfig] = {
+    (1, 9216, 3072): GemvConfig(8, 1024, 1, 4, 1, False),  # qkv 1,986
+    (1, 3072, 3072): GemvConfig(8, 1024, 1, 4, 1, False),  # o_proj 1,553
+    (1, 16384, 3072): GemvConfig(8, 1024, 1, 4, 1, False),  # gate_up 2,301
+    (1, 3072, 8192): GemvConfig(8, 1024, 1, 4, 1, False),  # down 2,005
+}
 
 
 if HAVE_TRITON:
@@ -194,9 +200,8 @@ def default_config(m: int, n: int, k: int, fp8: bool = False) -> GemvConfig:
     """BEST[(m, n, k)] (BEST_FP8 for fp8 weights), else the entry for the next larger tabled M of the same shape,
     else a heuristic."""
     if fp8:
-        for mm in range(m, MAX_M + 1):
-            if (mm, n, k) in BEST_FP8:
-                return BEST_FP8[(mm, n, k)]
+        if (m, n, k) in BEST_FP8:  # measured at its own M only: more rows need a smaller tile (registers)
+            return BEST_FP8[(m, n, k)]
         cfg = default_config(m, n, k)
         return cfg if cfg.dot else replace(cfg, block_k=min(2 * cfg.block_k, max(_pow2_at_least(k), 1)))
     for mm in range(m, MAX_M + 1):

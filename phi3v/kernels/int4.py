@@ -212,7 +212,8 @@ def linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, pdl: bool =
     m = x2.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m <= MAX_M:
-        cfg = gemv_config or Int4GemvConfig()
+        # block_n 8 at 1-2 rows: quant_sweep.py's winner at batch 1 on the H200 (docs/perf-log.md)
+        cfg = gemv_config or Int4GemvConfig(block_n=8 if m <= 2 else 4)
         want = cfg.block_k or (1024 if m <= 2 else 512 if m <= 4 else 256)  # the accumulator is M_PAD x tile
         block_k = max(g, min(want, 1 << (k - 1).bit_length()))  # a multiple of G, no longer than needed
         launch = pdl_args(x2, pdl)
