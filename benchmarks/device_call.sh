@@ -10,6 +10,7 @@
 #   bench          phi3v bench --parts abc (bf16), --compare the reference's JSON when there is one
 #   bench_fp8      the same with --kv-cache-dtype fp8
 #   bench_c        phi3v bench --parts c only (A/B of offline throughput)
+#   bench_abce     phi3v bench --parts abce (bf16)
 #   bench_e        phi3v bench --parts e only (a follow-up question and a second chat turn: prefix-cache hits)
 #   bench_fp8w, bench_int4w, bench_fp8w_kv8
 #                  phi3v bench --parts abc with --quantization fp8 / int4 / fp8 and --kv-cache-dtype fp8 (issue 20)
@@ -74,6 +75,7 @@ for step in "$@"; do
                 --model "$M" --create --verify-golden --n-offline "$REF_N" --json-out "$ref_json" >"$log" 2>&1 ;;
         bench) bench --parts abc $(compare) --json-out "$OUT/${TAG}_bench.json" >"$log" 2>&1 ;;
         bench_fp8) bench --parts abc --kv-cache-dtype fp8 $(compare) --json-out "$OUT/${TAG}_bench_fp8.json" >"$log" 2>&1 ;;
+        bench_abce) bench --parts abce --json-out "$OUT/${TAG}_bench_abce.json" >"$log" 2>&1 ;;
         bench_e) bench --parts e --json-out "$OUT/${TAG}_bench_e.json" >"$log" 2>&1 ;;
         bench_c) bench --parts c --json-out "$OUT/${TAG}_bench_c.json" >"$log" 2>&1 ;;
         bench_fp8w|bench_int4w) bench --parts abc --quantization "${step#bench_}" --json-out "$OUT/${TAG}_$step.json" \
@@ -82,7 +84,7 @@ for step in "$@"; do
             >"$log" 2>&1 ;;
         quant_check) python3 benchmarks/quant_check.py --model "$M" --out "$OUT/${TAG}_quant_check.json" >"$log" 2>&1 ;;
         quant_sweep) python3 benchmarks/quant_sweep.py --out "$OUT/${TAG}_quant_sweep.json" >"$log" 2>&1 ;;
-        lora) python3 benchmarks/lora_bench.py --model "$M" --json-out "$OUT/${TAG}_lora.json" >"$log" 2>&1 ;;
+        lora) python3 benchmarks/lora_bench.py --model "$M" --modes "${LORA_MODES:-base,merged,lora1,lora4,base}" --json-out "$OUT/${TAG}_lora.json" >"$log" 2>&1 ;;
         bench_c_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts c) >"$log" 2>&1 ;;
         gpu_tests) { PHI3V_GPU_OUT=/tmp/gpu_out python3 -m pytest -p no:cacheprovider -m gpu -q tests/gpu && \
                      PHI3V_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -q tests/test_engine_cache.py; } >"$log" 2>&1 ;;
