@@ -42,7 +42,7 @@ def test_per_request_adapters_with_graphs(tmp_path, report) -> None:
     for name, folder in [(None, CKPT), *merged.items()]:
         ref_llm = LLM(folder, device="cuda", dtype="fp32", max_model_len=4096)
         with torch.inference_mode():
-            refs[name] = [reference_tokens(ref_llm, ref_llm.prepare(p, imgs, params(None), nc), n)
+            refs[name] = [reference_tokens(ref_llm, ref_llm.prepare(p, [image_path(i) for i in imgs], params(None), nc), n)
                           for p, imgs, nc in CASES]
         del ref_llm
     want = [refs[lora][i // 3] for i, (_p, _imgs, _nc, lora) in enumerate(jobs)]
