@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from phi3v.processing.video import DEFAULT_FRAMES
 from phi3v.sampling_params import SamplingParams
 
 _REQ = ConfigDict(strict=True, extra="allow")
@@ -43,7 +44,21 @@ class ImagePart(_Req):
     image_url: ImageURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+class VideoURL(_Req):
+    url: Annotated[str, Field(min_length=1, description="data:video/...;base64,..., http(s):// (when enabled) "
+                                                        "or a path / file:// URI under --allowed-media-dir")]
+    num_frames: Annotated[int, Field(ge=1, le=64, description="frames sampled evenly, each sent as an image "
+                                                                 "(extension; default 8)")] | None = None
+
+
+class VideoPart(_Req):
+    """vLLM's video part: its frames are sampled evenly and become images (phi3v/processing/video.py)."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
 class ChatMessage(_Req):
@@ -62,6 +77,9 @@ class ChatMessage(_Req):
         for p in self.content:
             if isinstance(p, TextPart):
                 parts.append({"type": "text", "text": p.text})
+            elif isinstance(p, VideoPart):
+                parts.append({"type": "video_url", "video_url": {"url": p.video_url.url},
+                              "num_frames": p.video_url.num_frames or DEFAULT_FRAMES})
             else:
                 parts.append({"type": "image_url", "image_url": {"url": p.image_url.url}})
         return {"role": role, "content": parts}
@@ -119,8 +137,10 @@ class ChatCompletionRequest(_Req):
         return default
 
     def num_images(self) -> int:
-        return sum(1 for m in self.messages if isinstance(m.content, list)
-                   for p in m.content if isinstance(p, ImagePart))
+        """Images of the request, each video counting its frames."""
+        return sum(1 if isinstance(p, ImagePart) else (p.video_url.num_frames or DEFAULT_FRAMES)
+                   for m in self.messages if isinstance(m.content, list)
+                   for p in m.content if isinstance(p, (ImagePart, VideoPart)))
 
     def sampling_params(self, context_len: int) -> SamplingParams:
         """The engine's sampling parameters (ValueError -> 400). max_tokens defaults to the context."""
