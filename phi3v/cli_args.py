@@ -104,9 +104,9 @@ def serve_parser(sub: Any) -> None:
                    help="model id clients use (default: --model)")
     s.add_argument("--api-key", default=_env("API_KEY"), help="require 'Authorization: Bearer KEY' on /v1/*")
     s.add_argument("--allow-url-images", action="store_true", default=_env("ALLOW_URL_IMAGES", False, flag=True),
-                   help="fetch http(s) image URLs (public addresses only)")
+                   help="fetch http(s) image and video URLs (public addresses only)")
     s.add_argument("--allowed-media-dir", default=_env("ALLOWED_MEDIA_DIR"),
-                   help="local image paths are allowed under this folder")
+                   help="local image and video paths are allowed under this folder")
     s.add_argument("--max-num-seqs", type=int, default=_env("MAX_NUM_SEQS", 32), help="requests decoded at once")
     s.add_argument("--max-model-len", type=int, default=_env("MAX_MODEL_LEN", None), help="context per request")
     s.add_argument("--max-queue", type=int, default=_env("MAX_QUEUE", 256), help="waiting requests before 429")
