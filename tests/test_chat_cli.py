@@ -93,6 +93,7 @@ def term():
     os.close(t.fd)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_answer_and_unknown_commands_give_help(term: Term) -> None:
     at = term.expect("> ")
     term.send("/foo\r")
@@ -118,6 +119,7 @@ def test_ctrl_c_stops_the_answer_and_unknown_commands_give_help(term: Term) -> N
     assert term.out[at:].replace("\r", "") == "\n"
 
 
+@pytest.mark.slow
 def test_ctrl_c_drops_a_typed_line_and_quits_at_an_empty_prompt(term: Term) -> None:
     at = term.expect("> ")
     term.send("half a question")

@@ -38,6 +38,7 @@ def test_readme_has_the_snippets_this_test_expects() -> None:
     assert "LLM(" in code and "llm.stream(" in code and "OpenAI(" in code and "json_schema=" in code
 
 
+@pytest.mark.slow
 def test_readme_python_snippets_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, srv, capsys) -> None:
     from server_harness import MODEL_ID
 
