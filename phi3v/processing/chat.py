@@ -72,14 +72,14 @@ def render_chat(
     """Render chat messages to the Phi-3-vision prompt text and the list of images it references.
 
     messages: [{"role": "system"|"user"|"assistant", "content": str | list[part]}], where a part is
-    {"type": "text", "text": str}, {"type": "image", "image": <source>} or
+    {"type": "text", "text": str}, {"type": "image", "image": <source>},
     {"type": "image_url", "image_url": {"url": str} | str}, {"type": "video", "video": <source>, "num_frames": N}
     or {"type": "video_url", "video_url": {"url": str, "num_frames": N}} (N frames, default 8, each an image).
     Image parts are numbered 1..n in order of appearance over all messages and each becomes
-    `<|image_k|>\\n` at its place (a video part: one such tag per frame, the frames `VideoFrame`s); consecutive text parts are joined with "\\n". String content is
-    kept verbatim (it may carry its own `<|image_k|>` tags for images passed separately), but
-    literal tags may not be mixed with image parts. `<|assistant|>\\n` is appended when
-    add_generation_prompt is set and the last message is not from the assistant.
+    `<|image_k|>\\n` at its place (a video part: one such tag per frame, its frames `VideoFrame`s in the list);
+    consecutive text parts are joined with "\\n". String content is kept verbatim (it may carry its own
+    `<|image_k|>` tags for images passed separately), but literal tags may not be mixed with image parts.
+    `<|assistant|>\\n` is appended when add_generation_prompt is set and the last message is not from the assistant.
     Returns (prompt, images), images being the sources in tag order.
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):

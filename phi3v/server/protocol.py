@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from phi3v.processing.video import DEFAULT_FRAMES
+from phi3v.processing.video import DEFAULT_FRAMES, MAX_FRAMES
 from phi3v.sampling_params import SamplingParams
 
 _REQ = ConfigDict(strict=True, extra="allow")
@@ -47,7 +47,7 @@ class ImagePart(_Req):
 class VideoURL(_Req):
     url: Annotated[str, Field(min_length=1, description="data:video/...;base64,..., http(s):// (when enabled) "
                                                         "or a path / file:// URI under --allowed-media-dir")]
-    num_frames: Annotated[int, Field(ge=1, le=64, description="frames sampled evenly, each sent as an image "
+    num_frames: Annotated[int, Field(ge=1, le=MAX_FRAMES, description="frames sampled evenly, each sent as an image "
                                                                  "(extension; default 8)")] | None = None
 
 
