@@ -17,7 +17,7 @@ import sys
 import threading
 from typing import Any, Iterator
 
-from phi3v.cli import _load, _one_line, _params, _user_message
+from phi3v.cli import _load, _one_line, _params, _user_message, check_frames
 
 COMMANDS = ("/image PATH attaches an image to your next message, /video PATH attaches frames of a video (--frames), "
             "/reset clears the conversation, /help shows this, /quit leaves")
@@ -99,6 +99,7 @@ def _answer(deltas: Iterator[str], stopper: _Stopper) -> tuple[str, bool]:
 class _Chat:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
+        check_frames(a)
         self.params = _params(a)
         self.llm = _load(a)
         self.system = [{"role": "system", "content": a.system}] if a.system else []

@@ -99,10 +99,20 @@ def _user_message(text: str, images: list[str], videos: list[str] | None = None,
     return {"role": "user", "content": parts}
 
 
+def check_frames(a: argparse.Namespace) -> None:
+    """--frames, checked before the model loads."""
+    from phi3v.processing.video import MAX_FRAMES
+
+    if a.video and not 1 <= a.frames <= MAX_FRAMES:
+        raise ValueError(f"--frames must be from 1 to {MAX_FRAMES}, got {a.frames}")
+
+
 def cmd_run(a: argparse.Namespace) -> int:
+    check_frames(a)
     params = _params(a)
     llm = _load(a)
-    messages = ([{"role": "system", "content": a.system}] if a.system else []) + [_user_message(a.prompt, a.image or [], a.video, a.frames)]
+    system = [{"role": "system", "content": a.system}] if a.system else []
+    messages = system + [_user_message(a.prompt, a.image or [], a.video, a.frames)]
     if a.json:
         c = llm.chat(messages, params, num_crops=a.num_crops)
         print(json.dumps({"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,

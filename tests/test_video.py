@@ -131,6 +131,9 @@ def test_cli_run_with_a_video(capsys, llm: LLM, video_file: Path) -> None:
     assert code == 0, out.err
     ref = llm.chat(_video_msg(str(video_file), 3), SamplingParams(max_tokens=6), num_crops=1)
     assert json.loads(out.out)["token_ids"] == ref.token_ids
+    code = main(["run", "--model", CKPT, "--video", str(video_file), "--frames", "0", "Hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("phi3v: error: --frames must be from 1 to 64") and err.count("\n") == 1
 
 
 def test_server_video_url_part(srv) -> None:
