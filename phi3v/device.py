@@ -52,20 +52,26 @@ def default_cpu_threads(hidden_size: int, cores: int) -> int:
     return 1 if hidden_size < MIN_HIDDEN_FOR_THREADS else max(1, cores)
 
 
+_set_by_rule: int | None = None  # the count setup_cpu_threads set last (not the user's, if still in force)
+
+
 def _threads_set_by_user() -> bool:
     """Whether the thread count is the user's: PyTorch's own variables are set, or torch.set_num_threads changed
-    the count from PyTorch's default (one per physical core, within the CPU affinity)."""
+    the count from PyTorch's default (one per physical core, within the CPU affinity) and from what the rule set."""
     if any(os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
         return True
-    return torch.get_num_threads() != min(physical_cores(), os.cpu_count() or 1)
+    n = torch.get_num_threads()
+    return n != min(physical_cores(), os.cpu_count() or 1) and n != _set_by_rule
 
 
 def setup_cpu_threads(requested: int | None, hidden_size: int) -> int:
     """Set PyTorch's intra-op threads for a CPU engine: `requested`, else the user's own setting if any, else the
     rule (default_cpu_threads). Returns the count in force."""
+    global _set_by_rule
     if requested is None and _threads_set_by_user():
         return torch.get_num_threads()
     n = requested if requested is not None else default_cpu_threads(hidden_size, physical_cores())
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
+    _set_by_rule = n if requested is None else None
     return n

@@ -119,7 +119,7 @@ def test_cpu_threads_applied_unless_the_user_chose(monkeypatch) -> None:
     try:
         torch.set_num_threads(min(cores, os.cpu_count() or 1))  # PyTorch's untouched default
         assert setup_cpu_threads(None, 64) == 1 == torch.get_num_threads()  # the rule: tiny -> one thread
-        torch.set_num_threads(min(cores, os.cpu_count() or 1))
+        # a full-size engine after a tiny one: the rule's own 1 is not taken for the user's choice
         assert setup_cpu_threads(None, 3072) == cores == torch.get_num_threads()  # full size -> every core
         torch.set_num_threads(cores + 2)  # the user's torch.set_num_threads: kept
         assert setup_cpu_threads(None, 64) == cores + 2 == torch.get_num_threads()
