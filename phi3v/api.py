@@ -22,7 +22,7 @@ from phi3v.engine.config import EngineConfig
 from phi3v.engine.grammar import Grammars
 from phi3v.driver import RequestDriver
 from phi3v.engine.graphs import CAPTURE_LOCK
-from phi3v.hub import resolve_model
+from phi3v.hub import DEFAULT_MODEL, resolve_model
 from phi3v.lora_io import load_adapters
 from phi3v.models.lora import attach_loras
 from phi3v.models.quant import QuantSpec
@@ -33,9 +33,10 @@ from phi3v.processing.image import ImageProcessor
 from phi3v.processing.image_io import load_image
 from phi3v.processing.limits import TokenBudget, check_text
 from phi3v.processing.tokenizer import Tokenizer
+from phi3v.processing.video import VideoFrame
 from phi3v.sampling_params import SamplingParams
 
-DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
+__all__ = ["DEFAULT_MODEL", "LLM", "PreparedRequest", "Completion"]
 
 
 @dataclass
@@ -135,6 +136,7 @@ class LLM:
         that cannot fit the context, found before the work that costs: from the text's length, then from each
         image's header size, before it is decoded or cropped), or limits.Cancelled once `cancel` is set."""
         t0 = time.perf_counter()
+        images, sampling_params = _images_and_params(images, sampling_params)
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         params = sampling_params or SamplingParams()
@@ -151,7 +153,10 @@ class LLM:
         load_kwargs.setdefault("allow_urls", self.allow_url_images)
         inputs, counts = [], []
         for src in images:
-            img = load_image(src, check_size=budget.add_image, **load_kwargs)
+            if isinstance(src, VideoFrame):  # a frame of a video part (decoded, with the same limits, once)
+                img = src.load(check_size=budget.add_image, **load_kwargs)
+            else:
+                img = load_image(src, check_size=budget.add_image, **load_kwargs)
             budget.check_cancel()
             # the GPU part must not overlap a CUDA-graph capture on the engine's thread
             # crops in the model's dtype: what CLIP casts them to first anyway, at half the memory of
@@ -246,7 +251,9 @@ class LLM:
     def generate(self, prompt: str, images: list[Any] | None = None, sampling_params: SamplingParams | None = None,
                  num_crops: int | None = None) -> Any:
         """`prompt` already in the chat format with `<|image_N|>` tags, as the reference processor takes it.
-        Returns a Completion, or a list of `n` Completions (choice order) when `sampling_params.n > 1`."""
+        Returns a Completion, or a list of `n` Completions (choice order) when `sampling_params.n > 1`.
+        `generate(prompt, SamplingParams(...))` (no images) works too."""
+        images, sampling_params = _images_and_params(images, sampling_params)
         return self._one(self.prepare(prompt, images, sampling_params, num_crops))
 
     def chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
@@ -256,7 +263,10 @@ class LLM:
 
     def stream(self, prompt_or_messages: str | list[dict[str, Any]], images: list[Any] | None = None,
                sampling_params: SamplingParams | None = None, num_crops: int | None = None) -> Iterator[str]:
-        """Text deltas as they are generated: a prompt string (with `images`) or chat messages (n = 1 only)."""
+        """Text deltas as they are generated: a prompt string (with `images`) or chat messages (n = 1 only).
+        `stream(messages, SamplingParams(...))` works: a SamplingParams in the place of `images` is taken as the
+        sampling parameters."""
+        images, sampling_params = _images_and_params(images, sampling_params)
         if sampling_params is not None and sampling_params.n != 1:
             raise ValueError("stream() generates one answer: use n=1 (chat/generate/run take n > 1)")
         if isinstance(prompt_or_messages, str):
@@ -290,6 +300,16 @@ class LLM:
                 out[i] = done
         return out
 
+
+
+def _images_and_params(images: Any, params: SamplingParams | None) -> tuple[Any, SamplingParams | None]:
+    """A SamplingParams passed positionally where `images` stands (`stream(messages, SamplingParams())`) is
+    taken as the sampling parameters."""
+    if isinstance(images, SamplingParams):
+        if params is not None:
+            raise TypeError("SamplingParams given twice: pass images as a list, or sampling_params once")
+        return None, images
+    return images, params
 
 
 class _Prefetch:

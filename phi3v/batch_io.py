@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from phi3v.extras import install_hint
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 RECORD_KEYS = ("id", "text", "finish_reason", "usage", "timings", "error")
 
@@ -175,7 +177,7 @@ def _need(module: str, what: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ValueError(f"{what} needs {module.split('.')[0]}: pip install 'phi3v[ray]'") from None
+        raise ValueError(f"{what} needs {module.split('.')[0]}: {install_hint('ray')}") from None
 
 
 def _row_item(i: int, row: dict[str, Any], cols: Columns, prompt: str | None, base: str | None) -> InputItem:

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from phi3v.engine.config import KV_CACHE_DTYPES
 
 PROMPT = "<|user|>\n<|image_1|>\nDescribe the image in detail.<|end|>\n<|assistant|>\n"
 MIXED_SIZES = [(1344, 1344), (1600, 900), (900, 1600), (800, 600), (2000, 500), (640, 640), (1024, 768), (500, 2000)]
@@ -213,36 +212,6 @@ def kv_capacity(llm: Any, free_bytes: int, utilization: float, out_tokens: int) 
     blocks = max(0, budget // (bs * bpt))
     return {"d_kv_budget_gib": budget / 2**30, "d_kv_bytes_per_token": bpt, "d_16crop_seq_tokens": prompt + out_tokens,
             "d_concurrent_16crop_seqs": blocks // per_seq, "d_kv_blocks_allocated": eng.cache.n_blocks}
-
-
-def add_parser(sub: Any) -> None:
-    b = sub.add_parser("bench", help="measure decode tokens/s, time to first token, offline throughput, memory")
-    b.add_argument("--model", default=None, help="checkpoint folder or repo id")
-    b.add_argument("--random", default=None, metavar="CONFIG_DIR",
-                   help="write a random-weight checkpoint with this folder's config.json first (full size)")
-    b.add_argument("--tokenizer", default=None, help="folder with tokenizer.json etc. for --random")
-    b.add_argument("--out-dir", default="/tmp/phi3v-random-checkpoint")
-    b.add_argument("--device", default=None)
-    b.add_argument("--dtype", default=None)
-    b.add_argument("--max-num-seqs", type=int, default=64)
-    b.add_argument("--max-model-len", type=int, default=3072)
-    b.add_argument("--decode-tokens", type=int, default=256)
-    b.add_argument("--n-offline", type=int, default=64)
-    b.add_argument("--offline-tokens", type=int, default=200)
-    b.add_argument("--parts", default="abc", help="which of (a) decode, (b) TTFT, (c) offline, (e) follow-up "
-                   "question and second chat turn, (f) long prompts (--max-model-len 110000 or more) to run")
-    b.add_argument("--prep-workers", type=int, default=None, help="(c): preparation threads (default min(8, cpus); 0: prepare all first)")
-    b.add_argument("--profile-prefill", action="store_true", help="(c): time vision / embeds / decoder prefill "
-                   "(adds syncs)")
-    b.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    b.add_argument("--kv-cache-dtype", default="auto",
-                   help=f"{' | '.join(KV_CACHE_DTYPES)}; fp8: e4m3 KV cache (changed numerics; not the reference's outputs)")
-    from phi3v.cli import add_quant_args
-
-    add_quant_args(b)
-    b.add_argument("--compare", default=None, help="JSON of the reference recipe's numbers: print ratios")
-    b.add_argument("--json-out", default=None)
-    b.set_defaults(fn=cmd_bench)
 
 
 def cmd_bench(a: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+DEFAULT_MODEL = "microsoft/Phi-3-vision-128k-instruct"
+
 # configs, tokenizer files and weights; never the repos' remote code (*.py) or pickles (*.bin)
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 
@@ -27,7 +29,19 @@ def resolve_model(model: str, revision: str | None = None) -> str:
     try:
         return snapshot_download(repo_id=model, revision=revision, allow_patterns=ALLOW_PATTERNS)
     except Exception as e:  # network, auth, missing repo, offline cache miss
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = ("it is not in the local cache (HF_HUB_OFFLINE is set)" if offline
-                else "check the repo id and your network, or download it once and pass the folder")
-        raise ValueError(f"could not get model {model!r} from the Hugging Face Hub: {type(e).__name__}: {e}. {hint}") from e
+        raise ValueError(hub_error(model, e)) from e
+
+
+def hub_error(model: str, e: BaseException) -> str:
+    """One line for a failed download: what happened, and the local-folder way around it."""
+    local = "or pass a local checkpoint folder: --model FOLDER (Python: LLM(FOLDER))"
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    if offline or type(e).__name__ == "LocalEntryNotFoundError":
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        return (f"model {model!r} is not in the local Hugging Face cache and {why}: download it once while online, "
+                f"{local}")
+    detail = " ".join(str(e).split()).rstrip(".")
+    if len(detail) > 160:
+        detail = detail[:157] + "..."
+    return (f"could not download model {model!r} from the Hugging Face Hub ({type(e).__name__}: {detail}): check the "
+            f"repo id and your network, {local}")

@@ -301,16 +301,6 @@ def load_adapters(merge: str | None, per_request: Mapping[str, str] | None, conf
 
 
 # ---------------------------------------------------------------------------------------------- the command line
-LORA_HELP = ("LoRA adapter, a PEFT folder (adapter_config.json + adapter_model.safetensors or .bin): PATH merges it "
-             "into the weights at load (no cost per token); NAME=PATH (repeatable) loads it to be chosen per request "
-             "(serve: the request's model field NAME or BASE:NAME; batch: a record's \"lora\": NAME; run/chat: the "
-             "one named adapter answers)")
-
-
-def add_lora_arg(p: Any, default: list[str] | None = None) -> None:
-    p.add_argument("--lora", action="append", default=default, metavar="[NAME=]PATH", help=LORA_HELP)
-
-
 def cli_loras(values: list[str] | None, one_request: bool) -> tuple[str | None, dict[str, str], str | None]:
     """`--lora` values -> (merged path, {name: path}, the adapter a `run`/`chat` request uses: `one_request`)."""
     merged, named = parse_lora_args(values)

@@ -14,12 +14,11 @@ import argparse
 import json
 import os
 import shutil
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from phi3v.models.quant import METHODS, QuantSpec
+from phi3v.models.quant import QuantSpec
 
 COPIED = ("preprocessor_config.json", "generation_config.json", "processor_config.json", "tokenizer.json",
           "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json")
@@ -86,15 +85,3 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"phi3v: wrote {spec.method} checkpoint to {a.output} ({nbytes / 2**30:.2f} GiB of weights)")
     return 0
-
-
-def add_parser(sub: Any) -> None:
-    q = sub.add_parser("quantize",
-                       help="write a checkpoint with fp8 or int4 decoder weights (loads without bf16 files)")
-    q.add_argument("--model", required=True, help="bf16 checkpoint: local folder or Hugging Face repo id")
-    q.add_argument("--quantization", required=True, choices=METHODS)
-    q.add_argument("--output", required=True, help="folder to write")
-    q.add_argument("--group-size", type=int, default=128, help="int4: weights per scale along K (default 128)")
-    q.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: kept bf16)")
-    q.add_argument("--device", default=None, help="where to quantize (default: cuda if available)")
-    q.set_defaults(fn=cmd_quantize)

@@ -142,7 +142,7 @@ def test_bad_model_paths(capsys, tmp_path) -> None:
         code, _, err = _run(capsys, ["run", "--model", "microsoft/Phi-3-vision-128k-instruct", "--device", "cpu", "Hi"])
     finally:
         del os.environ["HF_HUB_OFFLINE"]
-    assert code == 2 and "could not get model" in err and err.count("\n") == 1
+    assert code == 2 and "not in the local Hugging Face cache" in err and "--model FOLDER" in err and err.count("\n") == 1
 
 
 def test_checkpoint_missing_weights_lists_keys(tmp_path) -> None:

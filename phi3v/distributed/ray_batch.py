@@ -30,6 +30,7 @@ from concurrent.futures import Future
 from typing import Any, Iterator
 
 from phi3v import batch_io
+from phi3v.extras import install_hint
 from phi3v.sampling_params import SamplingParams
 
 
@@ -38,7 +39,7 @@ def _ray() -> Any:
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise ValueError("--ray needs Ray Data: pip install 'phi3v[ray]'") from None
+        raise ValueError(f"--ray needs Ray Data: {install_hint('ray')}") from None
     return ray
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 KV_CACHE_DTYPES = ("auto", "fp8")
+QUANT_METHODS = ("fp8", "int4")  # decoder weight quantization (phi3v/models/quant.py)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class EngineConfig:
     long_prefill_chunk: int = 16384  # tokens per forward (bigger chunks: fewer passes over the cached past)
     image_cache_size: int = 32  # projected image features kept for reuse (entries)
     enable_prefix_caching: bool = True  # reuse the KV blocks of an earlier request's identical prefix
+    # PyTorch threads on a CPU device. None: 1 for decoders narrower than 256 (tiny ones, whose ops are too small to
+    # split), all physical cores for wider ones (phi3v.device.default_cpu_threads), unless the user set a count
+    # (torch.set_num_threads, OMP_NUM_THREADS / MKL_NUM_THREADS), which is then kept. Process-wide, like PyTorch's.
+    cpu_threads: int | None = None
     # ---- speed switches (for debugging and A/B runs: each off gives the same tokens, slower)
     cuda_graphs: bool | None = None  # decode / short prefill / vision as CUDA graphs (None: on CUDA)
     vision_graphs: bool = True  # the vision tower's graphs (with cuda_graphs)
@@ -58,6 +63,8 @@ class EngineConfig:
                 bad(f"{name} must be an integer >= 1, got {v!r}")
         if self.paged_prefill not in ("past", "all", "off"):
             bad(f"paged_prefill must be past, all or off, not {self.paged_prefill!r}")
+        if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
+            bad(f"cpu_threads must be an integer >= 1 or None (automatic), got {self.cpu_threads!r}")
         if not isinstance(self.image_cache_size, int) or self.image_cache_size < 0:
             bad(f"image_cache_size must be an integer >= 0, got {self.image_cache_size!r}")
 

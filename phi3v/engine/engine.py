@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from phi3v.config import Phi3VConfig
+from phi3v.device import setup_cpu_threads
 from phi3v.engine.config import EngineConfig
 from phi3v.engine.grammar import Grammars
 from phi3v.engine.images import ImageInput
@@ -49,6 +51,8 @@ class Engine:
         self.options = o = options or EngineConfig()
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        if self.device.type == "cpu":
+            setup_cpu_threads(o.cpu_threads, config.hidden_size)
         max_len = min(o.max_model_len or 16384, config.max_position_embeddings)
         kv_dtype = kv_storage_dtype(o.kv_cache_dtype, self.dtype)
         bpt = KVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, kv_dtype)
@@ -144,8 +148,9 @@ class Engine:
             if img.key is None:
                 img.key = hashlib.blake2b(img.crops.cpu().numpy().tobytes(), digest_size=16).hexdigest()
         rid = rid or self.sched.new_id()
-        seed = params.seed if params.seed is not None else \
-            int.from_bytes(hashlib.blake2b(rid.encode(), digest_size=8).digest(), "little") >> 1
+        # unseeded sampling draws its seed from the OS: two runs of the same request differ (the seed is kept in
+        # the Sequence, so a preempted request still resumes with the same tokens)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = Sequence(rid=rid, prompt_ids=list(prompt_ids), params=params, images=images,
                        eos_ids=frozenset(self.cfg.eos_token_ids), seed=seed, lora=self.lora_index(params.lora))
         if params.constrained:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from phi3v.engine.config import QUANT_METHODS
 from phi3v.kernels import fp8_act, gemv, int4
 
 __all__ = ["QuantSpec", "QuantLinear", "FP8Linear", "Int4Linear", "swap_linears", "quantize_fp8",
@@ -44,7 +45,7 @@ __all__ = ["QuantSpec", "QuantLinear", "FP8Linear", "Int4Linear", "swap_linears"
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
-METHODS = ("fp8", "int4")
+METHODS = QUANT_METHODS
 DECODER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 

@@ -14,6 +14,7 @@ import re
 from typing import Any, Sequence
 
 from phi3v.processing.tokenizer import Tokenizer
+from phi3v.processing.video import DEFAULT_FRAMES, VideoFrame, VideoSource, check_num_frames
 
 __all__ = ["PromptError", "IMAGE_TAG", "ROLES", "expand_placeholders", "render_chat", "tokenize_prompt"]
 
@@ -46,19 +47,39 @@ def _image_source(part: dict, where: str) -> Any:
     return value
 
 
+def _video_source(part: dict, where: str) -> VideoSource:
+    """A video part ({"type": "video", "video": src} or {"type": "video_url", "video_url": {"url": src}}, each with
+    an optional "num_frames") -> its VideoSource."""
+    value = part.get(part["type"])
+    n = part.get("num_frames")
+    if part["type"] == "video_url":
+        if isinstance(value, dict):
+            n = value.get("num_frames", n)
+            value = value.get("url")
+        if not isinstance(value, str) or not value:
+            raise PromptError(f"{where}: video_url part needs 'video_url': {{'url': '...'}} with a non-empty string")
+    elif value is None:
+        raise PromptError(f"{where}: video part has no 'video' field (expected a path, URL, data URI or bytes)")
+    try:
+        return VideoSource(value, check_num_frames(DEFAULT_FRAMES if n is None else n, f"{where}.num_frames"))
+    except ValueError as e:
+        raise PromptError(str(e)) from None
+
+
 def render_chat(
     messages: Sequence[dict], *, add_generation_prompt: bool = True
 ) -> tuple[str, list]:
     """Render chat messages to the Phi-3-vision prompt text and the list of images it references.
 
     messages: [{"role": "system"|"user"|"assistant", "content": str | list[part]}], where a part is
-    {"type": "text", "text": str}, {"type": "image", "image": <source>} or
-    {"type": "image_url", "image_url": {"url": str} | str}.
+    {"type": "text", "text": str}, {"type": "image", "image": <source>},
+    {"type": "image_url", "image_url": {"url": str} | str}, {"type": "video", "video": <source>, "num_frames": N}
+    or {"type": "video_url", "video_url": {"url": str, "num_frames": N}} (N frames, default 8, each an image).
     Image parts are numbered 1..n in order of appearance over all messages and each becomes
-    `<|image_k|>\\n` at its place; consecutive text parts are joined with "\\n". String content is
-    kept verbatim (it may carry its own `<|image_k|>` tags for images passed separately), but
-    literal tags may not be mixed with image parts. `<|assistant|>\\n` is appended when
-    add_generation_prompt is set and the last message is not from the assistant.
+    `<|image_k|>\\n` at its place (a video part: one such tag per frame, its frames `VideoFrame`s in the list);
+    consecutive text parts are joined with "\\n". String content is kept verbatim (it may carry its own
+    `<|image_k|>` tags for images passed separately), but literal tags may not be mixed with image parts.
+    `<|assistant|>\\n` is appended when add_generation_prompt is set and the last message is not from the assistant.
     Returns (prompt, images), images being the sources in tag order.
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
@@ -103,9 +124,15 @@ def render_chat(
                     images.append(_image_source(part, pwhere))
                     text += f"<|image_{len(images)}|>\n"
                     prev_text = False
+                elif ptype in ("video", "video_url"):  # its frames, as images (Phi-3.5-vision's multi-frame prompt)
+                    video = _video_source(part, pwhere)
+                    for i in range(video.num_frames):
+                        images.append(VideoFrame(video, i))
+                        text += f"<|image_{len(images)}|>\n"
+                    prev_text = False
                 else:
                     raise PromptError(f"{pwhere}: unsupported content part type {ptype!r}; "
-                                      "expected 'text', 'image' or 'image_url'")
+                                      "expected 'text', 'image', 'image_url', 'video' or 'video_url'")
         else:
             raise PromptError(f"{where} ({role}): content must be a string or a list of parts, "
                               f"got {type(content).__name__}")

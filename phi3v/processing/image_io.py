@@ -204,7 +204,8 @@ def load_image(
     scheme = m.group(1).lower() if m else ""
     if scheme in ("http", "https"):
         if not allow_urls:
-            raise ImageInputError("image URLs are disabled here; download the image and send it as base64 data")
+            raise ImageInputError("image URLs are disabled here: enable them with LLM(..., allow_url_images=True) or "
+                                  "`phi3v serve --allow-url-images`, or send the image as base64 data")
         data = fetch_url(src, FetchLimits(max_bytes, timeout, deadline, min_rate))
         return _decode_bytes(data, f"image from {_show(src)}", max_bytes, limit, check_size)
     if scheme == "file":

@@ -30,10 +30,11 @@ def pool_kind(messages: list[dict[str, Any]]) -> str:
     kind = "text"
     for m in messages:
         for p in m.get("content") if isinstance(m.get("content"), list) else ():
-            if not isinstance(p, dict) or p.get("type") not in ("image_url", "image"):
+            if not isinstance(p, dict) or p.get("type") not in ("image_url", "image", "video_url", "video"):
                 continue
             kind = "images"
-            url = (p.get("image_url") or {}).get("url", "") if p.get("type") == "image_url" else p.get("image")
+            key = p["type"]
+            url = (p.get(key) or {}).get("url", "") if key.endswith("_url") else p.get(key)
             if isinstance(url, str) and url[:8].lower().startswith(("http://", "https://")):
                 return "fetch"
     return kind

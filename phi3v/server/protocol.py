@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from phi3v.processing.video import DEFAULT_FRAMES, MAX_FRAMES
 from phi3v.sampling_params import SamplingParams
 from phi3v.server.tools import (Tool, ToolCall, ToolChoice, ToolPlan, plan, render_calls, render_result,
                                 with_tools_prompt)
@@ -53,7 +54,21 @@ class ImagePart(_Req):
         return None if isinstance(self.image_url, str) else self.image_url.detail
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+class VideoURL(_Req):
+    url: Annotated[str, Field(min_length=1, description="data:video/...;base64,..., http(s):// (when enabled) "
+                                                        "or a path / file:// URI under --allowed-media-dir")]
+    num_frames: Annotated[int, Field(ge=1, le=MAX_FRAMES, description="frames sampled evenly, each sent as an image "
+                                                                 "(extension; default 8)")] | None = None
+
+
+class VideoPart(_Req):
+    """vLLM's video part: its frames are sampled evenly and become images (phi3v/processing/video.py)."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
 class ChatMessage(_Req):
@@ -88,6 +103,9 @@ class ChatMessage(_Req):
         for p in self.content:
             if isinstance(p, TextPart):
                 parts.append({"type": "text", "text": p.text})
+            elif isinstance(p, VideoPart):
+                parts.append({"type": "video_url", "video_url": {"url": p.video_url.url},
+                              "num_frames": p.video_url.num_frames or DEFAULT_FRAMES})
             else:
                 parts.append({"type": "image_url", "image_url": {"url": p.url}})
         return {"role": role, "content": parts}
@@ -189,8 +207,10 @@ class ChatCompletionRequest(SamplingRequest):
         return default
 
     def num_images(self) -> int:
-        return sum(1 for m in self.messages if isinstance(m.content, list)
-                   for p in m.content if isinstance(p, ImagePart))
+        """Images of the request, each video counting its frames."""
+        return sum(1 if isinstance(p, ImagePart) else (p.video_url.num_frames or DEFAULT_FRAMES)
+                   for m in self.messages if isinstance(m.content, list)
+                   for p in m.content if isinstance(p, (ImagePart, VideoPart)))
 
     def tool_plan(self) -> ToolPlan | None:
         """How the answer is constrained to a tool call (None: plain text). ValueError -> 400."""
