@@ -21,6 +21,8 @@
 #                  LoRA adapters (issue 23; cost_vs_base per mode)
 #   bench_c_base   the same from the package copy in $BASE (default .ab_base, carried: an earlier commit's
 #                  phi3v/, e.g. `git archive HEAD phi3v | tar -x -C .ab_base`), for an A/B in one call
+#   bench_parts, bench_parts_base
+#                  phi3v bench --parts $PARTS (default b) from this tree and from $BASE: an A/B of any part
 #   gpu_tests      python -m pytest -m gpu tests/gpu (golden parity on CUDA, the engine against the reference
 #                  generator, the fp8 KV kernels), then tests/test_engine_cache.py on CUDA (prefix-cache hits,
 #                  preemption, the LongRoPE crossing, chunked long prompts, against the reference generator)
@@ -86,8 +88,12 @@ for step in "$@"; do
         quant_sweep) python3 benchmarks/quant_sweep.py --out "$OUT/${TAG}_quant_sweep.json" >"$log" 2>&1 ;;
         lora) python3 benchmarks/lora_bench.py --model "$M" --modes "${LORA_MODES:-base,merged,lora1,lora4,base}" --json-out "$OUT/${TAG}_lora.json" >"$log" 2>&1 ;;
         bench_c_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts c) >"$log" 2>&1 ;;
-        gpu_tests) { PHI3V_GPU_OUT=/tmp/gpu_out python3 -m pytest -p no:cacheprovider -m gpu -q tests/gpu && \
-                     PHI3V_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -q tests/test_engine_cache.py; } >"$log" 2>&1 ;;
+        bench_parts) bench --parts "${PARTS:-b}" --json-out "$OUT/${TAG}_bench_parts.json" >"$log" 2>&1 ;;
+        bench_parts_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts "${PARTS:-b}") \
+            >"$log" 2>&1 ;;
+        gpu_tests) { PHI3V_GPU_OUT=/tmp/gpu_out python3 -m pytest -p no:cacheprovider -m gpu -q tests/gpu; r1=$?
+                     PHI3V_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -q tests/test_engine_cache.py; r2=$?
+                     [ $r1 -eq 0 ] && [ $r2 -eq 0 ]; } >"$log" 2>&1 ;;
         profile_decode|profile_prefill|profile_ttft|profile_offline|profile_followup)
             python3 benchmarks/profiler.py "${step#profile_}" --folder "$M" --out "$OUT/${TAG}_$step.json" >"$log" 2>&1 ;;
         attention) python3 benchmarks/attention_sweep.py --out "$OUT/${TAG}_attention.json" >"$log" 2>&1 ;;
