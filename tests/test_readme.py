@@ -2,7 +2,7 @@
 
 Every ```python block of README.md runs, in order, in one namespace (as a reader would paste them into one
 session), in a folder holding the files they name (cover.jpg, a.png, b.png, photo.png: golden test images;
-clip.mp4: a small generated video). The only substitution:
+clip.mp4: a small generated video; receipts-lora, charts-lora: random PEFT adapters for the tiny checkpoint). The only substitution:
 the Hugging Face model ids become the tiny checkpoint's folder (in a block that talks to a server through the
 `openai` client: the test server's model id, and its address for http://127.0.0.1:8000).
 """
@@ -42,11 +42,15 @@ def test_readme_has_the_snippets_this_test_expects() -> None:
 def test_readme_python_snippets_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, srv, capsys) -> None:
     from server_harness import MODEL_ID
 
+    from lora_common import random_layers, write_adapter
     from test_video import make_video
 
     for name, src in FILES.items():
         shutil.copyfile(IMAGES / src, tmp_path / name)
     (tmp_path / "clip.mp4").write_bytes(make_video())
+    for seed, name in enumerate(("receipts-lora", "charts-lora")):
+        write_adapter(str(tmp_path / name), random_layers(["qkv_proj", "down_proj"], 4, seed), 4, 8,
+                      ["qkv_proj", "down_proj"])
     monkeypatch.chdir(tmp_path)
     ns: dict = {"__name__": "__readme__"}
     for i, code in enumerate(snippets()):
