@@ -146,35 +146,7 @@ def load_model(folder: str, config: Phi3VConfig, device: torch.device | str = "c
             at_load[f"{name}.weight"] = mod
     tied = config.tie_word_embeddings
 
-    # Pass 1: headers only (names and shapes).
-    where: dict[str, tuple[str, str]] = {}  # model name -> (file, checkpoint name)
-    unexpected: list[str] = []
-    mismatched: list[str] = []
-    duplicated: list[str] = []
-    for path in checkpoint_files(folder):
-        with TensorFile(path) as f:
-            for key in f.keys():
-                name = param_name(key)
-                if name is None or (tied and name == "lm_head.weight"):
-                    continue
-                if name not in expected:
-                    unexpected.append(key)
-                    continue
-                if name in where:
-                    duplicated.append(f"{key} (in {os.path.basename(where[name][0])} and {os.path.basename(path)})")
-                    continue
-                shape = f.shape(key)
-                if shape != expected[name]:
-                    mismatched.append(f"{key}: checkpoint {list(shape)}, model {list(expected[name])}")
-                where[name] = (path, key)
-    missing = sorted(n for n in expected if n not in where)
-    if missing or unexpected or mismatched or duplicated:
-        parts = [f"checkpoint {folder} does not match the model built from its config:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", sorted(unexpected)),
-                             ("shape mismatches", mismatched), ("duplicated keys", duplicated)):
-            if items:
-                parts.append(_listing(title, items))
-        raise ValueError("\n".join(parts))
+    where = _locate(folder, expected, tied)  # pass 1: headers only (names and shapes)
 
     # Pass 2: data, one tensor at a time, file by file.
     by_file: dict[str, list[tuple[str, str]]] = {}
@@ -231,6 +203,40 @@ def _hf_config_dict(config: Phi3VConfig) -> dict:
                               "layer_norm_eps": v.layer_norm_eps, "hidden_act": v.hidden_act},
         },
     }
+
+def _locate(folder: str, expected: dict[str, tuple[int, ...]], tied: bool) -> dict[str, tuple[str, str]]:
+    """{model name: (file, checkpoint name)} from the checkpoint's headers; ValueError listing missing,
+    unexpected, mismatched and duplicated keys before any tensor data is read."""
+    where: dict[str, tuple[str, str]] = {}
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    duplicated: list[str] = []
+    for path in checkpoint_files(folder):
+        with TensorFile(path) as f:
+            for key in f.keys():
+                name = param_name(key)
+                if name is None or (tied and name == "lm_head.weight"):
+                    continue
+                if name not in expected:
+                    unexpected.append(key)
+                    continue
+                if name in where:
+                    duplicated.append(f"{key} (in {os.path.basename(where[name][0])} and {os.path.basename(path)})")
+                    continue
+                shape = f.shape(key)
+                if shape != expected[name]:
+                    mismatched.append(f"{key}: checkpoint {list(shape)}, model {list(expected[name])}")
+                where[name] = (path, key)
+    missing = sorted(n for n in expected if n not in where)
+    if missing or unexpected or mismatched or duplicated:
+        parts = [f"checkpoint {folder} does not match the model built from its config:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", sorted(unexpected)),
+                             ("shape mismatches", mismatched), ("duplicated keys", duplicated)):
+            if items:
+                parts.append(_listing(title, items))
+        raise ValueError("\n".join(parts))
+    return where
+
 
 
 def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, device: str) -> torch.Tensor:

@@ -31,7 +31,8 @@ from phi3v.server.chat import add_chat_route
 from phi3v.server.completions import CompletionRequest, add_completions_route
 from phi3v.server.frontend import Frontend, QueueFull, RequestFailed, ServerMetrics
 from phi3v.server.middleware import RequestGuard, error_response
-from phi3v.server.protocol import ChatCompletionRequest, ErrorResponse, Health, ModelCard, ModelList, validation_message
+from phi3v.server.protocol import ChatCompletionRequest, ErrorResponse, Health, ModelCard, ModelList
+from phi3v.server.validation import validation_message
 from phi3v.server.routes_extra import add_extra_routes
 from phi3v.server.serving import APIError
 from phi3v.server.webui import add_web_ui
