@@ -24,7 +24,6 @@ import pickle
 import queue
 import sys
 import threading
-import time
 import types
 from concurrent.futures import Future
 from typing import Any, Iterator
