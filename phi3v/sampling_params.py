@@ -94,7 +94,7 @@ class SamplingParams:
 
     def for_choice(self, i: int) -> "SamplingParams":
         """The parameters of choice i of an n > 1 request: n=1; a given seed is kept by choice 0 and mixed with
-        i for the others (distinct draws, reproducible; without a seed each choice's request id seeds it)."""
+        i for the others (distinct draws, reproducible; without a seed each choice draws its own from the OS)."""
         seed = self.seed
         if seed is not None and i > 0:
             digest = hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest()

@@ -208,3 +208,58 @@ def test_a_short_suffix_graph_step_equals_its_eager_prefill_in_the_interpreter()
     logits and cache contents as the eager chunk after the same prefix; padding rows change nothing."""
     out = run_interpreted(SUFFIX_SCRIPT)
     assert out.count("ok") == 3, out
+
+
+TWO_SUFFIXES_SCRIPT = r"""
+import torch
+from phi3v import LLM, SamplingParams
+from phi3v.engine.config import EngineConfig
+from phi3v.engine.engine import Engine
+
+llm = LLM("tests/data/tiny-phi3v", device="cpu", dtype="fp32", max_num_seqs=4, max_model_len=256, kv_block_size=16,
+          fused_kernels=False)
+text = ("<|user|>\nCount slowly: one two three four five six seven eight nine ten eleven twelve, then back down: "
+        "twelve eleven ten nine eight seven six five four three two one.<|end|>\n<|assistant|>\n")
+ids = llm.prepare(text, [], SamplingParams()).prompt_ids
+common = ids[:48]
+A, B = common + ids[5:12], common + ids[20:30]  # both suffixes in the 16-token bucket
+p = SamplingParams(max_tokens=4, ignore_eos=True)
+
+eng = Engine(llm.model, llm.config, EngineConfig(max_num_seqs=4, max_model_len=256, kv_block_size=16,
+                                                 fused_kernels=False))
+assert eng.runner.prefiller.suffix is not None
+eng.cache.triton = False  # torch everywhere except the suffix step (SuffixAttention always runs the kernel)
+r = eng.runner.suffix
+r.use_graphs = True
+
+class FakeGraph:  # what a CUDA graph does: each replay writes into the same static output buffer
+    def __init__(self, fn):
+        self.fn = fn
+    def replay(self):
+        self.fn()
+
+def capture(b, like):
+    io = r.buffers(b, like)
+    io["logits"] = r.forward(io).clone()
+    return FakeGraph(lambda: io["logits"].copy_(r.forward(io))), io
+
+r._capture = capture
+eng.add_request(common + [ids[3]], [], p)
+eng.run_to_completion()  # caches the 48-token prefix
+alone = []
+for q in (A, B):
+    rid = eng.add_request(q, [], p)
+    alone.append(eng.run_to_completion()[rid])
+ra, rb = eng.add_request(A, [], p), eng.add_request(B, [], p)
+out = eng.run_to_completion()
+assert eng.stats.get("suffix_graphs", 0) >= 4, eng.stats
+assert [out[ra], out[rb]] == alone, (alone, [out[ra], out[rb]])
+print("ok")
+"""
+
+
+def test_two_suffixes_in_one_step_keep_their_own_logits_in_the_interpreter() -> None:
+    """Two follow-ups after one cached prefix, admitted together, replay the same bucket's graph one after the other
+    in one prefill step: each keeps its own logits (a graph's output buffer is the next replay's) and gives the
+    tokens it gives alone."""
+    assert run_interpreted(TWO_SUFFIXES_SCRIPT).strip().endswith("ok")

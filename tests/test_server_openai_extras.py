@@ -133,6 +133,18 @@ def test_n_choices(client):
     assert finals == [0, 1, 2]
 
 
+def test_n_choices_whose_first_token_ends_them_do_not_hang(srv):
+    """Choice 0 ends on its first token (max_tokens=1, or a stop string it matches at once): its siblings, which join
+    after that token, still run while nothing else is in flight."""
+    client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=20)
+    r = client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=1, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2] and r.usage.completion_tokens == 3
+    first = client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=1).choices[0].message.content
+    r = client.completions.create(model=MODEL_ID, prompt="<|user|>\nHi<|end|>\n<|assistant|>\n", max_tokens=4, n=2,
+                                  stop=[first[:1]] if first else None)
+    assert [c.index for c in r.choices] == [0, 1]
+
+
 def test_n_over_the_server_limit_is_400(srv):
     assert_openai_error(httpx.post(srv.base_url + "/chat/completions", json=chat_body(ASK, n=99)), 400)
 

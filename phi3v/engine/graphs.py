@@ -198,7 +198,7 @@ class PrefillRunner:
         if "lora" in io:
             io["lora"].copy_(lora)
         graph.replay()
-        return io["logits"]
+        return io["logits"].clone()  # the static buffer is the next replay's: a step may hold several results
 
     def _buffers(self, b: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
         """The static inputs of bucket b's graph (`like`: a (., hidden) tensor of the activations' dtype)."""
@@ -254,7 +254,7 @@ class SuffixRunner:
         graph, io = entry
         fill_suffix_inputs(io, embeds, rows, flag, table, self.cache)
         graph.replay()
-        return io["logits"]
+        return io["logits"].clone()  # the static buffer is the next replay's: a step may hold several results
 
     def forward(self, io: dict[str, torch.Tensor]) -> torch.Tensor:
         """The step on buffers `io` (buffers(), fill_suffix_inputs): the last real token's logits (1, V)."""

@@ -67,10 +67,17 @@ class ModelRunner:
         self.images = ImageFeatures(model, self.vision, self.device, options.image_cache_size)
         self.prefill_kernel = PrefillKernelOptions(options.paged_prefill, dict(options.prefill_attn_configs))
         self.prefiller = Prefiller(model, cache, self.prefill_graphs, options.prefill_chunk, stats, self.prefill_kernel,
-                                   options.long_prefill_chunk, self.suffix if cache.triton else None)
+                                   options.long_prefill_chunk, self.suffix if self._suffix_graphs(options) else None)
         self.time_phases = False  # benchmarks: sync around the prefill phases and add their times to stats
         self._bt_cache: tuple[tuple[tuple[Sequence, int, int], ...], torch.Tensor] | None = None
         self._samp_cache: tuple[Any, ...] | None = None
+
+    def _suffix_graphs(self, options: EngineConfig) -> bool:
+        """Whether a short chunk after cached positions replays as a SuffixRunner graph: it needs the Triton kernels
+        (and a prefix cache to make such chunks common); per-request LoRA adapters and the paged prefill kernel
+        switched off keep every such chunk eager."""
+        return (self.cache.triton and options.enable_prefix_caching and options.paged_prefill != "off"
+                and not self.lora)
 
     # ---------------------------------------------------------------- prefill
     def prefill(self, chunks: list[PrefillChunk]) -> tuple[list[Sequence], torch.Tensor | None, dict[Sequence, str]]:

@@ -303,7 +303,8 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     if paged:
         k = v = q  # unused
     assert k.stride(2) == 1 and v.stride(2) == 1
-    out = torch.empty(t_len, hq, d, device=q.device, dtype=q.dtype)
+    # dynamic T: rows from T on (padding) are never written; zeros, not garbage, flow on through the layer
+    out = (torch.zeros if isinstance(start, Tensor) else torch.empty)(t_len, hq, d, device=q.device, dtype=q.dtype)
     if t_len == 0:
         return out
     d_lo, d_hi = _split_head_dim(d)

@@ -250,8 +250,9 @@ class Frontend:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self._drain(block=not self.engine.has_unfinished())
-                if self.engine.has_unfinished():
+                # the driver's view: sibling choices of an n > 1 request wait in it for the next step
+                self._drain(block=not self.driver.has_unfinished())
+                if self.driver.has_unfinished():
                     self._step()
                 self._gauges()
             except Exception as e:  # a bug in the loop itself: fail everything in flight, keep going
