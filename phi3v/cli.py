@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from phi3v.cli_args import build_parser  # the parsers: no torch import
+from phi3v.cli_args import build_parser, serve_env_lists  # the parsers: no torch import
 from phi3v.engine.config import KV_CACHE_DTYPES
 from phi3v.extras import install_hint
 from phi3v.sampling_params import SamplingParams
@@ -149,6 +149,8 @@ def cmd_batch(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     import logging
+
+    serve_env_lists(a)
 
     for flag, value, low in (("--port", a.port, 0), ("--max-num-seqs", a.max_num_seqs, 1),
                              ("--max-queue", a.max_queue, 0), ("--max-images-per-request", a.max_images_per_request, 0),

@@ -97,6 +97,16 @@ def video_args(p: argparse.ArgumentParser, first: str) -> None:
     p.add_argument("--frames", type=int, default=8, help="frames sampled from each --video")
 
 
+def serve_env_lists(a: argparse.Namespace) -> argparse.Namespace:
+    """`serve`'s repeatable flags (--lora, --cors-origin) from PHI3V_LORA / PHI3V_CORS_ORIGIN (comma-separated) when
+    the flag is not given: an `append` default would be extended by the flags, where every other PHI3V_<FLAG> is
+    replaced by its flag."""
+    for attr, var in (("lora", "LORA"), ("cors_origin", "CORS_ORIGIN")):
+        if getattr(a, attr, None) is None:
+            setattr(a, attr, [v for v in (_env(var) or "").split(",") if v] or None)
+    return a
+
+
 def _env(name: str, default: Any = None, flag: bool = False) -> Any:
     """Default of a `serve` flag from PHI3V_<NAME>; argparse converts (and checks) string defaults itself."""
     raw = os.environ.get("PHI3V_" + name)
@@ -143,11 +153,11 @@ def serve_parser(sub: Any) -> None:
     s.add_argument("--kv-cache-dtype", default=_env("KV_CACHE_DTYPE", "auto"), help=KV_HELP)
     add_quant_args(s, {"QUANTIZATION": _env("QUANTIZATION", "none"),
                        "QUANTIZE_LM_HEAD": _env("QUANTIZE_LM_HEAD", False, flag=True)})
-    add_lora_arg(s, [v for v in (_env("LORA") or "").split(",") if v] or None)  # PHI3V_LORA: comma-separated
+    add_lora_arg(s)  # PHI3V_LORA (comma-separated): cli.cmd_serve, when no --lora is given
     s.add_argument("--no-web-ui", action="store_true", default=_env("NO_WEB_UI", False, flag=True),
                    help="do not serve the browser chat page at / (the API is unchanged)")
     s.add_argument("--cors-origin", action="append", metavar="ORIGIN",
-                   default=[o for o in (_env("CORS_ORIGIN") or "").split(",") if o] or None,
+                   default=None,  # PHI3V_CORS_ORIGIN: cli.cmd_serve, when no --cors-origin is given
                    help="let browser pages from ORIGIN (e.g. http://localhost:3000, or *) call the API; repeatable "
                         "(PHI3V_CORS_ORIGIN: comma-separated); default: no CORS headers")
     s.add_argument("--replicas", type=int, default=_env("REPLICAS", None),

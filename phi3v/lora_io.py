@@ -74,6 +74,8 @@ def parse_lora_args(values: list[str] | None) -> tuple[str | None, dict[str, str
     named: dict[str, str] = {}
     for v in values or []:
         name, eq, path = v.partition("=")
+        if eq and not _NAME.match(name) and not os.path.isdir(v):
+            check_adapter_name(name)  # NAME=PATH with a bad name: say so, not "not an adapter folder"
         if eq and _NAME.match(name) and not os.path.isdir(v):
             if name in named:
                 raise ValueError(f"--lora {name}=...: the name {name!r} is given twice")

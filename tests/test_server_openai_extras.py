@@ -299,11 +299,15 @@ def test_cors_only_when_enabled(srv):
 
 def test_cors_origin_flag_and_env(monkeypatch):
     from phi3v.cli import build_parser
+    from phi3v.cli_args import serve_env_lists
+
+    def parse(*argv):
+        return serve_env_lists(build_parser().parse_args(["serve", *argv]))
 
     monkeypatch.delenv("PHI3V_CORS_ORIGIN", raising=False)
-    a = build_parser().parse_args(["serve"])
-    assert not a.cors_origin
-    a = build_parser().parse_args(["serve", "--cors-origin", "http://a.example", "--cors-origin", "http://b.example"])
+    assert not parse().cors_origin
+    a = parse("--cors-origin", "http://a.example", "--cors-origin", "http://b.example")
     assert a.cors_origin == ["http://a.example", "http://b.example"]
     monkeypatch.setenv("PHI3V_CORS_ORIGIN", "http://c.example,http://d.example")
-    assert build_parser().parse_args(["serve"]).cors_origin == ["http://c.example", "http://d.example"]
+    assert parse().cors_origin == ["http://c.example", "http://d.example"]
+    assert parse("--cors-origin", "http://a.example").cors_origin == ["http://a.example"]  # the flag replaces it

@@ -221,7 +221,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ValueError)
     async def _value(request: Request, e: ValueError) -> JSONResponse:
-        param = "messages" if isinstance(e, (ImageInputError, PromptError)) else None
+        # where the prompt came from: chat's messages, or the prompt of /v1/completions and /tokenize
+        where = "messages" if request.url.path.endswith("/chat/completions") else "prompt"
+        param = where if isinstance(e, (ImageInputError, PromptError)) else None
         code = "invalid_image" if isinstance(e, ImageInputError) else getattr(e, "code", None)
         return _err(400, " ".join(str(e).split()) or "invalid request", param=param, code=code)
 

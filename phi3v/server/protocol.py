@@ -83,9 +83,11 @@ class ChatMessage(_Req):
         naming the call it answers, assistant tool_calls -> JSON in its turn: tools.py). call_names: tool call id
         -> function name, from the earlier assistant messages."""
         role = "system" if self.role == "developer" else self.role
+        if role == "tool" or (self.tool_calls and role == "assistant"):
+            if isinstance(self.content, list) and any(not isinstance(p, TextPart) for p in self.content):
+                raise ValueError(f"a {'tool' if role == 'tool' else 'tool-calling assistant'} message may hold "
+                                 "text only (no images or videos)")
         if role == "tool":
-            if isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content):
-                raise ValueError("a tool message may hold text only")
             text = self.content if isinstance(self.content, str) else "\n".join(
                 p.text for p in self.content or [] if isinstance(p, TextPart))
             name = (call_names or {}).get(self.tool_call_id or "") or self.name
@@ -165,7 +167,7 @@ class SamplingRequest(_Req):
             return None
         out = {}
         for k, v in self.logit_bias.items():
-            if not k.strip().isdigit():
+            if not (k.strip().isascii() and k.strip().isdigit()):  # isdigit alone takes '²' and '٣'
                 raise ValueError(f"logit_bias keys must be token ids (integers as strings), got {k!r}")
             out[int(k)] = v
         return out
