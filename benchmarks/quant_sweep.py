@@ -3,7 +3,8 @@
 cuBLAS bf16 and torch._scaled_mm FP8 on the same shape. Prints the best config per shape and how far the default
 is from it; JSON to --out.
 
-Usage: python benchmarks/quant_sweep.py [--rows 1,4] [--out $OUT/quant_sweep.json]
+Each config is timed as CUDA-graph replays (a decode step's kernels are replayed from graphs).
+Usage: python benchmarks/quant_sweep.py [--rows 1,4] [--gemm] [--out $OUT/quant_sweep.json]
 Smoke run on the CPU: TRITON_INTERPRET=1 python benchmarks/quant_sweep.py --smoke (tiny shapes, a few configs)
 """
 
@@ -81,9 +82,9 @@ def sweep_gemv(n: int, k: int, rows: int, dev: str, smoke: bool = False) -> dict
     out = {}
     fp8 = _copies(quantize_fp8(w))
     fp8_bytes = n * k + 4 * n
-    cfgs = [GemvConfig(8, 1024, 1, 4, 1, False), GemvConfig(64, 128, 1, 4, 3, True)]
-    cfgs += [GemvConfig(bn, bk, sk, nw, 1, False, stream=True)
-             for bn, bk, sk, nw in itertools.product((4, 8, 16), (512, 1024, 2048), (1, 2), (4, 8)) if bk <= k]
+    cfgs = [GemvConfig(bn, bk, sk, nw, 1, False)
+            for bn, bk, sk, nw in itertools.product((4, 8, 16), (512, 1024, 2048), (1, 2), (4, 8)) if bk <= k]
+    cfgs += [GemvConfig(bn, 128, sk, 4, 3, True) for bn, sk in itertools.product((32, 64), (1, 4))]
     cfgs = cfgs[::12] if smoke else cfgs
     r = _best(lambda c: graph_cycle([lambda q=q, s=s: gemv.linear(x, q, c, scale=s) for q, s in fp8]), cfgs,
               gemv.default_config(rows, n, k, fp8=True))
@@ -92,9 +93,7 @@ def sweep_gemv(n: int, k: int, rows: int, dev: str, smoke: bool = False) -> dict
     out["fp8_gemv"] = r
     i4 = _copies(quantize_int4(w, 128))
     i4_bytes = n * k // 2 + 4 * n * k // 128
-    cfgs = [Int4GemvConfig(8, 1024, 4)]
-    cfgs += [Int4GemvConfig(bn, bk, nw, stream=True) for bn, bk, nw in itertools.product((4, 8, 16), (512, 1024, 2048),
-                                                                                         (4, 8))]
+    cfgs = [Int4GemvConfig(bn, bk, nw) for bn, bk, nw in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
     cfgs = cfgs[::16] if smoke else cfgs
     r = _best(lambda c: graph_cycle([lambda t=t: int4.linear(x, *t, gemv_config=c) for t in i4]), cfgs,
               Int4GemvConfig())

@@ -19,7 +19,6 @@ configs = [
     GemvConfig(block_n=32, block_k=32, split_k=8),
     GemvConfig(block_n=16, block_k=64, split_k=2, dot=True),
     GemvConfig(block_n=32, block_k=256, split_k=4, dot=True),
-    GemvConfig(block_n=4, block_k=128, split_k=3, stream=True),  # the next tile in flight; uneven split
 ]
 n_cases = 0
 # shapes with tails in N and K for every config (75 % 8, 37 % 32, ...), several K tiles (2100: 3 of 1024, a

@@ -39,15 +39,11 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 2  # pipelining depth of the K loop; only the dot path's loads get pipelined
     dot: bool = False  # tl.dot with x padded to 16 rows (tensor cores), else multiply-and-sum in fp32
-    # FMA path: sum each tile over K at once into a (rows, BLOCK_N) accumulator and load the next tile before
-    # using this one (two tiles in flight per program, a small register footprint: more programs per SM)
-    stream: bool = False
 
     def __post_init__(self) -> None:
         for v in (self.block_n, self.block_k):
             assert v >= 1 and v & (v - 1) == 0, "block sizes must be powers of 2"
         assert self.split_k >= 1 and (not self.dot or min(self.block_n, self.block_k) >= 16), self
-        assert not (self.stream and self.dot), self
 
 
 # Measured winners, pasted from benchmarks/gemv_sweep.py's output; the comment is the speedup vs cuBLAS.
@@ -78,8 +74,8 @@ BEST: dict[tuple[int, int, int], GemvConfig] = {
 
 
 # FP8 weights (1 byte each): benchmarks/quant_sweep.py's winners at batch 1 (H200, CUDA-graph replays past L2,
-# 2026-12-04 s10_a/s10_b; the comment is the weight GB/s, docs/perf-log.md). The 'stream' variant never won. Other
-# shapes take their bf16 entry, with twice the K elements per tile on the FMA path: the same bytes per load.
+# 2026-12-04 s10_a/s10_b; the comment is the weight GB/s, docs/perf-log.md; a variant with the next tile in flight
+# never won, deleted since). Other shapes take their bf16 entry, with twice the K elements per tile on the FMA path: the same bytes per load.
 BEST_FP8: dict[tuple[int, int, int], GemvConfig] = {
     (1, 9216, 3072): GemvConfig(8, 1024, 1, 4, 1, False),  # qkv 1,986
     (1, 3072, 3072): GemvConfig(8, 1024, 1, 4, 1, False),  # o_proj 1,553
@@ -118,7 +114,7 @@ if HAVE_TRITON:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, k_per_split, M_PAD: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-                     HAS_SCALE: tl.constexpr, PDL: tl.constexpr, STREAM: tl.constexpr):
+                     HAS_SCALE: tl.constexpr, PDL: tl.constexpr):
         # grid (cdiv(N, BLOCK_N), splits); x (M, K), w (N, K), out (splits, M, N): the fp32 partials, or
         # directly y (M, N) in x's dtype when there is one split. k_per_split is a multiple of BLOCK_K.
         # HAS_SCALE: w is fp8 and scale (N,) fp32 multiplies output feature n.
@@ -131,46 +127,24 @@ if HAVE_TRITON:
         w_row = rows.to(tl.int64) * K  # int64: N*K is 1e8 for lm_head, larger models overflow int32
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)  # the last split may be shorter
-        if STREAM:  # next tile in flight while this one is summed (the mask stops at the split's end)
-            y = _stream_loop(x_ptr, w_ptr, w_row, n_ok, ms, m_ok, k_lo, k_hi, K, M_PAD, BLOCK_N, BLOCK_K, PDL)
+        if USE_DOT:
+            acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+        else:  # elementwise products, summed over K once after the loop (no shuffles inside it)
+            acc = tl.zeros((M_PAD, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        start = k_lo
+        if PDL:  # the first W tile is read before waiting for x: no kernel writes weights
+            pdl_trigger(PDL)
+            w = _w_tile(w_ptr, w_row, n_ok, k_lo, K, BLOCK_K, USE_DOT)
+            pdl_wait(PDL)
+            acc = _gemv_step(x_ptr, w, acc, ms, m_ok, k_lo, K, BLOCK_K, USE_DOT, IEEE)
+            start = k_lo + BLOCK_K
+        for k0 in range(start, k_hi, BLOCK_K):
+            w = _w_tile(w_ptr, w_row, n_ok, k0, K, BLOCK_K, USE_DOT)
+            acc = _gemv_step(x_ptr, w, acc, ms, m_ok, k0, K, BLOCK_K, USE_DOT, IEEE)
+        if USE_DOT:
+            y = acc
         else:
-            if USE_DOT:
-                acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-            else:  # elementwise products, summed over K once after the loop (no shuffles inside it)
-                acc = tl.zeros((M_PAD, BLOCK_N, BLOCK_K), dtype=tl.float32)
-            start = k_lo
-            if PDL:  # the first W tile is read before waiting for x: no kernel writes weights
-                pdl_trigger(PDL)
-                w = _w_tile(w_ptr, w_row, n_ok, k_lo, K, BLOCK_K, USE_DOT)
-                pdl_wait(PDL)
-                acc = _gemv_step(x_ptr, w, acc, ms, m_ok, k_lo, K, BLOCK_K, USE_DOT, IEEE)
-                start = k_lo + BLOCK_K
-            for k0 in range(start, k_hi, BLOCK_K):
-                w = _w_tile(w_ptr, w_row, n_ok, k0, K, BLOCK_K, USE_DOT)
-                acc = _gemv_step(x_ptr, w, acc, ms, m_ok, k0, K, BLOCK_K, USE_DOT, IEEE)
-            if USE_DOT:
-                y = acc
-            else:
-                y = tl.sum(acc, axis=2)  # (M_PAD, BLOCK_N)
-        _gemv_store(y, scale_ptr, out_ptr, rows, ms, n_ok, m_ok, pid_k, M, N, HAS_SCALE)
-
-    @triton.jit
-    def _stream_loop(x_ptr, w_ptr, w_row, n_ok, ms, m_ok, k_lo, k_hi, K, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-        pdl_trigger(PDL)
-        w = _w_tile(w_ptr, w_row, n_ok, k_lo, k_hi, BLOCK_K, False)
-        pdl_wait(PDL)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            w_next = _w_tile(w_ptr, w_row, n_ok, k0 + BLOCK_K, k_hi, BLOCK_K, False)
-            ks = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + ms[:, None] * K + ks[None, :], mask=m_ok[:, None] & (ks < K)[None, :], other=0.0)
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-            w = w_next
-        return acc
-
-    @triton.jit
-    def _gemv_store(y, scale_ptr, out_ptr, rows, ms, n_ok, m_ok, pid_k, M, N, HAS_SCALE: tl.constexpr):
+            y = tl.sum(acc, axis=2)  # (M_PAD, BLOCK_N)
         if HAS_SCALE:
             y = y * tl.load(scale_ptr + rows, mask=n_ok, other=0.0)[None, :]
         dst = out_ptr + pid_k * M * N + ms[:, None] * N + rows[None, :]  # splits * M * N < 2**31: int32
@@ -249,7 +223,7 @@ def linear(x: Tensor, weight: Tensor, config: GemvConfig | None = None, pdl: boo
     _gemv_kernel[(_cdiv(n, cfg.block_n), splits)](
         x2, weight, weight if scale is None else scale, dst, m, n, k, k_per_split,
         M_PAD=16 if cfg.dot else _pow2_at_least(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.dot,
-        IEEE=x.dtype == torch.float32, HAS_SCALE=scale is not None, STREAM=cfg.stream, num_warps=cfg.num_warps,
+        IEEE=x.dtype == torch.float32, HAS_SCALE=scale is not None, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **pdl_args(x2, pdl))
     if splits > 1:
         _splitk_sum_kernel[(_cdiv(m * n, 1024),)](dst, out, m * n, SPLITS=splits, BLOCK=1024, num_warps=4,

@@ -41,7 +41,6 @@ class Int4GemvConfig:
     block_k: int = 0  # K elements per tile, a power of 2 >= G (0: 1024 for 1-2 rows, 512 for 3-4, 256 beyond);
     # shortened to K when K is shorter
     num_warps: int = 4
-    stream: bool = False  # sum each tile at once into a (rows, BLOCK_N) accumulator, the next tile in flight
 
 
 @dataclass(frozen=True)
@@ -89,8 +88,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _int4_gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, out_ptr, M, N, K, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, G: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
-                          STREAM: tl.constexpr):
+                          BLOCK_K: tl.constexpr, G: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr):
         # grid (cdiv(N, BLOCK_N),); x (M, K), qweight (N, K/2), scales/mins (N, K/G), out (M, N) in x's dtype.
         # A tile is (BLOCK_N, GPT, G/2) bytes: GPT whole groups, so a group's scale and min broadcast along
         # the last axis (no per-element gathers); products summed over the last two axes after the loop.
@@ -103,32 +101,20 @@ if HAVE_TRITON:
         m_ok = ms < M
         qrow = rows.to(tl.int64) * (K // 2)
         srow = rows.to(tl.int64) * (K // G)
-        if STREAM:  # each tile summed at once, the next one in flight
-            y = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-            pdl_trigger(PDL)
+        acc = tl.zeros((M_PAD, BLOCK_N, GPT, HALF), dtype=tl.float32)
+        pdl_trigger(PDL)
+        start = 0
+        if EARLY:  # no kernel writes weights: read them while the previous kernel drains
             b, s, mn = _gemv_tile(qw_ptr, s_ptr, m_ptr, qrow, srow, n_ok, 0, K, GPT, HALF, G)
             pdl_wait(PDL)
-            for k0 in range(0, K, BLOCK_K):
-                b2, s2, mn2 = _gemv_tile(qw_ptr, s_ptr, m_ptr, qrow, srow, n_ok, k0 + BLOCK_K, K, GPT, HALF, G)
-                part = _gemv_step(x_ptr, b, s, mn, tl.zeros((M_PAD, BLOCK_N, GPT, HALF), dtype=tl.float32), ms,
-                                  m_ok, k0, K, GPT, HALF, G)
-                y += tl.sum(tl.sum(part, axis=3), axis=2)
-                b, s, mn = b2, s2, mn2
+            acc = _gemv_step(x_ptr, b, s, mn, acc, ms, m_ok, 0, K, GPT, HALF, G)
+            start = BLOCK_K
         else:
-            acc = tl.zeros((M_PAD, BLOCK_N, GPT, HALF), dtype=tl.float32)
-            pdl_trigger(PDL)
-            start = 0
-            if EARLY:  # no kernel writes weights: read them while the previous kernel drains
-                b, s, mn = _gemv_tile(qw_ptr, s_ptr, m_ptr, qrow, srow, n_ok, 0, K, GPT, HALF, G)
-                pdl_wait(PDL)
-                acc = _gemv_step(x_ptr, b, s, mn, acc, ms, m_ok, 0, K, GPT, HALF, G)
-                start = BLOCK_K
-            else:
-                pdl_wait(PDL)  # x is the previous kernel's output
-            for k0 in range(start, K, BLOCK_K):
-                b, s, mn = _gemv_tile(qw_ptr, s_ptr, m_ptr, qrow, srow, n_ok, k0, K, GPT, HALF, G)
-                acc = _gemv_step(x_ptr, b, s, mn, acc, ms, m_ok, k0, K, GPT, HALF, G)
-            y = tl.sum(tl.sum(acc, axis=3), axis=2)  # (M_PAD, BLOCK_N)
+            pdl_wait(PDL)  # x is the previous kernel's output
+        for k0 in range(start, K, BLOCK_K):
+            b, s, mn = _gemv_tile(qw_ptr, s_ptr, m_ptr, qrow, srow, n_ok, k0, K, GPT, HALF, G)
+            acc = _gemv_step(x_ptr, b, s, mn, acc, ms, m_ok, k0, K, GPT, HALF, G)
+        y = tl.sum(tl.sum(acc, axis=3), axis=2)  # (M_PAD, BLOCK_N)
         tl.store(out_ptr + ms[:, None] * N + rows[None, :], y.to(out_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
@@ -219,8 +205,7 @@ def linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, pdl: bool =
         launch = pdl_args(x2, pdl)
         _int4_gemv_kernel[(_cdiv(n, cfg.block_n),)](
             x2, qweight, scales, mins, out, m, n, k, M_PAD=1 << max(m - 1, 0).bit_length(), BLOCK_N=cfg.block_n,
-            BLOCK_K=block_k, G=g, EARLY=launch["PDL"] or early, STREAM=cfg.stream, num_warps=cfg.num_warps,
-            **launch)
+            BLOCK_K=block_k, G=g, EARLY=launch["PDL"] or early, num_warps=cfg.num_warps, **launch)
     else:
         cfg = gemm_config or default_gemm_config(m)
         _int4_gemm_kernel[(_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n))](
