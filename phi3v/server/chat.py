@@ -6,13 +6,12 @@ import time
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 
 from phi3v.output import Completion
 from phi3v.server.logprobs import choice_logprobs
 from phi3v.server.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
                                    ChoiceLogprobs, ChunkChoice, DeltaMessage, DeltaToolCall, Usage)
-from phi3v.server.serving import (SSE, check_params, check_request, collect_unless_gone, parse_body, sse, sse_error,
+from phi3v.server.serving import (check_params, check_request, parse_body, respond, sse, sse_error,
                                   submit_unless_gone, total_usage)
 from phi3v.server.tools import ToolCall, ToolCallFunction, ToolPlan, new_call_id, read_call
 
@@ -48,21 +47,18 @@ def add_chat_route(app: FastAPI, state: Any, errors: dict[int | str, Any]) -> No
         held = [messages]
         del messages
         stream = await submit_unless_gone(fe, request, rid, held, params, crops, n_images)
-        if stream is None:
-            return Response(status_code=499)
         tok, model = fe.llm.tokenizer, settings.model_id if adapter is None else adapter
-        if streaming:
-            return SSE(_chunks(rid, model, stream, tp, tok, include_usage), stream.close)
-        done = await collect_unless_gone(request, stream)
-        if done is None:
-            return Response(status_code=499)
-        choices = []
-        for c in done:
-            msg, finish = answer(c, tp)
-            choices.append(Choice(index=c.index, message=msg, finish_reason=finish,
-                                  logprobs=choice_logprobs(tok, c.logprobs)))
-        body = ChatCompletion(id=rid, model=model, usage=Usage(**total_usage(done)), choices=choices)
-        return JSONResponse(body.model_dump(exclude_none=False))
+
+        def body(done: list[Completion]) -> ChatCompletion:
+            choices = []
+            for c in done:
+                msg, finish = answer(c, tp)
+                choices.append(Choice(index=c.index, message=msg, finish_reason=finish,
+                                      logprobs=choice_logprobs(tok, c.logprobs)))
+            return ChatCompletion(id=rid, model=model, usage=Usage(**total_usage(done)), choices=choices)
+
+        return await respond(request, stream, streaming, lambda: _chunks(rid, model, stream, tp, tok, include_usage),
+                             body)
 
 
 async def _chunks(rid: str, model: str, stream: Any, tp: ToolPlan | None, tok: Any,

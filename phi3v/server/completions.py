@@ -13,7 +13,6 @@ import time
 from typing import Annotated, Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from phi3v.output import Completion
@@ -21,7 +20,7 @@ from phi3v.sampling_params import SamplingParams
 from phi3v.server.frontend import PromptInput
 from phi3v.server.logprobs import legacy_logprobs
 from phi3v.server.protocol import FinishReason, SamplingRequest, Usage, _Req
-from phi3v.server.serving import (SSE, check_params, check_request, collect_unless_gone, parse_body, sse, sse_error,
+from phi3v.server.serving import (check_params, check_request, parse_body, respond, sse, sse_error,
                                   submit_unless_gone, total_usage)
 
 _Source = Annotated[str, Field(min_length=1)]
@@ -105,18 +104,15 @@ def add_completions_route(app: FastAPI, state: Any, errors: dict[int | str, Any]
         n_images = len(inputs.images)
         del inputs
         stream = await submit_unless_gone(fe, request, rid, held, params, crops, n_images)
-        if stream is None:
-            return Response(status_code=499)
         tok, model = fe.llm.tokenizer, settings.model_id if adapter is None else adapter
-        if streaming:
-            return SSE(_chunks(rid, model, stream, tok, echo, include_usage), stream.close)
-        done = await collect_unless_gone(request, stream)
-        if done is None:
-            return Response(status_code=499)
-        choices = [CompletionChoice(index=c.index, text=echo + c.text, finish_reason=c.finish_reason,
-                                    logprobs=legacy_logprobs(tok, c.logprobs)) for c in done]
-        return JSONResponse(TextCompletion(id=rid, model=model, choices=choices,
-                                           usage=Usage(**total_usage(done))).model_dump())
+
+        def body(done: list[Completion]) -> TextCompletion:
+            choices = [CompletionChoice(index=c.index, text=echo + c.text, finish_reason=c.finish_reason,
+                                        logprobs=legacy_logprobs(tok, c.logprobs)) for c in done]
+            return TextCompletion(id=rid, model=model, choices=choices, usage=Usage(**total_usage(done)))
+
+        return await respond(request, stream, streaming, lambda: _chunks(rid, model, stream, tok, echo, include_usage),
+                             body)
 
 
 async def _chunks(rid: str, model: str, stream: Any, tok: Any, echo: str, include_usage: bool) -> AsyncIterator[str]:

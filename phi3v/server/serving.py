@@ -8,12 +8,12 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any, AsyncIterator, TypeVar
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 import anyio
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from phi3v.output import Completion
@@ -159,6 +159,20 @@ async def collect_unless_gone(request: Request, stream: RequestStream) -> list[C
     if not task.done() or task.cancelled():
         return None
     return task.result()
+
+
+async def respond(request: Request, stream: RequestStream | None, streaming: bool,
+                 events: Callable[[], AsyncIterator[str]], body: Callable[[list[Completion]], BaseModel]) -> Response:
+    """The response of a submitted request: 499 when the client left first, the SSE `events()` when streaming,
+    else the JSON `body(choices)` once every choice is done."""
+    if stream is None:
+        return Response(status_code=499)
+    if streaming:
+        return SSE(events(), stream.close)
+    done = await collect_unless_gone(request, stream)
+    if done is None:
+        return Response(status_code=499)
+    return JSONResponse(body(done).model_dump(exclude_none=False))
 
 
 def total_usage(done: list[Completion]) -> dict[str, Any]:
