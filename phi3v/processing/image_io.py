@@ -14,14 +14,9 @@ once with its traceback, so a decoder bug is visible without an attacker filling
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import logging
 import os
-import re
-import urllib.parse
-import urllib.request
 import warnings
 from typing import Any, Callable
 
@@ -34,6 +29,7 @@ from phi3v.processing.media_errors import ImageInputError
 from phi3v.processing.media_errors import fmt_size as _fmt_size
 from phi3v.processing.media_errors import show as _show
 from phi3v.processing.media_path import read_media_file
+from phi3v.processing.media_source import data_uri_payload, local_path, scheme_of
 
 __all__ = ["ImageInputError", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "load_image"]
 
@@ -42,7 +38,6 @@ log = logging.getLogger("phi3v.images")
 MAX_IMAGE_PIXELS = 64 * 2**20  # default pixel cap (w*h), checked from the header before any decoding
 MAX_IMAGE_BYTES = 50 * 2**20  # default byte cap for files, bytes, data URIs and downloads
 
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _logged_types: set[str] = set()  # decoder exception types already logged with a traceback
 SizeCheck = Callable[[int, int], None]  # called with (width, height) from the header, before the full decode
 
@@ -125,26 +120,6 @@ def _from_array(arr: Any, what: str, max_pixels: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def _decode_data_uri(uri: str, max_bytes: int, max_pixels: int, check_size: SizeCheck | None) -> Image.Image:
-    head, sep, payload = uri.partition(",")
-    if not sep:
-        raise ImageInputError("data URI has no ',' separator; use data:image/<type>;base64,<data>")
-    params = head[5:].split(";")
-    mediatype = params[0].strip().lower()
-    if mediatype and not mediatype.startswith("image/"):
-        raise ImageInputError(f"data URI media type {_show(mediatype)} is not an image; use data:image/<type>;base64,<data>")
-    if "base64" not in (p.strip().lower() for p in params[1:]):
-        raise ImageInputError("data URI is not base64-encoded; use data:image/<type>;base64,<data>")
-    payload = re.sub(r"\s+", "", urllib.parse.unquote(payload))
-    if len(payload) // 4 * 3 > max_bytes + 3:
-        raise ImageInputError(f"data URI payload is over the limit of {_fmt_size(max_bytes)}; use a smaller image")
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ImageInputError(f"data URI holds invalid base64 ({e}); re-encode the image with standard base64") from None
-    return _decode_bytes(data, "data URI image", max_bytes, max_pixels, check_size)
-
-
 def _load_path(path: str, allowed_dir: str | None, max_bytes: int, max_pixels: int,
                check_size: SizeCheck | None) -> Image.Image:
     data = read_media_file(path, allowed_dir, max_bytes)
@@ -199,24 +174,14 @@ def load_image(
     if not isinstance(src, str):
         raise ImageInputError(f"unsupported image input type {type(src).__name__}; pass a PIL image, path, URL, bytes or uint8 array")
     if src[:5].lower() == "data:":
-        return _decode_data_uri(src.strip(), max_bytes, limit, check_size)
-    m = _SCHEME_RE.match(src)
-    scheme = m.group(1).lower() if m else ""
+        data = data_uri_payload(src.strip(), "image", max_bytes)
+        return _decode_bytes(data, "data URI image", max_bytes, limit, check_size)
+    scheme = scheme_of(src)
     if scheme in ("http", "https"):
         if not allow_urls:
             raise ImageInputError("image URLs are disabled here: enable them with LLM(..., allow_url_images=True) or "
                                   "`phi3v serve --allow-url-images`, or send the image as base64 data")
         data = fetch_url(src, FetchLimits(max_bytes, timeout, deadline, min_rate))
         return _decode_bytes(data, f"image from {_show(src)}", max_bytes, limit, check_size)
-    if scheme == "file":
-        parts = urllib.parse.urlsplit(src)
-        if parts.netloc not in ("", "localhost"):
-            raise ImageInputError(f"file URI {_show(src)} names a remote host; use file:///absolute/path")
-        src = urllib.request.url2pathname(parts.path)
-    elif scheme:
-        raise ImageInputError(f"image URL scheme {scheme!r} is not supported; use a local path, data:image/...;base64, or http(s)")
-    if not src:
-        raise ImageInputError("image path is empty; pass a file path, URL or image data")
-    if not allow_paths:
-        raise ImageInputError("local image paths are not allowed here; send the image as base64 data instead")
+    src = local_path(src, scheme, "image", allow_paths)
     return _load_path(src, allowed_dir, max_bytes, limit, check_size)

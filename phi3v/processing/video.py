@@ -18,13 +18,8 @@ token budget). Decoding uses PyAV (the optional extra `phi3v[video]`), imported 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import os
-import re
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -34,6 +29,7 @@ from phi3v.extras import install_hint
 from phi3v.processing.fetch import MIN_FETCH_RATE, FetchLimits, fetch_url
 from phi3v.processing.media_errors import ImageInputError, fmt_size, show
 from phi3v.processing.media_path import read_media_file
+from phi3v.processing.media_source import data_uri_payload, local_path, scheme_of
 
 __all__ = ["DEFAULT_FRAMES", "MAX_FRAMES", "MAX_VIDEO_BYTES", "VideoFrame", "VideoSource", "even_indices",
            "sample_frames"]
@@ -41,7 +37,6 @@ __all__ = ["DEFAULT_FRAMES", "MAX_FRAMES", "MAX_VIDEO_BYTES", "VideoFrame", "Vid
 DEFAULT_FRAMES = 8  # frames per video when a part or the CLI gives no number
 MAX_FRAMES = 64  # frames per video at most (each is an image of the prompt)
 MAX_VIDEO_BYTES = 256 * 2**20  # default cap of one encoded video (the server passes its --max-image-bytes)
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 URL_HINT = ("enable them with LLM(..., allow_url_images=True) or `phi3v serve --allow-url-images`, or send the "
             "video as data:video/...;base64")
 INSTALL_HINT = f"video input needs PyAV (the extra phi3v[video]): {install_hint('video')}"
@@ -59,23 +54,6 @@ def check_num_frames(n: Any, where: str = "num_frames") -> int:
     return n
 
 
-def _data_uri(uri: str, max_bytes: int) -> bytes:
-    head, sep, payload = uri.partition(",")
-    params = head[5:].split(";")
-    mediatype = params[0].strip().lower()
-    if not sep or "base64" not in (p.strip().lower() for p in params[1:]):
-        raise ImageInputError("a video data URI must look like data:video/<type>;base64,<data>")
-    if mediatype and not mediatype.startswith(("video/", "application/octet-stream")):
-        raise ImageInputError(f"data URI media type {show(mediatype)} is not a video; use data:video/<type>;base64,...")
-    payload = re.sub(r"\s+", "", urllib.parse.unquote(payload))
-    if len(payload) // 4 * 3 > max_bytes + 3:
-        raise ImageInputError(f"video data URI payload is over the limit of {fmt_size(max_bytes)}; use a smaller video")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ImageInputError(f"video data URI holds invalid base64 ({e}); re-encode it with standard base64") from None
-
-
 def video_bytes(src: Any, *, allowed_dir: str | None = None, allow_paths: bool = True, allow_urls: bool = False,
                 max_bytes: int = MAX_VIDEO_BYTES, timeout: float = 10.0, deadline: float | None = None,
                 min_rate: float = MIN_FETCH_RATE) -> tuple[bytes, str]:
@@ -84,27 +62,15 @@ def video_bytes(src: Any, *, allowed_dir: str | None = None, allow_paths: bool =
         data, what = bytes(src), "video bytes"
     elif isinstance(src, os.PathLike) or isinstance(src, str):
         src = os.fsdecode(os.fspath(src)) if isinstance(src, os.PathLike) else src
-        m = _SCHEME_RE.match(src)
-        scheme = m.group(1).lower() if m else ""
+        scheme = scheme_of(src)
         if src[:5].lower() == "data:":
-            data, what = _data_uri(src.strip(), max_bytes), "video data URI"
+            data, what = data_uri_payload(src.strip(), "video", max_bytes, ("application/octet-stream",)), "video data URI"
         elif scheme in ("http", "https"):
             if not allow_urls:
                 raise ImageInputError(f"video URLs are disabled here: {URL_HINT}")
             data, what = fetch_url(src, FetchLimits(max_bytes, timeout, deadline, min_rate)), f"video from {show(src)}"
         else:
-            if scheme == "file":
-                parts = urllib.parse.urlsplit(src)
-                if parts.netloc not in ("", "localhost"):
-                    raise ImageInputError(f"file URI {show(src)} names a remote host; use file:///absolute/path")
-                src = urllib.request.url2pathname(parts.path)
-            elif scheme:
-                raise ImageInputError(f"video URL scheme {scheme!r} is not supported; use a local path, "
-                                      "data:video/...;base64, or http(s)")
-            if not src:
-                raise ImageInputError("video path is empty; pass a file path, URL or video data")
-            if not allow_paths:
-                raise ImageInputError("local video paths are not allowed here; send the video as base64 data instead")
+            src = local_path(src, scheme, "video", allow_paths)
             data, what = read_media_file(src, allowed_dir, max_bytes, kind="video"), f"video file {show(src)}"
     else:
         raise ImageInputError(f"unsupported video input type {type(src).__name__}; pass a path, URL, data URI or bytes")
