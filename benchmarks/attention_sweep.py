@@ -20,23 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from phi3v.bench import cuda_median_ms, emit  # noqa: E402
+from phi3v.bench import emit, graph_ms  # noqa: E402
 from phi3v.kernels.paged_attention import num_splits, paged_decode_attention  # noqa: E402
 
 H, D, BS, LAYERS = 32, 96, 64, 8
 CASES = ((1, 2600, 0.0), (8, 2600, 0.3), (48, 2600, 0.3), (64, 900, 0.5))  # batch, context, length spread
-
-
-def graph_ms(fn, reps: int = 10) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return cuda_median_ms(g.replay, reps)
 
 
 @torch.inference_mode()

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from phi3v.bench import graph_ms  # noqa: E402
 from phi3v.kernels import gemv  # noqa: E402
 from phi3v.kernels.gemv import GemvConfig  # noqa: E402
 
@@ -137,26 +137,6 @@ def precompile(cands: list[tuple[int, int, GemvConfig]], jobs: int) -> None:
 
 
 # ---- timing -----------------------------------------------------------------------------------------------
-
-def graph_ms(fn, reps: int) -> float:
-    """Median ms of one replay of a CUDA graph of fn (fn is run once eagerly first)."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for s, e in ev:
-        s.record()
-        g.replay()
-        e.record()
-    torch.cuda.synchronize()
-    ms = statistics.median(s.elapsed_time(e) for s, e in ev)
-    del g
-    return ms
-
 
 def tbs(nbytes: float, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e12

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quant_check import time_cycle  # noqa: E402
-from phi3v.bench import emit  # noqa: E402
+from phi3v.bench import emit, graph_ms  # noqa: E402
 from phi3v.kernels import fp8_act, gemv, int4  # noqa: E402
 from phi3v.kernels.gemv import GemvConfig  # noqa: E402
 from phi3v.kernels.int4 import Int4GemmConfig, Int4GemvConfig  # noqa: E402
@@ -55,25 +55,11 @@ def _best(fn, configs: list, default) -> dict:
 
 
 def graph_cycle(fns: list, reps: int = 10) -> float:
-    """Seconds per call of the callables `fns` called in turn, replayed as one CUDA graph (a decode step's kernels
-    are replayed from graphs: eager launches would time the host, not the kernel). Host clock on the CPU."""
+    """Seconds per call of the callables `fns` called in turn, replayed as one CUDA graph (phi3v.bench.graph_ms);
+    the host clock on the CPU (smoke runs)."""
     if DEV != "cuda":
         return time_cycle(fns, reps=1)
-    for f in fns:  # compile, allocate
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000 / (reps * len(fns))
+    return graph_ms(lambda: [f() for f in fns], reps) / 1000 / len(fns)
 
 
 def sweep_gemv(n: int, k: int, rows: int, dev: str, smoke: bool = False) -> dict:

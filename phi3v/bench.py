@@ -274,6 +274,21 @@ def cuda_median_ms(fn: Any, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graph_ms(fn: Any, reps: int = 10) -> float:
+    """Median ms of one replay of a CUDA graph of fn (benchmarks/ sweeps: a decode step's kernels run from graphs,
+    so eager launches would time the host, not the kernel). fn runs once eagerly first, on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    return cuda_median_ms(g.replay, reps)
+
+
 def emit(res: dict[str, Any], path: str | None) -> None:
     """Print a result dict as JSON, and write it to `path` when given (benchmark scripts share this)."""
     text = json.dumps(res, indent=1)

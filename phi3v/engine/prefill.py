@@ -43,8 +43,7 @@ class Prefiller:
             logits = self.runner.run(embeds, flag, where[0], where[1], lora)
             if logits is not None:
                 return logits
-        # (per-request LoRA adapters are not in the suffix graphs: those prefill eagerly)
-        if start > 0 and lora is None and self.suffix is not None and self.suffix.bucket(T) is not None:
+        if start > 0 and self.suffix is not None and self.suffix.bucket(T) is not None:
             logits = self._suffix(seq, embeds, start, flag)
             if logits is not None:
                 self.stats["suffix_graphs"] = self.stats.get("suffix_graphs", 0) + 1

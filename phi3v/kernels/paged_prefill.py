@@ -291,7 +291,7 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     k, v (T, Hkv, D): the chunk's own K/V (last dim contiguous), read from here instead of the cache
     (positions start.. must then be in the cache only when k/v are None).
     `start` may be a device tensor [start, T] (int32 or int64): read by the kernel, so that a CUDA graph captured
-    for q's length serves any prefix; queries from T on are padding (not computed; their output rows are garbage).
+    for q's length serves any prefix; queries from T on are padding (not computed; their output rows are zeros).
     Returns (T, Hq, D), contiguous, in q's dtype."""
     t_len, hq, d = q.shape
     hkv, bs = k_cache.shape[1], k_cache.shape[2]
