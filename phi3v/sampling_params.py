@@ -92,6 +92,12 @@ class SamplingParams:
                 bad(f"logit_bias values must be numbers in [-100, 100], got {v!r} for token {k}")
         self.logit_bias = {k: float(v) for k, v in self.logit_bias.items()} or None
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """ValueError when logit_bias names a token past the model's vocabulary (known once the model is)."""
+        if self.logit_bias and max(self.logit_bias) >= vocab_size:
+            raise ValueError(f"logit_bias names token {max(self.logit_bias)}, past the vocabulary "
+                             f"({vocab_size} tokens)")
+
     def for_choice(self, i: int) -> "SamplingParams":
         """The parameters of choice i of an n > 1 request: n=1; a given seed is kept by choice 0 and mixed with
         i for the others (distinct draws, reproducible; without a seed each choice draws its own from the OS)."""

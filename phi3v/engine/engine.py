@@ -141,9 +141,7 @@ class Engine:
                 raise ValueError(f"prompt has placeholders for image {-t} but only {n_img} images were given")
         if any(i >= self.cfg.vocab_size for i in prompt_ids):
             raise ValueError(f"prompt has token ids >= vocab size {self.cfg.vocab_size}")
-        if params.logit_bias and max(params.logit_bias) >= self.cfg.vocab_size:
-            raise ValueError(f"logit_bias names token {max(params.logit_bias)}, past the vocabulary "
-                             f"({self.cfg.vocab_size} tokens)")
+        params.check_vocab(self.cfg.vocab_size)
         for img in images:  # the prefix cache and the image cache name an image by its content
             if img.key is None:
                 img.key = hashlib.blake2b(img.crops.cpu().numpy().tobytes(), digest_size=16).hexdigest()

@@ -111,10 +111,10 @@ def check_request(req: SamplingRequest, settings: Any) -> str | None:
 def check_params(params: Any, fe: Frontend) -> None:
     """What only the loaded model can tell, before the request is queued (a streaming request's headers are not
     sent yet): logit_bias's token ids."""
-    vocab = fe.engine.cfg.vocab_size
-    if params.logit_bias and max(params.logit_bias) >= vocab:
-        raise APIError(400, f"logit_bias names token {max(params.logit_bias)}, past the vocabulary ({vocab} tokens)",
-                       param="logit_bias", code="invalid_value")
+    try:
+        params.check_vocab(fe.engine.cfg.vocab_size)
+    except ValueError as e:
+        raise APIError(400, str(e), param="logit_bias", code="invalid_value") from None
 
 
 async def submit_unless_gone(fe: Frontend, request: Request, rid: str, held: list[Any], params: Any,
