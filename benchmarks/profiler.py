@@ -40,7 +40,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from phi3v import LLM, SamplingParams, api  # noqa: E402
+from phi3v import LLM, SamplingParams, prepare as prepare_mod  # noqa: E402
 from phi3v.bench import MIXED_SIZES, PROMPT, emit, noise_image, offline_request, write_random_checkpoint  # noqa: E402
 from phi3v.engine import engine as engine_mod, images as images_mod, prefill as prefill_mod  # noqa: E402
 from phi3v.engine import graphs, kv_cache, model_runner, scheduler  # noqa: E402
@@ -49,8 +49,9 @@ from phi3v.processing import image as image_mod  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 # (owner, attribute) of every host phase that gets a profiler label
-PHASES = [(api.LLM, "prepare"), (image_mod.ImageProcessor, "preprocess"), (image_mod, "hd_resized"),
-          (image_mod, "pad_canvas"), (image_mod.ImageProcessor, "normalize"), (api, "tokenize_prompt"),
+PHASES = [(prepare_mod.Preparer, "prepare"), (image_mod.ImageProcessor, "preprocess"), (image_mod, "hd_resized"),
+          (image_mod, "pad_canvas"), (image_mod.ImageProcessor, "normalize"), (prepare_mod, "tokenize_prompt"),
+          (prepare_mod, "read_image_source"),
           (engine_mod.Engine, "add_request"), (engine_mod.Engine, "_step"), (scheduler.Scheduler, "schedule"),
           (images_mod.ImageFeatures, "encode"), (model_runner.ModelRunner, "_embeds"),
           (prefill_mod.Prefiller, "prefill_many"), (prefill_mod.Prefiller, "prefill_range"),
@@ -215,7 +216,7 @@ def mode_ttft(llm: LLM, a: argparse.Namespace) -> dict:
         feats = m.encode_images([p.crops], [p.image_size])
         emb = m.embed(ids, feats)
         pos, flag = torch.arange(emb.shape[0], device=a.device)[None], torch.tensor([False], device=a.device)
-        prepare = lambda: llm.prepare(PROMPT, [noise_image(*size, 8)], SamplingParams(max_tokens=1), nc)  # noqa: E731
+        prepare = lambda: llm.prepare(PROMPT, [noise_image(*size, next(seed))], SamplingParams(max_tokens=1), nc)  # noqa: E731
         r.update(prompt_tokens=emb.shape[0], prepare_ms=cuda_ms(prepare, a.reps),
                  vision_eager_ms=cuda_ms(lambda: m.encode_images([p.crops], [p.image_size]), a.reps),
                  embed_ms=cuda_ms(lambda: m.embed(ids, feats), a.reps),

@@ -109,7 +109,7 @@ def mod_fused(model: torch.nn.Module) -> bool:
 def prompt_inputs(llm: LLM, tokens: list[int] | None = None) -> tuple[torch.Tensor, int]:
     """Embeddings (1, T, hidden) of the (a) prompt (+ `tokens` appended) and the prompt's length."""
     req = llm.prepare(PROMPT, [noise_image(1344, 1344, 0)], SamplingParams(), num_crops=16)
-    feats = llm.model.encode_images([i.crops for i in req.images], [i.image_size for i in req.images])
+    feats = llm.model.encode_images([i.pixels() for i in req.images], [i.image_size for i in req.images])
     ids = torch.tensor(req.prompt_ids + list(tokens or []))
     return llm.model.embed(ids, feats)[None], len(req.prompt_ids)
 

@@ -11,51 +11,27 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from phi3v.config import Phi3VConfig
-from phi3v.engine.engine import Engine, ImageInput
+from phi3v.engine.engine import Engine
 from phi3v.engine.config import EngineConfig
 from phi3v.engine.grammar import Grammars
 from phi3v.driver import RequestDriver
-from phi3v.engine.graphs import CAPTURE_LOCK
 from phi3v.hub import DEFAULT_MODEL, resolve_model
 from phi3v.lora_io import load_adapters
 from phi3v.models.lora import attach_loras
 from phi3v.models.quant import QuantSpec
 from phi3v.models.weights import load_model
 from phi3v.output import Completion
-from phi3v.processing.chat import expand_placeholders, render_chat, tokenize_prompt
+from phi3v.prepare import PreparedRequest, Preparer
 from phi3v.processing.image import ImageProcessor
-from phi3v.processing.image_io import load_image
-from phi3v.processing.limits import TokenBudget, check_text
 from phi3v.processing.tokenizer import Tokenizer
-from phi3v.processing.video import VideoFrame
 from phi3v.sampling_params import SamplingParams
 
 __all__ = ["DEFAULT_MODEL", "LLM", "PreparedRequest", "Completion"]
-
-
-@dataclass
-class PreparedRequest:
-    prompt_ids: list[int]
-    images: list[ImageInput]
-    params: SamplingParams
-    preprocess_s: float = 0.0
-
-    def to_host(self) -> None:
-        """Move the crops from the GPU to pinned host memory, for a request that will wait: a server's
-        backlog then holds no GPU memory (~12 MB per 16-crop image in bf16). The engine copies them back
-        when it encodes them; the values are unchanged."""
-        for img in self.images:
-            if img.crops.is_cuda:
-                with CAPTURE_LOCK:  # a copy from the GPU must not run during a graph capture
-                    host = torch.empty(img.crops.shape, dtype=img.crops.dtype, pin_memory=True)
-                    host.copy_(img.crops)  # synchronous: the device tensor can go
-                img.crops = host
 
 
 def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -116,7 +92,9 @@ class LLM:
                              grammars=Grammars.from_tokenizer(self.tokenizer, self.config.vocab_size,
                                                               self.config.eos_token_ids))
         self.driver = RequestDriver(self.engine, self.tokenizer, self.config.eos_token_ids)
-        self.allow_url_images = allow_url_images
+        self.preparer = Preparer(self.tokenizer, self.image_processor, self.device, self.dtype,
+                                 self.engine.max_model_len, allow_url_images=allow_url_images,
+                                 lora_index=self.engine.lora_index, features_cached=self.engine.has_image)
         self._lock = threading.Lock()
 
     def warmup(self) -> int:
@@ -129,54 +107,27 @@ class LLM:
             return self.engine.warmup()
 
     # ---------------------------------------------------------------- preparation
+    @property
+    def allow_url_images(self) -> bool:
+        return self.preparer.allow_url_images
+
+    @allow_url_images.setter
+    def allow_url_images(self, value: bool) -> None:
+        self.preparer.allow_url_images = value
+
     def prepare(self, prompt: str, images: list[Any] | None = None, sampling_params: SamplingParams | None = None,
                 num_crops: int | None = None, *, cancel: threading.Event | None = None,
                 **load_kwargs: Any) -> PreparedRequest:
-        """Prompt text in the chat format + image sources -> ids and crops. Raises ValueError (also for a request
-        that cannot fit the context, found before the work that costs: from the text's length, then from each
-        image's header size, before it is decoded or cropped), or limits.Cancelled once `cancel` is set."""
-        t0 = time.perf_counter()
+        """Prompt text in the chat format + image sources -> ids and crops (`phi3v.prepare.Preparer.prepare`).
+        Raises ValueError (also for a request that cannot fit the context, found before the work that costs), or
+        limits.Cancelled once `cancel` is set. An image whose features the engine holds comes without crops."""
         images, sampling_params = _images_and_params(images, sampling_params)
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        params = sampling_params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError("sampling_params must be a phi3v.SamplingParams")
-        if params.lora is not None:
-            self.engine.lora_index(params.lora)  # an adapter that is not loaded: refused before any work
-        ctx = self.engine.max_model_len
-        check_text(prompt, ctx * self.tokenizer.max_token_chars)
-        images = list(images or [])
-        layout = tokenize_prompt(self.tokenizer, prompt, [1] * len(images))  # one placeholder per tag
-        nc = self.image_processor.num_crops if num_crops is None else num_crops
-        budget = TokenBudget(ctx, nc, cancel, text_tokens=sum(1 for i in layout if i >= 0))
-        load_kwargs.setdefault("allow_urls", self.allow_url_images)
-        inputs, counts = [], []
-        for src in images:
-            if isinstance(src, VideoFrame):  # a frame of a video part (decoded, with the same limits, once)
-                img = src.load(check_size=budget.add_image, **load_kwargs)
-            else:
-                img = load_image(src, check_size=budget.add_image, **load_kwargs)
-            budget.check_cancel()
-            # the GPU part must not overlap a CUDA-graph capture on the engine's thread
-            # crops in the model's dtype: what CLIP casts them to first anyway, at half the memory of
-            # fp32 crops waiting on the device (~12 MB instead of 23 MB for a 16-crop image in bf16)
-            proc = self.image_processor.preprocess(img, nc, device=self.device, device_lock=CAPTURE_LOCK,
-                                                   dtype=self.dtype)
-            del img
-            inputs.append(ImageInput(proc.crops, proc.image_size, proc.key))
-            counts.append(proc.num_tokens)
-        ids = expand_placeholders(layout, counts)
-        if len(ids) >= ctx:
-            raise ValueError(f"the prompt is {len(ids)} tokens (images included) but the context holds {ctx}: "
-                             "use fewer images, fewer crops (num_crops) or a shorter prompt")
-        return PreparedRequest(ids, inputs, params, time.perf_counter() - t0)
+        return self.preparer.prepare(prompt, images, sampling_params, num_crops, cancel=cancel, **load_kwargs)
 
     def prepare_chat(self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None,
                      num_crops: int | None = None, *, cancel: threading.Event | None = None,
                      **load_kwargs: Any) -> PreparedRequest:
-        prompt, images = render_chat(messages)
-        return self.prepare(prompt, images, sampling_params, num_crops, cancel=cancel, **load_kwargs)
+        return self.preparer.prepare_chat(messages, sampling_params, num_crops, cancel=cancel, **load_kwargs)
 
     # ---------------------------------------------------------------- running
     def run(self, requests: Sequence[PreparedRequest | Callable[[], PreparedRequest]],

@@ -29,7 +29,7 @@ def image_path(name: str) -> str:
 
 
 def reference_tokens(llm: LLM, req, max_tokens: int) -> list[int]:
-    feats = llm.model.encode_images([i.crops for i in req.images], [i.image_size for i in req.images])
+    feats = llm.model.encode_images([i.pixels() for i in req.images], [i.image_size for i in req.images])
     return reference_generate(llm.model, req.prompt_ids, feats, max_tokens, frozenset(llm.config.eos_token_ids),
                               llm.config.original_max_position_embeddings)
 

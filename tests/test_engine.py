@@ -85,6 +85,7 @@ def test_image_embedding_cache_encodes_an_image_once(llm: LLM) -> None:
     before = dict(llm.engine.stats)
     prompt = "<|user|>\n<|image_1|>\nWhat?<|end|>\n<|assistant|>\n"
     a = llm.generate(prompt, [image_path("coffee")], p, num_crops=4)
+    llm.engine.reset_prefix_cache()  # else the prefix cache covers the image: no features needed at all
     b = llm.generate(prompt, [image_path("coffee")], p, num_crops=4)
     assert a.token_ids == b.token_ids
     assert llm.engine.stats["images_encoded"] - before["images_encoded"] <= 1
@@ -232,6 +233,7 @@ def test_small_image_cache_keeps_every_image_a_step_needs(llm: LLM) -> None:
     try:
         eng.runner.images.size = 1
         first = llm.generate_many(reqs[:1])[0].token_ids  # "coffee" is now cached: a hit in the next step
+        eng.reset_prefix_cache()  # (which the prefix cache would otherwise serve without any features)
         got = [c.token_ids for c in llm.generate_many(reqs)]  # one step needs the hit and two new images
     finally:
         eng.runner.images.size = size

@@ -53,7 +53,7 @@ class RoundedCacheAttention:
 @torch.inference_mode()
 def rounded_reference(llm: LLM, req, max_tokens: int, chunk: int) -> list[int]:
     model = llm.model
-    feats = model.encode_images([i.crops for i in req.images], [i.image_size for i in req.images])
+    feats = model.encode_images([i.pixels() for i in req.images], [i.image_size for i in req.images])
     prompt = model.embed(torch.tensor(req.prompt_ids), feats)  # (P, hidden)
     out: list[int] = []
     for _ in range(max_tokens):

@@ -23,7 +23,8 @@ def test_run_lets_go_of_each_requests_crops_once_prefilled(tiny_ckpt: str) -> No
     def prepare(i: int):
         r = llm.prepare("<|user|>\n<|image_1|>\nWhat is it?<|end|>\n<|assistant|>\n", [image_path(names[i])],
                         SamplingParams(max_tokens=3 + i % 3, ignore_eos=True), 1)
-        crops.append(weakref.ref(r.images[0].crops))
+        if r.images[0].crops is not None:  # None: an image seen before, whose features the engine holds
+            crops.append(weakref.ref(r.images[0].crops))
         return r
 
     finished = 0
@@ -34,7 +35,7 @@ def test_run_lets_go_of_each_requests_crops_once_prefilled(tiny_ckpt: str) -> No
             if finished == len(names):
                 gc.collect()
                 alive_at_end = sum(r() is not None for r in crops)
-    assert finished == len(names) and len(crops) == len(names)
+    assert finished == len(names) and len(names) // 2 <= len(crops) <= len(names)
     assert alive_at_end == 0, f"{alive_at_end} requests' crops still held after every request was prefilled"
 
 

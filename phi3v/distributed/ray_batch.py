@@ -24,7 +24,6 @@ import pickle
 import queue
 import sys
 import threading
-import types
 from concurrent.futures import Future
 from typing import Any, Iterator
 
@@ -61,39 +60,25 @@ def _no_lora(name: str) -> int:
     raise ValueError(f"LoRA adapter {name!r}: per-request adapters are not supported with --ray yet")
 
 
-class _Preparer:
-    """What `LLM.prepare` / `LLM.prepare_chat` need, without the model: the tokenizer and image processor of a
-    checkpoint, crops built on the CPU in the engine's dtype. The context-length check is the engine's (actor)."""
+def _preparer(folder: str, device_type: str, dtype: str | None) -> Any:
+    """What `LLM.prepare` runs, without the model: the tokenizer and image processor of a checkpoint, crops built
+    on the CPU in the engine's dtype, always made (the requests are pickled to the actors). The context-length
+    check is the engine's (actor)."""
+    import torch
 
-    def __init__(self, folder: str, device_type: str, dtype: str | None) -> None:
-        import torch
+    from phi3v.api import _dtype
+    from phi3v.config import Phi3VConfig
+    from phi3v.prepare import Preparer
+    from phi3v.processing.image import ImageProcessor
+    from phi3v.processing.tokenizer import Tokenizer
 
-        from phi3v.api import _dtype
-        from phi3v.config import Phi3VConfig
-        from phi3v.processing.image import ImageProcessor
-        from phi3v.processing.tokenizer import Tokenizer
-
-        config = Phi3VConfig.from_pretrained(folder)
-        self.tokenizer = Tokenizer.from_pretrained(folder)
-        self.image_processor = ImageProcessor.from_config(config)
-        self.device = torch.device("cpu")
-        self.dtype = _dtype(dtype, torch.device(device_type))  # the crops as the engine keeps them
-        self.allow_url_images = True  # the person at the command line names the images (as `phi3v batch`)
-        # the actor checks the real context length
-        self.engine = types.SimpleNamespace(max_model_len=sys.maxsize, lora_index=_no_lora)
-
-    def prepare(self, *args: Any, **kwargs: Any) -> Any:
-        from phi3v.api import LLM
-
-        return LLM.prepare(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    def prepare_chat(self, *args: Any, **kwargs: Any) -> Any:
-        from phi3v.api import LLM
-
-        return LLM.prepare_chat(self, *args, **kwargs)  # type: ignore[arg-type]
+    config = Phi3VConfig.from_pretrained(folder)
+    # allow_url_images: the person at the command line names the images (as `phi3v batch`)
+    return Preparer(Tokenizer.from_pretrained(folder), ImageProcessor.from_config(config), torch.device("cpu"),
+                    _dtype(dtype, torch.device(device_type)), sys.maxsize, allow_url_images=True, lora_index=_no_lora)
 
 
-_PREPARERS: dict[tuple[str, str, str | None], _Preparer] = {}  # per worker process: loaded once, reused by every task
+_PREPARERS: dict[tuple[str, str, str | None], Any] = {}  # per worker process: loaded once, reused by every task
 
 
 def _prepare_row(row: dict[str, Any], folder: str, device_type: str, dtype: str | None, base: SamplingParams,
@@ -104,7 +89,7 @@ def _prepare_row(row: dict[str, Any], folder: str, device_type: str, dtype: str 
 
     key = (folder, device_type, dtype)
     if key not in _PREPARERS:
-        _PREPARERS[key] = _Preparer(folder, device_type, dtype)
+        _PREPARERS[key] = _preparer(folder, device_type, dtype)
     req = pickle.loads(row["request"])
     out = {"id": row["id"], "n_images": len(req.get("images") or []), "prepared": b"", "error": ""}
     try:

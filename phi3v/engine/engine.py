@@ -126,6 +126,11 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.sched.num_unfinished > 0
 
+    def has_image(self, key: str) -> bool:
+        """Whether the image cache holds this image's features now (a request may then come without its crops:
+        `ImageInput.load`). Safe to ask from another thread."""
+        return key in self.runner.images
+
     def reset_prefix_cache(self) -> None:
         """Forget the prefix cache's contents (blocks held by running requests stay theirs)."""
         self.sched.pool.reset_cache()
@@ -144,7 +149,7 @@ class Engine:
         params.check_vocab(self.cfg.vocab_size)
         for img in images:  # the prefix cache and the image cache name an image by its content
             if img.key is None:
-                img.key = hashlib.blake2b(img.crops.cpu().numpy().tobytes(), digest_size=16).hexdigest()
+                img.key = hashlib.blake2b(img.pixels().cpu().numpy().tobytes(), digest_size=16).hexdigest()
         rid = rid or self.sched.new_id()
         # unseeded sampling draws its seed from the OS: two runs of the same request differ (the seed is kept in
         # the Sequence, so a preempted request still resumes with the same tokens)

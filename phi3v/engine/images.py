@@ -9,18 +9,41 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from phi3v.device import to_device
 
 
+CROP = 336  # side of a crop in pixels (the canvas is a grid of them)
+
+
 @dataclass
 class ImageInput:
-    crops: torch.Tensor  # (1 + h*w, 3, 336, 336): global view + sub-crops, no padding crops
+    """One image of a request. `crops` may be None when the request was prepared without them (its image was
+    recognised as one whose features the engine holds: a follow-up question); `load` then builds them, should the
+    features have gone by the time they are needed."""
+
+    crops: torch.Tensor | None  # (1 + h*w, 3, 336, 336): global view + sub-crops, no padding crops
     image_size: tuple[int, int]  # (H, W) of the padded HD canvas
     key: str | None = None  # content key for the caches (None: Engine.add_request hashes the crops)
+    load: Callable[[], torch.Tensor] | None = None  # -> crops, for crops=None
+
+    @property
+    def num_crops(self) -> int:
+        """1 + h*w: the global view and the sub-crops of the (H, W) canvas."""
+        if self.crops is not None:
+            return int(self.crops.shape[0])
+        return 1 + (self.image_size[0] // CROP) * (self.image_size[1] // CROP)
+
+    def pixels(self) -> torch.Tensor:
+        """The crops, built now by `load` if the request came without them."""
+        if self.crops is None:
+            if self.load is None:
+                raise RuntimeError(f"image {self.key}: its crops were dropped and it has no loader")
+            self.crops = self.load()
+        return self.crops
 
 
 class ImageFeatures:
@@ -36,6 +59,9 @@ class ImageFeatures:
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.cache[key]
 
+    def __contains__(self, key: str) -> bool:
+        return key in self.cache  # atomic under the GIL: a preparation thread may ask while the engine steps
+
     def encode(self, images: list[ImageInput], stats: dict[str, Any]) -> None:
         """Make every image of `images` available, encoding those not cached (counted in `stats`)."""
         todo: dict[str, ImageInput] = {}
@@ -50,10 +76,10 @@ class ImageFeatures:
         items = list(todo.items())
         while items:
             group, n = [], 0
-            while items and (not group or n + items[0][1].crops.shape[0] <= self.batch_crops):
+            while items and (not group or n + items[0][1].num_crops <= self.batch_crops):
                 group.append(items.pop(0))
-                n += group[-1][1].crops.shape[0]
-            feats = self.model.encode_images([to_device(i.crops, self.device) for _, i in group],
+                n += group[-1][1].num_crops
+            feats = self.model.encode_images([to_device(i.pixels(), self.device) for _, i in group],
                                              [i.image_size for _, i in group], tower=self.tower)
             stats["images_encoded"] += len(group)
             for (key, _), f in zip(group, feats):

@@ -83,7 +83,10 @@ class ModelRunner:
     def prefill(self, chunks: list[PrefillChunk]) -> tuple[list[Sequence], torch.Tensor | None, dict[Sequence, str]]:
         """Run the chunks. Returns (the sequences whose prefill ends here, their last logits (n, V), failures)."""
         failed: dict[Sequence, str] = {}
-        self._phase("vision_s", lambda: self._features([c.seq for c in chunks], failed))
+        self._phase("vision_s", lambda: self._features([c.seq for c in chunks if c.start < c.seq.image_end], failed))
+        for c in chunks:
+            if c.start >= c.seq.image_end:
+                self._keep_cached_features(c.seq)
         embs = {}
         for c in chunks:
             if c.seq not in failed:
@@ -134,7 +137,8 @@ class ModelRunner:
 
     def _features(self, seqs: list[Sequence], failed: dict[Sequence, str]) -> None:
         """Projected features of every image of `seqs` that holds none yet (encoded together, cache first);
-        each sequence holds its own until it finishes, so that a recompute never needs the crops again."""
+        each sequence holds its own until it finishes, so that a recompute never needs the crops again. `seqs`:
+        those with image tokens left to compute (a prefix-cache hit past the last image needs no features)."""
         todo = [s for s in seqs if s.features is None and s.images]
         if not todo:
             return
@@ -144,20 +148,31 @@ class ModelRunner:
             if s not in failed:
                 s.features = [self.images[i.key] for i in s.images]
                 # the crops are never read again: let their memory go (keys and sizes stay)
-                s.images = [ImageInput(i.crops.new_empty((0, *i.crops.shape[1:])), i.image_size, i.key)
-                            for i in s.images]
+                s.images = [ImageInput(None, i.image_size, i.key) for i in s.images]
+
+    def _keep_cached_features(self, s: Sequence) -> None:
+        """A sequence whose images the prefix cache covered needs no features now, but a recompute (preempted, its
+        blocks evicted) would: it takes them if the image cache has them, and lets its crops go. (Without them it
+        keeps its crops, or the loader of a request prepared without crops.)"""
+        if s.features is None and s.images and all(i.key in self.images for i in s.images):
+            s.features = [self.images[i.key] for i in s.images]
+            s.images = [ImageInput(None, i.image_size, i.key) for i in s.images]
 
     def _embeds(self, c: PrefillChunk) -> torch.Tensor:
-        """(end-start, hidden) input embeddings of the chunk. A sequence prefilled in several chunks keeps the
-        whole (num_tokens, hidden) until its last chunk."""
+        """(end-start, hidden) input embeddings of the chunk. A sequence prefilled in several chunks keeps its
+        embeddings from `embeds_from` on until its last chunk."""
         s = c.seq
-        if s.embeds is None:
-            ids = torch.tensor(s.all_ids)  # on the CPU: placeholder bookkeeping without a device sync
-            full = self._phase("embeds_s", lambda: self.model.embed(ids, s.features or []))  # (num_tokens, hidden)
-            if c.start == 0 and c.last:
+        if s.embeds is None or c.start < s.embeds_from:  # (the latter: preempted mid-prompt, its cached prefix gone)
+            # from the first position computed on when no image token lies past it (a prefix-cache hit that
+            # covers the images: no features needed), else from 0 (placeholders are numbered per prompt)
+            s.embeds_from = c.start if c.start >= s.image_end else 0
+            ids = torch.tensor(s.all_ids[s.embeds_from:])  # on the CPU: placeholder bookkeeping without a device sync
+            feats = (s.features or []) if s.embeds_from == 0 else []
+            full = self._phase("embeds_s", lambda: self.model.embed(ids, feats))  # (num_tokens - embeds_from, hidden)
+            if c.start == s.embeds_from and c.last:
                 return full
             s.embeds = full
-        part = s.embeds[c.start: c.end]
+        part = s.embeds[c.start - s.embeds_from: c.end - s.embeds_from]
         if c.last:
             s.embeds = None
         return part

@@ -51,10 +51,15 @@ class Sequence:
     lora: int = 0  # per-request LoRA adapter: its row index in the model's LoraSet (0 = the base model)
     # ---- model runner
     features: list[torch.Tensor] | None = None  # projected image features (n_tokens, hidden), held while alive
-    embeds: torch.Tensor | None = None  # (num_tokens, hidden) while prefilling in several chunks
+    embeds: torch.Tensor | None = None  # (num_tokens - embeds_from, hidden) while prefilling in several chunks
+    embeds_from: int = 0  # the position of embeds' first row
     grammar: Any = None  # structured output: the request's grammar matcher
     seen: torch.Tensor | None = None  # (vocab,) bool on the device: tokens seen (repetition penalty)
     counts: torch.Tensor | None = None  # (vocab,) float32 on the device: generated tokens' counts (presence/frequency)
+
+    def __post_init__(self) -> None:
+        # 1 + the position of the last image placeholder (0: none): past it a prefill needs no image features
+        self.image_end = next((len(self.prompt_ids) - i for i, t in enumerate(reversed(self.prompt_ids)) if t < 0), 0)
 
     @property
     def num_tokens(self) -> int:

@@ -121,13 +121,13 @@ _hash_pool: ThreadPoolExecutor | None = None
 _hash_pool_lock = threading.Lock()
 
 
-def content_key_later(pixels: np.ndarray, *meta: Any) -> Callable[[], str]:
-    """Start hashing; the returned function gives the key. Arrays of several MB are hashed in chunks on threads
+def content_key_later(pixels: np.ndarray | bytes, *meta: Any) -> Callable[[], str]:
+    """Start hashing; the returned function gives the key. Buffers of several MB are hashed in chunks on threads
     (hashlib lets go of the GIL) and the chunk digests hashed together: a single-threaded sha256 of a 16-crop
     canvas (5.4 MB) sits on the path to the first token, 8 chunks take a fraction of it (docs/perf-log.md, fifth
     session); the caller does its device work while the chunks hash."""
     global _hash_pool
-    h = hashlib.sha256(repr((pixels.shape, *meta)).encode())
+    h = hashlib.sha256(repr((getattr(pixels, "shape", len(pixels)), *meta)).encode())
     buf = memoryview(pixels).cast("B")
     n = min(8, os.cpu_count() or 1, len(buf) // _HASH_CHUNK)
     if n < 2:
@@ -140,10 +140,14 @@ def content_key_later(pixels: np.ndarray, *meta: Any) -> Callable[[], str]:
     step = -(-len(buf) // n)
     futs = [_hash_pool.submit(lambda i: hashlib.sha256(buf[i: i + step]).digest(), i) for i in range(0, len(buf), step)]
 
-    def key() -> str:
-        for f in futs:
-            h.update(f.result())
-        return h.hexdigest()[:32]
+    done: list[str] = []
+
+    def key() -> str:  # the same string however often it is asked for
+        if not done:
+            for f in futs:
+                h.update(f.result())
+            done.append(h.hexdigest()[:32])
+        return done[0]
 
     return key
 

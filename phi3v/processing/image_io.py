@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -31,7 +32,7 @@ from phi3v.processing.media_errors import show as _show
 from phi3v.processing.media_path import read_media_file
 from phi3v.processing.media_source import data_uri_payload, local_path, scheme_of
 
-__all__ = ["ImageInputError", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "load_image"]
+__all__ = ["ImageInputError", "ImageSource", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "load_image", "read_image_source"]
 
 log = logging.getLogger("phi3v.images")
 
@@ -80,12 +81,16 @@ def _check_pil(img: Image.Image, what: str, max_pixels: int, check_size: SizeChe
     return img
 
 
-def _decode_bytes(data: bytes, what: str, max_bytes: int, max_pixels: int,
-                  check_size: SizeCheck | None = None) -> Image.Image:
+def _check_bytes(data: bytes, what: str, max_bytes: int) -> None:
     if len(data) == 0:
         raise ImageInputError(f"{what} is empty (0 bytes); provide a non-empty image file")
     if len(data) > max_bytes:
         raise ImageInputError(f"{what} is {_fmt_size(len(data))}, over the limit of {_fmt_size(max_bytes)}; use a smaller image")
+
+
+def _decode_bytes(data: bytes, what: str, max_bytes: int, max_pixels: int,
+                  check_size: SizeCheck | None = None) -> Image.Image:
+    _check_bytes(data, what, max_bytes)
     try:
         with warnings.catch_warnings():
             # Pillow's own guard (Image.MAX_IMAGE_PIXELS) fires inside open(); make its warning an error too.
@@ -120,16 +125,54 @@ def _from_array(arr: Any, what: str, max_pixels: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def _load_path(path: str, allowed_dir: str | None, max_bytes: int, max_pixels: int,
-               check_size: SizeCheck | None) -> Image.Image:
-    data = read_media_file(path, allowed_dir, max_bytes)
-    return _decode_bytes(data, f"image file {_show(path)}", max_bytes, max_pixels, check_size)
+# ---------------------------------------------------------------- entry points
 
 
-# ---------------------------------------------------------------- entry point
+@dataclass
+class ImageSource:
+    """An image source read but not yet decoded: its encoded bytes (a file, a data URI, a download, bytes given
+    as such), or the PIL image / uint8 array the caller gave. `digest_later()` names it cheaply, before any
+    decode (the request preparer's memo of images already seen); `decode()` gives the checked PIL image."""
+
+    data: bytes | Image.Image | np.ndarray
+    what: str
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """(width, height) where known without decoding (a given image or array), else None."""
+        d = self.data
+        if isinstance(d, Image.Image):
+            return d.size
+        if isinstance(d, np.ndarray) and d.ndim >= 2:
+            return int(d.shape[1]), int(d.shape[0])
+        return None
+
+    def digest_later(self) -> Callable[[], str]:
+        """Start the sha256 of the encoded bytes, or of a given image's mode, size and pixels (a snapshot: the
+        caller may change its image later), on threads; the returned function gives it."""
+        from phi3v.processing.image import content_key_later  # image.py imports this module
+
+        d = self.data
+        if isinstance(d, bytes):
+            return content_key_later(d, "bytes")
+        if isinstance(d, Image.Image):
+            return content_key_later(d.tobytes(), "pil", d.mode, d.size)
+        return content_key_later(np.ascontiguousarray(d), "array", d.dtype.str, d.shape)
+
+    def decode(self, max_pixels: int | None = None, check_size: SizeCheck | None = None) -> Image.Image:
+        limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+        d = self.data
+        if isinstance(d, bytes):
+            return _decode_bytes(d, self.what, len(d), limit, check_size)  # the byte cap was checked on reading
+        if isinstance(d, Image.Image):
+            return _check_pil(d, self.what, limit, check_size)
+        img = _from_array(d, self.what, limit)
+        if check_size is not None:
+            check_size(*img.size)
+        return img
 
 
-def load_image(
+def read_image_source(
     src: Any,
     *,
     allowed_dir: str | None = None,
@@ -137,51 +180,55 @@ def load_image(
     allow_urls: bool = False,
     max_bytes: int = MAX_IMAGE_BYTES,
     timeout: float = 10.0,
-    max_pixels: int | None = None,
     deadline: float | None = None,
     min_rate: float = MIN_FETCH_RATE,
-    check_size: SizeCheck | None = None,
-) -> Image.Image:
-    """Return a fully loaded (decoded) PIL image for `src`; raise ImageInputError when unusable.
-
-    `max_pixels=None` uses the module-level `MAX_IMAGE_PIXELS` (read at call time). The returned image keeps its
-    original mode; colour conversion is the image processor's job. A PIL image is returned as is (after checks).
-    URLs: `timeout` bounds each socket operation, `deadline` the whole download (None: 3 x timeout), and a host
-    slower than `min_rate` bytes/s on average is dropped after `timeout` seconds. With `allowed_dir`, a relative
-    path is taken from that folder. `check_size(width, height)`, when given, runs on the header's size before the
-    pixels are decoded (and may raise to refuse the image).
-    """
-    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+) -> ImageSource:
+    """Everything `load_image` does before decoding: the path, URL and byte-cap policies, a file read
+    race-free under `allowed_dir`, a URL fetched, a data URI's base64 decoded. ImageInputError when refused."""
     if isinstance(src, Image.Image):
-        return _check_pil(src, "image", limit, check_size)
+        return ImageSource(src, "image")
     if isinstance(src, (bytes, bytearray, memoryview)):
-        return _decode_bytes(bytes(src), "image bytes", max_bytes, limit, check_size)
-    if isinstance(src, (np.ndarray, torch.Tensor)):
-        if isinstance(src, torch.Tensor):
-            if src.dtype != torch.uint8:
-                raise ImageInputError(f"image tensor has dtype {src.dtype}; only torch.uint8 HWC tensors are accepted (values 0..255)")
-            img = _from_array(src.detach().cpu().numpy(), "image tensor", limit)
-        else:
-            img = _from_array(src, "numpy image array", limit)
-        if check_size is not None:
-            check_size(*img.size)
-        return img
+        data = bytes(src)
+        _check_bytes(data, "image bytes", max_bytes)
+        return ImageSource(data, "image bytes")
+    if isinstance(src, torch.Tensor):
+        if src.dtype != torch.uint8:
+            raise ImageInputError(f"image tensor has dtype {src.dtype}; only torch.uint8 HWC tensors are accepted (values 0..255)")
+        return ImageSource(src.detach().cpu().numpy(), "image tensor")
+    if isinstance(src, np.ndarray):
+        return ImageSource(src, "numpy image array")
     if isinstance(src, os.PathLike):
         src = os.fsdecode(os.fspath(src))
         if not allow_paths:
             raise ImageInputError("local image paths are not allowed here; send the image as base64 data instead")
-        return _load_path(src, allowed_dir, max_bytes, limit, check_size)
+        return _read_path(src, allowed_dir, max_bytes)
     if not isinstance(src, str):
         raise ImageInputError(f"unsupported image input type {type(src).__name__}; pass a PIL image, path, URL, bytes or uint8 array")
     if src[:5].lower() == "data:":
-        data = data_uri_payload(src.strip(), "image", max_bytes)
-        return _decode_bytes(data, "data URI image", max_bytes, limit, check_size)
+        return ImageSource(data_uri_payload(src.strip(), "image", max_bytes), "data URI image")
     scheme = scheme_of(src)
     if scheme in ("http", "https"):
         if not allow_urls:
             raise ImageInputError("image URLs are disabled here: enable them with LLM(..., allow_url_images=True) or "
                                   "`phi3v serve --allow-url-images`, or send the image as base64 data")
-        data = fetch_url(src, FetchLimits(max_bytes, timeout, deadline, min_rate))
-        return _decode_bytes(data, f"image from {_show(src)}", max_bytes, limit, check_size)
-    src = local_path(src, scheme, "image", allow_paths)
-    return _load_path(src, allowed_dir, max_bytes, limit, check_size)
+        return ImageSource(fetch_url(src, FetchLimits(max_bytes, timeout, deadline, min_rate)), f"image from {_show(src)}")
+    return _read_path(local_path(src, scheme, "image", allow_paths), allowed_dir, max_bytes)
+
+
+def _read_path(path: str, allowed_dir: str | None, max_bytes: int) -> ImageSource:
+    return ImageSource(read_media_file(path, allowed_dir, max_bytes), f"image file {_show(path)}")
+
+
+def load_image(src: Any, *, max_pixels: int | None = None, check_size: SizeCheck | None = None,
+               **read: Any) -> Image.Image:
+    """Return a fully loaded (decoded) PIL image for `src`; raise ImageInputError when unusable.
+
+    `read`: `read_image_source`'s options (allowed_dir, allow_paths, allow_urls, max_bytes, timeout, deadline,
+    min_rate). `max_pixels=None` uses the module-level `MAX_IMAGE_PIXELS` (read at call time). The returned image
+    keeps its original mode; colour conversion is the image processor's job. A PIL image is returned as is (after
+    checks). URLs: `timeout` bounds each socket operation, `deadline` the whole download (None: 3 x timeout), and
+    a host slower than `min_rate` bytes/s on average is dropped after `timeout` seconds. With `allowed_dir`, a
+    relative path is taken from that folder. `check_size(width, height)`, when given, runs on the header's size
+    before the pixels are decoded (and may raise to refuse the image).
+    """
+    return read_image_source(src, **read).decode(max_pixels, check_size)

@@ -43,7 +43,8 @@ def pool_kind(messages: list[dict[str, Any]]) -> str:
 def prepared_bytes(prep: Any) -> int:
     """Host or device bytes a prepared request holds until its prefill: crops and prompt ids (8 bytes each as
     list slots; small ints are shared)."""
-    return sum(img.crops.numel() * img.crops.element_size() for img in prep.images) + 8 * len(prep.prompt_ids)
+    return (sum(img.crops.numel() * img.crops.element_size() for img in prep.images if img.crops is not None)
+            + 8 * len(prep.prompt_ids))
 
 
 class WaitingBytes:

@@ -1,0 +1,124 @@
+"""An image seen before is recognised before it is decoded (phi3v/prepare.py): a request about an image whose
+features the engine holds comes without crops, gives the tokens of the slow reference generator, and builds its
+crops after all (ImageInput.load) if the features are gone by the time it runs. A prefix-cache hit that covers
+the images needs no features at all."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from phi3v import LLM, SamplingParams
+from phi3v.prepare import ImageMemo, MemoEntry
+from phi3v.processing.image_io import ImageInputError
+
+from engine_common import image_path, reference_tokens
+
+Q1 = "<|user|>\n<|image_1|>\nWhat is it?<|end|>\n<|assistant|>\n"
+Q2 = "<|user|>\nLook: <|image_1|>\nAnd the colours?<|end|>\n<|assistant|>\n"  # differs before the image
+
+
+def _data_uri(path: str) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _sources(path: str) -> dict[str, object]:
+    data = Path(path).read_bytes()
+    return {"path": path, "bytes": data, "data_uri": _data_uri(path), "pil": Image.open(io.BytesIO(data)).convert("RGB")}
+
+
+@pytest.mark.parametrize("kind", ["path", "bytes", "data_uri", "pil"])
+def test_an_image_seen_before_comes_without_crops_and_gives_the_reference_tokens(llm: LLM, kind: str) -> None:
+    src = _sources(image_path("astronaut"))[kind]
+    first = llm.prepare(Q1, [src], SamplingParams(max_tokens=5), 2)
+    llm.generate_many([first])  # encodes the image: its features are in the engine's cache now
+    again = llm.prepare(Q2, [src], SamplingParams(max_tokens=5), 2)
+    img = again.images[0]
+    assert img.crops is None and img.load is not None
+    assert (img.key, img.image_size, again.prompt_ids.count(-1)) == (
+        first.images[0].key, first.images[0].image_size, first.prompt_ids.count(-1))
+    before = dict(llm.engine.stats)
+    got = llm.generate_many([again])[0].token_ids
+    assert llm.engine.stats["images_encoded"] == before["images_encoded"]  # the cached features served it
+    assert got == reference_tokens(llm, llm.prepare(Q2, [src], SamplingParams(max_tokens=5), 2), 5)
+
+
+def test_features_gone_before_the_run_are_rebuilt_from_the_source(llm: LLM) -> None:
+    src = _data_uri(image_path("coffee"))
+    llm.generate(Q1, [src], SamplingParams(max_tokens=2), 1)
+    lazy = llm.prepare(Q2, [src], SamplingParams(max_tokens=6), 1)
+    assert lazy.images[0].crops is None
+    llm.engine.runner.images.cache.clear()  # evicted between preparation and the step that needs them
+    llm.engine.reset_prefix_cache()
+    before = llm.engine.stats["images_encoded"]
+    got = llm.generate_many([lazy])[0].token_ids
+    assert llm.engine.stats["images_encoded"] == before + 1
+    assert got == reference_tokens(llm, lazy, 6)  # (the reference reads the crops the loader built)
+
+
+def test_a_follow_up_covered_by_the_prefix_cache_needs_no_features(llm: LLM) -> None:
+    src = image_path("page_L")
+    q1 = ("<|user|>\n<|image_1|>\nWhat is it? Describe every detail you can see in this picture: the shapes, "
+          "the colours, the text, and anything else of note.<|end|>\n<|assistant|>\n")  # full blocks past the image
+    first = llm.generate(q1, [src], SamplingParams(max_tokens=3), 1)  # 1 crop: every length stays short-RoPE
+    follow = q1 + first.text + "<|end|>\n<|user|>\nAnd the colours?<|end|>\n<|assistant|>\n"
+    llm.engine.runner.images.cache.clear()  # neither features nor crops are needed: the blocks hold the image
+    req = llm.prepare(follow, [src], SamplingParams(max_tokens=4), 1)
+    assert req.images[0].crops is not None  # features not cached: prepared with its crops
+    before = dict(llm.engine.stats)
+    got = llm.generate_many([req])[0]
+    assert got.usage["prompt_tokens_details"]["cached_tokens"] > req.prompt_ids.count(-1)
+    assert llm.engine.stats["images_encoded"] == before["images_encoded"]
+    assert llm.engine.stats["image_cache_hits"] == before["image_cache_hits"]
+    assert got.token_ids == reference_tokens(llm, req, 4)
+
+
+def test_a_changed_file_is_a_new_image(llm: LLM, tmp_path: Path) -> None:
+    path = tmp_path / "img.png"
+    shutil.copyfile(image_path("astronaut"), path)
+    a = llm.generate(Q1, [str(path)], SamplingParams(max_tokens=2), 1)
+    shutil.copyfile(image_path("logo_RGBA"), path)  # same name, other content
+    req = llm.prepare(Q2, [str(path)], SamplingParams(max_tokens=2), 1)
+    assert req.images[0].crops is not None and req.images[0].key != llm.prepare(
+        Q1, [image_path("astronaut")], SamplingParams(max_tokens=2), 1).images[0].key
+    assert a.token_ids  # (ran)
+
+
+def test_limits_still_hold_for_an_image_seen_before(llm: LLM) -> None:
+    src = image_path("astronaut")
+    llm.generate(Q1, [src], SamplingParams(max_tokens=1), 4)  # 757 tokens at 4 crops; features cached
+    assert llm.prepare(Q2, [src], SamplingParams(max_tokens=1), 4).images[0].crops is None  # a memo hit
+    with pytest.raises(ImageInputError, match="over the limit"):
+        llm.prepare(Q2, [src], SamplingParams(max_tokens=1), 4, max_pixels=100)  # pixel cap lowered since
+    many = "<|user|>\n" + "".join(f"<|image_{k}|>\n" for k in range(1, 7)) + "Compare.<|end|>\n<|assistant|>\n"
+    with pytest.raises(ImageInputError, match="context holds 4096"):  # 6 x 757: the budget from the memo's size
+        llm.prepare(many, [src] * 6, SamplingParams(max_tokens=1), 4)
+    with pytest.raises(ImageInputError, match="not allowed"):
+        llm.prepare(Q2, [src], SamplingParams(max_tokens=1), 4, allow_paths=False)  # policies before the memo
+
+
+def test_image_memo_keeps_the_most_recent() -> None:
+    memo = ImageMemo(size=2)
+    e = MemoEntry("k", (336, 336), 157, (10, 10))
+    memo.put("a", 1, e)
+    memo.put("b", 1, e)
+    assert memo.get("a", 1) is e  # a is now the most recent
+    memo.put("c", 1, e)
+    assert memo.get("b", 1) is None and memo.get("a", 1) is e and memo.get("c", 1) is e
+    assert memo.get("a", 2) is None  # num_crops is part of the key
+    assert memo.has_size((10, 10), 1) and not memo.has_size((10, 10), 2)
+    memo.put("d", 1, MemoEntry("k", (336, 336), 157, (20, 10)))
+    memo.put("e", 1, MemoEntry("k", (336, 336), 157, (20, 10)))  # evicts a and c: no entry of 10 x 10 is left
+    assert not memo.has_size((10, 10), 1) and memo.has_size((20, 10), 1)
+
+
+def test_a_digest_is_the_same_however_often_it_is_asked_for() -> None:
+    from phi3v.processing.image_io import ImageSource
+
+    d = ImageSource(bytes(range(256)) * 40_000, "image bytes").digest_later()  # 10 MB: hashed in chunks
+    assert d() == d() == ImageSource(bytes(range(256)) * 40_000, "image bytes").digest_later()()
