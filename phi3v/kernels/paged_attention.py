@@ -268,10 +268,17 @@ if HAVE_TRITON:
             dst = phys * sc_b + kvh * sc_h + (L % BS) * sc_t + offs_d
             tl.store(kc_ptr + dst, to_cache(kn, kc_ptr.dtype.element_ty, FP8), mask=dm)
             tl.store(vc_ptr + dst, to_cache(vn, vc_ptr.dtype.element_ty, FP8), mask=dm)
-        om = gm[:, None] & dm[None, :]
+        _store_rows(acc, m, l, out_ptr, pacc_ptr, pml_ptr, b, s, heads, gm, offs_d, dm, so_b, so_h, GROUP, NSPLIT,
+                    BLOCK_D)
+
+    @triton.jit
+    def _store_rows(acc, m, l, out_ptr, pacc_ptr, pml_ptr, b, s, heads, gm, offs_d, dm, so_b, so_h,
+                    GROUP: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_D: tl.constexpr):
+        # the (QR, BLOCK_D) rows of _decode_kernel: the output when one split covers the whole cache, else this
+        # split's partial (acc, m, l) for _merge_kernel
         if NSPLIT == 1:
             dst = out_ptr + b * so_b + heads[:, None] * so_h + offs_d[None, :]
-            tl.store(dst, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=om)
+            tl.store(dst, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
         else:
             row = (b * tl.num_programs(1) * GROUP + heads) * NSPLIT + s  # (QR,) partial rows (b, head, s)
             tl.store(pacc_ptr + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=gm[:, None])
