@@ -13,6 +13,7 @@
 #   bench_abce     phi3v bench --parts abce (bf16)
 #   bench_e        phi3v bench --parts e only (a follow-up question and a second chat turn: prefix-cache hits)
 #   followup_host  benchmarks/followup_host.py --device cuda (preparing a repeat image with / without the image memo)
+#   server_g       benchmarks/server_concurrency.py: (g) 200 streaming requests without max_tokens against phi3v serve
 #   bench_fp8w, bench_int4w, bench_fp8w_kv8
 #                  phi3v bench --parts abc with --quantization fp8 / int4 / fp8 and --kv-cache-dtype fp8 (issue 20)
 #   quant_check    benchmarks/quant_check.py: bf16 / fp8 / int4 error, kernels vs torch, decode tok/s, GEMM
@@ -80,6 +81,8 @@ for step in "$@"; do
         bench_fp8) bench --parts abc --kv-cache-dtype fp8 $(compare) --json-out "$OUT/${TAG}_bench_fp8.json" >"$log" 2>&1 ;;
         bench_abce) bench --parts abce --json-out "$OUT/${TAG}_bench_abce.json" >"$log" 2>&1 ;;
         bench_e) bench --parts e --json-out "$OUT/${TAG}_bench_e.json" >"$log" 2>&1 ;;
+        server_g) python3 benchmarks/server_concurrency.py --model "$M" --device cuda --n 200 --image \
+            --json "$OUT/${TAG}_server_g.json" >"$log" 2>&1 ;;
         followup_host) python3 benchmarks/followup_host.py --model "$M" --device cuda \
             --json "$OUT/${TAG}_followup_host.json" >"$log" 2>&1 ;;
         bench_c) bench --parts c --json-out "$OUT/${TAG}_bench_c.json" >"$log" 2>&1 ;;
