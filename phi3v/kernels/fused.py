@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from phi3v.kernels import HAVE_TRITON, pdl_args
-from phi3v.kernels.lora import LoraPending, no_lora_args
+from phi3v.kernels.lora import NORM_MAX_RMAX, NORM_WARPS, LoraPending, expand, no_lora_args
 
 if HAVE_TRITON:
     import triton
@@ -82,8 +82,12 @@ if HAVE_TRITON:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = cols < inter
-        g = tl.load(gu_ptr + row * gu_stride + cols, mask=m, other=0.0)
-        u = tl.load(gu_ptr + row * gu_stride + inter + cols, mask=m, other=0.0)
+        if LORA:  # rows gu_stride apart (a view of [gate_up | shrink])
+            src = gu_ptr + row * gu_stride
+        else:
+            src = gu_ptr + row * 2 * inter
+        g = tl.load(src + cols, mask=m, other=0.0)
+        u = tl.load(src + inter + cols, mask=m, other=0.0)
         if LORA:  # gate columns `cols`, up columns inter + cols of the (2 * inter)-wide projection
             s_row = s_ptr + row * s_stride
             dg = lora_delta(s_row, bt_ptr, rows_ptr, offs_ptr, row, cols, m, 2 * inter, BLOCK, RMAX, RC)
@@ -163,21 +167,24 @@ def add_rms_norm(x: Tensor | LoraPending, residual: Tensor | None, weight: Tenso
     """(normed, new_residual): new_residual = residual + x (or x), normed = RMSNorm(new_residual). x may be a
     projection's output with its LoRA update pending: added here, no kernel of its own."""
     n, shape = x.shape[-1], x.shape
-    block = triton.next_power_of_2(n)
+    block, warps = triton.next_power_of_2(n), 4
+    if isinstance(x, LoraPending) and x.rmax > NORM_MAX_RMAX:
+        x = expand(x, pdl)
     if isinstance(x, LoraPending):
-        x2, lora = x.y, x.kernel_args(block)
+        x2, lora, warps = x.y, x.kernel_args(block), NORM_WARPS
     else:
         x2 = x.reshape(-1, n)
         lora = no_lora_args(x2)
     out = torch.empty(x2.shape, device=x2.device, dtype=x2.dtype)
     if residual is None and not lora["LORA"]:
         _add_rms_norm_kernel[(x2.shape[0],)](x2, n, x2, weight, out, out, n, eps, HAS_RES=False, BLOCK=block,
-                                             **lora, **pdl_args(x2, pdl))
+                                             num_warps=warps, **lora, **pdl_args(x2, pdl))
         return out.view(shape), x
     res_out = torch.empty_like(out)
     res = x2 if residual is None else residual.reshape(-1, n)
     _add_rms_norm_kernel[(x2.shape[0],)](x2, x2.stride(0), res, weight, out, res_out, n, eps,
-                                         HAS_RES=residual is not None, BLOCK=block, **lora, **pdl_args(x2, pdl))
+                                         HAS_RES=residual is not None, BLOCK=block, num_warps=warps, **lora,
+                                         **pdl_args(x2, pdl))
     return out.view(shape), res_out.view(shape)
 
 

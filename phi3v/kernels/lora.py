@@ -35,6 +35,10 @@ if HAVE_TRITON:
 BLOCK_N = 128
 # rank columns of bt loaded at once: RC * BLOCK <= TILE values per program and step (registers)
 TILE = 4096
+# The norm adds a row's whole update in one program (RMAX x hidden FMAs on one SM: benchmarks/lora_compile.py counts
+# its instructions); past this rank its issue time nears an expand kernel's launch, and the expand kernel runs first.
+NORM_MAX_RMAX = 32
+NORM_WARPS = 8  # the norm's warps with an update to add: no spills up to RMAX 64 (4 warps spill there)
 
 
 @dataclass(frozen=True)
