@@ -66,7 +66,7 @@ def variants(rmax: int):  # (name, kernel, constexprs, num_warps) as the wrapper
     nb = triton.next_power_of_2(H)
     yield "add_rms_norm", fused._add_rms_norm_kernel, dict(off, HAS_RES=True, BLOCK=nb, **pdl), 4
     yield "add_rms_norm +lora", fused._add_rms_norm_kernel, dict(on, RC=lora.rank_chunk(rmax, nb), HAS_RES=True,
-                                                                  BLOCK=nb, **pdl), lora.NORM_WARPS
+                                                                  BLOCK=nb, **pdl), lora.norm_warps(rmax)
     yield "silu_mul", fused._silu_mul_kernel, dict(off, BLOCK=1024, **pdl), 4
     yield "silu_mul +lora", fused._silu_mul_kernel, dict(on, RC=lora.rank_chunk(rmax, 256), BLOCK=256, **pdl), 4
 

@@ -30,7 +30,7 @@ def per_row(x, w, a, bt, offs, rows):
 for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
     for K, N, ranks in ((96, 200, [4, 8, 3]), (300, 64, [16])):
         lset = LoraSet([f"a{i}" for i in range(len(ranks))], ranks, torch.device("cpu"), dtype)
-        R, offs = sum(ranks), lset.offsets + [sum(ranks)]
+        R, offs = lset.width, lset.offsets + [sum(ranks)]  # R padded to 16: columns no row owns (random here)
         w, a, bt = (torch.randn(N, K) / K**0.5).to(dtype), (torch.randn(R, K) / K**0.5).to(dtype), torch.randn(R, N).to(dtype)
         slot = LoraSlot(lset, a, bt, torch.cat([w, a]))
         quant = LoraSlot(lset, a, bt)  # a quantized layer's slot: no stacked buffer, y given

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from phi3v.kernels import HAVE_TRITON, pdl_args
-from phi3v.kernels.lora import NORM_MAX_RMAX, NORM_WARPS, LoraPending, expand, no_lora_args
+from phi3v.kernels.lora import NORM_MAX_RMAX, LoraPending, expand, no_lora_args, norm_warps
 
 if HAVE_TRITON:
     import triton
@@ -171,7 +171,7 @@ def add_rms_norm(x: Tensor | LoraPending, residual: Tensor | None, weight: Tenso
     if isinstance(x, LoraPending) and x.rmax > NORM_MAX_RMAX:
         x = expand(x, pdl)
     if isinstance(x, LoraPending):
-        x2, lora, warps = x.y, x.kernel_args(block), NORM_WARPS
+        x2, lora, warps = x.y, x.kernel_args(block), norm_warps(x.rmax)
     else:
         x2 = x.reshape(-1, n)
         lora = no_lora_args(x2)

@@ -29,7 +29,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from phi3v.kernels import pdl_start
+    from phi3v.kernels import pdl_trigger, pdl_wait
 
 # expand: BLOCK_N output features per program, grid (N / BLOCK_N, M): one wave for every Phi-3 layer at batch 1.
 BLOCK_N = 128
@@ -38,7 +38,11 @@ TILE = 4096
 # The norm adds a row's whole update in one program (RMAX x hidden FMAs on one SM: benchmarks/lora_compile.py counts
 # its instructions); past this rank its issue time nears an expand kernel's launch, and the expand kernel runs first.
 NORM_MAX_RMAX = 32
-NORM_WARPS = 8  # the norm's warps with an update to add: no spills up to RMAX 64 (4 warps spill there)
+
+
+def norm_warps(rmax: int) -> int:
+    """The norm's warps with an update of RMAX to add: the fewest without spills (benchmarks/lora_compile.py)."""
+    return 8 if rmax <= 16 else 16
 
 
 @dataclass(frozen=True)
@@ -83,33 +87,52 @@ def expand(p: LoraPending, pdl: bool = False) -> Tensor:
 if HAVE_TRITON:
 
     @triton.jit
+    def _adapter(rows_ptr, offs_ptr, m):
+        # row m's adapter: its first rank column and its rank (0 for a base row: every load below masked off)
+        idx = tl.load(rows_ptr + m)
+        start = tl.load(offs_ptr + tl.maximum(idx - 1, 0))
+        return start, tl.where(idx > 0, tl.load(offs_ptr + idx) - start, 0)
+
+    @triton.jit
+    def _bt_tile(bt_ptr, start, rank, r0, cols, cmask, N, RC: tl.constexpr):
+        # (RC, BLOCK) fp32: rows start + r0 .. of bt at output features `cols` (of N)
+        r = r0 + tl.arange(0, RC)
+        return tl.load(bt_ptr + (start + r)[:, None] * N + cols[None, :], mask=(r < rank)[:, None] & cmask[None, :],
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _times_s(s_ptr, start, rank, r0, b, RC: tl.constexpr):
+        # (BLOCK,) fp32: sum over the tile's rank columns of s[start + r] * b[r, :]
+        r = r0 + tl.arange(0, RC)
+        s = tl.load(s_ptr + start + r, mask=r < rank, other=0.0).to(tl.float32)
+        return tl.sum(b * s[:, None], axis=0)
+
+    @triton.jit
     def lora_delta(s_ptr, bt_ptr, rows_ptr, offs_ptr, m, cols, cmask, N, BLOCK: tl.constexpr, RMAX: tl.constexpr,
                    RC: tl.constexpr):
         """(BLOCK,) fp32: row m's LoRA update at output features `cols` (of N): the sum over its adapter's rank
-        columns j of s[j] * bt[j, cols], in a fixed order; s_ptr points at row m's shrink (R,). Zero for a base row
-        (every load masked off)."""
-        idx = tl.load(rows_ptr + m)
-        start = tl.load(offs_ptr + tl.maximum(idx - 1, 0))
-        rank = tl.where(idx > 0, tl.load(offs_ptr + idx) - start, 0)
+        columns j of s[j] * bt[j, cols], RC columns at a time in a fixed order; s_ptr points at row m's shrink (R,).
+        Zero for a base row."""
+        start, rank = _adapter(rows_ptr, offs_ptr, m)
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for r0 in tl.static_range(0, RMAX, RC):
-            r = r0 + tl.arange(0, RC)
-            rm = r < rank
-            s = tl.load(s_ptr + start + r, mask=rm, other=0.0).to(tl.float32)  # (RC,)
-            b = tl.load(bt_ptr + (start + r)[:, None] * N + cols[None, :], mask=rm[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)  # (RC, BLOCK)
-            acc += tl.sum(b * s[:, None], axis=0)
+            acc += _times_s(s_ptr, start, rank, r0, _bt_tile(bt_ptr, start, rank, r0, cols, cmask, N, RC), RC)
         return acc
 
     @triton.jit
     def _expand_kernel(y_ptr, y_stride, out_ptr, N, s_ptr, s_stride, bt_ptr, rows_ptr, offs_ptr,
                        LORA: tl.constexpr, RMAX: tl.constexpr, RC: tl.constexpr, BLOCK_N: tl.constexpr,
                        PDL: tl.constexpr):
-        # grid (cdiv(N, BLOCK_N), M): out[m, cols] = y[m, cols] + row m's update, rounded once to y's dtype
-        pdl_start(PDL)  # y and s come from the GEMV before
+        # grid (cdiv(N, BLOCK_N), M): out[m, cols] = y[m, cols] + row m's update, rounded once to y's dtype. The
+        # whole (RMAX, BLOCK_N) tile of bt at once (RC unused), read before waiting for the GEMV: no kernel of the
+        # step writes bt, the rows' adapters or offs (the rows are copied in before the step's first kernel).
+        pdl_trigger(PDL)
         m = tl.program_id(1)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        d = lora_delta(s_ptr + m * s_stride, bt_ptr, rows_ptr, offs_ptr, m, cols, cmask, N, BLOCK_N, RMAX, RC)
+        start, rank = _adapter(rows_ptr, offs_ptr, m)
+        b = _bt_tile(bt_ptr, start, rank, 0, cols, cmask, N, RMAX)
+        pdl_wait(PDL)  # y and s come from the GEMV before
+        d = _times_s(s_ptr + m * s_stride, start, rank, 0, b, RMAX)
         y = tl.load(y_ptr + m * y_stride + cols, mask=cmask, other=0.0)
         tl.store(out_ptr + m * N + cols, (y.to(tl.float32) + d).to(out_ptr.dtype.element_ty), mask=cmask)

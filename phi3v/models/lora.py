@@ -69,7 +69,11 @@ class LoraSet:
     def __init__(self, names: list[str], ranks: list[int], device: torch.device, dtype: torch.dtype) -> None:
         self.names, self.ranks, self.dtype = list(names), list(ranks), dtype
         self.offsets = [sum(ranks[:k]) for k in range(len(ranks))]
-        owner = torch.cat([torch.full((r,), k + 1, dtype=torch.long) for k, r in enumerate(ranks)])
+        # R rounded up to a multiple of 16 with columns no row owns (zeros in a and bt): the stacked GEMV's and the
+        # decode kernels' row strides (out + R) stay multiples of 16, which their loads are compiled for
+        pad = -sum(ranks) % 16
+        owner = torch.cat([torch.full((r,), k + 1, dtype=torch.long) for k, r in enumerate(ranks)] +
+                          [torch.full((pad,), -1, dtype=torch.long)])
         self.owner = owner.to(device)  # (R,)
         # for the decode kernel (phi3v.kernels.lora): where each adapter's columns start and end, the widest one
         self.offs = torch.tensor(self.offsets + [sum(ranks)], dtype=torch.int32).to(device)  # (n + 1,)
