@@ -18,7 +18,7 @@ of adapters loaded times their rank), not with how the rows mix.
 Where it runs. A plain linear layer's W and a share one buffer, `LoraSlot.stacked` = [W; a] (out + R, in), the
 layer's weight a view of its first rows, so x @ a.T comes out of the layer's own GEMM / GEMV as its last R columns.
 Prefill (and the eager path): that GEMM, the mask, one addmm. Decode steps with the fused kernels on
-(phi3v.kernels.lora): the Triton GEMV over [W; a], and the expand (each row's own adapter only, no mask) added by
+(phi3v.kernels.lora): the Triton GEMV over [W; a] (the GEMM past 8 rows), and the expand (each row's own adapter only, no mask) added by
 the next kernel that reads y where the caller passes `defer` (the norm after o_proj and down_proj, SiLU after
 gate_up_proj) or by one kernel of its own (qkv_proj): a decode step's cost there is its kernels' launches and
 waits. Quantized layers (fp8, int4) keep their own kernels; their shrink is one GEMV over a.
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from phi3v.kernels import gemv
+from phi3v.kernels import available, gemv
 from phi3v.kernels import lora as kernels
 from phi3v.kernels.lora import LoraPending
 
@@ -122,29 +122,33 @@ class LoraSlot:
         """Whether this forward was given the rows' adapters (else the layer computes the base model)."""
         return self.set.rows is not None
 
-    def _decode(self, x: Tensor, w: Tensor, fused: bool) -> bool:
-        # a decode step (x (B, 1, in): row b = batch row b) whose GEMV over w runs in Triton
-        return fused and x.dim() == 3 and x.shape[1] == 1 and gemv.supported(x, w)
+    def _decode(self, x: Tensor, fused: bool) -> bool:
+        # a decode step (x (B, 1, in): row b = batch row b) where the Triton kernels run
+        return fused and x.dim() == 3 and x.shape[1] == 1 and available(x.device)
 
     def project(self, x: Tensor, fused: bool, pdl: bool = False, defer: bool = False) -> Tensor | LoraPending:
-        """x (..., in) -> W x + the selected rows' updates (a plain layer: `stacked`). `fused`: a decode step's
-        shrink in the layer's GEMV (one kernel: [y | s]) and, with `defer`, the expand left to the caller's next
-        kernel (LoraPending); else (prefill, eager) one GEMM over [W; a], the rows' mask and one addmm."""
+        """x (..., in) -> W x + the selected rows' updates (a plain layer: `stacked`). `fused` decode steps: one
+        GEMV (1..8 rows; a GEMM past that) over [W; a] gives [y | s] and the expand is one kernel, or with `defer`
+        left to the caller's next kernel (LoraPending); else (prefill, eager) the GEMM, the rows' mask, one addmm."""
         n = self.bt.shape[1]
-        if self._decode(x, self.stacked, fused):
+        if self._decode(x, fused):
             m = x.shape[0]
-            ys = gemv.linear(x, self.stacked, gemv.default_config(m, n, x.shape[-1]), pdl).view(m, -1)  # [y | s]
+            if gemv.supported(x, self.stacked):
+                ys = gemv.linear(x, self.stacked, gemv.default_config(m, n, x.shape[-1]), pdl)
+            else:
+                ys = F.linear(x, self.stacked)
+            ys = ys.view(m, -1)  # (M, out + R): [y | s]
             return self._pending(ys[:, :n], ys[:, n:], (m, 1, n), pdl, defer)
         ys = F.linear(x, self.stacked)  # (..., out + R)
         return self._expand_eager(ys[..., :n], ys[..., n:])
 
     def add(self, x: Tensor, y: Tensor, fused: bool, pdl: bool = False, defer: bool = False) -> Tensor | LoraPending:
         """x (..., in), y = base(x) (..., out) of a quantized layer -> y + the selected rows' updates; decode steps
-        shrink in a GEMV of their own (then as project)."""
-        if self._decode(x, self.a, fused) and y.is_contiguous():
+        shrink in a GEMV (or GEMM) of their own, then as project."""
+        if self._decode(x, fused) and y.is_contiguous():
             m = x.shape[0]
-            s = gemv.linear(x, self.a, pdl=pdl).view(m, -1)  # (M, R)
-            return self._pending(y.view(m, -1), s, y.shape, pdl, defer)
+            s = gemv.linear(x, self.a, pdl=pdl) if gemv.supported(x, self.a) else F.linear(x, self.a)
+            return self._pending(y.view(m, -1), s.view(m, -1), y.shape, pdl, defer)
         return self._expand_eager(y, F.linear(x, self.a))
 
     def _pending(self, y: Tensor, s: Tensor, shape: tuple[int, ...], pdl: bool, defer: bool) -> Tensor | LoraPending:
