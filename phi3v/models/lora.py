@@ -196,4 +196,6 @@ def attach_loras(model: nn.Module, adapters: Mapping[str, Mapping[str, LoraLayer
         a, bt = a.to(device=device, dtype=dtype), bt.to(device=device, dtype=dtype)
         layer.__dict__["lora"] = LoraSlot(lset, a, bt, _stack(layer, a))
     model.loras = lset
+    if device.type == "cuda":  # the replaced weights' blocks (each W now lives in its [W; a]): back to the driver,
+        torch.cuda.empty_cache()  # which the engine asks for the memory its KV cache may take
     return lset
