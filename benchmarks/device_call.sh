@@ -18,7 +18,9 @@
 #                  TFLOP/s, memory (exits 1 when a quantized kernel disagrees with its torch math)
 #   quant_sweep    benchmarks/quant_sweep.py: tuning of the FP8 / int4 GEMV and the int4 GEMM per Phi-3 shape
 #   lora           benchmarks/lora_bench.py: decode tok/s and offline throughput of base / merged / 1 / 4 per-request
-#                  LoRA adapters (issue 23; cost_vs_base per mode)
+#                  LoRA adapters (issue 23; cost_vs_base per mode; $LORA_MODES, rank $LORA_RANK, default 16)
+#   lora_base      the same from the copy in $BASE (default .ab_base, carried), e.g. the kernels before the shrink
+#                  moved into the GEMV: `git archive 1e9cb5f phi3v benchmarks/lora_bench.py | tar -x -C .ab_base`
 #   bench_c_base   the same from the package copy in $BASE (default .ab_base, carried: an earlier commit's
 #                  phi3v/, e.g. `git archive HEAD phi3v | tar -x -C .ab_base`), for an A/B in one call
 #   bench_parts, bench_parts_base
@@ -86,7 +88,11 @@ for step in "$@"; do
             >"$log" 2>&1 ;;
         quant_check) python3 benchmarks/quant_check.py --model "$M" --out "$OUT/${TAG}_quant_check.json" >"$log" 2>&1 ;;
         quant_sweep) python3 benchmarks/quant_sweep.py --out "$OUT/${TAG}_quant_sweep.json" >"$log" 2>&1 ;;
-        lora) python3 benchmarks/lora_bench.py --model "$M" --modes "${LORA_MODES:-base,merged,lora1,lora4,base}" --json-out "$OUT/${TAG}_lora.json" >"$log" 2>&1 ;;
+        lora) python3 benchmarks/lora_bench.py --model "$M" --modes "${LORA_MODES:-base,merged,lora1,lora4,base}" \
+            --rank "${LORA_RANK:-16}" --json-out "$OUT/${TAG}_lora.json" >"$log" 2>&1 ;;
+        lora_base) (cd "${BASE:-.ab_base}" && python3 benchmarks/lora_bench.py --model "$M" \
+            --modes "${LORA_MODES:-base,merged,lora1,lora4,base}" --rank "${LORA_RANK:-16}" \
+            --json-out "$OUT/${TAG}_lora_base.json") >"$log" 2>&1 ;;
         bench_c_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts c) >"$log" 2>&1 ;;
         bench_parts) bench --parts "${PARTS:-b}" --json-out "$OUT/${TAG}_bench_parts.json" >"$log" 2>&1 ;;
         bench_parts_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts "${PARTS:-b}") \
