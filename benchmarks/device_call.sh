@@ -30,6 +30,7 @@
 #                  preemption, the LongRoPE crossing, chunked long prompts, against the reference generator)
 #   profile_decode | profile_prefill | profile_ttft | profile_offline | profile_followup
 #                  benchmarks/profiler.py MODE (where the time of (a) / a (c) prefill step / (b) / (c) goes)
+#   profile_decode_lora  profiler.py decode with a per-request adapter of rank $LORA_RANK (kernels_per_step)
 #   attention_backends  benchmarks/attention_backends.py (long-prompt prefill attention: Triton vs SDPA backends)
 #   attention      benchmarks/attention_sweep.py (bf16; attention_fp8: --kv-dtype fp8), a tuning sweep
 #   gemv_m1        benchmarks/gemv_sweep.py --m 1 (the GEMV table's tuning sweep at batch 1)
@@ -100,6 +101,8 @@ for step in "$@"; do
         gpu_tests) { PHI3V_GPU_OUT=/tmp/gpu_out python3 -m pytest -p no:cacheprovider -m gpu -q tests/gpu; r1=$?
                      PHI3V_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -q tests/test_engine_cache.py; r2=$?
                      [ $r1 -eq 0 ] && [ $r2 -eq 0 ]; } >"$log" 2>&1 ;;
+        profile_decode_lora) python3 benchmarks/profiler.py decode --folder "$M" --lora-rank "${LORA_RANK:-16}" \
+            --out "$OUT/${TAG}_$step.json" >"$log" 2>&1 ;;
         profile_decode|profile_prefill|profile_ttft|profile_offline|profile_followup)
             python3 benchmarks/profiler.py "${step#profile_}" --folder "$M" --out "$OUT/${TAG}_$step.json" >"$log" 2>&1 ;;
         attention) python3 benchmarks/attention_sweep.py --out "$OUT/${TAG}_attention.json" >"$log" 2>&1 ;;
