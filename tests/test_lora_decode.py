@@ -118,5 +118,6 @@ def test_engine_mixed_batch_equals_the_hand_merged_references(tmp_path) -> None:
         ref = LLM(refs[a], device="cpu", dtype="fp32", max_model_len=256)
         want.append(reference_tokens(ref, ref.prepare(p, [], SamplingParams(max_tokens=n)), n))
     assert len({tuple(t) for t in want}) == 4  # every row's model answers differently
-    got = run_interpreted(ENGINE_SCRIPT.replace("sys.argv[1]", repr(json.dumps({"loras": loras, "n": n, "jobs": jobs}))))
+    args = json.dumps({"loras": loras, "n": n, "jobs": jobs})
+    got = run_interpreted(ENGINE_SCRIPT.replace("sys.argv[1]", repr(args)))
     assert json.loads(got.strip().splitlines()[-1]) == want

@@ -31,7 +31,8 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
     for K, N, ranks in ((96, 200, [4, 8, 3]), (300, 64, [16])):
         lset = LoraSet([f"a{i}" for i in range(len(ranks))], ranks, torch.device("cpu"), dtype)
         R, offs = lset.width, lset.offsets + [sum(ranks)]  # R padded to 16: columns no row owns (random here)
-        w, a, bt = (torch.randn(N, K) / K**0.5).to(dtype), (torch.randn(R, K) / K**0.5).to(dtype), torch.randn(R, N).to(dtype)
+        w, a = (torch.randn(N, K) / K**0.5).to(dtype), (torch.randn(R, K) / K**0.5).to(dtype)
+        bt = torch.randn(R, N).to(dtype)
         slot = LoraSlot(lset, a, bt, torch.cat([w, a]))
         quant = LoraSlot(lset, a, bt)  # a quantized layer's slot: no stacked buffer, y given
         for rows in ([0], [1], [len(ranks)], [len(ranks), 0, 1, 1], [0, 1, 0, 1, 0, 1, 1], [1, 0] * 5):  # 10: a GEMM

@@ -4,7 +4,8 @@ Layout. The n adapters are laid side by side along one rank axis of width R = r_
 largest rank over the layers). For each linear layer some adapter targets, `LoraSlot` holds
   a (R, in)   rows [off_k, off_k + r) = adapter k's lora_A for this layer, zero rows where it has none / less rank,
   bt (R, out) rows [off_k, off_k + r) = scale_k * lora_B.T (scale folded in once, in fp32, then cast),
-both in the activations' dtype, and `LoraSet.owner` (R,) says which adapter (1..n) each rank column belongs to.
+both in the activations' dtype, and `LoraSet.owner` (R,) says which adapter (1..n) each rank column belongs to
+(R is rounded up to a multiple of 16 with zero columns no row owns, -1).
 
 Math. A forward over rows b (batch rows: one sequence each, any number of tokens T; a decode step is T = 1) gets
 `rows` (B,) int64, the adapter of each row (0 = the base model). `LoraSet` turns it into one mask
@@ -18,10 +19,10 @@ of adapters loaded times their rank), not with how the rows mix.
 Where it runs. A plain linear layer's W and a share one buffer, `LoraSlot.stacked` = [W; a] (out + R, in), the
 layer's weight a view of its first rows, so x @ a.T comes out of the layer's own GEMM / GEMV as its last R columns.
 Prefill (and the eager path): that GEMM, the mask, one addmm. Decode steps with the fused kernels on
-(phi3v.kernels.lora): the Triton GEMV over [W; a] (the GEMM past 8 rows), and the expand (each row's own adapter only, no mask) added by
-the next kernel that reads y where the caller passes `defer` (the norm after o_proj and down_proj, SiLU after
-gate_up_proj) or by one kernel of its own (qkv_proj): a decode step's cost there is its kernels' launches and
-waits. Quantized layers (fp8, int4) keep their own kernels; their shrink is one GEMV over a.
+(phi3v.kernels.lora): the Triton GEMV over [W; a] (the GEMM past 8 rows), then the expand (each row's own adapter
+only, no mask) added by the next kernel that reads y where the caller passes `defer` (the norm after o_proj and
+down_proj, SiLU after gate_up_proj) or by one kernel of its own (qkv_proj): a decode step's cost there is its
+kernels' launches and waits. Quantized layers (fp8, int4) keep their own kernels; their shrink is one GEMV over a.
 
 With no adapter loaded nothing here runs (no slot is attached, `Phi3VForCausalLM.loras` is None); with adapters
 loaded, a forward given rows=None computes the base model (no rows selected: every slot returns y as is).
