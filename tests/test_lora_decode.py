@@ -79,10 +79,10 @@ def test_a_decode_step_with_adapters_launches_one_kernel_more_per_layer() -> Non
 
 
 ENGINE_SCRIPT = r"""
-import json, sys
+import json
 from phi3v import LLM, SamplingParams
 from phi3v.kernels import gemv
-cfg = json.loads(sys.argv[1])
+cfg = json.loads(ARGS)  # set before this script: the adapters' folders, tokens per request, (prompt, adapter) jobs
 # the lm_head's GEMV (32k rows) takes minutes interpreted: it alone runs in torch
 _supported = gemv.supported
 gemv.supported = lambda x, w, scale=None: w.shape[0] < 32000 and _supported(x, w, scale)
@@ -119,5 +119,5 @@ def test_engine_mixed_batch_equals_the_hand_merged_references(tmp_path) -> None:
         want.append(reference_tokens(ref, ref.prepare(p, [], SamplingParams(max_tokens=n)), n))
     assert len({tuple(t) for t in want}) == 4  # every row's model answers differently
     args = json.dumps({"loras": loras, "n": n, "jobs": jobs})
-    got = run_interpreted(ENGINE_SCRIPT.replace("sys.argv[1]", repr(args)))
+    got = run_interpreted(f"ARGS = {args!r}\n" + ENGINE_SCRIPT)
     assert json.loads(got.strip().splitlines()[-1]) == want
