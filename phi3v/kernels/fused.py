@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from phi3v.kernels import HAVE_TRITON, pdl_args
-from phi3v.kernels.lora import NORM_MAX_RMAX, LoraPending, expand, no_lora_args, norm_warps
+from phi3v.kernels.lora import NORM_MAX_RMAX, LoraPending, expand, lora_warps, no_lora_args
 
 if HAVE_TRITON:
     import triton
@@ -171,7 +171,7 @@ def add_rms_norm(x: Tensor | LoraPending, residual: Tensor | None, weight: Tenso
     if isinstance(x, LoraPending) and x.rmax > NORM_MAX_RMAX:
         x = expand(x, pdl)
     if isinstance(x, LoraPending):
-        x2, lora, warps = x.y, x.kernel_args(block), norm_warps(x.rmax)
+        x2, lora, warps = x.y, x.kernel_args(block), lora_warps(x.rmax, 8)
     else:
         x2 = x.reshape(-1, n)
         lora = no_lora_args(x2)
@@ -210,14 +210,14 @@ def silu_mul(gate_up: Tensor | LoraPending, pdl: bool = False) -> Tensor:
     pending: added here (smaller tiles then: the update reads a (rank, tile) block of B per program)."""
     inter = gate_up.shape[-1] // 2
     if isinstance(gate_up, LoraPending):
-        gu, block = gate_up.y, 256
+        gu, block, warps = gate_up.y, 256, lora_warps(gate_up.rmax, 4)
         lora = gate_up.kernel_args(block)
     else:
-        gu, block = gate_up.reshape(-1, 2 * inter), 1024
+        gu, block, warps = gate_up.reshape(-1, 2 * inter), 1024, 4
         lora = no_lora_args(gu)
     out = torch.empty(gu.shape[0], inter, device=gu.device, dtype=gu.dtype)
-    _silu_mul_kernel[(gu.shape[0], triton.cdiv(inter, block))](gu, gu.stride(0), out, inter, BLOCK=block, **lora,
-                                                                **pdl_args(gu, pdl))
+    _silu_mul_kernel[(gu.shape[0], triton.cdiv(inter, block))](gu, gu.stride(0), out, inter, BLOCK=block,
+                                                                num_warps=warps, **lora, **pdl_args(gu, pdl))
     return out.view(*gate_up.shape[:-1], inter)
 
 

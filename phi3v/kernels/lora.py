@@ -40,9 +40,10 @@ TILE = 4096
 NORM_MAX_RMAX = 32
 
 
-def norm_warps(rmax: int) -> int:
-    """The norm's warps with an update of RMAX to add: the fewest without spills (benchmarks/lora_compile.py)."""
-    return 8 if rmax <= 16 else 16
+def lora_warps(rmax: int, base: int) -> int:
+    """Warps of a kernel that adds an update of RMAX: `base` up to 16, twice that past it (no spills at Phi-3's sizes
+    where they are used: benchmarks/lora_compile.py; fewer warps issue less per program)."""
+    return base if rmax <= 16 else 2 * base
 
 
 @dataclass(frozen=True)
@@ -112,11 +113,12 @@ if HAVE_TRITON:
                    RC: tl.constexpr):
         """(BLOCK,) fp32: row m's LoRA update at output features `cols` (of N): the sum over its adapter's rank
         columns j of s[j] * bt[j, cols], RC columns at a time in a fixed order; s_ptr points at row m's shrink (R,).
-        Zero for a base row."""
+        Zero for a base row, which skips the work."""
         start, rank = _adapter(rows_ptr, offs_ptr, m)
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for r0 in tl.static_range(0, RMAX, RC):
-            acc += _times_s(s_ptr, start, rank, r0, _bt_tile(bt_ptr, start, rank, r0, cols, cmask, N, RC), RC)
+        if rank > 0:
+            for r0 in tl.static_range(0, RMAX, RC):
+                acc += _times_s(s_ptr, start, rank, r0, _bt_tile(bt_ptr, start, rank, r0, cols, cmask, N, RC), RC)
         return acc
 
     @triton.jit
