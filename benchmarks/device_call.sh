@@ -20,7 +20,9 @@
 #                  TFLOP/s, memory (exits 1 when a quantized kernel disagrees with its torch math)
 #   quant_sweep    benchmarks/quant_sweep.py: tuning of the FP8 / int4 GEMV and the int4 GEMM per Phi-3 shape
 #   lora           benchmarks/lora_bench.py: decode tok/s and offline throughput of base / merged / 1 / 4 per-request
-#                  LoRA adapters (issue 23; cost_vs_base per mode)
+#                  LoRA adapters (issue 23; cost_vs_base per mode; $LORA_MODES, rank $LORA_RANK, default 16)
+#   lora_base      the same from the copy in $BASE (default .ab_base, carried), e.g. the kernels before the shrink
+#                  moved into the GEMV: `git archive 1e9cb5f phi3v benchmarks/lora_bench.py | tar -x -C .ab_base`
 #   bench_c_base   the same from the package copy in $BASE (default .ab_base, carried: an earlier commit's
 #                  phi3v/, e.g. `git archive HEAD phi3v | tar -x -C .ab_base`), for an A/B in one call
 #   bench_parts, bench_parts_base
@@ -30,6 +32,7 @@
 #                  preemption, the LongRoPE crossing, chunked long prompts, against the reference generator)
 #   profile_decode | profile_prefill | profile_ttft | profile_offline | profile_followup
 #                  benchmarks/profiler.py MODE (where the time of (a) / a (c) prefill step / (b) / (c) goes)
+#   profile_decode_lora  profiler.py decode with a per-request adapter of rank $LORA_RANK (kernels_per_step)
 #   attention_backends  benchmarks/attention_backends.py (long-prompt prefill attention: Triton vs SDPA backends)
 #   attention      benchmarks/attention_sweep.py (bf16; attention_fp8: --kv-dtype fp8), a tuning sweep
 #   gemv_m1        benchmarks/gemv_sweep.py --m 1 (the GEMV table's tuning sweep at batch 1)
@@ -92,7 +95,11 @@ for step in "$@"; do
             >"$log" 2>&1 ;;
         quant_check) python3 benchmarks/quant_check.py --model "$M" --out "$OUT/${TAG}_quant_check.json" >"$log" 2>&1 ;;
         quant_sweep) python3 benchmarks/quant_sweep.py --out "$OUT/${TAG}_quant_sweep.json" >"$log" 2>&1 ;;
-        lora) python3 benchmarks/lora_bench.py --model "$M" --modes "${LORA_MODES:-base,merged,lora1,lora4,base}" --json-out "$OUT/${TAG}_lora.json" >"$log" 2>&1 ;;
+        lora) python3 benchmarks/lora_bench.py --model "$M" --modes "${LORA_MODES:-base,merged,lora1,lora4,base}" \
+            --rank "${LORA_RANK:-16}" --json-out "$OUT/${TAG}_lora.json" >"$log" 2>&1 ;;
+        lora_base) (cd "${BASE:-.ab_base}" && python3 benchmarks/lora_bench.py --model "$M" \
+            --modes "${LORA_MODES:-base,merged,lora1,lora4,base}" --rank "${LORA_RANK:-16}" \
+            --json-out "$OUT/${TAG}_lora_base.json") >"$log" 2>&1 ;;
         bench_c_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts c) >"$log" 2>&1 ;;
         bench_parts) bench --parts "${PARTS:-b}" --json-out "$OUT/${TAG}_bench_parts.json" >"$log" 2>&1 ;;
         bench_parts_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts "${PARTS:-b}") \
@@ -100,6 +107,8 @@ for step in "$@"; do
         gpu_tests) { PHI3V_GPU_OUT=/tmp/gpu_out python3 -m pytest -p no:cacheprovider -m gpu -q tests/gpu; r1=$?
                      PHI3V_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -q tests/test_engine_cache.py; r2=$?
                      [ $r1 -eq 0 ] && [ $r2 -eq 0 ]; } >"$log" 2>&1 ;;
+        profile_decode_lora) python3 benchmarks/profiler.py decode --folder "$M" --lora-rank "${LORA_RANK:-16}" \
+            --out "$OUT/${TAG}_$step.json" >"$log" 2>&1 ;;
         profile_decode|profile_prefill|profile_ttft|profile_offline|profile_followup)
             python3 benchmarks/profiler.py "${step#profile_}" --folder "$M" --out "$OUT/${TAG}_$step.json" >"$log" 2>&1 ;;
         attention) python3 benchmarks/attention_sweep.py --out "$OUT/${TAG}_attention.json" >"$log" 2>&1 ;;

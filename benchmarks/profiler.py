@@ -28,6 +28,7 @@ import functools
 import gc
 import statistics
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -42,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from phi3v import LLM, SamplingParams, prepare as prepare_mod  # noqa: E402
 from phi3v.bench import MIXED_SIZES, PROMPT, emit, noise_image, offline_request, write_random_checkpoint  # noqa: E402
+from phi3v.config import Phi3VConfig  # noqa: E402
 from phi3v.engine import engine as engine_mod, images as images_mod, prefill as prefill_mod  # noqa: E402
 from phi3v.engine import graphs, kv_cache, model_runner, scheduler  # noqa: E402
 from phi3v.models import phi3v as phi3v_mod  # noqa: E402
@@ -140,7 +142,7 @@ def cuda_ms(fn: Callable[[], Any], reps: int) -> float:
 
 def mode_decode(llm: LLM, a: argparse.Namespace) -> dict:
     eng, img = llm.engine, noise_image(1344, 1344, 0)
-    req = llm.prepare(PROMPT, [img], SamplingParams(max_tokens=4000, ignore_eos=True), 16)
+    req = llm.prepare(PROMPT, [img], SamplingParams(max_tokens=4000, ignore_eos=True, lora=a.lora), 16)
     rid = eng.add_request(req.prompt_ids, req.images, req.params)
     for _ in range(4):  # the prefill, then decode steps that capture or warm the batch-1 graph
         eng.step()
@@ -156,9 +158,10 @@ def mode_decode(llm: LLM, a: argparse.Namespace) -> dict:
         sync()
     res["top_kernels_per_step"] = top_kernels(prof, 15, per=20)
     res["kernel_ms_per_step"] = sum(ms for _, _, ms in top_kernels(prof, 10**6, per=20))
+    res["kernels_per_step"] = sum(n for _, n, _ in top_kernels(prof, 10**6, per=20))
     eng.abort(rid)
     eng.step()
-    c = llm.generate(PROMPT, [img], SamplingParams(max_tokens=256, ignore_eos=True), num_crops=16)
+    c = llm.generate(PROMPT, [img], SamplingParams(max_tokens=256, ignore_eos=True, lora=a.lora), num_crops=16)
     res["api_decode_tok_s"] = c.timings["decode_tokens_per_s"]
     return res
 
@@ -343,6 +346,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=100, help="decode: timed engine steps")
     ap.add_argument("--reps", type=int, default=6, help="ttft: calls per median (the first is a warm-up)")
     ap.add_argument("--out", default=None, help="write the JSON here")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="decode: the request names a per-request LoRA adapter of this rank on every decoder layer's "
+                         "qkv, o, gate_up and down (benchmarks/lora_bench.py's), 0: none")
     a = ap.parse_args(argv)
     a.n = a.n or (32 if a.mode == "prefill" else 64)
     return a
@@ -355,8 +361,12 @@ def main(argv: list[str] | None = None) -> dict:
         write_random_checkpoint(str(DATA / "real-configs" / "phi-3-vision-128k-instruct"), str(DATA / "tiny-phi3v"),
                                 a.folder)
     missing = label_phases() if a.mode in ("ttft", "offline", "followup") else []
+    a.lora, loras = None, None
+    if a.lora_rank:
+        from benchmarks.lora_bench import write_adapters
+        a.lora, loras = "a0", write_adapters(Phi3VConfig.from_pretrained(a.folder), tempfile.mkdtemp(), 1, a.lora_rank)
     llm = LLM(a.folder, device=a.device, max_num_seqs=64 if a.mode in ("prefill", "offline") else 4,
-              max_model_len=3072)
+              max_model_len=3072, loras=loras)
     llm.warmup()  # as the bench, the server and the batch job do
     res = {"mode": a.mode, "device": torch.cuda.get_device_name(0) if a.device == "cuda" else a.device,
            "date": time.strftime("%Y-%m-%d"), "phases_missing": missing, **MODES[a.mode](llm, a)}

@@ -94,6 +94,17 @@ def test_mixed_batch_rows_equal_their_single_runs(multi) -> None:
     assert len({tuple(t) for t in single[:3]}) == 3  # and the three models answer differently
 
 
+def test_a_targeted_weight_and_its_adapters_a_share_one_buffer(multi) -> None:
+    """[W; A] (out + R, in) per targeted layer, the layer's weight a contiguous view of its first rows: one GEMM gives
+    y and the shrink, and W is not held twice."""
+    slots = [(m, m.__dict__["lora"]) for m in multi.model.modules() if "lora" in m.__dict__]
+    assert len(slots) == 4 * CFG.num_hidden_layers
+    for layer, slot in slots:
+        w, st = layer.weight, slot.stacked
+        assert w.is_contiguous() and st.shape == (w.shape[0] + multi.model.loras.width, w.shape[1])
+        assert w.data_ptr() == st.data_ptr() and slot.a.data_ptr() == st[w.shape[0]:].data_ptr()
+
+
 def test_prefix_cache_is_never_shared_across_adapters(multi) -> None:
     multi.engine.reset_prefix_cache()
     p, imgs = IMG

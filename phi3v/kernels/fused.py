@@ -13,24 +13,36 @@ import torch
 from torch import Tensor
 
 from phi3v.kernels import HAVE_TRITON, pdl_args
+from phi3v.kernels.lora import NORM_MAX_RMAX, LoraPending, expand, lora_warps, no_lora_args
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
     from phi3v.kernels import pdl_start
+    from phi3v.kernels.lora import lora_delta
+
+    # LORA (add_rms_norm, silu_mul): x is a decode projection's output whose per-request LoRA update is still to add
+    # (phi3v.kernels.lora.LoraPending: x rows x_stride apart, s_ptr.. its shrink and stacks); it is added as x is
+    # loaded and rounded to x's dtype, as the expand kernel's own add would be.
 
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, N, eps,
-                             HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _add_rms_norm_kernel(x_ptr, x_stride, res_ptr, w_ptr, out_ptr, res_out_ptr, N, eps, s_ptr, s_stride, bt_ptr,
+                             rows_ptr, offs_ptr, HAS_RES: tl.constexpr, LORA: tl.constexpr, RMAX: tl.constexpr,
+                             RC: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         m = cols < N
-        x = tl.load(x_ptr + row * N + cols, mask=m, other=0.0)
+        x = tl.load(x_ptr + row * x_stride + cols, mask=m, other=0.0)
+        if LORA:
+            d = lora_delta(s_ptr + row * s_stride, bt_ptr, rows_ptr, offs_ptr, row, cols, m, N, BLOCK, RMAX, RC)
+            x = (x.to(tl.float32) + d).to(x.dtype)
         if HAS_RES:  # residual stream += x, rounded as a bf16 add
             r = tl.load(res_ptr + row * N + cols, mask=m, other=0.0)
             x = (r.to(tl.float32) + x.to(tl.float32)).to(x.dtype)
+            tl.store(res_out_ptr + row * N + cols, x, mask=m)
+        elif LORA:  # the finished x is the new residual stream
             tl.store(res_out_ptr + row * N + cols, x, mask=m)
         xf = x.to(tl.float32)
         var = tl.sum(xf * xf, axis=0) / N
@@ -63,13 +75,25 @@ if HAVE_TRITON:
         tl.store(out_ptr + at, (d * rstd[:, None] * w + b).to(x.dtype), mask=m)
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _silu_mul_kernel(gu_ptr, gu_stride, out_ptr, inter, s_ptr, s_stride, bt_ptr, rows_ptr, offs_ptr,
+                         LORA: tl.constexpr, RMAX: tl.constexpr, RC: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
         pdl_start(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = cols < inter
-        g = tl.load(gu_ptr + row * 2 * inter + cols, mask=m, other=0.0)
-        u = tl.load(gu_ptr + row * 2 * inter + inter + cols, mask=m, other=0.0)
+        if LORA:  # rows gu_stride apart (a view of [gate_up | shrink])
+            src = gu_ptr + row * gu_stride
+        else:
+            src = gu_ptr + row * 2 * inter
+        g = tl.load(src + cols, mask=m, other=0.0)
+        u = tl.load(src + inter + cols, mask=m, other=0.0)
+        if LORA:  # gate columns `cols`, up columns inter + cols of the (2 * inter)-wide projection
+            s_row = s_ptr + row * s_stride
+            dg = lora_delta(s_row, bt_ptr, rows_ptr, offs_ptr, row, cols, m, 2 * inter, BLOCK, RMAX, RC)
+            du = lora_delta(s_row, bt_ptr, rows_ptr, offs_ptr, row, inter + cols, m, 2 * inter, BLOCK, RMAX, RC)
+            g = (g.to(tl.float32) + dg).to(g.dtype)
+            u = (u.to(tl.float32) + du).to(u.dtype)
         gf = g.to(tl.float32)
         s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # F.silu's output, rounded
         tl.store(out_ptr + row * inter + cols, (u.to(tl.float32) * s.to(tl.float32)).to(g.dtype), mask=m)
@@ -138,20 +162,30 @@ if HAVE_TRITON:
         tl.store(out_ptr + offs, (xf * sg).to(dt), mask=m)
 
 
-def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
+def add_rms_norm(x: Tensor | LoraPending, residual: Tensor | None, weight: Tensor, eps: float,
                  pdl: bool = False) -> tuple[Tensor, Tensor]:
-    """(normed, new_residual): new_residual = residual + x (or x), normed = RMSNorm(new_residual)."""
-    n = x.shape[-1]
-    x2 = x.reshape(-1, n)
-    out = torch.empty_like(x2)
-    if residual is None:
-        _add_rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, out, n, eps, HAS_RES=False,
-                                             BLOCK=triton.next_power_of_2(n), **pdl_args(x2, pdl))
-        return out.view(x.shape), x
-    res_out = torch.empty_like(x2)
-    _add_rms_norm_kernel[(x2.shape[0],)](x2, residual.reshape(-1, n), weight, out, res_out, n, eps, HAS_RES=True,
-                                         BLOCK=triton.next_power_of_2(n), **pdl_args(x2, pdl))
-    return out.view(x.shape), res_out.view(x.shape)
+    """(normed, new_residual): new_residual = residual + x (or x), normed = RMSNorm(new_residual). x may be a
+    projection's output with its LoRA update pending: added here, no kernel of its own."""
+    n, shape = x.shape[-1], x.shape
+    block, warps = triton.next_power_of_2(n), 4
+    if isinstance(x, LoraPending) and x.rmax > NORM_MAX_RMAX:
+        x = expand(x, pdl)
+    if isinstance(x, LoraPending):
+        x2, lora, warps = x.y, x.kernel_args(block), lora_warps(x.rmax, 8)
+    else:
+        x2 = x.reshape(-1, n)
+        lora = no_lora_args(x2)
+    out = torch.empty(x2.shape, device=x2.device, dtype=x2.dtype)
+    if residual is None and not lora["LORA"]:
+        _add_rms_norm_kernel[(x2.shape[0],)](x2, n, x2, weight, out, out, n, eps, HAS_RES=False, BLOCK=block,
+                                             num_warps=warps, **lora, **pdl_args(x2, pdl))
+        return out.view(shape), x
+    res_out = torch.empty_like(out)
+    res = x2 if residual is None else residual.reshape(-1, n)
+    _add_rms_norm_kernel[(x2.shape[0],)](x2, x2.stride(0), res, weight, out, res_out, n, eps,
+                                         HAS_RES=residual is not None, BLOCK=block, num_warps=warps, **lora,
+                                         **pdl_args(x2, pdl))
+    return out.view(shape), res_out.view(shape)
 
 
 def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor,
@@ -171,13 +205,19 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Ten
     return out.view(x.shape), (x if residual is None else res_out.view(x.shape))
 
 
-def silu_mul(gate_up: Tensor, pdl: bool = False) -> Tensor:
-    """(..., 2I) [gate | up] -> (..., I) up * silu(gate)."""
+def silu_mul(gate_up: Tensor | LoraPending, pdl: bool = False) -> Tensor:
+    """(..., 2I) [gate | up] -> (..., I) up * silu(gate). gate_up may be a projection's output with its LoRA update
+    pending: added here (smaller tiles then: the update reads a (rank, tile) block of B per program)."""
     inter = gate_up.shape[-1] // 2
-    gu = gate_up.reshape(-1, 2 * inter)
+    if isinstance(gate_up, LoraPending):
+        gu, block, warps = gate_up.y, 256, lora_warps(gate_up.rmax, 4)
+        lora = gate_up.kernel_args(block)
+    else:
+        gu, block, warps = gate_up.reshape(-1, 2 * inter), 1024, 4
+        lora = no_lora_args(gu)
     out = torch.empty(gu.shape[0], inter, device=gu.device, dtype=gu.dtype)
-    block = 1024
-    _silu_mul_kernel[(gu.shape[0], triton.cdiv(inter, block))](gu, out, inter, BLOCK=block, **pdl_args(gu, pdl))
+    _silu_mul_kernel[(gu.shape[0], triton.cdiv(inter, block))](gu, gu.stride(0), out, inter, BLOCK=block,
+                                                                num_warps=warps, **lora, **pdl_args(gu, pdl))
     return out.view(*gate_up.shape[:-1], inter)
 
 

@@ -1,104 +1,140 @@
-"""Per-request LoRA for decode-sized batches (1..MAX_M rows) in two Triton kernels per linear layer:
-y[m] += B_k @ (A_k @ x[m]) for each row m with adapter k = rows[m] > 0 (phi3v.models.lora holds the stacks).
+"""Per-request LoRA in decode steps (1..8 rows of one token each): y[m] += B_k @ (A_k @ x[m]) for each row m with
+adapter k = rows[m] > 0 (phi3v.models.lora holds the stacks and chooses the path).
 
-The eager path (phi3v.models.lora.LoraSlot) is three kernels per layer (x @ A_all.T, the rows' mask, the expand
-into y) over every adapter's rank. Here:
-- shrink: grid (K / BLOCK_K, M): each program multiplies one K chunk of row m's adapter A_k (r_k x BLOCK_K) by x[m]
-  and stores the (r_k,) fp32 partial: the whole shrink is spread over the GPU (one program per chunk, in one wave),
-  not repeated by every output program;
-- expand: grid (N / BLOCK_N,): each program sums a row's partials (in a fixed order: deterministic), expands them
-  through its (r_k, BLOCK_N) tile of B and adds them into y in place.
-A base-model row (rows[m] == 0) costs nothing but its programs' exit. Shapes are static and nothing is read on the
-host: CUDA-graph safe, the adapter index a graph input. (A first version recomputed the whole shrink in every
-expand program: docs/perf-log.md.)
+A decode step's LoRA cost is its kernels' launches and dependency waits, not their bytes, so no step here is a kernel
+of its own where another kernel can carry it:
+- the shrink s = A_all @ x (every adapter's A stacked: R rows) rides in the layer's GEMV, run over [W; A_all]
+  ((N + R, K), one buffer, phi3v.models.lora), which writes [y | s] (M, N + R) in one launch;
+- the expand y[m] += bt[adapter k's columns].T @ s[m, adapter k's columns] is left pending (`LoraPending`) for the
+  kernel that reads y next: the residual add + RMSNorm after o_proj and down_proj and the SiLU * up after
+  gate_up_proj add it as they load y (phi3v.kernels.fused); qkv_proj's reader (the attention kernel) does not, so
+  `expand` is one kernel there. `lora_delta` is the piece they share.
+A base row (rows[m] == 0) adds exactly zero. Shapes are static and nothing is read on the host: CUDA-graph safe, the
+rows' adapter index a graph input.
 
-Layout: a (R, K) and bt (R, N) contiguous (bt = scale * B.T, each adapter's rank columns side by side), offs
-(n_adapters + 1,) int32 = where adapter k's columns start (offs[k - 1]) and end (offs[k]); RMAX = the widest
-adapter (a power of 2, masked).
+Layout: bt (R, N) contiguous (scale * B.T, each adapter's rank columns side by side), offs (n_adapters + 1,) int32 =
+where adapter k's columns start (offs[k - 1]) and end (offs[k]); RMAX = the widest adapter (a power of 2, masked).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from phi3v.kernels import HAVE_TRITON, available, pdl_args
+from phi3v.kernels import HAVE_TRITON, pdl_args
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from phi3v.kernels import pdl_start
+    from phi3v.kernels import pdl_trigger, pdl_wait
 
-# MAX_M: past it the eager path, whose cost does not grow with the rows. BLOCK_N 128: one wave of expand programs
-# for every Phi-3 layer (gate_up: 16384 / 128 = 128 programs on 132 SMs). BLOCK_K 256: qkv's shrink is 12
-# programs a row, down's 32.
-MAX_M = 4
+# expand: BLOCK_N output features per program, grid (N / BLOCK_N, M): one wave for every Phi-3 layer at batch 1.
 BLOCK_N = 128
-BLOCK_K = 256
+# rank columns of bt loaded at once: RC * BLOCK <= TILE values per program and step (registers)
+TILE = 4096
+# The norm adds a row's whole update in one program (RMAX x hidden FMAs on one SM: benchmarks/lora_compile.py counts
+# its instructions); past this rank its issue time nears an expand kernel's launch, and the expand kernel runs first.
+NORM_MAX_RMAX = 32
 
 
-def supported(x: Tensor, a: Tensor) -> bool:
-    """x (..., K): decode-sized, contiguous, on a device Triton runs on."""
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (HAVE_TRITON and available(x.device) and 1 <= m <= MAX_M and x.is_contiguous()
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and a.dtype == x.dtype)
+def lora_warps(rmax: int, base: int) -> int:
+    """Warps of a kernel that adds an update of RMAX: `base` up to 16, twice that past it (no spills at Phi-3's sizes
+    where they are used: benchmarks/lora_compile.py; fewer warps issue less per program)."""
+    return base if rmax <= 16 else 2 * base
 
 
-def lora_add_(x: Tensor, y: Tensor, a: Tensor, bt: Tensor, rows: Tensor, offs: Tensor, rmax: int,
-              pdl: bool = False) -> Tensor:
-    """In place: y (..., N) += each row's adapter update of x (..., K); rows (M,) int64 (0 = base). `pdl`: launched
-    with programmatic dependent launch (the shrink's launch overlaps the layer's GEMV before it)."""
-    k, n = x.shape[-1], y.shape[-1]
-    m = x.numel() // k
-    chunks = triton.cdiv(k, BLOCK_K)
-    part = torch.empty(m, chunks, rmax, device=x.device, dtype=torch.float32)  # (M, chunks, RMAX) partial shrinks
-    _shrink_kernel[(chunks, m)](x, a, part, rows, offs, k, RMAX=rmax, BLOCK_K=BLOCK_K, num_warps=4,
-                                **pdl_args(x, pdl))
-    _expand_kernel[(triton.cdiv(n, BLOCK_N),)](part, bt, y, rows, offs, m, n, CHUNKS=chunks,
-                                               CHUNKS_P2=triton.next_power_of_2(chunks), RMAX=rmax, BLOCK_N=BLOCK_N,
-                                               num_warps=4)
-    return y
+@dataclass(frozen=True)
+class LoraPending:
+    """A decode projection's output with its rows' LoRA updates still to add (see the module docstring).
+    y (M, N) and s (M, R) may be column ranges of one (M, N + R) tensor (row strides y.stride(0), s.stride(0));
+    shape: the finished output's (..., N)."""
+
+    y: Tensor
+    s: Tensor
+    bt: Tensor
+    rows: Tensor  # (M,) int64: each row's adapter, 0 = base
+    offs: Tensor  # (n + 1,) int32
+    rmax: int
+    shape: tuple[int, ...]
+
+    def kernel_args(self, block: int) -> dict:
+        """The LoRA keyword arguments of a kernel that adds this update over output tiles of `block` features."""
+        return {"s_ptr": self.s, "s_stride": self.s.stride(0), "bt_ptr": self.bt, "rows_ptr": self.rows,
+                "offs_ptr": self.offs, "LORA": True, "RMAX": self.rmax, "RC": rank_chunk(self.rmax, block)}
+
+
+def no_lora_args(like: Tensor) -> dict:
+    """The same arguments for a launch with nothing pending (never read)."""
+    return {"s_ptr": like, "s_stride": 0, "bt_ptr": like, "rows_ptr": like, "offs_ptr": like, "LORA": False,
+            "RMAX": 1, "RC": 1}
+
+
+def rank_chunk(rmax: int, block: int) -> int:
+    return max(1, min(rmax, TILE // block))
+
+
+def expand(p: LoraPending, pdl: bool = False) -> Tensor:
+    """The finished output (p.shape, contiguous, a new tensor): y + each row's update. One kernel."""
+    m, n = p.y.shape
+    out = torch.empty(m, n, device=p.y.device, dtype=p.y.dtype)
+    _expand_kernel[(triton.cdiv(n, BLOCK_N), m)](p.y, p.y.stride(0), out, n, BLOCK_N=BLOCK_N,
+                                                  **p.kernel_args(BLOCK_N), **pdl_args(p.y, pdl))
+    return out.view(p.shape)
 
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _shrink_kernel(x_ptr, a_ptr, part_ptr, rows_ptr, offs_ptr, K, RMAX: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PDL: tl.constexpr):
-        pdl_start(PDL)  # x and rows come from earlier kernels
-        c = tl.program_id(0)
-        m = tl.program_id(1)
+    def _adapter(rows_ptr, offs_ptr, m):
+        # row m's adapter: its first rank column and its rank (0 for a base row: every load below masked off)
         idx = tl.load(rows_ptr + m)
-        if idx > 0:
-            start = tl.load(offs_ptr + idx - 1)
-            r = tl.arange(0, RMAX)
-            rmask = r < tl.load(offs_ptr + idx) - start
-            kk = c * BLOCK_K + tl.arange(0, BLOCK_K)
-            kmask = kk < K
-            xv = tl.load(x_ptr + m * K + kk, mask=kmask, other=0.0).to(tl.float32)
-            av = tl.load(a_ptr + (start + r)[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :],
-                         other=0.0).to(tl.float32)  # (RMAX, BLOCK_K)
-            tl.store(part_ptr + (m * tl.num_programs(0) + c) * RMAX + r, tl.sum(av * xv[None, :], axis=1))
+        start = tl.load(offs_ptr + tl.maximum(idx - 1, 0))
+        return start, tl.where(idx > 0, tl.load(offs_ptr + idx) - start, 0)
 
     @triton.jit
-    def _expand_kernel(part_ptr, bt_ptr, y_ptr, rows_ptr, offs_ptr, M, N, CHUNKS: tl.constexpr,
-                       CHUNKS_P2: tl.constexpr, RMAX: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _bt_tile(bt_ptr, start, rank, r0, cols, cmask, N, RC: tl.constexpr):
+        # (RC, BLOCK) fp32: rows start + r0 .. of bt at output features `cols` (of N)
+        r = r0 + tl.arange(0, RC)
+        return tl.load(bt_ptr + (start + r)[:, None] * N + cols[None, :], mask=(r < rank)[:, None] & cmask[None, :],
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _times_s(s_ptr, start, rank, r0, b, RC: tl.constexpr):
+        # (BLOCK,) fp32: sum over the tile's rank columns of s[start + r] * b[r, :]
+        r = r0 + tl.arange(0, RC)
+        s = tl.load(s_ptr + start + r, mask=r < rank, other=0.0).to(tl.float32)
+        return tl.sum(b * s[:, None], axis=0)
+
+    @triton.jit
+    def lora_delta(s_ptr, bt_ptr, rows_ptr, offs_ptr, m, cols, cmask, N, BLOCK: tl.constexpr, RMAX: tl.constexpr,
+                   RC: tl.constexpr):
+        """(BLOCK,) fp32: row m's LoRA update at output features `cols` (of N): the sum over its adapter's rank
+        columns j of s[j] * bt[j, cols], RC columns at a time in a fixed order; s_ptr points at row m's shrink (R,).
+        Zero for a base row, which skips the work."""
+        start, rank = _adapter(rows_ptr, offs_ptr, m)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        if rank > 0:
+            for r0 in tl.static_range(0, RMAX, RC):
+                acc += _times_s(s_ptr, start, rank, r0, _bt_tile(bt_ptr, start, rank, r0, cols, cmask, N, RC), RC)
+        return acc
+
+    @triton.jit
+    def _expand_kernel(y_ptr, y_stride, out_ptr, N, s_ptr, s_stride, bt_ptr, rows_ptr, offs_ptr,
+                       LORA: tl.constexpr, RMAX: tl.constexpr, RC: tl.constexpr, BLOCK_N: tl.constexpr,
+                       PDL: tl.constexpr):
+        # grid (cdiv(N, BLOCK_N), M): out[m, cols] = y[m, cols] + row m's update, rounded once to y's dtype. The
+        # whole (RMAX, BLOCK_N) tile of bt at once (RC unused), read before waiting for the GEMV: no kernel of the
+        # step writes bt, the rows' adapters or offs (the rows are copied in before the step's first kernel).
+        pdl_trigger(PDL)
+        m = tl.program_id(1)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
-        r = tl.arange(0, RMAX)
-        ch = tl.arange(0, CHUNKS_P2)
-        for m in range(0, M):
-            idx = tl.load(rows_ptr + m)
-            if idx > 0:
-                start = tl.load(offs_ptr + idx - 1)
-                rmask = r < tl.load(offs_ptr + idx) - start
-                pv = tl.load(part_ptr + (m * CHUNKS + ch)[:, None] * RMAX + r[None, :],
-                             mask=(ch < CHUNKS)[:, None] & rmask[None, :], other=0.0)  # (CHUNKS_P2, RMAX)
-                acc = tl.sum(pv, axis=0)  # (RMAX,) the row's shrink A_k @ x[m]
-                bv = tl.load(bt_ptr + (start + r)[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                             other=0.0).to(tl.float32)  # (RMAX, BLOCK_N)
-                out = tl.sum(bv * acc[:, None], axis=0)
-                yp = y_ptr + m * N + cols
-                yv = tl.load(yp, mask=cmask, other=0.0).to(tl.float32)
-                tl.store(yp, (yv + out).to(y_ptr.dtype.element_ty), mask=cmask)
+        start, rank = _adapter(rows_ptr, offs_ptr, m)
+        b = _bt_tile(bt_ptr, start, rank, 0, cols, cmask, N, RMAX)
+        pdl_wait(PDL)  # y and s come from the GEMV before
+        d = _times_s(s_ptr + m * s_stride, start, rank, 0, b, RMAX)
+        y = tl.load(y_ptr + m * y_stride + cols, mask=cmask, other=0.0)
+        tl.store(out_ptr + m * N + cols, (y.to(tl.float32) + d).to(out_ptr.dtype.element_ty), mask=cmask)

@@ -4,18 +4,25 @@ Layout. The n adapters are laid side by side along one rank axis of width R = r_
 largest rank over the layers). For each linear layer some adapter targets, `LoraSlot` holds
   a (R, in)   rows [off_k, off_k + r) = adapter k's lora_A for this layer, zero rows where it has none / less rank,
   bt (R, out) rows [off_k, off_k + r) = scale_k * lora_B.T (scale folded in once, in fp32, then cast),
-both in the activations' dtype, and `LoraSet.owner` (R,) says which adapter (1..n) each rank column belongs to.
+both in the activations' dtype, and `LoraSet.owner` (R,) says which adapter (1..n) each rank column belongs to
+(R is rounded up to a multiple of 16 with zero columns no row owns, -1).
 
 Math. A forward over rows b (batch rows: one sequence each, any number of tokens T; a decode step is T = 1) gets
 `rows` (B,) int64, the adapter of each row (0 = the base model). `LoraSet` turns it into one mask
 (B, 1, R) = [owner == rows[b]] shared by every layer, and each targeted layer adds
   y += ((x @ a.T) * mask) @ bt           x (B, T, in), y (B, T, out)
 i.e. every row multiplies by all adapters' A (R columns: tiny next to the layer's own weight), keeps only its own
-adapter's columns and expands through B. Three kernels per layer, no gather, no host read: the shapes depend on
-B and T alone, so the decode step stays one CUDA graph per batch bucket with `rows` one of its static inputs.
-The cost grows with R (the number of adapters loaded times their rank), not with how the rows mix. Decode-sized
-batches (a few rows) take one Triton kernel per layer instead where the fused kernels are on (phi3v.kernels.lora:
-each row's own adapter only, no mask), since there the three kernels' launches and latency are the cost.
+adapter's columns and expands through B. No gather, no host read: the shapes depend on B and T alone, so the decode
+step stays one CUDA graph per batch bucket with `rows` one of its static inputs. The cost grows with R (the number
+of adapters loaded times their rank), not with how the rows mix.
+
+Where it runs. A plain linear layer's W and a share one buffer, `LoraSlot.stacked` = [W; a] (out + R, in), the
+layer's weight a view of its first rows, so x @ a.T comes out of the layer's own GEMM / GEMV as its last R columns.
+Prefill (and the eager path): that GEMM, the mask, one addmm. Decode steps with the fused kernels on
+(phi3v.kernels.lora): the Triton GEMV over [W; a] (the GEMM past 8 rows), then the expand (each row's own adapter
+only, no mask) added by the next kernel that reads y where the caller passes `defer` (the norm after o_proj and
+down_proj, SiLU after gate_up_proj) or by one kernel of its own (qkv_proj): a decode step's cost there is its
+kernels' launches and waits. Quantized layers (fp8, int4) keep their own kernels; their shrink is one GEMV over a.
 
 With no adapter loaded nothing here runs (no slot is attached, `Phi3VForCausalLM.loras` is None); with adapters
 loaded, a forward given rows=None computes the base model (no rows selected: every slot returns y as is).
@@ -30,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from phi3v.kernels import available, gemv
 from phi3v.kernels import lora as kernels
+from phi3v.kernels.lora import LoraPending
 
 __all__ = ["LoraLayer", "LoraSet", "LoraSlot", "attach_loras", "DECODER_MODULE"]
 
@@ -61,7 +70,11 @@ class LoraSet:
     def __init__(self, names: list[str], ranks: list[int], device: torch.device, dtype: torch.dtype) -> None:
         self.names, self.ranks, self.dtype = list(names), list(ranks), dtype
         self.offsets = [sum(ranks[:k]) for k in range(len(ranks))]
-        owner = torch.cat([torch.full((r,), k + 1, dtype=torch.long) for k, r in enumerate(ranks)])
+        # R rounded up to a multiple of 16 with columns no row owns (zeros in a and bt): the stacked GEMV's and the
+        # decode kernels' row strides (out + R) stay multiples of 16, which their loads are compiled for
+        pad = -sum(ranks) % 16
+        owner = torch.cat([torch.full((r,), k + 1, dtype=torch.long) for k, r in enumerate(ranks)] +
+                          [torch.full((pad,), -1, dtype=torch.long)])
         self.owner = owner.to(device)  # (R,)
         # for the decode kernel (phi3v.kernels.lora): where each adapter's columns start and end, the widest one
         self.offs = torch.tensor(self.offsets + [sum(ranks)], dtype=torch.int32).to(device)  # (n + 1,)
@@ -97,26 +110,70 @@ class LoraSet:
 
 class LoraSlot:
     """The stacked updates of one linear layer (see the module docstring); a plain object, not a submodule, so that
-    the layer's parameters (what loading and quantization see) are unchanged."""
+    the layer's parameters (what loading and quantization see) are unchanged. `stacked` (out + R, in): for a plain
+    linear layer, its weight W and `a` in one buffer ([W; a], W its first rows: the layer's weight is a view of it),
+    so that one GEMV or GEMM computes [x W.T | x a.T]; None for a quantized layer (its own kernels project)."""
 
-    def __init__(self, lset: LoraSet, a: Tensor, bt: Tensor) -> None:
-        self.set, self.a, self.bt = lset, a.contiguous(), bt.contiguous()  # a (R, in), bt (R, out)
+    def __init__(self, lset: LoraSet, a: Tensor, bt: Tensor, stacked: Tensor | None = None) -> None:
+        self.set, self.bt, self.stacked = lset, bt.contiguous(), stacked  # bt (R, out)
+        self.a = a.contiguous() if stacked is None else stacked[stacked.shape[0] - a.shape[0]:]  # (R, in)
 
-    def add(self, x: Tensor, y: Tensor, fused: bool = False, pdl: bool = False) -> Tensor:
-        """x (..., in), y = base(x) (..., out) -> y + the selected rows' low-rank updates (in place when it can).
-        `fused`: decode steps of a few rows (x (B, 1, in): row b = batch row b) run phi3v.kernels.lora (one kernel)
-        where Triton runs, `pdl`: launched with programmatic dependent launch."""
-        s = self.set
-        if s.rows is None:
-            return y
-        if fused and x.dim() == 3 and x.shape[1] == 1 and y.is_contiguous() and kernels.supported(x, self.a):
-            return kernels.lora_add_(x, y, self.a, self.bt, s.rows, s.offs, s.rmax, pdl)
-        xa = F.linear(x, self.a)  # (B, T, R): every adapter's shrink at once
-        xa = (xa * s.mask).reshape(-1, self.a.shape[0])  # only the row's own adapter's columns stay
-        if y.is_contiguous():
-            y.view(-1, y.shape[-1]).addmm_(xa, self.bt)
-            return y
-        return torch.addmm(y.reshape(-1, y.shape[-1]), xa, self.bt).view(y.shape)
+    @property
+    def selected(self) -> bool:
+        """Whether this forward was given the rows' adapters (else the layer computes the base model)."""
+        return self.set.rows is not None
+
+    def _decode(self, x: Tensor, fused: bool) -> bool:
+        # a decode step (x (B, 1, in): row b = batch row b) where the Triton kernels run
+        return fused and x.dim() == 3 and x.shape[1] == 1 and available(x.device)
+
+    def project(self, x: Tensor, fused: bool, pdl: bool = False, defer: bool = False) -> Tensor | LoraPending:
+        """x (..., in) -> W x + the selected rows' updates (a plain layer: `stacked`). `fused` decode steps: one
+        GEMV (1..8 rows; a GEMM past that) over [W; a] gives [y | s] and the expand is one kernel, or with `defer`
+        left to the caller's next kernel (LoraPending); else (prefill, eager) the GEMM, the rows' mask, one addmm."""
+        n = self.bt.shape[1]
+        if self._decode(x, fused):
+            m = x.shape[0]
+            if gemv.supported(x, self.stacked):
+                ys = gemv.linear(x, self.stacked, gemv.default_config(m, n, x.shape[-1]), pdl)
+            else:
+                ys = F.linear(x, self.stacked)
+            ys = ys.view(m, -1)  # (M, out + R): [y | s]
+            return self._pending(ys[:, :n], ys[:, n:], (m, 1, n), pdl, defer)
+        ys = F.linear(x, self.stacked)  # (..., out + R)
+        return self._expand_eager(ys[..., :n], ys[..., n:])
+
+    def add(self, x: Tensor, y: Tensor, fused: bool, pdl: bool = False, defer: bool = False) -> Tensor | LoraPending:
+        """x (..., in), y = base(x) (..., out) of a quantized layer -> y + the selected rows' updates; decode steps
+        shrink in a GEMV (or GEMM) of their own, then as project."""
+        if self._decode(x, fused) and y.is_contiguous():
+            m = x.shape[0]
+            s = gemv.linear(x, self.a, pdl=pdl) if gemv.supported(x, self.a) else F.linear(x, self.a)
+            return self._pending(y.view(m, -1), s.view(m, -1), y.shape, pdl, defer)
+        return self._expand_eager(y, F.linear(x, self.a))
+
+    def _pending(self, y: Tensor, s: Tensor, shape: tuple[int, ...], pdl: bool, defer: bool) -> Tensor | LoraPending:
+        s_ = self.set
+        p = LoraPending(y, s, self.bt, s_.rows, s_.offs, s_.rmax, tuple(shape))
+        return p if defer else kernels.expand(p, pdl)
+
+    def _expand_eager(self, y: Tensor, s: Tensor) -> Tensor:
+        """y (B, T, out), s (B, T, R) every adapter's shrink (views of one GEMM's output, or not) -> a new tensor:
+        y + (s masked to each row's own adapter's columns) @ bt."""
+        r, n = self.bt.shape
+        s = (s * self.set.mask).reshape(-1, r)
+        return torch.addmm(y.reshape(-1, n), s, self.bt).view(*y.shape[:-1], n)
+
+
+def _stack(layer: nn.Module, a: Tensor) -> Tensor | None:
+    """For a plain linear layer of a's dtype: [W; a] (out + R, in), the layer's weight replaced by a view of its first
+    rows (contiguous; the old W freed: W is not kept twice). None for a quantized layer."""
+    if not isinstance(layer, nn.Linear) or layer.weight.dtype != a.dtype:
+        return None
+    w = layer.weight
+    stacked = torch.cat([w.detach(), a])
+    layer.weight = nn.Parameter(stacked[: w.shape[0]], requires_grad=w.requires_grad)
+    return stacked
 
 
 def attach_loras(model: nn.Module, adapters: Mapping[str, Mapping[str, LoraLayer]], dtype: torch.dtype) -> LoraSet:
@@ -137,6 +194,9 @@ def attach_loras(model: nn.Module, adapters: Mapping[str, Mapping[str, LoraLayer
                 off = lset.offsets[k]
                 a[off: off + lay.rank] = lay.a.float()
                 bt[off: off + lay.rank] = (lay.b.float() * lay.scale).t()
-        layer.__dict__["lora"] = LoraSlot(lset, a.to(device=device, dtype=dtype), bt.to(device=device, dtype=dtype))
+        a, bt = a.to(device=device, dtype=dtype), bt.to(device=device, dtype=dtype)
+        layer.__dict__["lora"] = LoraSlot(lset, a, bt, _stack(layer, a))
     model.loras = lset
+    if device.type == "cuda":  # the replaced weights' blocks (each W now lives in its [W; a]): back to the driver,
+        torch.cuda.empty_cache()  # which the engine asks for the memory its KV cache may take
     return lset

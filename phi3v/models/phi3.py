@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from phi3v.config import Phi3VConfig
 from phi3v.kernels import fused as kernels
 from phi3v.kernels import gemv
+from phi3v.kernels.lora import LoraPending
 from phi3v.models.quant import QuantLinear
 
 __all__ = [
@@ -99,9 +100,9 @@ class RMSNorm(KernelSwitches, nn.Module):
         # Cast back *before* the weight multiply (reference order; matters in bf16).
         return self.weight * h.to(dtype)
 
-    def add(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    def add(self, x: Tensor | LoraPending, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         """(normed, new_residual): new_residual = residual + x (or x alone), normed = RMSNorm(new_residual);
-        fused, one kernel reads x and the residual once."""
+        fused, one kernel reads x and the residual once (and adds x's pending LoRA update: `proj`'s defer)."""
         if self.fused:
             return kernels.add_rms_norm(x, residual, self.weight, self.eps, self.pdl)
         r = x if residual is None else residual + x
@@ -154,19 +155,27 @@ class LongRoPE(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-def proj(layer: nn.Linear | QuantLinear, x: Tensor, fused: bool, pdl: bool = False) -> Tensor:
+def proj(layer: nn.Linear | QuantLinear, x: Tensor, fused: bool, pdl: bool = False,
+         defer: bool = False) -> Tensor | LoraPending:
     """layer(x) (no bias); with the fused kernels on, 1..8 rows (decode) go through the Triton GEMV,
     which streams the weight closer to HBM bandwidth than cuBLAS does at these sizes. A quantized layer
     (fp8 / int4 weights, phi3v.models.quant) picks its own kernels. A layer with per-request LoRA adapters
-    attached adds the selected rows' low-rank updates on top."""
-    if isinstance(layer, QuantLinear):
-        y = layer.project(x, fused, pdl)
-    elif fused and gemv.supported(x, layer.weight):
-        y = gemv.linear(x, layer.weight, pdl=pdl)
-    else:
-        y = layer(x)
+    attached adds the selected rows' low-rank updates (phi3v.models.lora); `defer` (fused callers whose next
+    kernel is RMSNorm.add or silu_mul): a decode step's update may be left for that kernel to add."""
     lora = layer.__dict__.get("lora")  # per-request LoRA adapters (phi3v.models.lora): only when loaded
-    return y if lora is None else lora.add(x, y, fused, pdl)
+    if lora is not None and lora.selected:
+        if lora.stacked is not None:  # [W; A] in one buffer: one GEMV / GEMM gives y and the shrink
+            return lora.project(x, fused, pdl, defer)
+        return lora.add(x, _project(layer, x, fused, pdl), fused, pdl, defer)
+    return _project(layer, x, fused, pdl)
+
+
+def _project(layer: nn.Linear | QuantLinear, x: Tensor, fused: bool, pdl: bool) -> Tensor:
+    if isinstance(layer, QuantLinear):
+        return layer.project(x, fused, pdl)
+    if fused and gemv.supported(x, layer.weight):
+        return gemv.linear(x, layer.weight, pdl=pdl)
+    return layer(x)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -195,7 +204,8 @@ class Phi3Attention(KernelSwitches, nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=False)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn: AttentionBackend | None) -> Tensor | LoraPending:
+        """-> o_proj's output, for the residual add + norm after it (RMSNorm.add)."""
         b, t, _ = x.shape
         fused, pdl = self.fused, self.pdl
         qkv = proj(self.qkv_proj, x, fused, pdl)  # (B, T, (Hq+2Hkv)*D)
@@ -217,7 +227,7 @@ class Phi3Attention(KernelSwitches, nn.Module):
                 v = v.view(b, t, hkv, d).transpose(1, 2)  # (B, Hkv, T, D)
             o = causal_attention(q, k, v) if attn is None else attn(self.layer_idx, q, k, v)
         o = o.transpose(1, 2).reshape(b, t, hq * d)  # (B, T, Hq*D)
-        return proj(self.o_proj, o, fused, pdl)
+        return proj(self.o_proj, o, fused, pdl, defer=True)
 
 
 class Phi3MLP(KernelSwitches, nn.Module):
@@ -227,10 +237,11 @@ class Phi3MLP(KernelSwitches, nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor | LoraPending:
+        """-> down_proj's output, for the residual add + norm after it (RMSNorm.add)."""
         if self.fused:
-            gate_up = proj(self.gate_up_proj, x, True, self.pdl)  # (B, T, 2I)
-            return proj(self.down_proj, kernels.silu_mul(gate_up, self.pdl), True, self.pdl)
+            gate_up = proj(self.gate_up_proj, x, True, self.pdl, defer=True)  # (B, T, 2I)
+            return proj(self.down_proj, kernels.silu_mul(gate_up, self.pdl), True, self.pdl, defer=True)
         gate, up = proj(self.gate_up_proj, x, False).chunk(2, dim=-1)  # (B, T, I) each
         return proj(self.down_proj, up * F.silu(gate), False)
 
