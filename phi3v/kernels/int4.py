@@ -7,9 +7,13 @@ Layout (what `phi3v.models.quant.quantize_int4` writes):
   reads two contiguous halves of x per group and never interleaves.
 - scales, mins (N, K/G) fp16: element w = code * scale + min (codes 0..15; `min` is the group's minimum).
 
-Two kernels, neither of which ever holds the dequantised matrix:
+Three kernels, none of which ever holds the dequantised matrix:
 - `gemv` (1..8 rows, decode): each program streams (BLOCK_N, BLOCK_K/G, G/2) byte tiles along K, unpacks both
   nibbles, applies the group's scale and min with one FMA and multiplies-and-sums against x in fp32.
+- the same on tensor cores (`Int4GemvConfig.dot`, "swap AB" as phi3v.kernels.gemv_dot): the dequantised tile,
+  cast to x's dtype (one more rounding of each weight: bf16's 2**-9, far under int4's step), is the M side of
+  two tl.dot per group, out^T (BLOCK_N, 16) += W_lo (BLOCK_N, G/2) @ x_lo^T (G/2, 16) and likewise the high
+  halves; no FMA per weight and row, only the dequantisation. Split-K as `gemv`'s, its deterministic sum.
 - `gemm` (prefill): tl.dot tiles; per K step (one group) it loads the (G/2, BLOCK_N) byte tile, dequantises
   the two halves to x's dtype and issues two dots against the two halves of the x tile.
 Tuning: benchmarks/quant_check.py (random full-size weights on the GPU).
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from phi3v.kernels import HAVE_TRITON, available, pdl_args
+from phi3v.kernels import HAVE_TRITON, available, gemv, pdl_args
 
 if HAVE_TRITON:
     import triton
@@ -31,6 +35,9 @@ if HAVE_TRITON:
     from phi3v.kernels import pdl_trigger, pdl_wait
 
 MAX_M = 8  # rows that go through the GEMV; more go through the GEMM
+X_COLS = 16  # the dot GEMV's x rows, padded to tl.dot's smallest N
+if HAVE_TRITON:
+    _X_COLS = tl.constexpr(X_COLS)
 GROUP_SIZES = (32, 64, 128, 256)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -38,9 +45,18 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 @dataclass(frozen=True)
 class Int4GemvConfig:
     block_n: int = 4  # output features per program (power of 2)
-    block_k: int = 0  # K elements per tile, a power of 2 >= G (0: 1024 for 1-2 rows, 512 for 3-4, 256 beyond);
-    # shortened to K when K is shorter
+    block_k: int = 0  # K elements per tile, a power of 2 >= G (0: 1024 for 1-2 rows, 512 for 3-4, 256 beyond;
+    # G with `dot`); shortened to K when K is shorter
     num_warps: int = 4
+    # the swap-AB tensor-core kernel instead (`_int4_dot_kernel`: the dequantised W tile as the M side of tl.dot,
+    # x^T padded to 16 columns; block_n >= 16, >= 64 for wgmma), with its pipelining depth and K splits
+    dot: bool = False
+    num_stages: int = 1
+    split_k: int = 1
+
+    def __post_init__(self) -> None:
+        assert not self.dot or self.block_n >= 16, self
+        assert self.split_k >= 1 and (self.dot or self.split_k == 1), "split_k is the dot kernel's"
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,14 @@ if HAVE_TRITON:
         q = ((b >> 4) if HIGH else (b & 15)).to(tl.int32)
         qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         return qf * s.to(tl.float32) + m.to(tl.float32)
+
+    @triton.jit
+    def _dequant_bf16(b, s, m, HIGH: tl.constexpr):
+        # b uint8 codes of two elements, s/m fp16 -> bf16 computed in bf16: 0x4300 | q is the bf16 128 + q, exact;
+        # subtracting 128 leaves q, then one FMA (scale and min rounded to bf16 first: 2**-9 relative)
+        q = ((b >> 4) if HIGH else (b & 15)).to(tl.uint16)
+        qf = (q | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+        return qf * s.to(tl.bfloat16) + m.to(tl.bfloat16)
 
     @triton.jit
     def _gemv_tile(qw_ptr, s_ptr, m_ptr, qrow, srow, n_ok, k0, K, GPT: tl.constexpr, HALF: tl.constexpr,
@@ -153,6 +177,61 @@ if HAVE_TRITON:
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+    @triton.jit
+    def _int4_dot_step(x_ptr, qw_ptr, s_ptr, m_ptr, acc, qrow, srow, n_ok, cols, c_ok, k0, K, BLOCK_N: tl.constexpr,
+                       G: tl.constexpr, GPT: tl.constexpr, IEEE: tl.constexpr, PACKED: tl.constexpr):
+        # GPT groups from k0: bytes (BLOCK_N, GPT, G/2) -> two A tiles (BLOCK_N, GPT*G/2), the groups' first and
+        # second halves, against x^T rows (GPT*G/2, M_COLS) at the same K offsets
+        HALF: tl.constexpr = G // 2
+        grp = k0 // G + tl.arange(0, GPT)
+        g_ok = grp < K // G
+        j = tl.arange(0, HALF)
+        b = tl.load(qw_ptr + qrow[:, None, None] + (grp * HALF)[None, :, None] + j[None, None, :],
+                    mask=n_ok[:, None, None] & g_ok[None, :, None], other=0, eviction_policy="evict_first")
+        g_off = srow[:, None] + grp[None, :]
+        s = tl.load(s_ptr + g_off, mask=n_ok[:, None] & g_ok[None, :], other=0.0)[:, :, None]
+        mn = tl.load(m_ptr + g_off, mask=n_ok[:, None] & g_ok[None, :], other=0.0)[:, :, None]
+        k_lo = tl.reshape((grp * G)[:, None] + j[None, :], (GPT * HALF,))  # K offsets of the first halves
+        x_ok = c_ok[None, :] & tl.reshape(g_ok[:, None] & (j < HALF)[None, :], (GPT * HALF,))[:, None]
+        x_lo = tl.load(x_ptr + cols[None, :] * K + k_lo[:, None], mask=x_ok, other=0.0)
+        x_hi = tl.load(x_ptr + cols[None, :] * K + k_lo[:, None] + HALF, mask=x_ok, other=0.0)
+        if PACKED:  # bf16 throughout: 2 elements per instruction
+            w_lo = tl.reshape(_dequant_bf16(b, s, mn, False), (BLOCK_N, GPT * HALF))
+            w_hi = tl.reshape(_dequant_bf16(b, s, mn, True), (BLOCK_N, GPT * HALF))
+        else:
+            w_lo = tl.reshape(_dequant(b, s, mn, False).to(x_lo.dtype), (BLOCK_N, GPT * HALF))
+            w_hi = tl.reshape(_dequant(b, s, mn, True).to(x_lo.dtype), (BLOCK_N, GPT * HALF))
+        if IEEE:  # fp32 inputs (tests): no TF32 rounding
+            acc = tl.dot(w_lo, x_lo, acc, input_precision="ieee")
+            return tl.dot(w_hi, x_hi, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w_lo, x_lo, acc)
+            return tl.dot(w_hi, x_hi, acc)
+
+    @triton.jit
+    def _int4_dot_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, out_ptr, M, N, K, k_per_split, BLOCK_N: tl.constexpr,
+                         G: tl.constexpr, GPT: tl.constexpr, IEEE: tl.constexpr, PACKED: tl.constexpr, PDL: tl.constexpr):
+        # x (M, K), qweight (N, K/2) uint8, scales / mins (N, K/G) fp16 (`int4`'s layout); out (splits, M, N)
+        # fp32 partials or y (M, N) in x's dtype. k_per_split is a multiple of G * GPT.
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, _X_COLS)
+        n_ok = rows < N
+        c_ok = cols < M
+        qrow = rows.to(tl.int64) * (K // 2)
+        srow = rows.to(tl.int64) * (K // G)
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        acc = tl.zeros((BLOCK_N, _X_COLS), dtype=tl.float32)
+        pdl_trigger(PDL)
+        pdl_wait(PDL)  # x is the previous kernel's output
+        for k0 in range(k_lo, k_hi, G * GPT):
+            acc = _int4_dot_step(x_ptr, qw_ptr, s_ptr, m_ptr, acc, qrow, srow, n_ok, cols, c_ok, k0, K, BLOCK_N, G,
+                                 GPT, IEEE, PACKED)
+        dst = out_ptr + pid_k * M * N + cols[None, :] * N + rows[:, None]
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=c_ok[None, :] & n_ok[:, None])
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -187,6 +266,22 @@ def supported(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor) -> bool:
     return same and available(x.device)
 
 
+def _dot_gemv(x2: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, out: Tensor, g: int, cfg: Int4GemvConfig,
+              pdl: bool) -> None:
+    """The swap-AB GEMV into out (M, N): block_k // G whole groups per K step (a power of 2), K split as gemv's."""
+    m, k = x2.shape
+    n = qweight.shape[0]
+    gpt = min(max(cfg.block_k // g, 1), 1 << (k // g - 1).bit_length())
+    k_per_split = _cdiv(_cdiv(k, cfg.split_k), gpt * g) * gpt * g
+    splits = _cdiv(k, k_per_split)
+    dst = out if splits == 1 else torch.empty(splits, m, n, device=x2.device, dtype=torch.float32)
+    _int4_dot_kernel[(_cdiv(n, cfg.block_n), splits)](
+        x2, qweight, scales, mins, dst, m, n, k, k_per_split, BLOCK_N=cfg.block_n, G=g, GPT=gpt,
+        IEEE=x2.dtype == torch.float32, PACKED=x2.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x2, pdl))
+    if splits > 1:
+        gemv.splitk_sum(dst, out, pdl)
+
+
 def linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, pdl: bool = False,
            gemv_config: Int4GemvConfig | None = None, gemm_config: Int4GemmConfig | None = None,
            early: bool = False) -> Tensor:
@@ -197,7 +292,9 @@ def linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, pdl: bool =
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if m <= MAX_M:
+    if m <= MAX_M and gemv_config is not None and gemv_config.dot:
+        _dot_gemv(x2, qweight, scales, mins, out, g, gemv_config, pdl)
+    elif m <= MAX_M:
         # block_n 8 at 1-2 rows: quant_sweep.py's winner at batch 1 on the H200 (docs/perf-log.md)
         cfg = gemv_config or Int4GemvConfig(block_n=8 if m <= 2 else 4)
         want = cfg.block_k or (1024 if m <= 2 else 512 if m <= 4 else 256)  # the accumulator is M_PAD x tile
