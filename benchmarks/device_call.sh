@@ -14,9 +14,14 @@
 #   bench_e        phi3v bench --parts e only (a follow-up question and a second chat turn: prefix-cache hits)
 #   bench_fp8w, bench_int4w, bench_fp8w_kv8
 #                  phi3v bench --parts abc with --quantization fp8 / int4 / fp8 and --kv-cache-dtype fp8 (issue 20)
-#   quant_check    benchmarks/quant_check.py: bf16 / fp8 / int4 error, kernels vs torch, decode tok/s, GEMM
-#                  TFLOP/s, memory (exits 1 when a quantized kernel disagrees with its torch math)
+#   quant_check    benchmarks/quant_check.py: bf16 / fp8 / fp8_dot / int4 / int4_dot error, kernels vs torch, decode
+#                  tok/s, GEMM TFLOP/s, memory (exits 1 when a quantized kernel disagrees with its torch math);
+#                  _dot: the decode GEMVs on tensor cores (QuantSpec.decode_dot; fp8_dot is W8A8)
 #   quant_sweep    benchmarks/quant_sweep.py: tuning of the FP8 / int4 GEMV and the int4 GEMM per Phi-3 shape
+#                  (CUDA-core and tensor-core GEMVs side by side: best_by_kernel per shape)
+#   quant_sweep_dot  the tensor-core GEMVs only, 1 and 4 rows, every shape with lm_head (shorter)
+#   gemv_compile   benchmarks/gemv_compile.py --sweep-lists: the swept tensor-core configs' registers, spills,
+#                  wgmma and SASS instructions per weight byte with the GPU machine's Triton (no GPU time)
 #   lora           benchmarks/lora_bench.py: decode tok/s and offline throughput of base / merged / 1 / 4 per-request
 #                  LoRA adapters (issue 23; cost_vs_base per mode)
 #   bench_c_base   the same from the package copy in $BASE (default .ab_base, carried: an earlier commit's
@@ -86,6 +91,9 @@ for step in "$@"; do
             >"$log" 2>&1 ;;
         quant_check) python3 benchmarks/quant_check.py --model "$M" --out "$OUT/${TAG}_quant_check.json" >"$log" 2>&1 ;;
         quant_sweep) python3 benchmarks/quant_sweep.py --out "$OUT/${TAG}_quant_sweep.json" >"$log" 2>&1 ;;
+        quant_sweep_dot) python3 benchmarks/quant_sweep.py --only-dot --rows 1,4 --shapes qkv,o,gate_up,down,lm_head \
+            --out "$OUT/${TAG}_quant_sweep_dot.json" >"$log" 2>&1 ;;
+        gemv_compile) python3 benchmarks/gemv_compile.py --sweep-lists >"$log" 2>&1 ;;
         lora) python3 benchmarks/lora_bench.py --model "$M" --modes "${LORA_MODES:-base,merged,lora1,lora4,base}" --json-out "$OUT/${TAG}_lora.json" >"$log" 2>&1 ;;
         bench_c_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts c) >"$log" 2>&1 ;;
         bench_parts) bench --parts "${PARTS:-b}" --json-out "$OUT/${TAG}_bench_parts.json" >"$log" 2>&1 ;;

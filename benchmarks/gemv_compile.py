@@ -47,8 +47,8 @@ G = 128
 # the tensor-core GEMVs' candidates (quant_sweep.SWAP_FP8 / DOT_INT4 hold the survivors)
 CAND_FP8 = [GemvConfig(bn, bk, 1, nw, st, swap_ab=ab) for ab, bn, bk, nw, st in
             itertools.product(("a8", "a16"), (64, 128), (128, 256, 512), (4, 8), (2, 3, 4))]
-CAND_INT4 = [Int4GemvConfig(bn, bk, nw, dot=True, num_stages=st) for bn, bk, nw, st in
-             itertools.product((64, 128), (128, 256, 512), (4, 8), (1, 2, 3))]
+CAND_INT4 = [Int4GemvConfig(bn, G, nw, dot=True, num_stages=st) for bn, nw, st in
+             itertools.product((64, 128, 256), (4, 8), (1, 2, 3, 4))]
 
 
 @dataclass
@@ -95,9 +95,9 @@ def jobs(kinds: set[str], rows: int, swap_fp8: list[GemvConfig], dot_int4: list[
                            c.block_n * (bk // 2 + 4 * bk // G)))
     if "int4_dot" in kinds:
         for c in dot_int4:
-            consts = dict(BLOCK_N=c.block_n, G=G, GPT=c.block_k // G, IEEE=False, PACKED=True, PDL=True)  # bf16 x
+            consts = dict(BLOCK_N=c.block_n, G=G, IEEE=False, PDL=True)  # one group per step
             out.append(Job("int4_dot", c, int4._int4_dot_kernel, i4_ptrs, consts, c.num_warps, c.num_stages,
-                           c.block_n * (c.block_k // 2 + 4 * c.block_k // G)))
+                           c.block_n * (G // 2 + 4)))
     for j in out:
         j.sig = _sig(j.fn, j.consts, j.sig)
     return out

@@ -5,7 +5,7 @@ is from it, and the best of each kernel (`best_by_kernel`: fma = CUDA cores, dot
 (fp8) or the int4 swap-AB tensor-core GEMV, a8 / a16 = the fp8 swap-AB ones of phi3v.kernels.gemv_dot); JSON to --out.
 
 Each config is timed as CUDA-graph replays (a decode step's kernels are replayed from graphs).
-Usage: python benchmarks/quant_sweep.py [--rows 1,4] [--gemm] [--out $OUT/quant_sweep.json]
+Usage: python benchmarks/quant_sweep.py [--rows 1,4] [--gemm] [--only-dot] [--out $OUT/quant_sweep.json]
 Smoke run on the CPU: TRITON_INTERPRET=1 python benchmarks/quant_sweep.py --smoke (tiny shapes, a few configs)
 """
 
@@ -99,13 +99,13 @@ def graph_cycle(fns: list, reps: int = 10) -> float:
     return graph_ms(lambda: [f() for f in fns], reps) / 1000 / len(fns)
 
 
-def sweep_gemv(n: int, k: int, rows: int, dev: str, smoke: bool = False) -> dict:
+def sweep_gemv(n: int, k: int, rows: int, dev: str, smoke: bool = False, only_dot: bool = False) -> dict:
     w = torch.randn(n, k, device=dev) * 0.02
     x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
     out = {}
     fp8 = _copies(quantize_fp8(w))
     fp8_bytes = n * k + 4 * n
-    cfgs = fma_fp8_configs(k)
+    cfgs = [] if only_dot else fma_fp8_configs(k)
     cfgs = cfgs[::12] if smoke else cfgs
     swap = with_splits([c for c in SWAP_FP8 if c.block_k <= k], n)
     cfgs += swap[:2] if smoke else swap
@@ -118,7 +118,7 @@ def sweep_gemv(n: int, k: int, rows: int, dev: str, smoke: bool = False) -> dict
     out["fp8_gemv"] = r
     i4 = _copies(quantize_int4(w, 128))
     i4_bytes = n * k // 2 + 4 * n * k // 128
-    cfgs = fma_int4_configs()
+    cfgs = [] if only_dot else fma_int4_configs()
     cfgs = cfgs[::16] if smoke else cfgs
     dot = with_splits([c for c in DOT_INT4 if c.block_k <= k], n)
     cfgs += dot[:2] if smoke else dot
@@ -170,6 +170,8 @@ def main() -> None:
     ap.add_argument("--gemm", action="store_true", help="also the int4 GEMM at --prefill-rows")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "quant_sweep.json"))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and configs on the CPU (Triton interpreter)")
+    ap.add_argument("--only-dot", action="store_true",
+                    help="the tensor-core GEMVs only (SWAP_FP8, DOT_INT4) beside the defaults: a shorter run")
     a = ap.parse_args()
     global DEV
     if a.smoke:
@@ -182,7 +184,7 @@ def main() -> None:
     for name in a.shapes.split(","):
         n, k = SHAPES[name]
         for rows in map(int, a.rows.split(",")):
-            res[f"{name}/m{rows}"] = r = sweep_gemv(n, k, rows, DEV, a.smoke)
+            res[f"{name}/m{rows}"] = r = sweep_gemv(n, k, rows, DEV, a.smoke, a.only_dot)
             print(name, rows, {kk: v for kk, v in r.items()}, flush=True)
         if a.gemm or a.smoke:
             res[f"{name}/m{a.prefill_rows}"] = r = sweep_gemm(n, k, a.prefill_rows, DEV, a.smoke)

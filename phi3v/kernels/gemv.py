@@ -197,6 +197,21 @@ def default_config(m: int, n: int, k: int, fp8: bool = False) -> GemvConfig:
     return GemvConfig(block_n, block_k, split, num_warps=4, num_stages=stages, dot=dot)
 
 
+def dot_splits(n: int, k: int, block_n: int, block_k: int, sms: int = 132) -> int:
+    """K splits (a power of 2, at most 8) until the grid has 2 programs per SM, while each split keeps 2 tiles."""
+    split = 1
+    while split < 8 and _cdiv(n, block_n) * split < 2 * sms and k >= 4 * split * block_k:
+        split *= 2
+    return split
+
+
+def default_dot_config(n: int, k: int) -> GemvConfig:
+    """The W8A8 tensor-core GEMV's config for fp8 weights (N, K) (QuantSpec.decode_dot). Not measured yet: a tile
+    of benchmarks/gemv_compile.py's survivors (wgmma, no spills, fewest instructions per byte); quant_sweep.py's
+    `best_by_kernel` a8 entries replace it once measured."""
+    return GemvConfig(64, 256, dot_splits(n, k, 64, 256), num_warps=4, num_stages=3, swap_ab="a8")
+
+
 def supported(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> bool:
     """Whether linear() takes this: Triton on CUDA (or the interpreter), weight (N, K) contiguous,
     x (..., K) with 1..8 rows, of weight's dtype, or weight fp8 e4m3 with `scale` (N,) fp32."""

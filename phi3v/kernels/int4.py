@@ -10,10 +10,12 @@ Layout (what `phi3v.models.quant.quantize_int4` writes):
 Three kernels, none of which ever holds the dequantised matrix:
 - `gemv` (1..8 rows, decode): each program streams (BLOCK_N, BLOCK_K/G, G/2) byte tiles along K, unpacks both
   nibbles, applies the group's scale and min with one FMA and multiplies-and-sums against x in fp32.
-- the same on tensor cores (`Int4GemvConfig.dot`, "swap AB" as phi3v.kernels.gemv_dot): the dequantised tile,
-  cast to x's dtype (one more rounding of each weight: bf16's 2**-9, far under int4's step), is the M side of
-  two tl.dot per group, out^T (BLOCK_N, 16) += W_lo (BLOCK_N, G/2) @ x_lo^T (G/2, 16) and likewise the high
-  halves; no FMA per weight and row, only the dequantisation. Split-K as `gemv`'s, its deterministic sum.
+- the same on tensor cores (`Int4GemvConfig.dot`, "swap AB" as phi3v.kernels.gemv_dot): per group, the codes
+  themselves, exact small integers in x's dtype, are the M side of two tl.dot, P (BLOCK_N, 16) = Q_lo (BLOCK_N,
+  G/2) @ x_lo^T (G/2, 16) + Q_hi @ x_hi^T, and the group's scale and min are applied to P in fp32:
+  sum_j x_j (q_j s + m) = s P + m sum_j x_j. No FMA per weight and row, no rounding of a dequantised weight
+  (the numerics of x @ dequant(W).T in fp32); per weight only the code's extraction (a mask or shift, an OR and
+  a subtraction, two weights an instruction in 16 bits). Split-K as `gemv`'s, its deterministic sum.
 - `gemm` (prefill): tl.dot tiles; per K step (one group) it loads the (G/2, BLOCK_N) byte tile, dequantises
   the two halves to x's dtype and issues two dots against the two halves of the x tile.
 Tuning: benchmarks/quant_check.py (random full-size weights on the GPU).
@@ -48,8 +50,9 @@ class Int4GemvConfig:
     block_k: int = 0  # K elements per tile, a power of 2 >= G (0: 1024 for 1-2 rows, 512 for 3-4, 256 beyond;
     # G with `dot`); shortened to K when K is shorter
     num_warps: int = 4
-    # the swap-AB tensor-core kernel instead (`_int4_dot_kernel`: the dequantised W tile as the M side of tl.dot,
-    # x^T padded to 16 columns; block_n >= 16, >= 64 for wgmma), with its pipelining depth and K splits
+    # the swap-AB tensor-core kernel instead (`_int4_dot_kernel`: the code tile as the M side of tl.dot, x^T
+    # padded to 16 columns, one group per K step, block_k unused; block_n >= 16, >= 64 for wgmma), with its
+    # pipelining depth and K splits
     dot: bool = False
     num_stages: int = 1
     split_k: int = 1
@@ -78,14 +81,6 @@ if HAVE_TRITON:
         q = ((b >> 4) if HIGH else (b & 15)).to(tl.int32)
         qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         return qf * s.to(tl.float32) + m.to(tl.float32)
-
-    @triton.jit
-    def _dequant_bf16(b, s, m, HIGH: tl.constexpr):
-        # b uint8 codes of two elements, s/m fp16 -> bf16 computed in bf16: 0x4300 | q is the bf16 128 + q, exact;
-        # subtracting 128 leaves q, then one FMA (scale and min rounded to bf16 first: 2**-9 relative)
-        q = ((b >> 4) if HIGH else (b & 15)).to(tl.uint16)
-        qf = (q | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
-        return qf * s.to(tl.bfloat16) + m.to(tl.bfloat16)
 
     @triton.jit
     def _gemv_tile(qw_ptr, s_ptr, m_ptr, qrow, srow, n_ok, k0, K, GPT: tl.constexpr, HALF: tl.constexpr,
@@ -178,41 +173,46 @@ if HAVE_TRITON:
 
 
     @triton.jit
-    def _int4_dot_step(x_ptr, qw_ptr, s_ptr, m_ptr, acc, qrow, srow, n_ok, cols, c_ok, k0, K, BLOCK_N: tl.constexpr,
-                       G: tl.constexpr, GPT: tl.constexpr, IEEE: tl.constexpr, PACKED: tl.constexpr):
-        # GPT groups from k0: bytes (BLOCK_N, GPT, G/2) -> two A tiles (BLOCK_N, GPT*G/2), the groups' first and
-        # second halves, against x^T rows (GPT*G/2, M_COLS) at the same K offsets
+    def _codes(b, HIGH: tl.constexpr, dtype: tl.constexpr):
+        # b's low / high 4-bit codes as exact small floats of `dtype`, without an int->float conversion (quarter
+        # rate): bf16 0x4300 | q is 128 + q, fp16 0x6400 | q is 1024 + q, fp32 0x4B000000 | q is 2**23 + q; one
+        # subtraction (two elements per instruction in 16 bits) leaves q
+        q = (b >> 4) if HIGH else (b & 15)
+        if dtype == tl.bfloat16:
+            return (q.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+        elif dtype == tl.float16:
+            return (q.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        else:
+            return (q.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _int4_dot_step(x_ptr, qw_ptr, s_ptr, m_ptr, acc, qrow, srow, n_ok, cols, c_ok, k0, K, G: tl.constexpr,
+                       IEEE: tl.constexpr):
+        # the group starting at k0: codes (BLOCK_N, G/2) x2 against x^T (G/2, X_COLS) x2, then the group's scale
+        # and min in fp32: sum_j x_j (q_j s + m) = s * (Q @ x) + m * sum_j x_j
         HALF: tl.constexpr = G // 2
-        grp = k0 // G + tl.arange(0, GPT)
-        g_ok = grp < K // G
         j = tl.arange(0, HALF)
-        b = tl.load(qw_ptr + qrow[:, None, None] + (grp * HALF)[None, :, None] + j[None, None, :],
-                    mask=n_ok[:, None, None] & g_ok[None, :, None], other=0, eviction_policy="evict_first")
-        g_off = srow[:, None] + grp[None, :]
-        s = tl.load(s_ptr + g_off, mask=n_ok[:, None] & g_ok[None, :], other=0.0)[:, :, None]
-        mn = tl.load(m_ptr + g_off, mask=n_ok[:, None] & g_ok[None, :], other=0.0)[:, :, None]
-        k_lo = tl.reshape((grp * G)[:, None] + j[None, :], (GPT * HALF,))  # K offsets of the first halves
-        x_ok = c_ok[None, :] & tl.reshape(g_ok[:, None] & (j < HALF)[None, :], (GPT * HALF,))[:, None]
-        x_lo = tl.load(x_ptr + cols[None, :] * K + k_lo[:, None], mask=x_ok, other=0.0)
-        x_hi = tl.load(x_ptr + cols[None, :] * K + k_lo[:, None] + HALF, mask=x_ok, other=0.0)
-        if PACKED:  # bf16 throughout: 2 elements per instruction
-            w_lo = tl.reshape(_dequant_bf16(b, s, mn, False), (BLOCK_N, GPT * HALF))
-            w_hi = tl.reshape(_dequant_bf16(b, s, mn, True), (BLOCK_N, GPT * HALF))
+        b = tl.load(qw_ptr + qrow[:, None] + (k0 // 2 + j)[None, :], mask=n_ok[:, None], other=0,
+                    eviction_policy="evict_first")
+        s = tl.load(s_ptr + srow + k0 // G, mask=n_ok, other=0.0).to(tl.float32)
+        mn = tl.load(m_ptr + srow + k0 // G, mask=n_ok, other=0.0).to(tl.float32)
+        x_off = cols[None, :] * K + (k0 + j)[:, None]
+        x_lo = tl.load(x_ptr + x_off, mask=c_ok[None, :], other=0.0)  # (HALF, X_COLS)
+        x_hi = tl.load(x_ptr + x_off + HALF, mask=c_ok[None, :], other=0.0)
+        q_lo = _codes(b, False, x_lo.dtype)
+        q_hi = _codes(b, True, x_lo.dtype)
+        if IEEE:  # fp32 x (tests): no TF32 rounding
+            part = tl.dot(q_hi, x_hi, tl.dot(q_lo, x_lo, input_precision="ieee"), input_precision="ieee")
         else:
-            w_lo = tl.reshape(_dequant(b, s, mn, False).to(x_lo.dtype), (BLOCK_N, GPT * HALF))
-            w_hi = tl.reshape(_dequant(b, s, mn, True).to(x_lo.dtype), (BLOCK_N, GPT * HALF))
-        if IEEE:  # fp32 inputs (tests): no TF32 rounding
-            acc = tl.dot(w_lo, x_lo, acc, input_precision="ieee")
-            return tl.dot(w_hi, x_hi, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w_lo, x_lo, acc)
-            return tl.dot(w_hi, x_hi, acc)
+            part = tl.dot(q_hi, x_hi, tl.dot(q_lo, x_lo))
+        xsum = tl.sum(x_lo.to(tl.float32), axis=0) + tl.sum(x_hi.to(tl.float32), axis=0)  # (X_COLS,)
+        return acc + part * s[:, None] + mn[:, None] * xsum[None, :]
 
     @triton.jit
     def _int4_dot_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, out_ptr, M, N, K, k_per_split, BLOCK_N: tl.constexpr,
-                         G: tl.constexpr, GPT: tl.constexpr, IEEE: tl.constexpr, PACKED: tl.constexpr, PDL: tl.constexpr):
+                         G: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
         # x (M, K), qweight (N, K/2) uint8, scales / mins (N, K/G) fp16 (`int4`'s layout); out (splits, M, N)
-        # fp32 partials or y (M, N) in x's dtype. k_per_split is a multiple of G * GPT.
+        # fp32 partials or y (M, N) in x's dtype. k_per_split is a multiple of G; one group per step.
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -226,11 +226,11 @@ if HAVE_TRITON:
         acc = tl.zeros((BLOCK_N, _X_COLS), dtype=tl.float32)
         pdl_trigger(PDL)
         pdl_wait(PDL)  # x is the previous kernel's output
-        for k0 in range(k_lo, k_hi, G * GPT):
-            acc = _int4_dot_step(x_ptr, qw_ptr, s_ptr, m_ptr, acc, qrow, srow, n_ok, cols, c_ok, k0, K, BLOCK_N, G,
-                                 GPT, IEEE, PACKED)
+        for k0 in range(k_lo, k_hi, G):
+            acc = _int4_dot_step(x_ptr, qw_ptr, s_ptr, m_ptr, acc, qrow, srow, n_ok, cols, c_ok, k0, K, G, IEEE)
         dst = out_ptr + pid_k * M * N + cols[None, :] * N + rows[:, None]
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=c_ok[None, :] & n_ok[:, None])
+
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -244,6 +244,12 @@ def default_gemm_config(m: int) -> Int4GemmConfig:
     if m <= 16:
         return Int4GemmConfig(block_m=16, block_n=64, num_warps=4, num_stages=3)
     return Int4GemmConfig()
+
+
+def default_dot_config(n: int, k: int) -> Int4GemvConfig:
+    """The tensor-core GEMV's config for an (N, K) weight (QuantSpec.decode_dot). Not measured yet: a tile of
+    benchmarks/gemv_compile.py's survivors; quant_sweep.py's `best_by_kernel` dot entries replace it once measured."""
+    return Int4GemvConfig(128, 0, 8, dot=True, num_stages=3, split_k=gemv.dot_splits(n, k, 128, 256))
 
 
 def group_size(qweight: Tensor, scales: Tensor) -> int:
@@ -268,16 +274,15 @@ def supported(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor) -> bool:
 
 def _dot_gemv(x2: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, out: Tensor, g: int, cfg: Int4GemvConfig,
               pdl: bool) -> None:
-    """The swap-AB GEMV into out (M, N): block_k // G whole groups per K step (a power of 2), K split as gemv's."""
+    """The swap-AB GEMV into out (M, N): one group per K step, K split as gemv's (at group boundaries)."""
     m, k = x2.shape
     n = qweight.shape[0]
-    gpt = min(max(cfg.block_k // g, 1), 1 << (k // g - 1).bit_length())
-    k_per_split = _cdiv(_cdiv(k, cfg.split_k), gpt * g) * gpt * g
+    k_per_split = _cdiv(_cdiv(k, cfg.split_k), g) * g
     splits = _cdiv(k, k_per_split)
     dst = out if splits == 1 else torch.empty(splits, m, n, device=x2.device, dtype=torch.float32)
     _int4_dot_kernel[(_cdiv(n, cfg.block_n), splits)](
-        x2, qweight, scales, mins, dst, m, n, k, k_per_split, BLOCK_N=cfg.block_n, G=g, GPT=gpt,
-        IEEE=x2.dtype == torch.float32, PACKED=x2.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x2, pdl))
+        x2, qweight, scales, mins, dst, m, n, k, k_per_split, BLOCK_N=cfg.block_n, G=g,
+        IEEE=x2.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x2, pdl))
     if splits > 1:
         gemv.splitk_sum(dst, out, pdl)
 
