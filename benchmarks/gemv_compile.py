@@ -61,6 +61,7 @@ class Job:
     num_warps: int
     num_stages: int
     weight_bytes: int  # streamed per K tile (one loop iteration)
+    shared: int = 0  # bytes of shared memory per CTA, once compiled
 
 
 def _sig(fn, consts: dict, ptrs: dict, runtime: tuple[str, ...] = ("M",)) -> tuple[dict, dict]:
@@ -83,8 +84,8 @@ def jobs(kinds: set[str], rows: int, swap_fp8: list[GemvConfig], dot_int4: list[
                            c.block_n * c.block_k))
     for c in swap_fp8:
         if f"fp8_{c.swap_ab}" in kinds:
-            consts = dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, A8=c.swap_ab == "a8", AMAX_BLOCK=gemv_dot.AMAX_BLOCK,
-                          PDL=True)
+            consts = dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, A8=c.swap_ab == "a8", IEEE=False, M_PAD=m_pad,
+                          AMAX_BLOCK=min(gemv_dot.AMAX_ELEMS // m_pad, 4096), PDL=True)
             out.append(Job(f"fp8_{c.swap_ab}", c, gemv_dot._fp8_dot_kernel, fp8_ptrs, consts, c.num_warps,
                            c.num_stages, c.block_n * c.block_k))
     if "int4_fma" in kinds:
@@ -107,6 +108,7 @@ def compile_job(j: Job) -> tuple[bytes, str]:
     sig, attrs = j.sig
     k = triton.compile(ASTSource(fn=j.fn, signature=sig, constexprs=j.consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": j.num_warps, "num_stages": j.num_stages})
+    j.shared = k.metadata.shared
     return k.asm["cubin"], k.asm["ptx"]
 
 
@@ -166,7 +168,15 @@ def analyse(j: Job, sass_dir: str | None) -> dict:
         Path(sass_dir, f"{j.kind}_{_cfg_text(j)}.sass").write_text(sass)
     body = main_loop(loops(sass))
     per_byte = len(body) * j.num_warps / j.weight_bytes  # warp-instructions per weight byte
-    return {"regs": int(fields["REG"]), "spill": int(fields["STACK"]) + int(fields.get("LOCAL", 0)),
+    regs, smem = int(fields["REG"]), j.shared
+    # resident CTAs per SM (sm90: 64 warps, 64k registers allocated per warp in 256s, 228 KiB shared memory with
+    # 1 KiB reserved per CTA) and the weight bytes each has in flight: (stages - 1) tiles when the loop's loads are
+    # asynchronous copies (LDGSTS), else the one tile loaded into registers
+    per_warp = -(-regs * 32 // 256) * 256
+    ctas = min(64 // j.num_warps, 65536 // (per_warp * j.num_warps), (228 << 10) // (smem + 1024), 32)
+    tiles = max(j.num_stages - 1, 1) if any(o.startswith("LDGSTS") for o in body) else 1
+    return {"regs": regs, "spill": int(fields["STACK"]) + int(fields.get("LOCAL", 0)), "ctas_per_sm": ctas,
+            "in_flight_kib": ctas * tiles * j.weight_bytes / 1024,
             "wgmma": sum(o.startswith(("HGMMA", "QGMMA")) for o in sass.split()),
             "mma_sync": sum(o.startswith("HMMA") for o in sass.split()), "async": "cp.async" in ptx,
             "loop_instrs": len(body), "instr_per_byte": per_byte,
@@ -178,7 +188,7 @@ def _cfg_text(j: Job) -> str:
     if isinstance(c, GemvConfig):
         return f"{c.block_n}x{c.block_k}s{c.split_k}w{c.num_warps}st{c.num_stages}" + (c.swap_ab or ("dot" if c.dot else ""))
     assert isinstance(c, Int4GemvConfig)
-    return f"{c.block_n}x{c.block_k or 1024}w{c.num_warps}st{c.num_stages}" + ("dot" if c.dot else "")
+    return f"{c.block_n}x{c.block_k or (G if c.dot else 1024)}w{c.num_warps}st{c.num_stages}" + ("dot" if c.dot else "")
 
 
 def main() -> None:
@@ -192,8 +202,8 @@ def main() -> None:
     if a.sass:
         os.makedirs(a.sass, exist_ok=True)
     print(f"rows {a.rows}, sm90, Triton {triton.__version__}; loop classes: mma cvt fma ld int other")
-    print(f"{'kernel':>9} {'config':>22} {'regs':>4} {'spill':>5} {'wgmma':>5} {'mma.sync':>8} {'B/iter':>6} "
-          f"{'instr/iter':>10} {'instr/B':>7} {'issue TB/s':>10}  classes")
+    print(f"{'kernel':>9} {'config':>22} {'regs':>4} {'spill':>5} {'wgmma':>5} {'mma.sync':>8} {'CTA/SM':>6} "
+          f"{'KiB fly':>7} {'B/iter':>6} {'instr/iter':>10} {'instr/B':>7} {'issue TB/s':>10}  classes")
     fp8, i4 = (quant_sweep.SWAP_FP8, quant_sweep.DOT_INT4) if a.sweep_lists else (CAND_FP8, CAND_INT4)
     for j in jobs(set(a.only.split(",")), a.rows, fp8, i4):
         try:
@@ -203,7 +213,7 @@ def main() -> None:
             continue
         c = r["classes"]
         print(f"{j.kind:>9} {_cfg_text(j):>22} {r['regs']:>4} {r['spill']:>5} {r['wgmma']:>5} {r['mma_sync']:>8} "
-              f"{j.weight_bytes:>6} {r['loop_instrs']:>10} {r['instr_per_byte']:>7.3f} {r['issue_tb_s']:>10.1f}  "
+              f"{r['ctas_per_sm']:>6} {r['in_flight_kib']:>7.0f} {j.weight_bytes:>6} {r['loop_instrs']:>10} {r['instr_per_byte']:>7.3f} {r['issue_tb_s']:>10.1f}  "
               f"{c['mma']} {c['cvt']} {c['fma']} {c['ld']} {c['int']} {c['other']}", flush=True)
 
 

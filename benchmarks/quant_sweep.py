@@ -36,17 +36,17 @@ SHAPES = {"qkv": (9216, 3072), "o": (3072, 3072), "gate_up": (16384, 3072), "dow
 PAST_L2 = 256 << 20
 DEV = "cuda"
 # The tensor-core (swap-AB) GEMVs' configs worth timing: the survivors of benchmarks/gemv_compile.py (no spills,
-# wgmma, fewest instructions per weight byte; docs/perf-log.md). Each is also timed with K split 4 ways where N is
-# small (o_proj, down: too few row blocks for 132 SMs).
+# wgmma, few instructions per weight byte, >= ~50 KiB of weights in flight per SM; docs/perf-log.md). Each is also
+# timed with K split 2 and 4 ways where N gives too few row blocks for 132 SMs (with_splits).
 SWAP_FP8: list[GemvConfig] = [
-    GemvConfig(64, 256, 1, 4, 3, swap_ab="a8"), GemvConfig(64, 512, 1, 4, 2, swap_ab="a8"),
-    GemvConfig(128, 128, 1, 4, 3, swap_ab="a8"), GemvConfig(128, 256, 1, 8, 3, swap_ab="a8"),
-    GemvConfig(128, 512, 1, 8, 2, swap_ab="a8"),
-    GemvConfig(64, 256, 1, 8, 2, swap_ab="a16"), GemvConfig(128, 128, 1, 8, 2, swap_ab="a16")]
+    GemvConfig(128, 128, 1, 4, 3, swap_ab="a8"), GemvConfig(128, 256, 1, 4, 2, swap_ab="a8"),
+    GemvConfig(64, 256, 1, 4, 3, swap_ab="a8"), GemvConfig(128, 128, 1, 8, 2, swap_ab="a8"),
+    GemvConfig(64, 128, 1, 4, 3, swap_ab="a8"), GemvConfig(128, 256, 1, 8, 2, swap_ab="a8"),
+    GemvConfig(64, 128, 1, 4, 4, swap_ab="a16"), GemvConfig(128, 128, 1, 8, 2, swap_ab="a16")]
 DOT_INT4: list[Int4GemvConfig] = [
-    Int4GemvConfig(64, 128, 4, dot=True, num_stages=3), Int4GemvConfig(64, 256, 4, dot=True, num_stages=1),
-    Int4GemvConfig(128, 128, 4, dot=True, num_stages=1), Int4GemvConfig(128, 256, 8, dot=True, num_stages=1),
-    Int4GemvConfig(64, 512, 4, dot=True, num_stages=2)]
+    Int4GemvConfig(128, 0, 4, dot=True, num_stages=4), Int4GemvConfig(64, 0, 4, dot=True, num_stages=4),
+    Int4GemvConfig(128, 0, 8, dot=True, num_stages=4), Int4GemvConfig(256, 0, 8, dot=True, num_stages=4),
+    Int4GemvConfig(128, 0, 4, dot=True, num_stages=1)]
 
 
 def fma_fp8_configs(k: int) -> list[GemvConfig]:
@@ -120,7 +120,7 @@ def sweep_gemv(n: int, k: int, rows: int, dev: str, smoke: bool = False, only_do
     i4_bytes = n * k // 2 + 4 * n * k // 128
     cfgs = [] if only_dot else fma_int4_configs()
     cfgs = cfgs[::16] if smoke else cfgs
-    dot = with_splits([c for c in DOT_INT4 if c.block_k <= k], n)
+    dot = with_splits(DOT_INT4, n)
     cfgs += dot[:2] if smoke else dot
     r = _best(lambda c: graph_cycle([lambda t=t: int4.linear(x, *t, gemv_config=c) for t in i4]), cfgs,
               Int4GemvConfig())

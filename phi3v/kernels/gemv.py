@@ -206,10 +206,13 @@ def dot_splits(n: int, k: int, block_n: int, block_k: int, sms: int = 132) -> in
 
 
 def default_dot_config(n: int, k: int) -> GemvConfig:
-    """The W8A8 tensor-core GEMV's config for fp8 weights (N, K) (QuantSpec.decode_dot). Not measured yet: a tile
-    of benchmarks/gemv_compile.py's survivors (wgmma, no spills, fewest instructions per byte); quant_sweep.py's
-    `best_by_kernel` a8 entries replace it once measured."""
-    return GemvConfig(64, 256, dot_splits(n, k, 64, 256), num_warps=4, num_stages=3, swap_ab="a8")
+    """The W8A8 tensor-core GEMV's config for fp8 weights (N, K) (QuantSpec.decode_dot). Not measured yet: tiles
+    of benchmarks/gemv_compile.py's survivors (wgmma, no spills, few instructions per byte, ~96 KiB in flight per
+    SM), 64 rows for N <= 4096 (more row blocks); quant_sweep.py's `best_by_kernel` a8 entries replace it once
+    measured."""
+    block_n, block_k = (128, 128) if n > 4096 else (64, 256)
+    return GemvConfig(block_n, block_k, dot_splits(n, k, block_n, block_k // 2), num_warps=4, num_stages=3,
+                      swap_ab="a8")
 
 
 def supported(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> bool:

@@ -1,18 +1,20 @@
 """Decode GEMVs (1..8 rows) of quantized weights on tensor cores: "swap AB" (issue 20).
 
-The CUDA-core GEMVs (`gemv` with an fp8 scale, `int4`) upcast every weight in registers and multiply-add it
-once per row: instructions per weight byte, not bandwidth, bound them. Here the weight tile is the M side of
-the product instead: out^T (BLOCK_N, 16) = W (BLOCK_N, BLOCK_K) @ x^T (BLOCK_K, 16), with x's 1..8 rows
+The CUDA-core GEMVs (`gemv` with an fp8 scale, `int4`) load each weight tile into registers, upcast every
+weight and multiply-add it once per row: instructions per weight byte, and registers that cap how many bytes
+each SM has in flight (benchmarks/gemv_compile.py reads both from the SASS). Here the weight tile is the M side
+of the product instead: out^T (BLOCK_N, 16) = W (BLOCK_N, BLOCK_K) @ x^T (BLOCK_K, 16), with x's 1..8 rows
 padded to the 16 columns tl.dot needs. With BLOCK_N >= 64 the dot is Hopper's wgmma (M = 64 per warpgroup),
-which reads the W tile from shared memory where the pipelined loads put it: no per-weight instruction at all
-on the fp8 W8A8 path. Grid (cdiv(N, BLOCK_N), splits); split-K as in `gemv`, reusing its deterministic sum.
+which reads the W tile from shared memory where asynchronous copies put it, num_stages tiles deep: no
+per-weight instruction at all on the fp8 W8A8 path. Grid (cdiv(N, BLOCK_N), splits); split-K as in `gemv`,
+reusing its deterministic sum.
 
 fp8 weights (`GemvConfig.swap_ab`):
 - "a8" (W8A8): x is quantized to e4m3 inside the kernel with one dynamic scale per row, s_x = amax|x_row| / 448
   (at least 1e-12), the per-token scale of the FP8 prefill GEMM (`fp8_act`): 448 is e4m3's largest finite value,
   so the row's largest element maps onto it and no element clips, and a per-row scale adapts to each token's
   magnitude (activations vary by orders of magnitude between tokens; weights' scales are static). Every
-  program reads the whole row for the amax (from L2: a few KiB against its MiB-sized weight share), so all
+  program reads x's rows whole for the amax (from L2: KiBs against a weight share of 100s of KiB), so all
   splits of a row share one scale and the result does not depend on the config. The element is x * (448 /
   amax) rounded to nearest even, which can differ from the prefill quantizer's correctly rounded division in
   the last bit of a rare element. out = (Wq @ xq^T) * s_w[n] * s_x[m] in fp32. Numerics are the FP8 prefill
@@ -38,40 +40,44 @@ if HAVE_TRITON:
     from phi3v.kernels.fp8_act import _FP8_MAX
 
 M_COLS = 16  # x's rows padded to tl.dot's smallest N
-AMAX_BLOCK = 512  # K elements of x per step of the amax pass
+AMAX_ELEMS = 4096  # elements of x per step of the amax pass (M_PAD rows x AMAX_BLOCK)
 if HAVE_TRITON:
     _M_COLS = tl.constexpr(M_COLS)
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _row_amax_scale(x_ptr, cols, c_ok, K, AMAX_BLOCK: tl.constexpr):
-        # (M_COLS,) per-row scale amax / 448 (>= 1e-12) over the whole row; rows >= M get 1e-12 (their x is 0)
-        amax = tl.zeros((AMAX_BLOCK, _M_COLS), dtype=tl.float32)
+    def _row_amax_scale(x_ptr, M, K, cols, M_PAD: tl.constexpr, AMAX_BLOCK: tl.constexpr):
+        # (M_COLS,) per-row scale over the whole row, amax / 448 (>= 1e-12); columns >= M get 1e-12 (their x is 0).
+        # Reads the M_PAD (a power of 2 >= M) rows only, then spreads their amax onto the dot's 16 columns.
+        ms = tl.arange(0, M_PAD)
+        amax = tl.zeros((M_PAD, AMAX_BLOCK), dtype=tl.float32)
         for k0 in range(0, K, AMAX_BLOCK):
             ks = k0 + tl.arange(0, AMAX_BLOCK)
-            x = tl.load(x_ptr + cols[None, :] * K + ks[:, None], mask=c_ok[None, :] & (ks < K)[:, None], other=0.0)
+            x = tl.load(x_ptr + ms[:, None] * K + ks[None, :], mask=(ms < M)[:, None] & (ks < K)[None, :], other=0.0)
             amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        return tl.maximum(tl.max(amax, axis=0) / _FP8_MAX, 1e-12)
+        row = tl.max(amax, axis=1)  # (M_PAD,)
+        spread = tl.max(tl.where(ms[:, None] == cols[None, :], row[:, None], 0.0), axis=0)  # (M_COLS,)
+        return tl.maximum(spread / _FP8_MAX, 1e-12)
 
     @triton.jit
     def _fp8_dot_step(x_ptr, w, acc, cols, c_ok, inv, k0, K, BLOCK_K: tl.constexpr, A8: tl.constexpr,
                       IEEE: tl.constexpr):
-        # w (BLOCK_N, BLOCK_K) e4m3; x^T tile (BLOCK_K, _M_COLS), contiguous along K
+        # w (BLOCK_N, BLOCK_K) e4m3; x tile (M_COLS, BLOCK_K) as stored (contiguous along K), transposed for the dot
         ks = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + cols[None, :] * K + ks[:, None], mask=c_ok[None, :] & (ks < K)[:, None], other=0.0)
+        x = tl.load(x_ptr + cols[:, None] * K + ks[None, :], mask=c_ok[:, None] & (ks < K)[None, :], other=0.0)
         if A8:  # |x| * 448 / amax <= 448: no clamp needed
-            xq = (xt.to(tl.float32) * inv[None, :]).to(tl.float8e4nv)
-            return tl.dot(w, xq, acc)
+            xq = (x.to(tl.float32) * inv[:, None]).to(tl.float8e4nv)
+            return tl.dot(w, tl.trans(xq), acc)
         elif IEEE:  # fp32 x (tests): no TF32 rounding
-            return tl.dot(w.to(xt.dtype), xt, acc, input_precision="ieee")
+            return tl.dot(w.to(x.dtype), tl.trans(x), acc, input_precision="ieee")
         else:
-            return tl.dot(w.to(xt.dtype), xt, acc)
+            return tl.dot(w.to(x.dtype), tl.trans(x), acc)
 
     @triton.jit
     def _fp8_dot_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, k_per_split, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, A8: tl.constexpr, IEEE: tl.constexpr, AMAX_BLOCK: tl.constexpr,
-                        PDL: tl.constexpr):
+                        BLOCK_K: tl.constexpr, A8: tl.constexpr, IEEE: tl.constexpr, M_PAD: tl.constexpr,
+                        AMAX_BLOCK: tl.constexpr, PDL: tl.constexpr):
         # x (M, K), w (N, K) e4m3, ws (N,) fp32, out (splits, M, N) fp32 partials or y (M, N) in x's dtype.
         # k_per_split is a multiple of BLOCK_K. The first W tile is read before waiting for x (no kernel writes
         # weights); the accumulator is out^T.
@@ -90,7 +96,7 @@ if HAVE_TRITON:
                     eviction_policy="evict_first")
         pdl_wait(PDL)
         if A8:
-            xs = _row_amax_scale(x_ptr, cols, c_ok, K, AMAX_BLOCK)
+            xs = _row_amax_scale(x_ptr, M, K, cols, M_PAD, AMAX_BLOCK)
             inv = 1.0 / xs  # 448 / amax: x is scaled by a product
         else:
             xs = tl.full((_M_COLS,), 1.0, tl.float32)
@@ -116,7 +122,9 @@ def launch_fp8(x2: Tensor, weight: Tensor, scale: Tensor, dst: Tensor, k_per_spl
     else the (splits, M, N) fp32 partials that `gemv` sums."""
     m, k = x2.shape
     n = weight.shape[0]
+    m_pad = triton.next_power_of_2(m)
     _fp8_dot_kernel[(-(-n // block_n), splits)](
         x2, weight, scale, dst, m, n, k, k_per_split, BLOCK_N=block_n, BLOCK_K=block_k, A8=swap_ab == "a8",
-        IEEE=x2.dtype == torch.float32, AMAX_BLOCK=min(AMAX_BLOCK, triton.next_power_of_2(k)), num_warps=num_warps,
+        IEEE=x2.dtype == torch.float32, M_PAD=m_pad, AMAX_BLOCK=min(AMAX_ELEMS // m_pad, triton.next_power_of_2(k)),
+        num_warps=num_warps,
         num_stages=num_stages, **pdl_args(x2, pdl))

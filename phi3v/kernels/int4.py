@@ -196,16 +196,17 @@ if HAVE_TRITON:
                     eviction_policy="evict_first")
         s = tl.load(s_ptr + srow + k0 // G, mask=n_ok, other=0.0).to(tl.float32)
         mn = tl.load(m_ptr + srow + k0 // G, mask=n_ok, other=0.0).to(tl.float32)
-        x_off = cols[None, :] * K + (k0 + j)[:, None]
-        x_lo = tl.load(x_ptr + x_off, mask=c_ok[None, :], other=0.0)  # (HALF, X_COLS)
-        x_hi = tl.load(x_ptr + x_off + HALF, mask=c_ok[None, :], other=0.0)
+        x_off = cols[:, None] * K + (k0 + j)[None, :]
+        x_lo = tl.load(x_ptr + x_off, mask=c_ok[:, None], other=0.0)  # (X_COLS, HALF) as stored, transposed below
+        x_hi = tl.load(x_ptr + x_off + HALF, mask=c_ok[:, None], other=0.0)
         q_lo = _codes(b, False, x_lo.dtype)
         q_hi = _codes(b, True, x_lo.dtype)
         if IEEE:  # fp32 x (tests): no TF32 rounding
-            part = tl.dot(q_hi, x_hi, tl.dot(q_lo, x_lo, input_precision="ieee"), input_precision="ieee")
+            part = tl.dot(q_hi, tl.trans(x_hi), tl.dot(q_lo, tl.trans(x_lo), input_precision="ieee"),
+                          input_precision="ieee")
         else:
-            part = tl.dot(q_hi, x_hi, tl.dot(q_lo, x_lo))
-        xsum = tl.sum(x_lo.to(tl.float32), axis=0) + tl.sum(x_hi.to(tl.float32), axis=0)  # (X_COLS,)
+            part = tl.dot(q_hi, tl.trans(x_hi), tl.dot(q_lo, tl.trans(x_lo)))
+        xsum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)  # (X_COLS,)
         return acc + part * s[:, None] + mn[:, None] * xsum[None, :]
 
     @triton.jit
@@ -249,7 +250,8 @@ def default_gemm_config(m: int) -> Int4GemmConfig:
 def default_dot_config(n: int, k: int) -> Int4GemvConfig:
     """The tensor-core GEMV's config for an (N, K) weight (QuantSpec.decode_dot). Not measured yet: a tile of
     benchmarks/gemv_compile.py's survivors; quant_sweep.py's `best_by_kernel` dot entries replace it once measured."""
-    return Int4GemvConfig(128, 0, 8, dot=True, num_stages=3, split_k=gemv.dot_splits(n, k, 128, 256))
+    block_n = 128 if n > 4096 else 64  # more row blocks for o_proj, down
+    return Int4GemvConfig(block_n, 0, 4, dot=True, num_stages=4, split_k=gemv.dot_splits(n, k, block_n, 128))
 
 
 def group_size(qweight: Tensor, scales: Tensor) -> int:
