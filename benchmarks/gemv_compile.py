@@ -1,18 +1,24 @@
 """Compile the quantized decode GEMVs for Hopper (sm90) without a GPU and read their main K loop from the SASS:
 per config the registers and spill stack ptxas reports, whether the product runs as wgmma (xGMMA in the SASS)
-or mma.sync (HMMA), and the instructions of one K-loop iteration per weight byte it streams.
+or mma.sync (HMMA), how many weight bytes each SM keeps in flight, and the instructions of one K-loop iteration
+per weight byte it streams.
 
-Why: the CUDA-core GEMVs (fp8 weights in `gemv`, `int4`) are bound by issued instructions per weight byte
-(docs/perf-log.md, 2026-12-04). An SM issues at most 4 warp-instructions a cycle, so a loop of I warp-
-instructions per warp, W warps and B weight bytes per iteration streams at most 4 * clock * SMs * B / (I * W)
-bytes/s: the `issue TB/s` column (H200: 132 SMs at 1.98 GHz; an upper bound that ignores latency and memory,
-comparable between kernels; BENCHMARKS.md's measured GB/s sit below it). Configs that spill or miss wgmma are
-pruned from benchmarks/quant_sweep.py's sweep (SWAP_FP8 / DOT_INT4 there are this script's survivors).
+Two static limits of a bandwidth-bound GEMV, comparable between kernels (the GPU run decides):
+- issue: an SM issues at most 4 warp-instructions a cycle, so a loop of I warp-instructions per warp, W warps and
+  B weight bytes per iteration streams at most 4 * clock * SMs * B / (I * W) bytes/s (`issue TB/s`; H200: 132
+  SMs at 1.98 GHz; it ignores slower pipes such as conversions);
+- bytes in flight: HBM's latency (~1 us loaded) times its bandwidth (4.8 TB/s) is ~36 KiB per SM that must be in
+  flight. `CTA/SM` = resident programs per SM (registers, shared memory, warps; a grid smaller than that many per
+  SM holds fewer), `KiB fly` = their weight bytes in flight: (num_stages - 1) tiles each when the loop's loads
+  are asynchronous copies (LDGSTS), else the one tile loaded into registers.
+Configs that spill, miss wgmma or fit no CTA are pruned from benchmarks/quant_sweep.py's sweep (SWAP_FP8 /
+DOT_INT4 there are the survivors of this script's candidate grid).
 
-Usage: python benchmarks/gemv_compile.py [--rows 1] [--only fp8_fma,fp8_a8,fp8_a16,int4_fma,int4_dot] [--sass DIR]
+Usage: python benchmarks/gemv_compile.py [--rows 1] [--only fp8_fma,fp8_a8,fp8_a16,int4_fma,int4_dot]
+                                         [--sweep-lists] [--sass DIR]
   (K = 3072; the loop does not depend on N or K.) Needs Triton's bundled ptxas / cuobjdump / nvdisasm (CPU
 installs have them). The Triton compiling here may differ from the GPU machine's (`python -c 'import triton;
-print(triton.__version__)'` on both): the GPU run is what decides.
+print(triton.__version__)'` on both): device_call.sh's `gemv_compile` step runs this there.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ class Job:
     kind: str  # fp8_fma | fp8_a8 | fp8_a16 | int4_fma | int4_dot
     config: object
     fn: object
-    sig: dict
+    ptrs: dict  # pointer argument -> Triton type (other pointers bf16, other arguments i32)
     consts: dict
     num_warps: int
     num_stages: int
@@ -99,13 +105,11 @@ def jobs(kinds: set[str], rows: int, swap_fp8: list[GemvConfig], dot_int4: list[
             consts = dict(BLOCK_N=c.block_n, G=G, IEEE=False, PDL=True)  # one group per step
             out.append(Job("int4_dot", c, int4._int4_dot_kernel, i4_ptrs, consts, c.num_warps, c.num_stages,
                            c.block_n * (G // 2 + 4)))
-    for j in out:
-        j.sig = _sig(j.fn, j.consts, j.sig)
     return out
 
 
 def compile_job(j: Job) -> tuple[bytes, str]:
-    sig, attrs = j.sig
+    sig, attrs = _sig(j.fn, j.consts, j.ptrs)
     k = triton.compile(ASTSource(fn=j.fn, signature=sig, constexprs=j.consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": j.num_warps, "num_stages": j.num_stages})
     j.shared = k.metadata.shared
@@ -186,7 +190,8 @@ def analyse(j: Job, sass_dir: str | None) -> dict:
 def _cfg_text(j: Job) -> str:
     c = j.config
     if isinstance(c, GemvConfig):
-        return f"{c.block_n}x{c.block_k}s{c.split_k}w{c.num_warps}st{c.num_stages}" + (c.swap_ab or ("dot" if c.dot else ""))
+        kind = c.swap_ab or ("dot" if c.dot else "")
+        return f"{c.block_n}x{c.block_k}s{c.split_k}w{c.num_warps}st{c.num_stages}{kind}"
     assert isinstance(c, Int4GemvConfig)
     return f"{c.block_n}x{c.block_k or (G if c.dot else 1024)}w{c.num_warps}st{c.num_stages}" + ("dot" if c.dot else "")
 
@@ -213,7 +218,8 @@ def main() -> None:
             continue
         c = r["classes"]
         print(f"{j.kind:>9} {_cfg_text(j):>22} {r['regs']:>4} {r['spill']:>5} {r['wgmma']:>5} {r['mma_sync']:>8} "
-              f"{r['ctas_per_sm']:>6} {r['in_flight_kib']:>7.0f} {j.weight_bytes:>6} {r['loop_instrs']:>10} {r['instr_per_byte']:>7.3f} {r['issue_tb_s']:>10.1f}  "
+              f"{r['ctas_per_sm']:>6} {r['in_flight_kib']:>7.0f} {j.weight_bytes:>6} {r['loop_instrs']:>10} "
+              f"{r['instr_per_byte']:>7.3f} {r['issue_tb_s']:>10.1f}  "
               f"{c['mma']} {c['cvt']} {c['fma']} {c['ld']} {c['int']} {c['other']}", flush=True)
 
 

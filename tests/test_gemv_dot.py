@@ -11,8 +11,8 @@ Bounds, per output row (the worst row), relative to the row's largest |y| unless
   row's difference over the row's norm: between 1e-2 (x was quantized for real, to 3 mantissa bits: ~2-4 % here)
   and 5e-2 (the per-layer bound of phi3v/models/quant.py);
 - W8A16 and int4 with fp32 x: < 1e-5 against x @ W (the weight-only numerics, no TF32);
-- int4 with bf16 x: < 4e-3 (norms) against the fp32 product with the same x (the codes are exact in bf16 and scale and min
-  are applied in fp32: only y's own rounding to bf16, 2**-9).
+- int4 with bf16 x: < 4e-3 (norms) against the fp32 product with the same x (the codes are exact in bf16 and
+  scale and min are applied in fp32: only y's own rounding to bf16, 2**-9).
 """
 
 from interp import run_interpreted
@@ -33,7 +33,8 @@ def row_err(y, ref):  # worst row: largest |difference| over the largest |y|
 def row_rms(y, ref):  # worst row: norm of the difference over the norm of y
     return ((y.float() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)).max().item()
 
-A8 = [GemvConfig(16, 64, 1, swap_ab="a8"), GemvConfig(32, 128, 3, swap_ab="a8"), GemvConfig(64, 256, 2, 4, 2, swap_ab="a8")]
+A8 = [GemvConfig(16, 64, 1, swap_ab="a8"), GemvConfig(32, 128, 3, swap_ab="a8"),
+      GemvConfig(64, 256, 2, 4, 2, swap_ab="a8")]
 n_fp8 = 0
 w8 = []
 for n, k in [(37, 600), (64, 512), (20, 96)]:  # 600: two amax steps and a ragged last tile; 96: K < one tile

@@ -182,7 +182,7 @@ def test_quantize_command_round_trip(method: str, tmp_path, capsys) -> None:
     with pytest.raises(ValueError, match="cannot be loaded as"):
         LLM(out, device="cpu", quantization="fp8" if method == "int4" else "int4")
     dot = load_model(out, Phi3VConfig.from_pretrained(out), "cpu", torch.bfloat16, QuantSpec(method, decode_dot=True))
-    layers = [m for m in dot.modules() if isinstance(m, (FP8Linear, Int4Linear))]  # the saved spec + the run-time choice
+    layers = [m for m in dot.modules() if isinstance(m, (FP8Linear, Int4Linear))]  # saved spec + run-time choice
     assert layers and all(m.decode_dot for m in layers)
 
 
