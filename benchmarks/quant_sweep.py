@@ -29,12 +29,14 @@ from phi3v.bench import emit, graph_ms  # noqa: E402
 from phi3v.kernels import fp8_act, gemv, int4  # noqa: E402
 from phi3v.kernels.gemv import GemvConfig  # noqa: E402
 from phi3v.kernels.int4 import Int4GemmConfig, Int4GemvConfig  # noqa: E402
-from phi3v.models.quant import quantize_fp8, quantize_int4  # noqa: E402
+from phi3v.models.quant import (dequantize_int4, fp8_linear_reference, quantize_fp8,  # noqa: E402
+                                quantize_int4)
 
 SHAPES = {"qkv": (9216, 3072), "o": (3072, 3072), "gate_up": (16384, 3072), "down": (3072, 8192),
           "lm_head": (32064, 3072)}
 PAST_L2 = 256 << 20
 DEV = "cuda"
+CHECK_TOL = 1e-2  # a config's output against the torch math of the same quantized weights (bf16 output: ~2e-3)
 # The tensor-core (swap-AB) GEMVs' configs worth timing: the survivors of benchmarks/gemv_compile.py (no spills,
 # wgmma, few instructions per weight byte, >= ~50 KiB of weights in flight per SM; docs/perf-log.md). Each is also
 # timed with K split 2 and 4 ways where N gives too few row blocks for 132 SMs (with_splits).
@@ -73,11 +75,17 @@ def _copies(tensors: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]
     return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(min(63, PAST_L2 // nbytes))]
 
 
-def _best(fn, configs: list, default) -> dict:
-    """fn(config) -> seconds; the best config and the default's time."""
-    times = {}
+def _best(fn, configs: list, default, check=None) -> dict:
+    """fn(config) -> seconds; the best config and the default's time. check(config) -> relative error of its
+    output against the torch math: a config over CHECK_TOL is reported in `wrong` and not timed."""
+    times, wrong = {}, {}
     for c in configs + [default]:
         try:
+            err = check(c) if check is not None else 0.0
+            if err > CHECK_TOL:
+                wrong[repr(c)] = err
+                print(f"  WRONG {c}: relative error {err:.3g}")
+                continue
             times[c] = fn(c)
         except Exception as e:  # noqa: BLE001 - a config that does not compile (resources) is skipped
             print(f"  skipped {c}: {type(e).__name__}")
@@ -88,7 +96,11 @@ def _best(fn, configs: list, default) -> dict:
         if kind not in kinds or t < kinds[kind][1]:
             kinds[kind] = (c, t)
     return {"best": repr(best), "best_us": times[best] * 1e6, "default_us": times.get(default, float("nan")) * 1e6,
-            "best_by_kernel": {k: {"config": repr(c), "us": t * 1e6} for k, (c, t) in kinds.items()}}
+            "best_by_kernel": {k: {"config": repr(c), "us": t * 1e6} for k, (c, t) in kinds.items()}, "wrong": wrong}
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).norm() / ref.norm())
 
 
 def graph_cycle(fns: list, reps: int = 10) -> float:
@@ -109,8 +121,11 @@ def sweep_gemv(n: int, k: int, rows: int, dev: str, smoke: bool = False, only_do
     cfgs = cfgs[::12] if smoke else cfgs
     swap = with_splits([c for c in SWAP_FP8 if c.block_k <= k], n)
     cfgs += swap[:2] if smoke else swap
+    q0, s0 = fp8[0]
+    refs = {a8: fp8_linear_reference(x, q0, s0, per_token=a8) for a8 in (False, True)}  # W8A8 for swap_ab "a8"
     r = _best(lambda c: graph_cycle([lambda q=q, s=s: gemv.linear(x, q, c, scale=s) for q, s in fp8]), cfgs,
-              gemv.default_config(rows, n, k, fp8=True))
+              gemv.default_config(rows, n, k, fp8=True),
+              lambda c: _rel(gemv.linear(x, q0, c, scale=s0), refs[c.swap_ab == "a8"]))
     r["best_gb_s"] = fp8_bytes / r["best_us"] / 1e3
     r["default_gb_s"] = fp8_bytes / r["default_us"] / 1e3
     for v in r["best_by_kernel"].values():
@@ -122,8 +137,9 @@ def sweep_gemv(n: int, k: int, rows: int, dev: str, smoke: bool = False, only_do
     cfgs = cfgs[::16] if smoke else cfgs
     dot = with_splits(DOT_INT4, n)
     cfgs += dot[:2] if smoke else dot
+    ref = x.float() @ dequantize_int4(*i4[0]).T
     r = _best(lambda c: graph_cycle([lambda t=t: int4.linear(x, *t, gemv_config=c) for t in i4]), cfgs,
-              Int4GemvConfig())
+              Int4GemvConfig(), lambda c: _rel(int4.linear(x, *i4[0], gemv_config=c), ref))
     r["best_gb_s"] = i4_bytes / r["best_us"] / 1e3
     r["default_gb_s"] = i4_bytes / r["default_us"] / 1e3
     for v in r["best_by_kernel"].values():
