@@ -53,8 +53,8 @@ G = 128
 # the tensor-core GEMVs' candidates (quant_sweep.SWAP_FP8 / DOT_INT4 hold the survivors)
 CAND_FP8 = [GemvConfig(bn, bk, 1, nw, st, swap_ab=ab) for ab, bn, bk, nw, st in
             itertools.product(("a8", "a16"), (64, 128), (128, 256, 512), (4, 8), (2, 3, 4))]
-CAND_INT4 = [Int4GemvConfig(bn, G, nw, dot=True, num_stages=st) for bn, nw, st in
-             itertools.product((64, 128, 256), (4, 8), (1, 2, 3, 4))]
+CAND_INT4 = [Int4GemvConfig(bn, G, nw, dot=True, num_stages=st, asm=asm) for asm, bn, nw, st in
+             itertools.product((False, True), (64, 128, 256), (4, 8), (1, 2, 3, 4))]
 
 
 @dataclass
@@ -102,7 +102,7 @@ def jobs(kinds: set[str], rows: int, swap_fp8: list[GemvConfig], dot_int4: list[
                            c.block_n * (bk // 2 + 4 * bk // G)))
     if "int4_dot" in kinds:
         for c in dot_int4:
-            consts = dict(BLOCK_N=c.block_n, G=G, IEEE=False, PDL=True)  # one group per step
+            consts = dict(BLOCK_N=c.block_n, G=G, IEEE=False, PDL=True, ASM=c.asm)  # one group per step
             out.append(Job("int4_dot", c, int4._int4_dot_kernel, i4_ptrs, consts, c.num_warps, c.num_stages,
                            c.block_n * (G // 2 + 4)))
     return out
@@ -193,7 +193,8 @@ def _cfg_text(j: Job) -> str:
         kind = c.swap_ab or ("dot" if c.dot else "")
         return f"{c.block_n}x{c.block_k}s{c.split_k}w{c.num_warps}st{c.num_stages}{kind}"
     assert isinstance(c, Int4GemvConfig)
-    return f"{c.block_n}x{c.block_k or (G if c.dot else 1024)}w{c.num_warps}st{c.num_stages}" + ("dot" if c.dot else "")
+    kind = ("asm" if c.asm else "dot") if c.dot else ""
+    return f"{c.block_n}x{c.block_k or (G if c.dot else 1024)}w{c.num_warps}st{c.num_stages}{kind}"
 
 
 def main() -> None:

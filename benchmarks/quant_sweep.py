@@ -46,9 +46,11 @@ SWAP_FP8: list[GemvConfig] = [
     GemvConfig(64, 128, 1, 4, 3, swap_ab="a8"), GemvConfig(128, 256, 1, 8, 2, swap_ab="a8"),
     GemvConfig(64, 128, 1, 4, 4, swap_ab="a16"), GemvConfig(128, 128, 1, 8, 2, swap_ab="a16")]
 DOT_INT4: list[Int4GemvConfig] = [
-    Int4GemvConfig(128, 0, 4, dot=True, num_stages=4), Int4GemvConfig(64, 0, 4, dot=True, num_stages=4),
-    Int4GemvConfig(128, 0, 8, dot=True, num_stages=4), Int4GemvConfig(256, 0, 8, dot=True, num_stages=4),
-    Int4GemvConfig(128, 0, 4, dot=True, num_stages=1)]
+    Int4GemvConfig(128, 0, 4, dot=True, num_stages=4, asm=True),
+    Int4GemvConfig(64, 0, 4, dot=True, num_stages=4, asm=True),
+    Int4GemvConfig(256, 0, 8, dot=True, num_stages=4, asm=True),
+    Int4GemvConfig(128, 0, 8, dot=True, num_stages=4, asm=True),
+    Int4GemvConfig(128, 0, 4, dot=True, num_stages=4), Int4GemvConfig(64, 0, 4, dot=True, num_stages=4)]
 
 
 def fma_fp8_configs(k: int) -> list[GemvConfig]:

@@ -75,7 +75,8 @@ for n, k, g in [(37, 256, 128), (20, 64, 64), (50, 384, 32)]:
     q, sc, mn = quantize_int4(torch.randn(n, k), g)
     w_ref = dequantize_int4(q, sc, mn)
     cfgs = [Int4GemvConfig(16, 0, 4, dot=True), Int4GemvConfig(32, 0, 4, dot=True, split_k=2),
-            Int4GemvConfig(64, 0, 4, dot=True, num_stages=2, split_k=3)]  # 3 splits of 12 groups, of 2: 2 of 1
+            Int4GemvConfig(64, 0, 4, dot=True, num_stages=2, split_k=3),  # 3 splits of 12 groups, of 2: 2 of 1
+            Int4GemvConfig(64, 0, 4, dot=True, asm=True)]  # inline PTX on the GPU only: here the plain path
     for m in (1, 3, 8):
         x = torch.randn(m, k)
         for cfg in cfgs:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from phi3v.kernels import HAVE_TRITON, available, gemv, pdl_args
+from phi3v.kernels import HAVE_TRITON, INTERPRET, available, gemv, pdl_args
 
 if HAVE_TRITON:
     import triton
@@ -52,10 +52,12 @@ class Int4GemvConfig:
     num_warps: int = 4
     # the swap-AB tensor-core kernel instead (`_int4_dot_kernel`: the code tile as the M side of tl.dot, x^T
     # padded to 16 columns, one group per K step, block_k unused; block_n >= 16, >= 64 for wgmma), with its
-    # pipelining depth and K splits
+    # pipelining depth and K splits; `asm`: its codes unpacked by inline PTX (`_codes_asm`; bf16 x on the GPU,
+    # the plain path elsewhere: the CPU interpreter cannot run PTX)
     dot: bool = False
     num_stages: int = 1
     split_k: int = 1
+    asm: bool = False
 
     def __post_init__(self) -> None:
         assert not self.dot or self.block_n >= 16, self
@@ -186,8 +188,25 @@ if HAVE_TRITON:
             return (q.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
+    def _codes_asm(b):
+        # (lo, hi) codes of 2 bytes at a time as bf16 128 + q (two bf16 a register; exact): the 16 bits [b0, b1]
+        # spread to [b0, 0, b1, 0] by one PRMT, then one LOP3 ((w & 0x000F000F) | 0x43004300) for the low nibbles
+        # and a shift and one for the high ones: 1 instruction per code, where Triton's own unpacking of the
+        # bytes of a 16-bit shared-memory load costs ~2.6 with the subtraction (benchmarks/gemv_compile.py)
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 w, t, h;
+            cvt.u32.u16 w, $2;
+            prmt.b32 t, w, 0, 0x4140;
+            shr.b32 h, t, 4;
+            lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;
+            lop3.b32 $1, h, 0x000F000F, 0x43004300, 0xEA;
+            }""",
+            "=r,=r,h", [b], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+
+    @triton.jit
     def _int4_dot_step(x_ptr, qw_ptr, s_ptr, m_ptr, acc, qrow, srow, n_ok, cols, c_ok, k0, K, G: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       IEEE: tl.constexpr, ASM: tl.constexpr):
         # the group starting at k0: codes (BLOCK_N, G/2) x2 against x^T (G/2, X_COLS) x2, then the group's scale
         # and min in fp32: sum_j x_j (q_j s + m) = s * (Q @ x) + m * sum_j x_j
         HALF: tl.constexpr = G // 2
@@ -199,8 +218,12 @@ if HAVE_TRITON:
         x_off = cols[:, None] * K + (k0 + j)[None, :]
         x_lo = tl.load(x_ptr + x_off, mask=c_ok[:, None], other=0.0)  # (X_COLS, HALF) as stored, transposed below
         x_hi = tl.load(x_ptr + x_off + HALF, mask=c_ok[:, None], other=0.0)
-        q_lo = _codes(b, False, x_lo.dtype)
-        q_hi = _codes(b, True, x_lo.dtype)
+        if ASM:  # bf16 x on the GPU: codes as 128 + q, the 128 * sum_j x_j taken back out in fp32 below
+            q_lo, q_hi = _codes_asm(b)
+            mn = mn - 128.0 * s
+        else:
+            q_lo = _codes(b, False, x_lo.dtype)
+            q_hi = _codes(b, True, x_lo.dtype)
         if IEEE:  # fp32 x (tests): no TF32 rounding
             part = tl.dot(q_hi, tl.trans(x_hi), tl.dot(q_lo, tl.trans(x_lo), input_precision="ieee"),
                           input_precision="ieee")
@@ -211,7 +234,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _int4_dot_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, out_ptr, M, N, K, k_per_split, BLOCK_N: tl.constexpr,
-                         G: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                         G: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr = False):
         # x (M, K), qweight (N, K/2) uint8, scales / mins (N, K/G) fp16 (`int4`'s layout); out (splits, M, N)
         # fp32 partials or y (M, N) in x's dtype. k_per_split is a multiple of G; one group per step.
         pid_n = tl.program_id(0)
@@ -228,7 +251,7 @@ if HAVE_TRITON:
         pdl_trigger(PDL)
         pdl_wait(PDL)  # x is the previous kernel's output
         for k0 in range(k_lo, k_hi, G):
-            acc = _int4_dot_step(x_ptr, qw_ptr, s_ptr, m_ptr, acc, qrow, srow, n_ok, cols, c_ok, k0, K, G, IEEE)
+            acc = _int4_dot_step(x_ptr, qw_ptr, s_ptr, m_ptr, acc, qrow, srow, n_ok, cols, c_ok, k0, K, G, IEEE, ASM)
         dst = out_ptr + pid_k * M * N + cols[None, :] * N + rows[:, None]
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=c_ok[None, :] & n_ok[:, None])
 
@@ -249,9 +272,11 @@ def default_gemm_config(m: int) -> Int4GemmConfig:
 
 def default_dot_config(n: int, k: int) -> Int4GemvConfig:
     """The tensor-core GEMV's config for an (N, K) weight (QuantSpec.decode_dot). Not measured yet: a tile of
-    benchmarks/gemv_compile.py's survivors; quant_sweep.py's `best_by_kernel` dot entries replace it once measured."""
+    benchmarks/gemv_compile.py's survivors (the inline-PTX unpack: fewest instructions per byte); quant_sweep.py's
+    `best_by_kernel` dot entries replace it once measured."""
     block_n = 128 if n > 4096 else 64  # more row blocks for o_proj, down
-    return Int4GemvConfig(block_n, 0, 4, dot=True, num_stages=4, split_k=gemv.dot_splits(n, k, block_n, 128))
+    split = gemv.dot_splits(n, k, block_n, 128)
+    return Int4GemvConfig(block_n, 0, 4, dot=True, num_stages=4, split_k=split, asm=True)
 
 
 def group_size(qweight: Tensor, scales: Tensor) -> int:
@@ -284,7 +309,8 @@ def _dot_gemv(x2: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, out: Te
     dst = out if splits == 1 else torch.empty(splits, m, n, device=x2.device, dtype=torch.float32)
     _int4_dot_kernel[(_cdiv(n, cfg.block_n), splits)](
         x2, qweight, scales, mins, dst, m, n, k, k_per_split, BLOCK_N=cfg.block_n, G=g,
-        IEEE=x2.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x2, pdl))
+        IEEE=x2.dtype == torch.float32, ASM=cfg.asm and x2.dtype == torch.bfloat16 and not INTERPRET,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x2, pdl))
     if splits > 1:
         gemv.splitk_sum(dst, out, pdl)
 
