@@ -15,6 +15,7 @@ Bounds, per output row (the worst row), relative to the row's largest |y| unless
   scale and min are applied in fp32: only y's own rounding to bf16, 2**-9).
 """
 
+import pytest
 from interp import run_interpreted
 
 SCRIPT = r"""
@@ -101,6 +102,8 @@ print("ok", n_fp8, n_int4)
 """
 
 
+@pytest.mark.interpreter
+@pytest.mark.slow
 def test_tensor_core_gemvs_in_the_interpreter() -> None:
     out = run_interpreted(SCRIPT)
     assert out.startswith("ok"), out
