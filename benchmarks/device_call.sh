@@ -22,6 +22,7 @@
 #   quant_sweep_dot  the tensor-core GEMVs only, 1 and 4 rows, every shape with lm_head (shorter)
 #   gemv_compile   benchmarks/gemv_compile.py --sweep-lists: the swept tensor-core configs' registers, spills,
 #                  wgmma and SASS instructions per weight byte with the GPU machine's Triton (no GPU time)
+#   gemv_dot_check tests/gpu/test_gpu_gemv_dot.py: every swept tensor-core GEMV config against torch on the GPU
 #   lora           benchmarks/lora_bench.py: decode tok/s and offline throughput of base / merged / 1 / 4 per-request
 #                  LoRA adapters (issue 23; cost_vs_base per mode)
 #   bench_c_base   the same from the package copy in $BASE (default .ab_base, carried: an earlier commit's
@@ -94,6 +95,7 @@ for step in "$@"; do
         quant_sweep_dot) python3 benchmarks/quant_sweep.py --only-dot --rows 1,4 --shapes qkv,o,gate_up,down,lm_head \
             --out "$OUT/${TAG}_quant_sweep_dot.json" >"$log" 2>&1 ;;
         gemv_compile) python3 benchmarks/gemv_compile.py --sweep-lists >"$log" 2>&1 ;;
+        gemv_dot_check) python3 -m pytest -p no:cacheprovider -m gpu -q -s tests/gpu/test_gpu_gemv_dot.py >"$log" 2>&1 ;;
         lora) python3 benchmarks/lora_bench.py --model "$M" --modes "${LORA_MODES:-base,merged,lora1,lora4,base}" --json-out "$OUT/${TAG}_lora.json" >"$log" 2>&1 ;;
         bench_c_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts c) >"$log" 2>&1 ;;
         bench_parts) bench --parts "${PARTS:-b}" --json-out "$OUT/${TAG}_bench_parts.json" >"$log" 2>&1 ;;
