@@ -13,6 +13,7 @@ stored (a split's partial is scaled too: the sum of scaled partials is the scale
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -205,6 +206,7 @@ def dot_splits(n: int, k: int, block_n: int, block_k: int, sms: int = 132) -> in
     return split
 
 
+@functools.cache
 def default_dot_config(n: int, k: int) -> GemvConfig:
     """The W8A8 tensor-core GEMV's config for fp8 weights (N, K) (QuantSpec.decode_dot). Not measured yet: tiles
     of benchmarks/gemv_compile.py's survivors (wgmma, no spills, few instructions per byte, ~96 KiB in flight per

@@ -23,6 +23,7 @@ Tuning: benchmarks/quant_check.py (random full-size weights on the GPU).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -270,6 +271,7 @@ def default_gemm_config(m: int) -> Int4GemmConfig:
     return Int4GemmConfig()
 
 
+@functools.cache
 def default_dot_config(n: int, k: int) -> Int4GemvConfig:
     """The tensor-core GEMV's config for an (N, K) weight (QuantSpec.decode_dot). Not measured yet: a tile of
     benchmarks/gemv_compile.py's survivors (the inline-PTX unpack: fewest instructions per byte); quant_sweep.py's

@@ -202,9 +202,9 @@ class FP8Linear(QuantLinear):
 
     def project(self, x: Tensor, fused: bool, pdl: bool = False) -> Tensor:
         w, s = self.weight, self.weight_scale
-        if fused and gemv.supported(x, w, s):  # decode: bandwidth-bound, weight-only numerics (or W8A8 on tensor cores)
-            return gemv.linear(x, w, gemv.default_dot_config(*w.shape)
-                               if self.decode_dot else None, pdl=pdl, scale=s)
+        if fused and gemv.supported(x, w, s):  # decode: bandwidth-bound; weight-only numerics, or W8A8 with decode_dot
+            cfg = gemv.default_dot_config(*w.shape) if self.decode_dot else None
+            return gemv.linear(x, w, cfg, pdl=pdl, scale=s)
         x2 = x.reshape(-1, self.in_features)
         if x.is_cuda:  # FP8 tensor cores, x quantized per token; W (N, K) row-major is the column-major B
             xq, xs = fp8_act.quantize_rows(x2, pdl) if fused and fp8_act.supported(x2) else quantize_rows_fp8(x2)
