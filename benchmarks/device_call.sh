@@ -16,9 +16,15 @@
 #   server_g       benchmarks/server_concurrency.py: (g) 200 streaming requests without max_tokens against phi3v serve
 #   bench_fp8w, bench_int4w, bench_fp8w_kv8
 #                  phi3v bench --parts abc with --quantization fp8 / int4 / fp8 and --kv-cache-dtype fp8 (issue 20)
-#   quant_check    benchmarks/quant_check.py: bf16 / fp8 / int4 error, kernels vs torch, decode tok/s, GEMM
-#                  TFLOP/s, memory (exits 1 when a quantized kernel disagrees with its torch math)
+#   quant_check    benchmarks/quant_check.py: bf16 / fp8 / fp8_dot / int4 / int4_dot error, kernels vs torch, decode
+#                  tok/s, GEMM TFLOP/s, memory (exits 1 when a quantized kernel disagrees with its torch math);
+#                  _dot: the decode GEMVs on tensor cores (QuantSpec.decode_dot; fp8_dot is W8A8)
 #   quant_sweep    benchmarks/quant_sweep.py: tuning of the FP8 / int4 GEMV and the int4 GEMM per Phi-3 shape
+#                  (CUDA-core and tensor-core GEMVs side by side: best_by_kernel per shape)
+#   quant_sweep_dot  the tensor-core GEMVs only, 1 and 4 rows, every shape with lm_head (shorter)
+#   gemv_compile   benchmarks/gemv_compile.py --sweep-lists: the swept tensor-core configs' registers, spills,
+#                  wgmma and SASS instructions per weight byte with the GPU machine's Triton (no GPU time)
+#   gemv_dot_check tests/gpu/test_gpu_gemv_dot.py: every swept tensor-core GEMV config against torch on the GPU
 #   lora           benchmarks/lora_bench.py: decode tok/s and offline throughput of base / merged / 1 / 4 per-request
 #                  LoRA adapters (issue 23; cost_vs_base per mode; $LORA_MODES, rank $LORA_RANK, default 16)
 #   lora_base      the same from the copy in $BASE (default .ab_base, carried), e.g. the kernels before the shrink
@@ -100,6 +106,10 @@ for step in "$@"; do
         lora_base) (cd "${BASE:-.ab_base}" && python3 benchmarks/lora_bench.py --model "$M" \
             --modes "${LORA_MODES:-base,merged,lora1,lora4,base}" --rank "${LORA_RANK:-16}" \
             --json-out "$OUT/${TAG}_lora_base.json") >"$log" 2>&1 ;;
+        quant_sweep_dot) python3 benchmarks/quant_sweep.py --only-dot --rows 1,4 --shapes qkv,o,gate_up,down,lm_head \
+            --out "$OUT/${TAG}_quant_sweep_dot.json" >"$log" 2>&1 ;;
+        gemv_compile) python3 benchmarks/gemv_compile.py --sweep-lists >"$log" 2>&1 ;;
+        gemv_dot_check) python3 -m pytest -p no:cacheprovider -m gpu -q -s tests/gpu/test_gpu_gemv_dot.py >"$log" 2>&1 ;;
         bench_c_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts c) >"$log" 2>&1 ;;
         bench_parts) bench --parts "${PARTS:-b}" --json-out "$OUT/${TAG}_bench_parts.json" >"$log" 2>&1 ;;
         bench_parts_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts "${PARTS:-b}") \

@@ -1,18 +1,22 @@
 """FP8 / int4 decoder weights against bf16 on the GPU (issue 20): error, speed and memory, one mode after another.
 
-For each mode (bf16, fp8, int4; `--kv-cache-dtype fp8` combines them with the fp8 KV cache):
+For each mode (bf16, fp8, int4, and fp8_dot / int4_dot: the same weights with the decode GEMVs on tensor cores,
+`QuantSpec.decode_dot`, fp8_dot being W8A8; `--kv-cache-dtype fp8` combines them with the fp8 KV cache):
 - per-layer relative error of the quantized linear vs the checkpoint's bf16 weight in fp32 (random N(0,1)
   activations; 1 row = the decode GEMV, 512 rows = the prefill GEMM), max and mean per kind (qkv, o, gate_up,
   down, lm_head); bf16's own row is F.linear in bf16 (its rounding, the floor);
-- last-token logit cosine vs bf16 on the (a) prompt (one 16-crop image, 2.5k tokens), plain causal attention;
-- greedy agreement over `--tokens` tokens: the prefix that matches bf16's greedy output through the engine,
+- last-token logit cosine vs bf16 on the (a) prompt (one 16-crop image, 2.5k tokens), plain causal attention
+  (a prefill forward: fp8's numerics there are W8A8, x quantized per token, which are also fp8_dot's decode
+  numerics; plain fp8 decodes weight-only, so its decode is slightly closer to bf16 than this cosine says);
+- greedy agreement over `--tokens` tokens: the prefix that matches bf16's greedy output through the engine
+  (decode steps: the mode's own decode GEMVs),
   and the teacher-forced agreement (this mode's argmax on bf16's tokens, position by position);
 - batch-1 decode tok/s with the 16-crop image (phi3v bench (a)), prefill GEMM TFLOP/s and decode GEMV GB/s
   per shape (CUDA events), weights GiB, peak memory, and how many 16-crop sequences the KV cache would hold
   (phi3v.bench.kv_capacity, at --gpu-memory-utilization).
 Random weights have no outlier channels: the errors here are a floor for real checkpoints (README).
 
-Usage (GPU): python benchmarks/quant_check.py [--model /tmp/phi3v-full-random] [--modes bf16,fp8,int4]
+Usage (GPU): python benchmarks/quant_check.py [--model /tmp/phi3v-full-random] [--modes bf16,fp8,fp8_dot,...]
              [--kv-cache-dtype fp8] [--out $OUT/quant_check.json]
   The checkpoint is written (full-size random weights) when --model has no config.json.
   CPU smoke run of the plumbing: --model tests/data/tiny-phi3v --device cpu --tokens 16
@@ -93,8 +97,8 @@ def kernel_check(llm: LLM) -> dict[str, float]:
         for rows in (1, 3, 8, 64, 2560):
             x = torch.randn(rows, mod.in_features, device=dev, dtype=llm.dtype)
             y = mod.project(x, mod_fused(llm.model), False).float()
-            if isinstance(mod, FP8Linear):
-                ref = fp8_linear_reference(x, mod.weight, mod.weight_scale, per_token=rows > 8)
+            if isinstance(mod, FP8Linear):  # decode_dot: W8A8 at every row count
+                ref = fp8_linear_reference(x, mod.weight, mod.weight_scale, per_token=rows > 8 or mod.decode_dot)
             else:
                 assert isinstance(mod, Int4Linear)
                 ref = x.float() @ dequantize_int4(mod.qweight, mod.scales, mod.mins).T
@@ -180,7 +184,8 @@ def run_mode(a: argparse.Namespace, mode: str, ref: dict) -> dict:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    quant = None if mode == "bf16" else QuantSpec(mode, lm_head=a.quantize_lm_head)
+    method, _, dot = mode.partition("_")  # fp8_dot / int4_dot: the decode GEMVs on tensor cores
+    quant = None if mode == "bf16" else QuantSpec(method, lm_head=a.quantize_lm_head, decode_dot=dot == "dot")
     llm = LLM(a.model, device=dev, dtype="bf16", quantization=quant, max_num_seqs=2, max_model_len=a.max_model_len,
               kv_cache_dtype=a.kv_cache_dtype, kv_budget_bytes=a.kv_budget_gib << 30)
     res: dict = {"mode": mode, "load_s": time.perf_counter() - t0,
@@ -238,7 +243,8 @@ def main() -> None:
     ap.add_argument("--model", default="/tmp/phi3v-full-random")
     ap.add_argument("--config-dir", default=str(ROOT / "tests/data/real-configs/phi-3-vision-128k-instruct"))
     ap.add_argument("--tokenizer", default=str(ROOT / "tests/data/tiny-phi3v"))
-    ap.add_argument("--modes", default="bf16,fp8,int4")
+    ap.add_argument("--modes", default="bf16,fp8,fp8_dot,int4,int4_dot",
+                    help="_dot: QuantSpec.decode_dot (fp8_dot = W8A8 decode GEMVs, int4_dot = int4 on tensor cores)")
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--quantize-lm-head", action="store_true")
     ap.add_argument("--tokens", type=int, default=256)

@@ -3,7 +3,8 @@ must be chosen before triton is imported.
 
 Triton 3.6's interpreter turns a loop bound into an int with `int(array)`, which numpy >= 2.3
 refuses for the 1-element arrays it uses as scalars; the prelude reads the element instead. It also
-fixes the interpreter's float -> fp8 rounding and its bf16 tl.dot (see PRELUDE).
+fixes the interpreter's float -> fp8 and fp32 -> bf16 rounding, its bf16 tl.dot and its bf16 arithmetic (see
+PRELUDE).
 """
 
 from __future__ import annotations
@@ -48,6 +49,26 @@ def _dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         return _ti.TensorHandle((x.data.astype(_np.uint32) << 16).view(_np.float32), _tl.float32)
     return _orig_dot(self, wide(a), wide(b), d, input_precision, max_num_imprecise_acc)
 _ti.InterpreterBuilder.create_dot = _dot
+
+# Float arithmetic on bf16 operands likewise works on the stored bits; widen to fp32, compute, round to nearest even.
+_FLOAT_OPS = (_np.add, _np.subtract, _np.multiply, _np.divide, _np.maximum, _np.minimum, _np.fmax, _np.fmin)
+_orig_binary = _ti.InterpreterBuilder.binary_op
+def _binary(self, lhs, rhs, op):
+    if lhs.dtype.scalar != _tl.bfloat16 or op not in _FLOAT_OPS:
+        return _orig_binary(self, lhs, rhs, op)
+    wide = lambda x: (x.data.astype(_np.uint32) << 16).view(_np.float32)
+    f32 = _np.ascontiguousarray(op(wide(lhs), wide(rhs)), dtype=_np.float32)
+    return _ti.TensorHandle(_torch.from_numpy(f32).to(_torch.bfloat16).view(_torch.uint16).numpy(), _tl.bfloat16)
+_ti.InterpreterBuilder.binary_op = _binary
+
+# Its fp32 -> bf16 cast truncates the mantissa; the GPU's (and torch's) rounds to nearest even.
+_orig_trunc = _ti.InterpreterBuilder.create_fp_trunc
+def _fp_trunc(self, src, dst_type):
+    if dst_type.scalar != _tl.bfloat16 or src.dtype.scalar != _tl.float32:
+        return _orig_trunc(self, src, dst_type)
+    f32 = _np.ascontiguousarray(src.data, dtype=_np.float32)
+    return _ti.TensorHandle(_torch.from_numpy(f32).to(_torch.bfloat16).view(_torch.uint16).numpy(), _tl.bfloat16)
+_ti.InterpreterBuilder.create_fp_trunc = _fp_trunc
 """
 
 

@@ -108,10 +108,12 @@ def test_fp8_cpu_path_is_the_scaled_mm_contract() -> None:
     assert torch.allclose(layer(x), ref)
 
 
-@pytest.mark.parametrize("method", ["fp8", "int4"])
-def test_error_within_stated_bounds(method: str, ref_model) -> None:
+@pytest.mark.parametrize("method,decode_dot", [("fp8", False), ("fp8", True), ("int4", False)])
+def test_error_within_stated_bounds(method: str, decode_dot: bool, ref_model) -> None:
+    """decode_dot: fp8's decode rows are W8A8 too (x quantized per row, as the tensor-core GEMV does on the GPU);
+    on the CPU int4's decode_dot computes what its CUDA-core path does (test_gemv_dot.py checks the kernel)."""
     layer_bound, cos_bound, agree_bound = BOUNDS[method]
-    model = load_model(CKPT, CFG, "cpu", torch.float32, method)
+    model = load_model(CKPT, CFG, "cpu", torch.float32, QuantSpec(method, decode_dot=decode_dot))
     errs = _layer_errors(model, ref_model)
     assert len(errs) == 2 * 4 * CFG.num_hidden_layers and max(errs) < layer_bound, errs
     assert min(errs) > 0.002  # quantized for real
@@ -120,6 +122,20 @@ def test_error_within_stated_bounds(method: str, ref_model) -> None:
     cos = F.cosine_similarity(lq[-1], lr[-1], dim=0).item()
     agree = (lq.argmax(-1) == lr.argmax(-1)).float().mean().item()
     assert cos > cos_bound and agree >= agree_bound, (cos, agree)
+
+
+def test_fp8_decode_dot_quantizes_decode_activations() -> None:
+    """With decode_dot a 1-row fp8 product has the per-token activation rounding of prefill (what the W8A8 GEMV
+    computes), without it the weight-only numerics; the activation rounding is what separates them."""
+    layer = FP8Linear(256, 64)
+    layer.quantize_(torch.randn(64, 256))
+    x = torch.randn(1, 256)
+    w8 = fp8_linear_reference(x, layer.weight, layer.weight_scale, per_token=False)
+    w8a8 = fp8_linear_reference(x, layer.weight, layer.weight_scale, per_token=True)
+    assert torch.equal(layer(x), w8)
+    layer.decode_dot = True
+    assert torch.equal(layer(x), w8a8)
+    assert 0.005 < ((w8a8 - w8).norm() / w8.norm()).item() < BOUNDS["fp8"][0]
 
 
 def test_a_broken_int4_layout_fails_the_bound(ref_model) -> None:
@@ -165,6 +181,9 @@ def test_quantize_command_round_trip(method: str, tmp_path, capsys) -> None:
     assert tokens[0] == tokens[1]
     with pytest.raises(ValueError, match="cannot be loaded as"):
         LLM(out, device="cpu", quantization="fp8" if method == "int4" else "int4")
+    dot = load_model(out, Phi3VConfig.from_pretrained(out), "cpu", torch.bfloat16, QuantSpec(method, decode_dot=True))
+    layers = [m for m in dot.modules() if isinstance(m, (FP8Linear, Int4Linear))]  # saved spec + run-time choice
+    assert layers and all(m.decode_dot for m in layers)
 
 
 def test_bad_quantization_requests(tmp_path, capsys) -> None:

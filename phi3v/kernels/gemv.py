@@ -13,12 +13,13 @@ stored (a split's partial is scaled too: the sum of scaled partials is the scale
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from phi3v.kernels import HAVE_TRITON, available, pdl_args
+from phi3v.kernels import HAVE_TRITON, available, gemv_dot, pdl_args
 
 if HAVE_TRITON:
     import triton
@@ -39,11 +40,16 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 2  # pipelining depth of the K loop; only the dot path's loads get pipelined
     dot: bool = False  # tl.dot with x padded to 16 rows (tensor cores), else multiply-and-sum in fp32
+    # fp8 weights only: the swap-AB tensor-core kernel of phi3v.kernels.gemv_dot instead ("a8": x quantized to e4m3
+    # per row in the kernel, W8A8; "a16": W upcast to x's dtype); `dot` is then unused
+    swap_ab: str = ""
 
     def __post_init__(self) -> None:
         for v in (self.block_n, self.block_k):
             assert v >= 1 and v & (v - 1) == 0, "block sizes must be powers of 2"
         assert self.split_k >= 1 and (not self.dot or min(self.block_n, self.block_k) >= 16), self
+        assert self.swap_ab in ("",) + gemv_dot.SWAP_AB and (not self.swap_ab or (self.block_n >= 16 and
+                                                                                  self.block_k >= 32)), self
 
 
 # Measured winners, pasted from benchmarks/gemv_sweep.py's output; the comment is the speedup vs cuBLAS.
@@ -192,6 +198,25 @@ def default_config(m: int, n: int, k: int, fp8: bool = False) -> GemvConfig:
     return GemvConfig(block_n, block_k, split, num_warps=4, num_stages=stages, dot=dot)
 
 
+def dot_splits(n: int, k: int, block_n: int, block_k: int, sms: int = 132) -> int:
+    """K splits (a power of 2, at most 8) until the grid has 2 programs per SM, while each split keeps 2 tiles."""
+    split = 1
+    while split < 8 and _cdiv(n, block_n) * split < 2 * sms and k >= 4 * split * block_k:
+        split *= 2
+    return split
+
+
+@functools.cache
+def default_dot_config(n: int, k: int) -> GemvConfig:
+    """The W8A8 tensor-core GEMV's config for fp8 weights (N, K) (QuantSpec.decode_dot). Not measured yet: tiles
+    of benchmarks/gemv_compile.py's survivors (wgmma, no spills, few instructions per byte, ~96 KiB in flight per
+    SM), 64 rows for N <= 4096 (more row blocks); quant_sweep.py's `best_by_kernel` a8 entries replace it once
+    measured."""
+    block_n, block_k = (128, 128) if n > 4096 else (64, 256)
+    return GemvConfig(block_n, block_k, dot_splits(n, k, block_n, block_k // 2), num_warps=4, num_stages=3,
+                      swap_ab="a8")
+
+
 def supported(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> bool:
     """Whether linear() takes this: Triton on CUDA (or the interpreter), weight (N, K) contiguous,
     x (..., K) with 1..8 rows, of weight's dtype, or weight fp8 e4m3 with `scale` (N,) fp32."""
@@ -211,7 +236,8 @@ def supported(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> bool:
 def linear(x: Tensor, weight: Tensor, config: GemvConfig | None = None, pdl: bool = False,
            scale: Tensor | None = None) -> Tensor:
     """F.linear(x, weight) without bias for x (..., K) with at most 8 rows; check supported() first.
-    With `scale` (N,) fp32, weight is fp8 e4m3 and output feature n is scaled by scale[n]."""
+    With `scale` (N,) fp32, weight is fp8 e4m3 and output feature n is scaled by scale[n]; a config with
+    `swap_ab` "a8" then quantizes x per row too (phi3v.kernels.gemv_dot: numerics of the FP8 prefill GEMM)."""
     k, n = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, k).contiguous()  # (M, K)
     m = x2.shape[0]
@@ -220,12 +246,23 @@ def linear(x: Tensor, weight: Tensor, config: GemvConfig | None = None, pdl: boo
     splits = _cdiv(k, k_per_split)  # no empty splits when K is short
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     dst = out if splits == 1 else torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
-    _gemv_kernel[(_cdiv(n, cfg.block_n), splits)](
-        x2, weight, weight if scale is None else scale, dst, m, n, k, k_per_split,
-        M_PAD=16 if cfg.dot else _pow2_at_least(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.dot,
-        IEEE=x.dtype == torch.float32, HAS_SCALE=scale is not None, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl_args(x2, pdl))
+    if cfg.swap_ab:
+        assert scale is not None, "the swap-AB kernels are for fp8 weights"
+        gemv_dot.launch_fp8(x2, weight, scale, dst, k_per_split, splits, cfg.block_n, cfg.block_k, cfg.swap_ab,
+                            cfg.num_warps, cfg.num_stages, pdl)
+    else:
+        _gemv_kernel[(_cdiv(n, cfg.block_n), splits)](
+            x2, weight, weight if scale is None else scale, dst, m, n, k, k_per_split,
+            M_PAD=16 if cfg.dot else _pow2_at_least(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=cfg.dot,
+            IEEE=x.dtype == torch.float32, HAS_SCALE=scale is not None, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **pdl_args(x2, pdl))
     if splits > 1:
-        _splitk_sum_kernel[(_cdiv(m * n, 1024),)](dst, out, m * n, SPLITS=splits, BLOCK=1024, num_warps=4,
-                                                      **pdl_args(x2, pdl))
+        splitk_sum(dst, out, pdl)
     return out.view(*x.shape[:-1], n)
+
+
+def splitk_sum(part: Tensor, out: Tensor, pdl: bool = False) -> None:
+    """out (M, N) = part (splits, M, N) fp32 summed in split order (deterministic), cast to out's dtype."""
+    mn = out.numel()
+    _splitk_sum_kernel[(_cdiv(mn, 1024),)](part, out, mn, SPLITS=part.shape[0], BLOCK=1024, num_warps=4,
+                                           **pdl_args(out, pdl))

@@ -6,7 +6,8 @@ names (`model.layers.{i}.self_attn.qkv_proj.weight` + `.weight_scale`, or `.qwei
 so a quantized checkpoint loads with the same name -> tensor mapping. The vision tower stays in bf16.
 
 fp8: W = q * scale[n], q float8 e4m3 (N, K), one fp32 scale per output feature (row amax / 448).
-  Decode (1..8 rows, Triton): bf16 x times W upcast in registers (weight-only numerics).
+  Decode (1..8 rows, Triton): bf16 x times W upcast in registers (weight-only numerics); with
+  `QuantSpec.decode_dot` the W8A8 tensor-core GEMV instead (x quantized per row, the prefill numerics below).
   Prefill and decode batches over 8 rows (CUDA): x quantized per token (row amax / 448, dynamic; one Triton
   kernel, phi3v.kernels.fp8_act) and an FP8 tensor-core GEMM
   (`torch._scaled_mm`, row-wise scales, needs compute capability >= 8.9). On an older GPU loading refuses
@@ -51,11 +52,14 @@ DECODER_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """What is quantized: `method` fp8 | int4, int4's `group_size`, and whether lm_head is too."""
+    """What is quantized: `method` fp8 | int4, int4's `group_size`, and whether lm_head is too. `decode_dot` (a
+    run-time choice, not saved with a checkpoint): decode's 1..8-row GEMVs on tensor cores (phi3v.kernels.gemv_dot,
+    `Int4GemvConfig.dot`) instead of CUDA cores; for fp8 that is W8A8, x quantized per row as in prefill."""
 
     method: str
     group_size: int = 128
     lm_head: bool = False
+    decode_dot: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -162,6 +166,7 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.decode_dot = False  # QuantSpec.decode_dot: decode's GEMVs on tensor cores
 
     def _param(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
@@ -197,14 +202,15 @@ class FP8Linear(QuantLinear):
 
     def project(self, x: Tensor, fused: bool, pdl: bool = False) -> Tensor:
         w, s = self.weight, self.weight_scale
-        if fused and gemv.supported(x, w, s):  # decode: bandwidth-bound, weight-only numerics
-            return gemv.linear(x, w, pdl=pdl, scale=s)
+        if fused and gemv.supported(x, w, s):  # decode: bandwidth-bound; weight-only numerics, or W8A8 with decode_dot
+            cfg = gemv.default_dot_config(*w.shape) if self.decode_dot else None
+            return gemv.linear(x, w, cfg, pdl=pdl, scale=s)
         x2 = x.reshape(-1, self.in_features)
         if x.is_cuda:  # FP8 tensor cores, x quantized per token; W (N, K) row-major is the column-major B
             xq, xs = fp8_act.quantize_rows(x2, pdl) if fused and fp8_act.supported(x2) else quantize_rows_fp8(x2)
             y = torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=s.view(1, -1), out_dtype=torch.bfloat16)
         else:  # the same numerics in fp32 (CPU: tests); few rows as the decode GEMV, more as the prefill GEMM
-            y = fp8_linear_reference(x2, w, s, per_token=x2.shape[0] > gemv.MAX_M)
+            y = fp8_linear_reference(x2, w, s, per_token=self.decode_dot or x2.shape[0] > gemv.MAX_M)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
@@ -228,7 +234,8 @@ class Int4Linear(QuantLinear):
     def project(self, x: Tensor, fused: bool, pdl: bool = False) -> Tensor:
         q, s, m = self.qweight, self.scales, self.mins
         if fused and int4.supported(x, q, s, m):
-            return int4.linear(x, q, s, m, pdl=pdl)
+            cfg = int4.default_dot_config(q.shape[0], self.in_features) if self.decode_dot else None
+            return int4.linear(x, q, s, m, pdl=pdl, gemv_config=cfg)
         # unfused (CPU, or the kernels switched off): one dequantised temporary per call
         return F.linear(x, dequantize_int4(q, s, m).to(x.dtype))
 
@@ -246,6 +253,7 @@ def swap_linears(model: nn.Module, spec: QuantSpec) -> dict[str, QuantLinear]:
         with torch.device(old.weight.device):
             new: QuantLinear = (FP8Linear(old.in_features, old.out_features) if spec.method == "fp8"
                                 else Int4Linear(old.in_features, old.out_features, spec.group_size))
+        new.decode_dot = spec.decode_dot
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, new)
         out[name] = new

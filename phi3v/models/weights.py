@@ -11,6 +11,8 @@ has a `quantization_config`) holds the quantized tensors themselves and loads wi
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import os
 import re
@@ -114,7 +116,7 @@ def _quant_plan(model: Phi3VForCausalLM, folder: str, quantization: str | QuantS
     if saved is not None and asked is not None and asked.method != saved.method:
         raise ValueError(f"{folder} holds {saved.method} weights (written by `phi3v quantize`); it cannot be "
                          f"loaded as {asked.method}: leave quantization unset or use the bf16 checkpoint")
-    spec = saved or asked
+    spec = saved if asked is None else replace(saved, decode_dot=asked.decode_dot) if saved else asked
     return spec, (swap_linears(model, spec) if spec else {}), saved is not None
 
 
