@@ -166,7 +166,7 @@ class Engine:
 
     def lora_index(self, name: str | None) -> int:
         """The row index of per-request adapter `name` (0: the base model). ValueError for one not loaded."""
-        loras = getattr(self.model, "loras", None)
+        loras = self.model.loras
         if name is not None and loras is None:
             raise ValueError(f"LoRA adapter {name!r} asked for, but no per-request adapters are loaded")
         return 0 if loras is None else loras.index(name)

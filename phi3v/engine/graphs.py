@@ -133,7 +133,7 @@ class DecodeRunner:
               "flags": torch.zeros(bucket, dtype=torch.bool, device=self.device),
               "block_table": torch.full((bucket, self.max_blocks), self.cache.scratch, dtype=torch.int32,
                                         device=self.device)}
-        if getattr(self.model, "loras", None) is not None:  # each row's adapter: an input of the graph
+        if self.model.loras is not None:  # each row's adapter: an input of the graph
             io["lora"] = torch.zeros(bucket, dtype=torch.long, device=self.device)
         nsplit = num_splits(bucket, self.n_heads)
         graph, io["logits"] = capture_graph(
@@ -210,7 +210,7 @@ class PrefillRunner:
                 "off": torch.arange(b, device=dev) % self.cache.block_size,
                 "last": torch.zeros(1, dtype=torch.long, device=dev),
                 **({"lora": torch.zeros(1, dtype=torch.long, device=dev)}
-                   if getattr(self.model, "loras", None) is not None else {})}
+                   if self.model.loras is not None else {})}
 
     def _capture(self, b: int, like: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
         io = self._buffers(b, like)

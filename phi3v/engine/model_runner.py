@@ -54,7 +54,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: Phi3VConfig, options: EngineConfig, cache: KVCache,
                  max_blocks: int, stats: dict[str, Any], grammars: Grammars | None) -> None:
         self.model, self.cfg, self.cache, self.stats, self.grammars = model, config, cache, stats, grammars
-        self.lora = getattr(model, "loras", None) is not None  # per-request LoRA adapters: rows carry their index
+        self.lora = model.loras is not None  # per-request LoRA adapters: rows carry their index
         self.device = cache.k.device
         cuda = self.device.type == "cuda"
         model.set_kernels(fused=options.fused_kernels and available(self.device), pdl=options.pdl)

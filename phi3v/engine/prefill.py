@@ -69,7 +69,7 @@ class Prefiller:
 
     def _lora(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """(B,) int64 on the device, each row's per-request LoRA adapter; None when none are loaded."""
-        if getattr(self.model, "loras", None) is None:
+        if self.model.loras is None:
             return None
         return to_device(torch.tensor([s.lora for s in seqs], dtype=torch.long), self.device)
 
