@@ -71,12 +71,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name, src in sources(Path(tmp)).items():
             llm.generate(Q1, [src], SamplingParams(max_tokens=1), a.crops)  # features cached from here on
-            cached = llm.preparer.features_cached
+            pin = llm.preparer.pin
             assert llm.prepare(Q2, [src], None, a.crops).images[0].crops is None, "expected a memo hit"
             hit = median_ms(lambda: llm.prepare(Q2, [src], None, a.crops), a.reps)
-            llm.preparer.features_cached = None  # the memo off: what every request paid before
+            llm.preparer.pin = None  # the memo off: what every request paid before
             miss = median_ms(lambda: llm.prepare(Q2, [src], None, a.crops), a.reps)
-            llm.preparer.features_cached = cached
+            llm.preparer.pin = pin
             res[name] = {"prepare_ms_memo": round(hit, 2), "prepare_ms_no_memo": round(miss, 2)}
             print(f"{name}: prepare {miss:.2f} ms -> {hit:.2f} ms with the memo")
     if a.json:

@@ -94,7 +94,8 @@ class LLM:
         self.driver = RequestDriver(self.engine, self.tokenizer, self.config.eos_token_ids)
         self.preparer = Preparer(self.tokenizer, self.image_processor, self.device, self.dtype,
                                  self.engine.max_model_len, allow_url_images=allow_url_images,
-                                 lora_index=self.engine.lora_index, features_cached=self.engine.has_image)
+                                 lora_index=self.engine.lora_index, pin=self.engine.pin_image,
+                                 unpin=self.engine.unpin_image)
         self._lock = threading.Lock()
 
     def warmup(self) -> int:

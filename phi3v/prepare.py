@@ -4,16 +4,18 @@ before the work that costs (what `LLM.prepare` runs; the server, the batch job a
 An image seen recently is recognised before it is decoded. `ImageMemo` maps a cheap digest of the source (its
 encoded bytes: a file, a data URI, a download; or a given image's pixels) to what the HD transform made of it:
 the content key of the crops, the canvas size and the token count. When the engine still holds that image's
-features (`features_cached`), the request goes without crops (`ImageInput.load` builds them, should the features
-be gone by the time they are needed) and skips the decode, the resize, the crops' hash and their copy to the
+features (`pin`: they then stay until the request lets go), the request goes without crops (`ImageInput.load`
+builds them, should the features be gone after all) and skips the decode, the resize, the crops' hash and their copy to the
 GPU: a follow-up question or the next chat turn about an image starts at once. The content key, not the digest,
 stays what the caches are keyed by, so the memo changes no output.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -24,7 +26,7 @@ from phi3v.engine.graphs import CAPTURE_LOCK
 from phi3v.engine.images import ImageInput
 from phi3v.processing.chat import expand_placeholders, render_chat, tokenize_prompt
 from phi3v.processing.image import ImageProcessor, ProcessedImage
-from phi3v.processing.image_io import MAX_IMAGE_PIXELS, ImageSource, read_image_source
+from phi3v.processing.image_io import MAX_IMAGE_PIXELS, ImageInputError, ImageSource, read_image_source
 from phi3v.processing.limits import TokenBudget, check_text
 from phi3v.processing.tokenizer import Tokenizer
 from phi3v.processing.video import VideoFrame
@@ -104,17 +106,18 @@ class ImageMemo:
 
 class Preparer:
     """Turns a prompt and image sources into a PreparedRequest for an engine of context `context` tokens.
-    `lora_index` refuses an adapter that is not loaded; `features_cached(key)` says whether the engine holds an
-    image's features (None: crops are always made, e.g. on Ray's CPU workers, whose requests are pickled)."""
+    `lora_index` refuses an adapter that is not loaded; `pin(key)` keeps an image's features in the engine's cache
+    for a request prepared without its crops, if they are there (`unpin(key)` once the request lets go; None:
+    crops are always made, e.g. on Ray's CPU workers, whose requests are pickled)."""
 
     def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor, device: torch.device,
                  dtype: torch.dtype, context: int, *, allow_url_images: bool = False,
-                 lora_index: Callable[[str], int] | None = None,
-                 features_cached: Callable[[str], bool] | None = None) -> None:
+                 lora_index: Callable[[str], int] | None = None, pin: Callable[[str], bool] | None = None,
+                 unpin: Callable[[str], None] | None = None) -> None:
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.device, self.dtype, self.context = device, dtype, context
         self.allow_url_images = allow_url_images
-        self.lora_index, self.features_cached = lora_index, features_cached
+        self.lora_index, self.pin, self.unpin = lora_index, pin, unpin
         self.memo = ImageMemo()
 
     def prepare(self, prompt: str, images: list[Any] | None = None, sampling_params: SamplingParams | None = None,
@@ -165,16 +168,25 @@ class Preparer:
             return ImageInput(proc.crops, proc.image_size, proc.key), proc.num_tokens
         source = read_image_source(src, **load_kwargs)  # policies and byte caps; nothing decoded yet
         budget.check_cancel()
-        digest = source.digest_later() if self.features_cached is not None else None  # hashing on threads
         limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+        pil = None
+        if source.size is not None:  # a given image or array: its checks and full decode come first, as ever
+            pil = source.decode(limit, check_size=budget.add_image)
+        counted = pil is not None  # in the token budget
+        digest = source.digest_later() if self.pin is not None else None  # hashing on threads
         if digest is not None and (source.size is None or self.memo.has_size(source.size, nc)):
             hit = self.memo.get(digest(), nc)
-            if (hit is not None and hit.source_size[0] * hit.source_size[1] <= limit
-                    and self.features_cached(hit.key)):  # type: ignore[misc]
-                budget.add_image(*hit.source_size)  # the same token check the header would get
-                return (ImageInput(None, hit.image_size, hit.key, load=lambda: self._load(source, nc, limit)),
-                        hit.num_tokens)
-        pil = source.decode(limit, check_size=budget.add_image)
+            if hit is not None and hit.source_size[0] * hit.source_size[1] <= limit:
+                if not counted:
+                    budget.add_image(*hit.source_size)  # the same token check the header would get
+                    counted = True
+                if self.pin(hit.key):  # last: nothing may fail between the pin and the finalizer that drops it
+                    img = ImageInput(None, hit.image_size, hit.key, held=source.nbytes,
+                                     load=functools.partial(self._load, source, nc, limit, hit.key))
+                    weakref.finalize(img, self.unpin, hit.key)  # the features stay until the request lets go
+                    return img, hit.num_tokens
+        if pil is None:
+            pil = source.decode(limit, check_size=None if counted else budget.add_image)
         budget.check_cancel()
         proc = self._crops(pil, nc)
         if digest is not None:  # (a new image of a size not seen: its digest was hashed meanwhile)
@@ -186,7 +198,12 @@ class Preparer:
         # what CLIP casts them to first anyway, at half the memory of fp32 crops waiting on the device
         return self.image_processor.preprocess(pil, nc, device=self.device, device_lock=CAPTURE_LOCK, dtype=self.dtype)
 
-    def _load(self, source: ImageSource, nc: int, limit: int) -> torch.Tensor:
-        """The crops of a request prepared without them (the engine's thread, outside any capture)."""
-        pil = source.decode(limit)
-        return self.image_processor.preprocess(pil, nc, device=self.device, dtype=self.dtype).crops
+    def _load(self, source: ImageSource, nc: int, limit: int, key: str) -> torch.Tensor:
+        """The crops of a request prepared without them (the engine's thread, outside any capture), should its
+        pinned features be gone after all. They must be the crops the key names: an image changed in place since
+        (a PIL image or array the caller reused) fails its request instead of filling the caches under that key."""
+        proc = self.image_processor.preprocess(source.decode(limit), nc, device=self.device, dtype=self.dtype)
+        if proc.key != key:
+            raise ImageInputError("the image changed after its request was prepared (an image or array edited in "
+                                  "place?); prepare the request again")
+        return proc.crops

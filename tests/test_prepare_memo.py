@@ -6,6 +6,7 @@ the images needs no features at all."""
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import shutil
 from pathlib import Path
@@ -96,8 +97,11 @@ def test_limits_still_hold_for_an_image_seen_before(llm: LLM) -> None:
     with pytest.raises(ImageInputError, match="over the limit"):
         llm.prepare(Q2, [src], SamplingParams(max_tokens=1), 4, max_pixels=100)  # pixel cap lowered since
     many = "<|user|>\n" + "".join(f"<|image_{k}|>\n" for k in range(1, 7)) + "Compare.<|end|>\n<|assistant|>\n"
+    pins = dict(llm.engine.runner.images.pins)
     with pytest.raises(ImageInputError, match="context holds 4096"):  # 6 x 757: the budget from the memo's size
         llm.prepare(many, [src] * 6, SamplingParams(max_tokens=1), 4)
+    gc.collect()
+    assert llm.engine.runner.images.pins == pins  # a refused request holds no pin
     with pytest.raises(ImageInputError, match="not allowed"):
         llm.prepare(Q2, [src], SamplingParams(max_tokens=1), 4, allow_paths=False)  # policies before the memo
 
@@ -122,3 +126,88 @@ def test_a_digest_is_the_same_however_often_it_is_asked_for() -> None:
 
     d = ImageSource(bytes(range(256)) * 40_000, "image bytes").digest_later()  # 10 MB: hashed in chunks
     assert d() == d() == ImageSource(bytes(range(256)) * 40_000, "image bytes").digest_later()()
+
+
+def test_palette_images_with_other_colours_are_other_images(llm: LLM) -> None:
+    """Two palette images with the same indices but different palettes: different pixels once converted."""
+    a = Image.new("P", (64, 64))
+    a.putpalette([255, 0, 0] * 256)
+    b = a.copy()
+    b.putpalette([0, 0, 255] * 256)
+    llm.generate(Q1, [a], SamplingParams(max_tokens=1), 1)
+    ra, rb = (llm.prepare(Q2, [x], SamplingParams(max_tokens=1), 1) for x in (a, b))
+    assert ra.images[0].crops is None  # a: seen
+    assert rb.images[0].crops is not None and rb.images[0].key != ra.images[0].key
+
+
+def test_an_image_changed_in_place_fails_its_request_not_the_caches(llm: LLM) -> None:
+    img = Image.open(image_path("astronaut")).convert("RGB")
+    llm.generate(Q1, [img], SamplingParams(max_tokens=1), 1)
+    lazy = llm.prepare(Q2, [img], SamplingParams(max_tokens=3), 1)
+    key = lazy.images[0].key
+    img.paste((0, 255, 0), (0, 0, 200, 200))  # edited after the request was prepared
+    llm.engine.runner.images.cache.clear()  # so its crops are built after all
+    failed = llm.generate_many([lazy])[0]  # the request fails alone, with the reason
+    assert isinstance(failed, Exception) and "changed after" in str(failed)
+    assert key not in llm.engine.runner.images.cache
+    fresh = llm.prepare(Q2, [img], SamplingParams(max_tokens=3), 1)  # the edited image: its own key, and it runs
+    assert fresh.images[0].key != key and llm.generate_many([fresh])[0].token_ids
+
+
+def test_pinned_features_outlive_the_cache_size_until_the_request_lets_go(llm: LLM) -> None:
+    eng = llm.engine
+    cache = eng.runner.images
+    size = cache.size
+    gc.collect()  # requests of earlier tests caught in reference cycles (tracebacks) let go of their pins
+    try:
+        cache.size = 1
+        src = image_path("coffee")
+        eng.reset_prefix_cache()  # (each image below must go through the image cache, not the prefix cache)
+        llm.generate(Q1, [src], SamplingParams(max_tokens=1), 1)
+        lazy = llm.prepare(Q2, [src], SamplingParams(max_tokens=3), 1)
+        key = lazy.images[0].key
+        assert lazy.images[0].crops is None and cache.pins.get(key) == 1
+        before = eng.stats["images_encoded"]
+        for name in ("page_L", "logo_RGBA"):  # two other images through a cache of 1: coffee stays, pinned
+            eng.reset_prefix_cache()
+            llm.generate(Q1, [image_path(name)], SamplingParams(max_tokens=1), 1)
+        assert eng.stats["images_encoded"] == before + 2 and key in cache.cache
+        before = eng.stats["images_encoded"]
+        assert llm.generate_many([lazy])[0].token_ids == reference_tokens(llm, llm.prepare(
+            Q2, [src], SamplingParams(max_tokens=3), 1), 3)
+        assert eng.stats["images_encoded"] == before  # served from the pinned features, no loader
+        del lazy
+        gc.collect()
+        assert key not in cache.pins
+    finally:
+        cache.size = size
+
+
+def test_a_request_prepared_without_crops_pickles_with_them_and_counts_what_it_holds(llm: LLM) -> None:
+    import pickle
+
+    from phi3v.server.admission import prepared_bytes
+
+    from phi3v.bench import noise_image
+
+    buf = io.BytesIO()
+    noise_image(300, 200, 4242).save(buf, "PNG")  # an image no other test used: its features get cached here
+    src = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    llm.generate(Q1, [src], SamplingParams(max_tokens=1), 1)
+    lazy = llm.prepare(Q2, [src], SamplingParams(max_tokens=1), 1)
+    img = lazy.images[0]
+    assert img.crops is None and img.held == len(base64.b64decode(src.split(",", 1)[1]))
+    assert prepared_bytes(lazy) >= img.held
+    back = pickle.loads(pickle.dumps(lazy))
+    assert back.images[0].crops is not None and back.images[0].key == img.key and back.images[0].load is None
+
+
+def test_line_wrapped_base64_just_under_the_cap_is_accepted(llm: LLM) -> None:
+    data = Path(image_path("astronaut")).read_bytes()
+    b64 = base64.b64encode(data).decode()
+    wrapped = "\n".join(b64[i: i + 76] for i in range(0, len(b64), 76))
+    req = llm.prepare(Q1, ["data:image/png;base64," + wrapped], SamplingParams(max_tokens=1), 1,
+                      max_bytes=len(data))
+    assert req.prompt_ids.count(-1) > 0
+    with pytest.raises(ImageInputError, match="over the limit"):
+        llm.prepare(Q1, ["data:image/png;base64," + wrapped], SamplingParams(max_tokens=1), 1, max_bytes=len(data) - 1)

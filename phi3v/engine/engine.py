@@ -126,10 +126,13 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.sched.num_unfinished > 0
 
-    def has_image(self, key: str) -> bool:
-        """Whether the image cache holds this image's features now (a request may then come without its crops:
-        `ImageInput.load`). Safe to ask from another thread."""
-        return key in self.runner.images
+    def pin_image(self, key: str) -> bool:
+        """Keep this image's features cached until `unpin_image` (a request prepared without its crops waits for
+        them); False when they are not cached (or too many are pinned). Safe to call from another thread."""
+        return self.runner.images.pin(key)
+
+    def unpin_image(self, key: str) -> None:
+        self.runner.images.unpin(key)
 
     def reset_prefix_cache(self) -> None:
         """Forget the prefix cache's contents (blocks held by running requests stay theirs)."""

@@ -7,6 +7,7 @@ together, in vision batches of at most `batch_crops` crops (bounding activation 
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -29,6 +30,17 @@ class ImageInput:
     image_size: tuple[int, int]  # (H, W) of the padded HD canvas
     key: str | None = None  # content key for the caches (None: Engine.add_request hashes the crops)
     load: Callable[[], torch.Tensor] | None = None  # -> crops, for crops=None
+    held: int = 0  # bytes `load` keeps alive (the encoded source), for memory accounting while it waits
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this image holds while its request waits: its crops, or what its loader keeps."""
+        return self.crops.numel() * self.crops.element_size() if self.crops is not None else self.held
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled with its crops (built first if need be): a loader is a closure over this process."""
+        return {"crops": self.pixels() if self.load is not None else self.crops, "image_size": self.image_size,
+                "key": self.key, "load": None, "held": 0}
 
     @property
     def num_crops(self) -> int:
@@ -48,13 +60,33 @@ class ImageInput:
 
 class ImageFeatures:
     """Projected features (n_tokens, hidden) per image key: an LRU cache of `size` entries that never
-    evicts an image the current step needs."""
+    evicts an image the current step needs, nor one pinned by a request prepared without its crops."""
 
     def __init__(self, model: torch.nn.Module, tower: Any, device: torch.device, size: int = 32,
                  batch_crops: int = 128) -> None:
         self.model, self.tower, self.device = model, tower, device
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.size, self.batch_crops = size, batch_crops
+        self.pins: dict[str, int] = {}  # key -> requests prepared without crops that wait for these features
+        self._lock = threading.Lock()  # pins are taken on preparation threads, entries evicted on the engine's
+
+    def pin(self, key: str) -> bool:
+        """Keep `key`'s features until `unpin(key)`: a request prepared without its crops waits for them. False
+        (nothing pinned) when they are not cached, or `size` images are pinned already: the request then brings
+        its crops, so pinned features never hold more than twice the cache's memory."""
+        with self._lock:
+            if key not in self.cache or (key not in self.pins and len(self.pins) >= self.size):
+                return False
+            self.pins[key] = self.pins.get(key, 0) + 1
+            return True
+
+    def unpin(self, key: str) -> None:
+        with self._lock:
+            n = self.pins.get(key, 0) - 1
+            if n > 0:
+                self.pins[key] = n
+            else:
+                self.pins.pop(key, None)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.cache[key]
@@ -84,6 +116,9 @@ class ImageFeatures:
             stats["images_encoded"] += len(group)
             for (key, _), f in zip(group, feats):
                 self.cache[key] = f
-        # hits were moved to the end and new entries appended: the newest len(needed) are this step's
-        while len(self.cache) > max(self.size, len(needed)):
-            self.cache.popitem(last=False)
+        # least recently used first, never one this step needs or one a waiting request pinned
+        with self._lock:
+            excess = len(self.cache) - self.size
+            if excess > 0:
+                for key in [k for k in self.cache if k not in needed and k not in self.pins][:excess]:
+                    del self.cache[key]

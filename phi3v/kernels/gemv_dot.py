@@ -68,7 +68,9 @@ if HAVE_TRITON:
         x = tl.load(x_ptr + cols[:, None] * K + ks[None, :], mask=c_ok[:, None] & (ks < K)[None, :], other=0.0)
         if A8:  # |x| * 448 / amax <= 448: no clamp needed
             xq = (x.to(tl.float32) * inv[:, None]).to(tl.float8e4nv)
-            return tl.dot(w, tl.trans(xq), acc)
+            # promoted to a full fp32 add once per tile: Hopper's fp8 wgmma accumulates in fewer bits, which over
+            # a whole K (8,192 for down_proj) would drift from the prefill GEMM's fp32 accumulation
+            return tl.dot(w, tl.trans(xq), acc, max_num_imprecise_acc=BLOCK_K)
         elif IEEE:  # fp32 x (tests): no TF32 rounding
             return tl.dot(w.to(x.dtype), tl.trans(x), acc, input_precision="ieee")
         else:

@@ -155,9 +155,20 @@ class ImageSource:
         d = self.data
         if isinstance(d, bytes):
             return content_key_later(d, "bytes")
-        if isinstance(d, Image.Image):
-            return content_key_later(d.tobytes(), "pil", d.mode, d.size)
+        if isinstance(d, Image.Image):  # what convert("RGB") reads: the raw bands, and a palette image's colours
+            palette = bytes(d.getpalette() or b"") if d.mode in ("P", "PA") else b""
+            return content_key_later(d.tobytes(), "pil", d.mode, d.size, palette, repr(d.info.get("transparency")))
         return content_key_later(np.ascontiguousarray(d), "array", d.dtype.str, d.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the source holds: encoded bytes, or a given image's / array's pixels."""
+        d = self.data
+        if isinstance(d, bytes):
+            return len(d)
+        if isinstance(d, Image.Image):
+            return d.width * d.height * len(d.getbands())
+        return int(d.nbytes)
 
     def decode(self, max_pixels: int | None = None, check_size: SizeCheck | None = None) -> Image.Image:
         limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)

@@ -41,10 +41,9 @@ def pool_kind(messages: list[dict[str, Any]]) -> str:
 
 
 def prepared_bytes(prep: Any) -> int:
-    """Host or device bytes a prepared request holds until its prefill: crops and prompt ids (8 bytes each as
-    list slots; small ints are shared)."""
-    return (sum(img.crops.numel() * img.crops.element_size() for img in prep.images if img.crops is not None)
-            + 8 * len(prep.prompt_ids))
+    """Host or device bytes a prepared request holds until its prefill: crops (or the source an image prepared
+    without them keeps for its loader) and prompt ids (8 bytes each as list slots; small ints are shared)."""
+    return sum(img.nbytes for img in prep.images) + 8 * len(prep.prompt_ids)
 
 
 class WaitingBytes:
