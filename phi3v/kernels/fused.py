@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from phi3v.kernels import HAVE_TRITON, pdl_args
-from phi3v.kernels.lora import NORM_MAX_RMAX, LoraPending, expand, lora_warps, no_lora_args
+from phi3v.kernels.lora import NORM_MAX_RMAX, SILU_MAX_RMAX, LoraPending, expand, lora_warps, no_lora_args
 
 if HAVE_TRITON:
     import triton
@@ -209,6 +209,8 @@ def silu_mul(gate_up: Tensor | LoraPending, pdl: bool = False) -> Tensor:
     """(..., 2I) [gate | up] -> (..., I) up * silu(gate). gate_up may be a projection's output with its LoRA update
     pending: added here (smaller tiles then: the update reads a (rank, tile) block of B per program)."""
     inter = gate_up.shape[-1] // 2
+    if isinstance(gate_up, LoraPending) and gate_up.rmax > SILU_MAX_RMAX:
+        gate_up = expand(gate_up, pdl)
     if isinstance(gate_up, LoraPending):
         gu, block, warps = gate_up.y, 256, lora_warps(gate_up.rmax, 4)
         lora = gate_up.kernel_args(block)

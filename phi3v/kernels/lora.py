@@ -38,6 +38,9 @@ TILE = 4096
 # The norm adds a row's whole update in one program (RMAX x hidden FMAs on one SM: benchmarks/lora_compile.py counts
 # its instructions); past this rank its issue time nears an expand kernel's launch, and the expand kernel runs first.
 NORM_MAX_RMAX = 32
+# SiLU * up adds the update over tiles of 256 features; past this rank its (RMAX, tile) block of B spills registers
+# (benchmarks/lora_compile.py: 255 registers at 256) and the expand kernel runs first instead.
+SILU_MAX_RMAX = 128
 
 
 def lora_warps(rmax: int, base: int) -> int:
