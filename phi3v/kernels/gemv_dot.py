@@ -77,21 +77,29 @@ if HAVE_TRITON:
             return tl.dot(w.to(x.dtype), tl.trans(x), acc)
 
     @triton.jit
+    def swap_ab_tile(M, N, K, k_per_split, BLOCK_N: tl.constexpr, COLS: tl.constexpr):
+        # a swap-AB program of grid (cdiv(N, BLOCK_N), splits): its output features (BLOCK_N,) and x's rows as
+        # the dot's COLS columns, which of each exist, and its K range [k_lo, k_hi) (the last split may be shorter)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, COLS)
+        k_lo = tl.program_id(1) * k_per_split
+        return rows, cols, rows < N, cols < M, k_lo, tl.minimum(k_lo + k_per_split, K)
+
+    @triton.jit
+    def store_t(out_ptr, acc, rows, cols, n_ok, c_ok, M, N):
+        # acc (BLOCK_N, COLS) = out^T -> this split's (M, N) slice of out (splits, M, N), in out's dtype
+        dst = out_ptr + tl.program_id(1) * M * N + cols[None, :] * N + rows[:, None]
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=c_ok[None, :] & n_ok[:, None])
+
+    @triton.jit
     def _fp8_dot_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, k_per_split, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, A8: tl.constexpr, IEEE: tl.constexpr, M_PAD: tl.constexpr,
                         AMAX_BLOCK: tl.constexpr, PDL: tl.constexpr):
         # x (M, K), w (N, K) e4m3, ws (N,) fp32, out (splits, M, N) fp32 partials or y (M, N) in x's dtype.
         # k_per_split is a multiple of BLOCK_K. The first W tile is read before waiting for x (no kernel writes
         # weights); the accumulator is out^T.
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, _M_COLS)
-        n_ok = rows < N
-        c_ok = cols < M
+        rows, cols, n_ok, c_ok, k_lo, k_hi = swap_ab_tile(M, N, K, k_per_split, BLOCK_N, _M_COLS)
         w_row = rows.to(tl.int64) * K  # N*K overflows int32 in larger models
-        k_lo = pid_k * k_per_split
-        k_hi = tl.minimum(k_lo + k_per_split, K)
         pdl_trigger(PDL)
         ks = k_lo + tl.arange(0, BLOCK_K)
         w = tl.load(w_ptr + w_row[:, None] + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0.0,
@@ -110,9 +118,8 @@ if HAVE_TRITON:
             w = tl.load(w_ptr + w_row[:, None] + ks[None, :], mask=n_ok[:, None] & (ks < K)[None, :], other=0.0,
                         eviction_policy="evict_first")
             acc = _fp8_dot_step(x_ptr, w, acc, cols, c_ok, inv, k0, K, BLOCK_K, A8, IEEE)
-        y = acc * tl.load(ws_ptr + rows, mask=n_ok, other=0.0)[:, None] * xs[None, :]
-        dst = out_ptr + pid_k * M * N + cols[None, :] * N + rows[:, None]
-        tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=c_ok[None, :] & n_ok[:, None])
+        store_t(out_ptr, acc * tl.load(ws_ptr + rows, mask=n_ok, other=0.0)[:, None] * xs[None, :], rows, cols, n_ok,
+                c_ok, M, N)
 
 
 SWAP_AB = ("a8", "a16")

@@ -36,6 +36,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from phi3v.kernels import pdl_trigger, pdl_wait
+    from phi3v.kernels.gemv_dot import store_t, swap_ab_tile
 
 MAX_M = 8  # rows that go through the GEMV; more go through the GEMM
 X_COLS = 16  # the dot GEMV's x rows, padded to tl.dot's smallest N
@@ -238,23 +239,15 @@ if HAVE_TRITON:
                          G: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr = False):
         # x (M, K), qweight (N, K/2) uint8, scales / mins (N, K/G) fp16 (`int4`'s layout); out (splits, M, N)
         # fp32 partials or y (M, N) in x's dtype. k_per_split is a multiple of G; one group per step.
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, _X_COLS)
-        n_ok = rows < N
-        c_ok = cols < M
+        rows, cols, n_ok, c_ok, k_lo, k_hi = swap_ab_tile(M, N, K, k_per_split, BLOCK_N, _X_COLS)
         qrow = rows.to(tl.int64) * (K // 2)
         srow = rows.to(tl.int64) * (K // G)
-        k_lo = pid_k * k_per_split
-        k_hi = tl.minimum(k_lo + k_per_split, K)
         acc = tl.zeros((BLOCK_N, _X_COLS), dtype=tl.float32)
         pdl_trigger(PDL)
         pdl_wait(PDL)  # x is the previous kernel's output
         for k0 in range(k_lo, k_hi, G):
             acc = _int4_dot_step(x_ptr, qw_ptr, s_ptr, m_ptr, acc, qrow, srow, n_ok, cols, c_ok, k0, K, G, IEEE, ASM)
-        dst = out_ptr + pid_k * M * N + cols[None, :] * N + rows[:, None]
-        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=c_ok[None, :] & n_ok[:, None])
+        store_t(out_ptr, acc, rows, cols, n_ok, c_ok, M, N)
 
 
 def _cdiv(a: int, b: int) -> int:
