@@ -115,7 +115,8 @@ for step in "$@"; do
         bench_parts_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts "${PARTS:-b}") \
             >"$log" 2>&1 ;;
         gpu_tests) { PHI3V_GPU_OUT=/tmp/gpu_out python3 -m pytest -p no:cacheprovider -m gpu -q tests/gpu; r1=$?
-                     PHI3V_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -q tests/test_engine_cache.py; r2=$?
+                     PHI3V_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -q tests/test_engine_cache.py \
+                         tests/test_prepare_memo.py; r2=$?
                      [ $r1 -eq 0 ] && [ $r2 -eq 0 ]; } >"$log" 2>&1 ;;
         profile_decode_lora) python3 benchmarks/profiler.py decode --folder "$M" --lora-rank "${LORA_RANK:-16}" \
             --out "$OUT/${TAG}_$step.json" >"$log" 2>&1 ;;

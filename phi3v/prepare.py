@@ -189,9 +189,12 @@ class Preparer:
             pil = source.decode(limit, check_size=None if counted else budget.add_image)
         budget.check_cancel()
         proc = self._crops(pil, nc)
-        if digest is not None:  # (a new image of a size not seen: its digest was hashed meanwhile)
-            self.memo.put(digest(), nc, MemoEntry(proc.key, proc.image_size, proc.num_tokens, pil.size))
-        return ImageInput(proc.crops, proc.image_size, proc.key), proc.num_tokens
+        if digest is None:
+            return ImageInput(proc.crops, proc.image_size, proc.key), proc.num_tokens
+        self.memo.put(digest(), nc, MemoEntry(proc.key, proc.image_size, proc.num_tokens, pil.size))
+        # the loader lets the engine drop these crops before the request ends (the prefix cache served the image)
+        return (ImageInput(proc.crops, proc.image_size, proc.key,
+                           load=functools.partial(self._load, source, nc, limit, proc.key)), proc.num_tokens)
 
     def _crops(self, pil: Any, nc: int) -> ProcessedImage:
         # the GPU part must not overlap a CUDA-graph capture on the engine's thread; crops in the model's dtype:

@@ -8,17 +8,32 @@ from __future__ import annotations
 import base64
 import gc
 import io
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from phi3v import LLM, SamplingParams
 from phi3v.prepare import ImageMemo, MemoEntry
 from phi3v.processing.image_io import ImageInputError
 
-from engine_common import image_path, reference_tokens
+from engine_common import CKPT, image_path, reference_tokens
+
+# PHI3V_TEST_DEVICE=cuda runs these on the GPU (crops built there, CUDA graphs; device_call.sh gpu_tests)
+DEVICE = os.environ.get("PHI3V_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    """An engine of its own: these tests pin, clear and resize its image cache."""
+    if DEVICE != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = False  # the reference's numbers
+        torch.backends.cudnn.allow_tf32 = False
+    return LLM(CKPT, device=DEVICE, dtype="fp32", max_num_seqs=6, max_model_len=4096)
+
 
 Q1 = "<|user|>\n<|image_1|>\nWhat is it?<|end|>\n<|assistant|>\n"
 Q2 = "<|user|>\nLook: <|image_1|>\nAnd the colours?<|end|>\n<|assistant|>\n"  # differs before the image
@@ -77,6 +92,18 @@ def test_a_follow_up_covered_by_the_prefix_cache_needs_no_features(llm: LLM) -> 
     assert llm.engine.stats["images_encoded"] == before["images_encoded"]
     assert llm.engine.stats["image_cache_hits"] == before["image_cache_hits"]
     assert got.token_ids == reference_tokens(llm, req, 4)
+    # prefilled from the cache, it keeps a way to make its crops, not the crops (a recompute could need them)
+    eng = llm.engine
+    eng.reset_prefix_cache()
+    llm.generate(follow, [src], SamplingParams(max_tokens=1), 1)  # its blocks cached again, features not kept
+    eng.runner.images.cache.clear()
+    again = llm.prepare(follow, [src], SamplingParams(max_tokens=4), 1)
+    rid = eng.add_request(again.prompt_ids, again.images, again.params)
+    eng.step()  # the prefill
+    seq = next(s for s in eng.sched.running if s.rid == rid)
+    assert seq.images[0].crops is None and seq.images[0].load is not None and seq.features is None
+    while eng.has_unfinished():
+        eng.step()
 
 
 def test_a_changed_file_is_a_new_image(llm: LLM, tmp_path: Path) -> None:

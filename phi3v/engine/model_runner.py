@@ -152,11 +152,15 @@ class ModelRunner:
 
     def _keep_cached_features(self, s: Sequence) -> None:
         """A sequence whose images the prefix cache covered needs no features now, but a recompute (preempted, its
-        blocks evicted) would: it takes them if the image cache has them, and lets its crops go. (Without them it
-        keeps its crops, or the loader of a request prepared without crops.)"""
-        if s.features is None and s.images and all(i.key in self.images for i in s.images):
+        blocks evicted) would: it takes them if the image cache has them, and lets its crops go; else it keeps
+        only what makes them again (an image's loader), or its crops where it has no loader."""
+        if s.features is not None or not s.images:
+            return
+        if all(i.key in self.images for i in s.images):
             s.features = [self.images[i.key] for i in s.images]
             s.images = [ImageInput(None, i.image_size, i.key) for i in s.images]
+        else:
+            s.images = [i if i.load is None else ImageInput(None, i.image_size, i.key, i.load) for i in s.images]
 
     def _embeds(self, c: PrefillChunk) -> torch.Tensor:
         """(end-start, hidden) input embeddings of the chunk. A sequence prefilled in several chunks keeps its
