@@ -156,6 +156,47 @@ print("ok", got)
 """
 
 
+TMA_SCRIPT = SCRIPT.split("small, wide")[0] + r"""
+# the TMA variant (phi3v/kernels/prefill_hopper.py): tensor descriptors, which the interpreter runs, against the
+# same reference; key tiles of one box and of two cache blocks, head_dim in two parts and padded
+two, one, pad = (PrefillConfig.parse(t) for t in ("32,32,4,1,tma", "32,16,4,2,tma,r128", "32,32,4,1,tma,pad"))
+wide = PrefillConfig.parse("16,32,4,1,tma")  # key tiles wider than the query tile (two blocks per tile)
+assert two.text() == "32,32,4,1,tma" and one.maxnreg == 128 and pad.pad
+from phi3v.kernels import prefill_hopper
+calls = []
+_launch = prefill_hopper.launch
+prefill_hopper.launch = lambda *a, **k: calls.append(a[-1]) or _launch(*a, **k)
+checks = [
+    ("past 50 (mid-block), GQA, d=48 (32 + 16)", dict(start=50, T=37, hq=4, hkv=2, d=48), (two, one, pad, wide)),
+    ("first chunk (no past)", dict(start=0, T=20, hq=2, hkv=2, d=48), (two, pad, wide)),
+    ("past 64 (block-aligned), d=32 (one part), T=1", dict(start=64, T=1, hq=2, hkv=1, d=32), (two, one)),
+    ("past 70 in 64-token blocks, d=24", dict(start=70, T=45, hq=2, hkv=2, d=24, bs=64), (two, pad)),
+]
+for what, kw, cfgs in checks:
+    for cfg in cfgs:
+        err, rel = case(cfg=cfg, **kw)
+        assert err < 1e-5, (what, cfg, err)
+err, rel = case(start=40, T=33, hq=4, hkv=2, d=48, cfg=two, dtype=torch.bfloat16)
+assert rel < 1e-2, rel
+assert len(calls) == 12 and set(calls) == {two, one, pad, wide}, calls  # the TMA kernel ran each of those
+# where the variant does not apply (the chunk from the cache, an fp8 cache) the pointer kernel runs: still right
+assert case(start=50, T=37, hq=2, hkv=2, d=48, cfg=two, new_from_cache=True)[0] < 1e-5
+assert case(start=45, T=30, hq=4, hkv=2, d=48, cfg=two, kv=FP8)[0] < 1e-5
+assert len(calls) == 12
+for bad in ("32,32,4,1,pad", "32,32,4,1,tma,ws", "32,32,4,1,r12x"):
+    try:
+        PrefillConfig.parse(bad)
+    except ValueError:
+        continue
+    raise AssertionError(bad)
+print("ok")
+"""
+
+
+def test_tma_variant_matches_the_gathered_reference_in_the_interpreter() -> None:
+    assert run_interpreted(TMA_SCRIPT).startswith("ok")
+
+
 def test_prefill_attention_and_chunked_engine_with_the_kernel_equal_sdpa_in_the_interpreter() -> None:
     assert run_interpreted(WIRING_SCRIPT).startswith("ok")
 
