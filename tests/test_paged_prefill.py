@@ -182,6 +182,7 @@ assert len(calls) == 12 and set(calls) == {two, one, pad, wide}, calls  # the TM
 # where the variant does not apply (the chunk from the cache, an fp8 cache) the pointer kernel runs: still right
 assert case(start=50, T=37, hq=2, hkv=2, d=48, cfg=two, new_from_cache=True)[0] < 1e-5
 assert case(start=45, T=30, hq=4, hkv=2, d=48, cfg=two, kv=FP8)[0] < 1e-5
+assert case(start=20, T=9, hq=2, hkv=2, d=12, cfg=two, dtype=torch.bfloat16)[1] < 1e-2  # 24-byte rows: no TMA
 assert len(calls) == 12
 for bad in ("32,32,4,1,pad", "32,32,4,1,tma,ws", "32,32,4,1,r12x"):
     try:

@@ -341,8 +341,9 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     if cfg.variant == "tma" and not (paged or fp8 or isinstance(start, Tensor)):
         from phi3v.kernels import prefill_hopper
-        prefill_hopper.launch(q, k_cache, v_cache, block_table, start, k, v, out, cfg)
-        return out
+        if prefill_hopper.applies(k_cache, k, v):  # else the pointer kernel, below
+            prefill_hopper.launch(q, k_cache, v_cache, block_table, start, k, v, out, cfg)
+            return out
     d_lo, d_hi = _split_head_dim(d)
     grid = (triton.cdiv(t_len, cfg.block_m), hq)
     _prefill_kernel[grid](

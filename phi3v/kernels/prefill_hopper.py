@@ -21,7 +21,7 @@ Only the causal diagonal tiles mask; past tiles mask only the last, partial one 
 there; positions >= start are masked in the softmax).
 
 Not for: an fp8 cache, the chunk's K/V read from the cache (k/v None), `start` on the device (CUDA graphs of
-SuffixAttention): paged_prefill_attention sends those to `_prefill_kernel`.
+SuffixAttention), K/V that TMA cannot address (`applies`): paged_prefill_attention sends those to `_prefill_kernel`.
 """
 
 from __future__ import annotations
@@ -198,6 +198,13 @@ def head_dim_parts(d: int, pad: bool) -> tuple[int, int]:
         return triton.next_power_of_2(d), 0
     lo = 1 << (d.bit_length() - 1)
     return lo, triton.next_power_of_2(d - lo)
+
+
+def applies(k_cache: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether TMA can read these tensors: base addresses of every kv head's rows and their row strides in multiples
+    of 16 bytes (a descriptor's requirement; the engine's bf16 tensors at head_dim 96 always are)."""
+    return all(t.data_ptr() % 16 == 0 and all(x * t.element_size() % 16 == 0 for x in (t.stride(0), t.stride(1)))
+               for t in (k, v)) and k_cache.data_ptr() % 16 == 0 and k_cache.shape[3] * k_cache.element_size() % 16 == 0
 
 
 def _scratch(size: int, alignment: int, stream) -> Tensor:
