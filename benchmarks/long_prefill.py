@@ -40,10 +40,12 @@ SWEEP = ["128,64,8,3", "128,64,8,2", "128,64,8,4", "128,128,8,3", "128,128,8,2",
          "64,32,4,4"]
 # the TMA variant (phi3v/kernels/prefill_hopper.py; sm90): two or three programs per SM, so that one program's softmax
 # runs beside another's wgmma (one warpgroup of 128 or 64 queries, or 8 warps under a 128-register cap ',r128'), key
-# tiles of one or two cache blocks, head_dim padded to one box of 128 (',pad') against 64 + 32; each compiles for
-# sm90 without spills (benchmarks/prefill_compile.py, docs/perf-log.md 2026-12-05)
+# tiles of one or two cache blocks, head_dim padded to one box of 128 (',pad') against 64 + 32; then the Gluon kernel
+# (phi3v/kernels/prefill_gluon.py: the softmax of one tile beside the wgmma of the previous). Each compiles for sm90
+# without spills (benchmarks/prefill_compile.py, docs/perf-log.md 2026-12-05)
 SWEEP_TMA = ["128,128,8,2,tma", "128,64,4,2,tma", "128,64,4,3,tma", "128,32,4,2,tma", "128,64,8,2,tma,r128",
-             "128,64,8,3,tma,r128", "64,128,4,2,tma", "64,64,4,2,tma", "128,64,8,2,tma,pad,r128"]
+             "128,64,8,3,tma,r128", "64,128,4,2,tma", "64,64,4,2,tma", "128,64,8,2,tma,pad,r128",
+             "128,64,4,2,gluon", "64,64,4,2,gluon", "64,64,4,3,gluon"]
 
 
 class Prompt:

@@ -1,13 +1,15 @@
 """Compile the paged prefill-attention kernels for Hopper (sm90) without a GPU: per config, the shared memory,
 registers and spill stack ptxas reports, how many programs fit on one SM, whether key/value tiles come by TMA
-(cp.async.bulk.tensor) or by cp.async, whether the products run as wgmma, whether Triton warp-specialized the
+(cp.async.bulk.tensor) or by cp.async, whether the products run as wgmma and whether ptxas serialized them
+(`ser`: its info C7514, each wgmma waited for at once), whether Triton warp-specialized the
 kernel (setmaxnreg, partitions), and the SASS of the first key loop: instructions per iteration by kind (nvdisasm).
 Prunes benchmarks/long_prefill.py's sweep before spending GPU time (a config that spills, does not pipeline, or
 fits one program per SM where another fits two will not win), and catches a kernel change that no longer compiles
 for the GPU (the CPU tests run it in the interpreter only).
 
 Variants (PrefillConfig.parse): '128,128,8,2' the pointer kernel (_prefill_kernel), '...,tma' the TMA kernel
-(prefill_hopper), '...,tma,pad' with head_dim as one zero-padded box of 128, ',r128' a cap of 128 registers.
+(prefill_hopper), '...,tma,pad' with head_dim as one zero-padded box of 128, ',r128' a cap of 128 registers,
+'...,gluon' the Gluon kernel (prefill_gluon; the loop reported is its steady-state one).
 
 Usage: python benchmarks/prefill_compile.py [--kv bf16|fp8|fp32] [--new-from-cache] [--configs 128,64,8,3 ...]
        [--ws] (also compile each TMA config with its key loops marked warp_specialize, to see whether Triton acts)
@@ -28,11 +30,12 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.long_prefill import SWEEP, SWEEP_TMA  # noqa: E402
-from phi3v.kernels import paged_prefill, prefill_hopper  # noqa: E402
+from phi3v.kernels import paged_prefill, prefill_gluon, prefill_hopper  # noqa: E402
 from phi3v.kernels.paged_prefill import PrefillConfig  # noqa: E402
 
 RUNTIME_INTS = ("start", "T")  # do_not_specialize: no divisibility assumed
@@ -42,6 +45,9 @@ KINDS = ("HGMMA", "MUFU.EX2", "FFMA", "FMUL", "FADD", "FMNMX", "F2FP", "UTMALDG"
 
 
 def _consts(cfg: PrefillConfig, act: str, fp8: bool, new_paged: bool, d: int, group: int, bs: int) -> dict:
+    if cfg.variant == "gluon":
+        return dict(GROUP=group, HKV=32 // group, BS=bs, D=d, D_LO=64, D_HI=32, BLOCK_M=cfg.block_m,
+                    STAGES=cfg.num_stages, num_warps=cfg.num_warps)
     common = dict(GROUP=group, BS=bs, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IEEE=act == "fp32", PDL=True)
     if cfg.variant == "tma":
         d_lo, d_hi = prefill_hopper.head_dim_parts(d, cfg.pad)
@@ -54,7 +60,8 @@ def _consts(cfg: PrefillConfig, act: str, fp8: bool, new_paged: bool, d: int, gr
 def compile_sm90(cfg: PrefillConfig, act: str = "bf16", fp8: bool = False, new_paged: bool = False, d: int = 96,
                  group: int = 1, bs: int = 64):
     """The compiled kernel (triton.compile's result) of this config at Phi-3's shapes by default."""
-    fn = prefill_hopper._prefill_tma_kernel if cfg.variant == "tma" else paged_prefill._prefill_kernel
+    fn = {"tma": prefill_hopper._prefill_tma_kernel, "gluon": prefill_gluon._prefill_gluon_kernel}.get(
+        cfg.variant, paged_prefill._prefill_kernel)
     names = fn.arg_names
     ptr = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[act]
     consts = _consts(cfg, act, fp8, new_paged, d, group, bs)
@@ -69,7 +76,8 @@ def compile_sm90(cfg: PrefillConfig, act: str = "bf16", fp8: bool = False, new_p
         else:
             sig[n] = "fp32" if n in ("qk_scale", "c") else "i32"
     div = [i for i, n in enumerate(names) if sig[n] not in ("constexpr", "fp32") and n not in RUNTIME_INTS]
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in div})
+    source = GluonASTSource if cfg.variant == "gluon" else ASTSource
+    src = source(fn=fn, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in div})
     opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     return triton.compile(src, target=GPUTarget("cuda", 90, 64),
                           options=opts if cfg.maxnreg is None else dict(opts, maxnreg=cfg.maxnreg))
@@ -97,13 +105,19 @@ def describe(k, threads: int) -> dict:
         usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True,
                                text=True).stdout
         sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as p, tempfile.NamedTemporaryFile(suffix=".cubin") as o:
+        p.write(k.asm["ptx"])
+        p.flush()  # ptxas again, verbose: whether it serialized the wgmma (info C7514)
+        ptxas = subprocess.run([os.path.join(BIN, "ptxas"), "-arch=sm_90a", "-v", p.name, "-o", o.name],
+                               capture_output=True, text=True)
     fields = dict(kv.split(":") for kv in next(l for l in usage.splitlines() if "REG:" in l).split())
     ptx, regs, smem = k.asm["ptx"], int(fields["REG"]), k.metadata.shared
     per_sm = min(SM_REGS // (regs * threads), SM_THREADS // threads, SM_SMEM // max(smem, 1))
     return {"shared_kb": smem / 1024, "regs": regs, "spill_bytes": int(fields["STACK"]), "per_sm": per_sm,
             "tma": ptx.count("cp.async.bulk.tensor"), "async_copies": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
             "wgmma": ptx.count("wgmma.mma_async"), "setmaxnreg": ptx.count("setmaxnreg"),
-            "partitions": k.asm["ttgir"].count("ttg.warp_specialize("), "loop": loop_mix(sass)}
+            "partitions": k.asm["ttgir"].count("ttg.warp_specialize("), "loop": loop_mix(sass),
+            "wgmma_serialized": "serialized" in ptxas.stdout + ptxas.stderr}
 
 
 def _with_ws(on: bool):
@@ -129,7 +143,7 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm90, head_dim 96, 64-token blocks, {a.kv}; loop = the first key loop's "
           "SASS per iteration (BLOCK_N keys)")
     print(f"{'config':>18} {'smem KiB':>8} {'regs':>4} {'spill':>5} {'/SM':>3} {'tma':>4} {'cp.async':>8} "
-          f"{'wgmma':>5} {'ws':>3} | {'instr':>5} {'HGMMA':>5} {'EX2':>4} {'FFMA':>4} {'FMUL':>4} {'FADD':>4} "
+          f"{'wgmma':>5} {'ser':>3} {'ws':>3} | {'instr':>5} {'HGMMA':>5} {'EX2':>4} {'FFMA':>4} {'FMUL':>4} {'FADD':>4} "
           f"{'FMNMX':>5} {'F2FP':>4} {'TMA':>3} {'LDGSTS':>6} {'SYNCS':>5} {'BAR':>3}")
     runs = [(t, False) for t in a.configs] + [(t, True) for t in a.configs if a.ws and ",tma" in t]
     for text, ws in runs:
@@ -150,7 +164,7 @@ def main() -> None:
         lp = r["loop"]
         print(f"{text + (',ws' if ws else ''):>18} {r['shared_kb']:>8.0f} {r['regs']:>4} {r['spill_bytes']:>5} "
               f"{r['per_sm']:>3} {r['tma']:>4} {r['async_copies']:>8} {r['wgmma']:>5} "
-              f"{'yes' if r['setmaxnreg'] or r['partitions'] else 'no':>3} | {lp['instructions']:>5} "
+              f"{'yes' if r['wgmma_serialized'] else 'no':>3} {'yes' if r['setmaxnreg'] or r['partitions'] else 'no':>3} | {lp['instructions']:>5} "
               + " ".join(f"{lp.get(k, 0):>{w}}" for k, w in zip(KINDS, (5, 4, 4, 4, 4, 5, 4, 3, 6, 5, 3))), flush=True)
 
 

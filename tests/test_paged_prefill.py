@@ -184,7 +184,24 @@ assert case(start=50, T=37, hq=2, hkv=2, d=48, cfg=two, new_from_cache=True)[0] 
 assert case(start=45, T=30, hq=4, hkv=2, d=48, cfg=two, kv=FP8)[0] < 1e-5
 assert case(start=20, T=9, hq=2, hkv=2, d=12, cfg=two, dtype=torch.bfloat16)[1] < 1e-2  # 24-byte rows: no TMA
 assert len(calls) == 12
-for bad in ("32,32,4,1,pad", "32,32,4,1,tma,ws", "32,32,4,1,r12x"):
+# the Gluon variant does not run here (no interpreter for Gluon; tests/gpu/test_prefill_tma_check.py checks it): with
+# the whole prompt's table and no k/v, as PrefillAttention calls it, the pointer kernel reads every key from the cache
+gl = PrefillConfig.parse("64,16,4,2,gluon")
+assert gl.variant == "gluon" and gl.text() == "64,16,4,2,gluon"
+assert case(start=50, T=37, hq=4, hkv=2, d=48, cfg=gl, new_from_cache=True)[0] < 1e-5
+from phi3v.engine.kv_cache import KVCache, PrefillAttention, PrefillKernelOptions
+cache = KVCache(1, 12, 16, 2, 48, "cpu", torch.float32, None)
+blocks = torch.randperm(12)[:8].tolist()
+where = cache.slots(blocks, 0, 69)
+qkv = [torch.randn(1, h, n, 48) for n in (40, 29) for h in (4, 2, 2)]
+outs = []
+for opts in (PrefillKernelOptions("all"), PrefillKernelOptions("all", {"fp32": gl})):
+    cache.k.zero_(); cache.v.zero_()
+    PrefillAttention(cache, where[0, :40], where[1, :40], 0, kernel=opts)(0, *qkv[:3])
+    outs.append(PrefillAttention(cache, where[0, 40:], where[1, 40:], 40, (where[0, :40], where[1, :40]),
+                                 kernel=opts)(0, *qkv[3:]))
+assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+for bad in ("32,32,4,1,pad", "32,32,4,1,tma,ws", "32,32,4,1,r12x", "64,16,8,2,gluon", "64,16,4,2,tma,gluon"):
     try:
         PrefillConfig.parse(bad)
     except ValueError:

@@ -207,7 +207,9 @@ class PrefillConfig:
     """Tile shape and launch of the kernel: BLOCK_M queries x BLOCK_N keys per step (BLOCK_M a multiple
     of BLOCK_N for variant ptr), num_warps, num_stages (software-pipelined key tiles). variant "ptr": `_prefill_kernel`
     (pointer loads, any GPU); "tma": `prefill_hopper._prefill_tma_kernel` (TMA loads, sm90+; a key tile at most
-    two cache blocks), where `pad` loads head_dim as one zero-padded power of 2 instead of two parts. maxnreg caps
+    two cache blocks), where `pad` loads head_dim as one zero-padded power of 2 instead of two parts; "gluon":
+    `prefill_gluon._prefill_gluon_kernel` (sm90, experimental: bf16, head_dim 96, BLOCK_N = the cache block, one
+    warpgroup; every key from the cache, so the caller passes the chunk's blocks in the table and no k/v). maxnreg caps
     the registers per thread (ptxas), e.g. 128 so that two programs of 8 warps fit on one SM (one's softmax
     overlapping the other's wgmma)."""
     block_m: int
@@ -219,10 +221,12 @@ class PrefillConfig:
     maxnreg: int | None = None
 
     def __post_init__(self) -> None:
-        if self.block_m % self.block_n and self.variant != "tma" or min(self.block_m, self.block_n) < 16:
-            raise ValueError(f"{self}: block_m must be a multiple of block_n (but for variant tma), both >= 16")
+        if self.block_m % self.block_n and self.variant == "ptr" or min(self.block_m, self.block_n) < 16:
+            raise ValueError(f"{self}: block_m must be a multiple of block_n (variant ptr), both >= 16")
         if self.variant not in VARIANTS or self.pad and self.variant != "tma":
             raise ValueError(f"{self}: variant one of {VARIANTS}; pad needs variant tma")
+        if self.variant == "gluon" and (self.num_warps != 4 or self.num_stages < 2 or self.maxnreg):
+            raise ValueError(f"{self}: variant gluon runs one warpgroup (num_warps 4), num_stages >= 2, no register cap")
 
     @classmethod
     def parse(cls, text: str) -> PrefillConfig:
@@ -232,9 +236,10 @@ class PrefillConfig:
         flags = set(parts[4:])
         regs = [f for f in flags if f[:1] == "r" and f[1:].isdigit()]
         try:
-            if not flags - set(regs) <= {"tma", "pad"} or len(regs) > 1:
+            variant = [f for f in flags if f in VARIANTS[1:]]
+            if not flags - set(regs) <= {"tma", "gluon", "pad"} or len(regs) > 1 or len(variant) > 1:
                 raise ValueError
-            return cls(*(int(x) for x in parts[:4]), variant="tma" if "tma" in flags else "ptr",
+            return cls(*(int(x) for x in parts[:4]), variant=variant[0] if variant else "ptr",
                        pad="pad" in flags, maxnreg=int(regs[0][1:]) if regs else None)
         except (TypeError, ValueError):
             raise ValueError(f"prefill attention config {text!r}: expected 'block_m,block_n,num_warps,num_stages' "
@@ -243,12 +248,12 @@ class PrefillConfig:
 
     def text(self) -> str:
         """The form parse reads."""
-        flags = [f for f, on in (("tma", self.variant == "tma"), ("pad", self.pad), (f"r{self.maxnreg}", self.maxnreg))
-                 if on]
+        flags = [f for f, on in ((self.variant, self.variant != "ptr"), ("pad", self.pad),
+                                 (f"r{self.maxnreg}", self.maxnreg)) if on]
         return ",".join([str(x) for x in (self.block_m, self.block_n, self.num_warps, self.num_stages)] + flags)
 
 
-VARIANTS = ("ptr", "tma")
+VARIANTS = ("ptr", "tma", "gluon")
 
 
 def parse_configs(raw: str) -> dict[str, PrefillConfig]:
@@ -339,6 +344,11 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     if t_len == 0:
         return out
     fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if cfg.variant == "gluon" and paged and not isinstance(start, Tensor):
+        from phi3v.kernels import prefill_gluon
+        if prefill_gluon.applies(q, k_cache, cfg):  # else the pointer kernel, below
+            prefill_gluon.launch(q, k_cache, v_cache, block_table, start, out, cfg)
+            return out
     if cfg.variant == "tma" and not (paged or fp8 or isinstance(start, Tensor)):
         from phi3v.kernels import prefill_hopper
         if prefill_hopper.applies(k_cache, k, v):  # else the pointer kernel, below
