@@ -2,7 +2,8 @@
 registers and spill stack ptxas reports, how many programs fit on one SM, whether key/value tiles come by TMA
 (cp.async.bulk.tensor) or by cp.async, whether the products run as wgmma and whether ptxas serialized them
 (`ser`: its info C7514, each wgmma waited for at once), whether Triton warp-specialized the
-kernel (setmaxnreg, partitions), and the SASS of the first key loop: instructions per iteration by kind (nvdisasm).
+kernel (setmaxnreg, partitions), and the SASS of the first key loop: instructions per iteration by kind (nvdisasm),
+and `EX2|mma`, how many of its exp2 issue while one of the program's own wgmma runs (the softmax beside a product).
 Prunes benchmarks/long_prefill.py's sweep before spending GPU time (a config that spills, does not pipeline, or
 fits one program per SM where another fits two will not win), and catches a kernel change that no longer compiles
 for the GPU (the CPU tests run it in the interpreter only).
@@ -94,8 +95,23 @@ def loop_mix(sass: str) -> dict:
             if any("HGMMA" in x for x in body):
                 ops = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s*(@!?U?P\w+\s+)?", "", x).split()[0] for x in body]
                 mix = {k: sum(o.startswith(k) for o in ops) for k in KINDS}
-                return {"instructions": len(ops), **mix}
+                return {"instructions": len(ops), **mix, "ex2_beside_wgmma": _ex2_in_flight(body)}
     return {"instructions": 0}
+
+
+def _ex2_in_flight(body: list[str]) -> int:
+    """How many MUFU.EX2 (the softmax's exp2) issue while a wgmma of this program is still running: after an
+    HGMMA, before the WARPGROUP.DEPBAR that waits for all (gsb0, 0x0). 0: the softmax never overlaps a product
+    within the program (only other programs on the SM can fill the tensor cores meanwhile)."""
+    n, running = 0, False
+    for x in body:
+        if "HGMMA" in x:
+            running = True
+        elif "WARPGROUP.DEPBAR.LE gsb0, 0x0" in x:
+            running = False
+        elif running and "MUFU.EX2" in x:
+            n += 1
+    return n
 
 
 def describe(k, threads: int) -> dict:
@@ -114,7 +130,8 @@ def describe(k, threads: int) -> dict:
     ptx, regs, smem = k.asm["ptx"], int(fields["REG"]), k.metadata.shared
     per_sm = min(SM_REGS // (regs * threads), SM_THREADS // threads, SM_SMEM // max(smem, 1))
     return {"shared_kb": smem / 1024, "regs": regs, "spill_bytes": int(fields["STACK"]), "per_sm": per_sm,
-            "tma": ptx.count("cp.async.bulk.tensor"), "async_copies": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+            "tma": ptx.count("cp.async.bulk.tensor"),
+            "async_copies": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
             "wgmma": ptx.count("wgmma.mma_async"), "setmaxnreg": ptx.count("setmaxnreg"),
             "partitions": k.asm["ttgir"].count("ttg.warp_specialize("), "loop": loop_mix(sass),
             "wgmma_serialized": "serialized" in ptxas.stdout + ptxas.stderr}
@@ -143,8 +160,9 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm90, head_dim 96, 64-token blocks, {a.kv}; loop = the first key loop's "
           "SASS per iteration (BLOCK_N keys)")
     print(f"{'config':>18} {'smem KiB':>8} {'regs':>4} {'spill':>5} {'/SM':>3} {'tma':>4} {'cp.async':>8} "
-          f"{'wgmma':>5} {'ser':>3} {'ws':>3} | {'instr':>5} {'HGMMA':>5} {'EX2':>4} {'FFMA':>4} {'FMUL':>4} {'FADD':>4} "
-          f"{'FMNMX':>5} {'F2FP':>4} {'TMA':>3} {'LDGSTS':>6} {'SYNCS':>5} {'BAR':>3}")
+          f"{'wgmma':>5} {'ser':>3} {'ws':>3} | {'instr':>5} {'HGMMA':>5} {'EX2':>4} {'FFMA':>4} {'FMUL':>4} "
+          f"{'FADD':>4} "
+          f"{'FMNMX':>5} {'F2FP':>4} {'TMA':>3} {'LDGSTS':>6} {'SYNCS':>5} {'BAR':>3} {'EX2|mma':>7}")
     runs = [(t, False) for t in a.configs] + [(t, True) for t in a.configs if a.ws and ",tma" in t]
     for text, ws in runs:
         cfg = PrefillConfig.parse(text)
@@ -164,8 +182,10 @@ def main() -> None:
         lp = r["loop"]
         print(f"{text + (',ws' if ws else ''):>18} {r['shared_kb']:>8.0f} {r['regs']:>4} {r['spill_bytes']:>5} "
               f"{r['per_sm']:>3} {r['tma']:>4} {r['async_copies']:>8} {r['wgmma']:>5} "
-              f"{'yes' if r['wgmma_serialized'] else 'no':>3} {'yes' if r['setmaxnreg'] or r['partitions'] else 'no':>3} | {lp['instructions']:>5} "
-              + " ".join(f"{lp.get(k, 0):>{w}}" for k, w in zip(KINDS, (5, 4, 4, 4, 4, 5, 4, 3, 6, 5, 3))), flush=True)
+              f"{'yes' if r['wgmma_serialized'] else 'no':>3} "
+              f"{'yes' if r['setmaxnreg'] or r['partitions'] else 'no':>3} | {lp['instructions']:>5} "
+              + " ".join(f"{lp.get(k, 0):>{w}}" for k, w in zip(KINDS, (5, 4, 4, 4, 4, 5, 4, 3, 6, 5, 3)))
+              + f" {lp.get('ex2_beside_wgmma', 0):>7}", flush=True)
 
 
 if __name__ == "__main__":

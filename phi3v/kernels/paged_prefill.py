@@ -226,7 +226,8 @@ class PrefillConfig:
         if self.variant not in VARIANTS or self.pad and self.variant != "tma":
             raise ValueError(f"{self}: variant one of {VARIANTS}; pad needs variant tma")
         if self.variant == "gluon" and (self.num_warps != 4 or self.num_stages < 2 or self.maxnreg):
-            raise ValueError(f"{self}: variant gluon runs one warpgroup (num_warps 4), num_stages >= 2, no register cap")
+            raise ValueError(f"{self}: variant gluon runs one warpgroup (num_warps 4), num_stages >= 2, "
+                             "no register cap")
 
     @classmethod
     def parse(cls, text: str) -> PrefillConfig:

@@ -4,20 +4,23 @@ intra-warpgroup overlap, which plain Triton does not schedule (docs/perf-log.md,
 Experimental, selected by PrefillConfig variant "gluon"; not the default. Gluon kernels do not run in Triton's CPU
 interpreter: tests/gpu/test_prefill_tma_check.py checks it against the pointer kernel on the GPU before any timing.
 
-One program = BLOCK_M queries of one head, one warpgroup (4 warps), several programs per SM. Every key, the chunk's
-own included, is read from the cache through the sequence's block table (PrefillAttention stores the chunk's K/V
-before attending; the caller passes a table covering positions 0..start+T-1). A key tile is one cache block
-(BLOCK_N = BS): TMA copies its K and V (head_dim as 64 + 32 columns) into a ring of STAGES shared-memory slots,
-each with an mbarrier per K and per V. The loop keeps two wgmma products in flight while the softmax runs:
+One program = BLOCK_M queries of one head, one warpgroup (4 warps), two programs per SM. Every key, the chunk's own
+included, is read from the cache through the sequence's block table (PrefillAttention stores the chunk's K/V before
+attending and passes a table covering positions 0..start+T-1; the cache holds finite values, as a zero-initialised
+cache written only with K/V does, so the masked slots of a last, partial block add 0 x finite). A key tile is one
+cache block (BLOCK_N = BS): TMA copies its K and V (head_dim as 64 + 32 columns) into a ring of STAGES
+shared-memory slots, each with an mbarrier for K and one for V. Step j, in FlashAttention-3's order:
 
-    S(j+1) = Q K(j+1)^T issued           (async)
-    softmax of S(j) -> P(j)              (CUDA cores, while the tensor cores do S(j+1) and P(j-1) V(j-1))
-    wait P(j-1) V(j-1); rescale O; issue the loads of tile j+STAGES-1 into the slot tile j-1 freed
-    O += P(j) V(j) issued                (async)
-    wait S(j+1)
+    S(j) = Q K(j)^T issued               (async)
+    O *= alpha(j-1); O += P(j-1) V(j-1) issued (async, P from shared memory)
+    wait S(j); softmax of S(j) -> P(j)   (CUDA cores, while the tensor cores do P(j-1) V(j-1))
+    P(j) into the other P slot; wait P(j-1) V(j-1); TMA of tile j-1+STAGES into the ring slot tile j-1 freed
 
-Causal masking only on the last tiles (those that reach a query of this tile); P goes from registers to the second
-product (no shared-memory round trip); the softmax works in log2 units with the scale folded into one FMA.
+What the compile showed (benchmarks/prefill_compile.py, docs/perf-log.md 2026-12-05) and this layout avoids: a
+branch while a product is in flight (the causal tiles run in their own loop; the TMA issue is predicated), scores
+carried in flight from one step to the next, and P as a register operand (ptxas reuses the registers an operand in
+flight is read from and then waits for the product before the softmax) each made ptxas wait for, or serialize,
+the wgmma. The softmax works in log2 units with the scale folded into one FMA.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ try:  # Triton >= 3.5 (Gluon); the import fails on older Tritons and on installs
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                    warpgroup_mma_init, warpgroup_mma_wait)
 
+    # the TMA load's name: async_copy_global_to_shared up to Triton 3.6 (the GPU machine's), async_load later
+    _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the install
     HAVE_GLUON = False
@@ -46,12 +51,12 @@ if HAVE_GLUON:
         row = (gl.load(bt_ptr + j * sbt, mask=go, other=0).to(gl.int32) * HKV + kvh) * BS
         kb = kbar.index(s)
         mbarrier.expect(kb, dk_lo.block_type.nbytes + dk_hi.block_type.nbytes, pred=go)
-        tma.async_copy_global_to_shared(dk_lo, [row, 0], kb, k_lo.index(s), pred=go)
-        tma.async_copy_global_to_shared(dk_hi, [row, D_LO], kb, k_hi.index(s), pred=go)
+        _tma_load(dk_lo, [row, 0], kb, k_lo.index(s), pred=go)
+        _tma_load(dk_hi, [row, D_LO], kb, k_hi.index(s), pred=go)
         vb = vbar.index(s)
         mbarrier.expect(vb, dv_lo.block_type.nbytes + dv_hi.block_type.nbytes, pred=go)
-        tma.async_copy_global_to_shared(dv_lo, [row, 0], vb, v_lo.index(s), pred=go)
-        tma.async_copy_global_to_shared(dv_hi, [row, D_LO], vb, v_hi.index(s), pred=go)
+        _tma_load(dv_lo, [row, 0], vb, v_lo.index(s), pred=go)
+        _tma_load(dv_hi, [row, D_LO], vb, v_hi.index(s), pred=go)
 
     @gluon.jit
     def _qk(j, q_lo, q_hi, k_lo, k_hi, kbar, s0, STAGES: gl.constexpr):
@@ -83,8 +88,8 @@ if HAVE_GLUON:
     def _pv(j, p_smem, o_lo, o_hi, v_lo, v_hi, vbar, STAGES: gl.constexpr):
         # O += P(j) V(j) issued as two async wgmma groups once V(j) has landed; P(j) (bf16) from shared memory,
         # slot j % 2. Not from registers: ptxas reuses the registers an operand in flight is read from for the
-        # next softmax and then waits for the product before it, which undoes the overlap; one slot, the same
-        # (the next P's stores must wait for the product).
+        # next softmax and then waits for the product before it, which undoes the overlap. Two slots: P(j+1) is
+        # written while this product reads P(j) (with one, ptxas moves the wait for it before the softmax).
         s = j % STAGES
         mbarrier.wait(vbar.index(s), (j // STAGES) & 1)
         p = p_smem.index(j % 2)
@@ -194,8 +199,8 @@ if HAVE_GLUON:
         n_free = (start + m0 + 1) // BLOCK_N  # tiles every query here sees whole
         q_pos = start + m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, S_L))
         for i in gl.static_range(STAGES):  # every slot; step j refills tile j-1's with tile j-1+STAGES
-            _issue(i, n, bt_ptr, sbt, kvh, dk_lo, dk_hi, dv_lo, dv_hi, k_lo, k_hi, v_lo, v_hi, kbar, vbar, HKV, BS, D_LO,
-                   STAGES)
+            _issue(i, n, bt_ptr, sbt, kvh, dk_lo, dk_hi, dv_lo, dv_hi, k_lo, k_hi, v_lo, v_hi, kbar, vbar, HKV, BS,
+                   D_LO, STAGES)
         m = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, S_L))
         l = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, S_L))
         o_lo = gl.zeros([BLOCK_M, D_LO], gl.float32, O_LO)
@@ -203,7 +208,8 @@ if HAVE_GLUON:
         s0 = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, S_L)
         s = warpgroup_mma_wait(0, deps=[_qk(0, q_lo, q_hi, k_lo, k_hi, kbar, s0, STAGES)])
         p_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_M, BLOCK_N], gl.NVMMASharedLayout(BLOCK_N * 2, 16))
-        p, alpha, m, l = _softmax(_mask(s, 0, q_pos, True, BLOCK_N, S_L), m, l, c)  # a no-op unless tile 0 reaches a query
+        # tile 0 masked (a no-op unless it reaches a query here): the loops below start at tile 1
+        p, alpha, m, l = _softmax(_mask(s, 0, q_pos, True, BLOCK_N, S_L), m, l, c)
         _put_p(0, p, p_smem)
         j_mask = gl.maximum(n_free, 1)  # tiles 1..j_mask-1 every query here sees whole; from j_mask on, causal
         for j in range(1, j_mask):
