@@ -201,6 +201,10 @@ for opts in (PrefillKernelOptions("all"), PrefillKernelOptions("all", {"fp32": g
     outs.append(PrefillAttention(cache, where[0, 40:], where[1, 40:], 40, (where[0, :40], where[1, :40]),
                                  kernel=opts)(0, *qkv[3:]))
 assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+from phi3v.kernels import paged_prefill
+before = cache.k.clone()
+paged_prefill.warmup(cache.k[0], cache.v[0], 4, torch.float32, {"fp32": gl})  # the engine's warm-up, that config
+assert torch.equal(cache.k, before)
 for bad in ("32,32,4,1,pad", "32,32,4,1,tma,ws", "32,32,4,1,r12x", "64,16,8,2,gluon", "64,16,4,2,tma,gluon"):
     try:
         PrefillConfig.parse(bad)

@@ -379,4 +379,7 @@ def warmup(k_cache: Tensor, v_cache: Tensor, n_heads: int, dtype: torch.dtype,
     q = torch.zeros(16, n_heads, d, device=k_cache.device, dtype=dtype)
     kv = torch.zeros(16, hkv, d, device=k_cache.device, dtype=dtype)
     bt = torch.zeros(2 * bs, device=k_cache.device, dtype=torch.long)[::bs]  # as PrefillAttention's past[0][::bs]
-    paged_prefill_attention(q, k_cache, v_cache, bt, bs, kv, kv, config=(configs or {}).get(config_key(q, k_cache)))
+    cfg = (configs or {}).get(config_key(q, k_cache))
+    if cfg is not None and cfg.variant == "gluon":  # as PrefillAttention calls it: every key from the cache
+        kv = None
+    paged_prefill_attention(q, k_cache, v_cache, bt, bs, kv, kv, config=cfg)
