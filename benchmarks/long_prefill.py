@@ -7,9 +7,9 @@ three modes of phi3v/kernels/paged_prefill.py:
   off   every later chunk gathers the whole past from the cache, concatenates, SDPA (lower-right causal)
   past  later chunks take the paged kernel (reads the past in place); the first chunk SDPA (the default)
   all   every chunk takes the kernel
-Then a sweep of kernel configs (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma variant flags]; `--tma`: the TMA
-variant's SWEEP_TMA beside the default config) in the `--mode` mode, each
-checked against the old path's output for the last chunk. Times: one layer, milliseconds, the median
+Then a sweep of kernel configs (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant flags]; `--tma`: SWEEP_TMA, the
+TMA and Gluon variants, beside the default config) in the `--mode` mode, each checked against the old path's output
+for the last chunk (nan: wrong, or the config's variant did not run). Times: one layer, milliseconds, the median
 of `--reps` runs after a warm-up (Triton compiles there); `x32 s` = 32 layers' worth in seconds,
 TFLOP/s counts the causal pairs only (4 * D * heads per query-key pair).
 
@@ -114,7 +114,8 @@ def main() -> None:
     if a.small:
         global H, D, BS, DEV, DT
         H, D, BS, DEV, DT = 2, 48, 16, "cpu", torch.float32
-        a.totals, a.chunks, a.configs, a.reps = "150", "64,96", ["32,16,4,1", "16,16,4,1"] + (["32,32,4,1,tma"] * a.tma), 1
+        a.totals, a.chunks, a.reps = "150", "64,96", 1
+        a.configs = ["32,16,4,1", "16,16,4,1"] + (["32,32,4,1,tma"] if a.tma else [])
     if a.configs is None:
         a.configs = [paged_prefill.CONFIGS["bf16"].text()] + SWEEP_TMA if a.tma else SWEEP
     totals = [int(x) for x in a.totals.split(",")]
@@ -160,10 +161,13 @@ def sweep(a, cache: KVCache, key: str, totals: list[int], chunks: list[int], res
         row = []
         try:
             for tc, p in prompts.items():
+                ran = paged_prefill.LAUNCHES[cfg.variant]
                 ms = with_mode(a.mode, lambda: p.time_ms(a.reps))
+                ran = paged_prefill.LAUNCHES[cfg.variant] > ran  # else it fell back to the pointer kernel
                 diff = (with_mode(a.mode, p.run).float() - refs[tc]).abs().max().item()
-                row.append(ms if diff < 5e-2 else float("nan"))  # nan: wrong output (see max_abs_diff)
-                res["sweep"].append({"config": text, "total": tc[0], "chunk": tc[1], "ms": ms, "max_abs_diff": diff})
+                row.append(ms if diff < 5e-2 and ran else float("nan"))  # nan: wrong output, or not this variant
+                res["sweep"].append({"config": text, "total": tc[0], "chunk": tc[1], "ms": ms, "max_abs_diff": diff,
+                                     "variant_ran": ran})
         except Exception as e:  # e.g. out of shared memory for this tile
             print(f"{text:>14} failed: {str(e)[:100]}")
             res["sweep"].append({"config": text, "error": str(e)[:200]})

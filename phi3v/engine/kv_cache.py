@@ -129,9 +129,10 @@ class PrefillAttention:
         c.write(layer, self.blk, self.off, k[0].transpose(0, 1), v[0].transpose(0, 1))
         if c.triton and paged_prefill.use_kernel(self.kernel.mode, self.start):  # reads the past in place (no gather)
             bt = self.past[0][:: c.block_size] if self.start else self.blk[:1]  # the block table: blocks of 0, bs, ..
-            cfg = self.kernel.configs.get(paged_prefill.config_key(q, c.k))
+            key = paged_prefill.config_key(q, c.k)
+            cfg = self.kernel.configs.get(key) or paged_prefill.CONFIGS[key]
             kt, vt = k[0].transpose(0, 1), v[0].transpose(0, 1)
-            if cfg is not None and cfg.variant == "gluon":  # every key from the cache: the chunk's blocks too
+            if cfg.variant == "gluon":  # every key from the cache: the chunk's blocks too
                 bt, kt, vt = self._whole_table(), None, None
             o = paged_prefill.paged_prefill_attention(q[0].transpose(0, 1), c.k[layer], c.v[layer], bt, self.start,
                                                       kt, vt, config=cfg)

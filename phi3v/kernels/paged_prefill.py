@@ -21,6 +21,7 @@ last wave holds short programs.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -296,6 +297,10 @@ def config_key(q: Tensor, k_cache: Tensor) -> str:
 # chunk, "off" = none (SDPA over the gathered past: the A/B baseline).
 MODES = ("past", "all", "off")
 
+# launches per kernel variant since import: a tuning run (benchmarks/long_prefill.py) checks that the variant it times
+# is the one that ran (a config falls back to the pointer kernel where its variant does not apply)
+LAUNCHES: Counter[str] = Counter()
+
 
 def use_kernel(mode: str, start: int) -> bool:
     """Whether a chunk starting at `start` takes the kernel (the caller checks Triton)."""
@@ -349,12 +354,15 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
         from phi3v.kernels import prefill_gluon
         if prefill_gluon.applies(q, k_cache, cfg):  # else the pointer kernel, below
             prefill_gluon.launch(q, k_cache, v_cache, block_table, start, out, cfg)
+            LAUNCHES["gluon"] += 1
             return out
     if cfg.variant == "tma" and not (paged or fp8 or isinstance(start, Tensor)):
         from phi3v.kernels import prefill_hopper
         if prefill_hopper.applies(k_cache, k, v):  # else the pointer kernel, below
             prefill_hopper.launch(q, k_cache, v_cache, block_table, start, k, v, out, cfg)
+            LAUNCHES["tma"] += 1
             return out
+    LAUNCHES["ptr"] += 1
     d_lo, d_hi = _split_head_dim(d)
     grid = (triton.cdiv(t_len, cfg.block_m), hq)
     _prefill_kernel[grid](

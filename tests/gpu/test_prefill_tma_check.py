@@ -23,12 +23,13 @@ pytestmark = pytest.mark.gpu
 H, D, BS = 32, 96, 64
 
 
-@pytest.fixture(scope="module")
-def chunk() -> dict:
-    """A 1,000-token chunk after a 3,000-token past (mid-block), its K/V as the model hands them (strided views of
-    one qkv tensor) and, as PrefillAttention leaves them before attending, in the cache too."""
+@pytest.fixture(scope="module", params=[(3000, 1000), (4096, 777)], ids=["past-mid-block", "past-aligned"])
+def chunk(request) -> dict:
+    """A chunk after a past that ends mid-block (3,000 + 1,000 tokens) or on a block and tile boundary (4,096 + 777,
+    a chunk no multiple of the tiles), its K/V as the model hands them (strided views of one qkv tensor) and, as
+    PrefillAttention leaves them before attending, in the cache too."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    start, t_len, n_blocks = 3000, 1000, 120
+    (start, t_len), n_blocks = request.param, 120
     kc = torch.randn(n_blocks, H, BS, D, device="cuda", generator=g).bfloat16() * 2
     vc = torch.randn(n_blocks, H, BS, D, device="cuda", generator=g).bfloat16()
     table = torch.randperm(n_blocks, device="cuda", generator=g)[: -(-(start + t_len) // BS)]
