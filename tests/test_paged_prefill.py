@@ -205,6 +205,9 @@ from phi3v.kernels import paged_prefill
 before = cache.k.clone()
 paged_prefill.warmup(cache.k[0], cache.v[0], 4, torch.float32, {"fp32": gl})  # the engine's warm-up, that config
 assert torch.equal(cache.k, before)
+# PHI3V_PREFILL_ATTN_CONFIG (cli.engine_switches) takes the variants
+got = paged_prefill.parse_configs("bf16=128,64,4,2,gluon;fp8=128,64,8,3")
+assert got["bf16"].variant == "gluon" and got["fp8"] == PrefillConfig(128, 64, 8, 3)
 for bad in ("32,32,4,1,pad", "32,32,4,1,tma,ws", "32,32,4,1,r12x", "64,16,8,2,gluon", "64,16,4,2,tma,gluon"):
     try:
         PrefillConfig.parse(bad)
