@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--chunks", default="2048,4096,8192,16384")
     ap.add_argument("--configs", nargs="*", default=None, help="default: SWEEP (or the default config + SWEEP_TMA)")
     ap.add_argument("--tma", action="store_true", help="sweep the TMA variant (SWEEP_TMA) beside the default config")
+    ap.add_argument("--skip-variant", default="", help="leave this variant's configs out of --tma (e.g. gluon)")
     ap.add_argument("--mode", choices=("past", "all"), default="past", help="mode of the config sweep")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
@@ -117,7 +118,8 @@ def main() -> None:
         a.totals, a.chunks, a.reps = "150", "64,96", 1
         a.configs = ["32,16,4,1", "16,16,4,1"] + (["32,32,4,1,tma"] if a.tma else [])
     if a.configs is None:
-        a.configs = [paged_prefill.CONFIGS["bf16"].text()] + SWEEP_TMA if a.tma else SWEEP
+        tma = [t for t in SWEEP_TMA if not a.skip_variant or PrefillConfig.parse(t).variant != a.skip_variant]
+        a.configs = [paged_prefill.CONFIGS["bf16"].text()] + tma if a.tma else SWEEP
     totals = [int(x) for x in a.totals.split(",")]
     chunks = [int(x) for x in a.chunks.split(",")]
     cache = KVCache(1, -(-max(totals) // BS) + 8, BS, H, D, DEV, DT, FP8 if a.kv == "fp8" else None)
