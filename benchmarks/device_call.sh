@@ -39,6 +39,11 @@
 #   profile_decode | profile_prefill | profile_ttft | profile_offline | profile_followup
 #                  benchmarks/profiler.py MODE (where the time of (a) / a (c) prefill step / (b) / (c) goes)
 #   profile_decode_lora  profiler.py decode with a per-request adapter of rank $LORA_RANK (kernels_per_step)
+#   long_prefill_tma  issue 17 (f): tests/gpu/test_prefill_tma_check.py (the TMA variant of the paged prefill kernel
+#                  against the pointer kernel, every SWEEP_TMA config), then benchmarks/long_prefill.py --tma at 35k /
+#                  107k tokens in 16,384-token chunks (the default config beside SWEEP_TMA, one layer; without the
+#                  Gluon configs when the check failed), then `bench --parts f --max-model-len 110000` with the
+#                  sweep's best config (PHI3V_PREFILL_ATTN_CONFIG)
 #   attention_backends  benchmarks/attention_backends.py (long-prompt prefill attention: Triton vs SDPA backends)
 #   attention      benchmarks/attention_sweep.py (bf16; attention_fp8: --kv-dtype fp8), a tuning sweep
 #   gemv_m1        benchmarks/gemv_sweep.py --m 1 (the GEMV table's tuning sweep at batch 1)
@@ -122,6 +127,18 @@ for step in "$@"; do
             --out "$OUT/${TAG}_$step.json" >"$log" 2>&1 ;;
         profile_decode|profile_prefill|profile_ttft|profile_offline|profile_followup)
             python3 benchmarks/profiler.py "${step#profile_}" --folder "$M" --out "$OUT/${TAG}_$step.json" >"$log" 2>&1 ;;
+        long_prefill_tma) { chk="/tmp/${TAG}_tma_check.txt"
+            timeout 300 python3 -m pytest -p no:cacheprovider -m gpu -q -rA tests/gpu/test_prefill_tma_check.py \
+                | tee "$chk"; r1=${PIPESTATUS[0]}
+            j="$OUT/${TAG}_long_prefill_tma.json"
+            skip=""  # a Gluon config that failed its check, or a hung check, keeps Gluon out of the timing
+            { [ $r1 -eq 124 ] || grep -q "FAILED.*gluon" "$chk"; } && skip="--skip-variant gluon"
+            timeout 300 python3 benchmarks/long_prefill.py --tma $skip --chunks 16384 --out "$j"; r2=$?
+            best=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("best_config", ""))' "$j")
+            echo "best config: $best"
+            [ -n "$best" ] && PHI3V_PREFILL_ATTN_CONFIG="bf16=$best" bench --parts f --max-model-len 110000 \
+                --json-out "$OUT/${TAG}_bench_f_tma.json"; r3=$?
+            [ $r1 -eq 0 ] && [ $r2 -eq 0 ] && [ $r3 -eq 0 ]; } >"$log" 2>&1 ;;
         attention) python3 benchmarks/attention_sweep.py --out "$OUT/${TAG}_attention.json" >"$log" 2>&1 ;;
         attention_backends) python3 benchmarks/attention_backends.py --out "$OUT/${TAG}_attention_backends.json" >"$log" 2>&1 ;;
         attention_fp8) python3 benchmarks/attention_sweep.py --kv-dtype fp8 --out "$OUT/${TAG}_attention_fp8.json" >"$log" 2>&1 ;;

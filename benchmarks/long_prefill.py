@@ -7,13 +7,14 @@ three modes of phi3v/kernels/paged_prefill.py:
   off   every later chunk gathers the whole past from the cache, concatenates, SDPA (lower-right causal)
   past  later chunks take the paged kernel (reads the past in place); the first chunk SDPA (the default)
   all   every chunk takes the kernel
-Then a sweep of kernel configs (BLOCK_M, BLOCK_N, num_warps, num_stages) in the `--mode` mode, each
-checked against the old path's output for the last chunk. Times: one layer, milliseconds, the median
+Then a sweep of kernel configs (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant flags]; `--tma`: SWEEP_TMA, the
+TMA and Gluon variants, beside the default config) in the `--mode` mode, each checked against the old path's output
+for the last chunk (nan: wrong, or the config's variant did not run). Times: one layer, milliseconds, the median
 of `--reps` runs after a warm-up (Triton compiles there); `x32 s` = 32 layers' worth in seconds,
 TFLOP/s counts the causal pairs only (4 * D * heads per query-key pair).
 
 Usage: python benchmarks/long_prefill.py [--small] [--kv bf16|fp8] [--totals 35000,107000]
-       [--chunks 2048,4096,8192,16384] [--configs 128,64,8,3 64,64,4,3 ...] [--mode past] [--no-sweep]
+       [--chunks 2048,4096,8192,16384] [--configs 128,64,8,3 64,64,4,3 ...] [--tma] [--mode past] [--no-sweep]
        [--out results/long_prefill.json]
 The best config prints as a PHI3V_PREFILL_ATTN_CONFIG line (or edit CONFIGS in paged_prefill.py).
 """
@@ -37,6 +38,14 @@ H, D, BS, DEV, DT = 32, 96, 64, "cuda", torch.bfloat16
 # configs that compile for sm90 without spilling (benchmarks/prefill_compile.py: 128,64,4,3 and 256,64,8,3 spill)
 SWEEP = ["128,64,8,3", "128,64,8,2", "128,64,8,4", "128,128,8,3", "128,128,8,2", "128,32,4,3", "64,64,4,3",
          "64,32,4,4"]
+# the TMA variant (phi3v/kernels/prefill_hopper.py; sm90): two or three programs per SM, so that one program's softmax
+# runs beside another's wgmma (one warpgroup of 128 or 64 queries, or 8 warps under a 128-register cap ',r128'), key
+# tiles of one or two cache blocks, head_dim padded to one box of 128 (',pad') against 64 + 32; then the Gluon kernel
+# (phi3v/kernels/prefill_gluon.py: the softmax of one tile beside the wgmma of the previous). Each compiles for sm90
+# without spills (benchmarks/prefill_compile.py, docs/perf-log.md 2026-12-05)
+SWEEP_TMA = ["128,128,8,2,tma", "128,64,4,2,tma", "128,64,4,3,tma", "128,32,4,2,tma", "128,64,8,2,tma,r128",
+             "128,64,8,3,tma,r128", "64,128,4,2,tma", "64,64,4,2,tma", "128,128,8,2,tma,pad",
+             "128,64,4,2,gluon", "64,64,4,2,gluon", "64,64,4,3,gluon"]
 
 
 class Prompt:
@@ -94,7 +103,9 @@ def main() -> None:
     ap.add_argument("--kv", choices=("bf16", "fp8"), default="bf16")
     ap.add_argument("--totals", default="35000,107000")
     ap.add_argument("--chunks", default="2048,4096,8192,16384")
-    ap.add_argument("--configs", nargs="*", default=SWEEP)
+    ap.add_argument("--configs", nargs="*", default=None, help="default: SWEEP (or the default config + SWEEP_TMA)")
+    ap.add_argument("--tma", action="store_true", help="sweep the TMA variant (SWEEP_TMA) beside the default config")
+    ap.add_argument("--skip-variant", default="", help="leave this variant's configs out of --tma (e.g. gluon)")
     ap.add_argument("--mode", choices=("past", "all"), default="past", help="mode of the config sweep")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
@@ -104,7 +115,11 @@ def main() -> None:
     if a.small:
         global H, D, BS, DEV, DT
         H, D, BS, DEV, DT = 2, 48, 16, "cpu", torch.float32
-        a.totals, a.chunks, a.configs, a.reps = "150", "64,96", ["32,16,4,1", "16,16,4,1"], 1
+        a.totals, a.chunks, a.reps = "150", "64,96", 1
+        a.configs = ["32,16,4,1", "16,16,4,1"] + (["32,32,4,1,tma"] if a.tma else [])
+    if a.configs is None:
+        tma = [t for t in SWEEP_TMA if not a.skip_variant or PrefillConfig.parse(t).variant != a.skip_variant]
+        a.configs = [paged_prefill.CONFIGS["bf16"].text()] + tma if a.tma else SWEEP
     totals = [int(x) for x in a.totals.split(",")]
     chunks = [int(x) for x in a.chunks.split(",")]
     cache = KVCache(1, -(-max(totals) // BS) + 8, BS, H, D, DEV, DT, FP8 if a.kv == "fp8" else None)
@@ -112,7 +127,7 @@ def main() -> None:
     key = paged_prefill.config_key(cache.k[0, :1, 0, 0].to(DT), cache.k)
     default = paged_prefill.CONFIGS[key]
     res = {"device": torch.cuda.get_device_name(0) if DEV == "cuda" else DEV, "kv": a.kv,
-           "default_config": list(vars(default).values()), "cases": [], "sweep": []}
+           "default_config": default.text(), "cases": [], "sweep": []}
     print(f"{'total':>7} {'chunk':>6} {'off ms':>8} {'past ms':>8} {'all ms':>8} {'speedup':>7} {'TFLOP/s':>7} "
           f"{'x32 s':>6} {'max|d|':>8}")
     for total in totals:
@@ -148,10 +163,13 @@ def sweep(a, cache: KVCache, key: str, totals: list[int], chunks: list[int], res
         row = []
         try:
             for tc, p in prompts.items():
+                ran = paged_prefill.LAUNCHES[cfg.variant]
                 ms = with_mode(a.mode, lambda: p.time_ms(a.reps))
+                ran = paged_prefill.LAUNCHES[cfg.variant] > ran  # else it fell back to the pointer kernel
                 diff = (with_mode(a.mode, p.run).float() - refs[tc]).abs().max().item()
-                row.append(ms if diff < 5e-2 else float("nan"))  # nan: wrong output (see max_abs_diff)
-                res["sweep"].append({"config": text, "total": tc[0], "chunk": tc[1], "ms": ms, "max_abs_diff": diff})
+                row.append(ms if diff < 5e-2 and ran else float("nan"))  # nan: wrong output, or not this variant
+                res["sweep"].append({"config": text, "total": tc[0], "chunk": tc[1], "ms": ms, "max_abs_diff": diff,
+                                     "variant_ran": ran})
         except Exception as e:  # e.g. out of shared memory for this tile
             print(f"{text:>14} failed: {str(e)[:100]}")
             res["sweep"].append({"config": text, "error": str(e)[:200]})

@@ -156,6 +156,72 @@ print("ok", got)
 """
 
 
+TMA_SCRIPT = SCRIPT.split("small, wide")[0] + r"""
+# the TMA variant (phi3v/kernels/prefill_hopper.py): tensor descriptors, which the interpreter runs, against the
+# same reference; key tiles of one box and of two cache blocks, head_dim in two parts and padded
+two, one, pad = (PrefillConfig.parse(t) for t in ("32,32,4,1,tma", "32,16,4,2,tma,r128", "32,32,4,1,tma,pad"))
+wide = PrefillConfig.parse("16,32,4,1,tma")  # key tiles wider than the query tile (two blocks per tile)
+assert two.text() == "32,32,4,1,tma" and one.maxnreg == 128 and pad.pad
+from phi3v.kernels import prefill_hopper
+calls = []
+_launch = prefill_hopper.launch
+prefill_hopper.launch = lambda *a, **k: calls.append(a[-1]) or _launch(*a, **k)
+checks = [
+    ("past 50 (mid-block), GQA, d=48 (32 + 16)", dict(start=50, T=37, hq=4, hkv=2, d=48), (two, one, pad, wide)),
+    ("first chunk (no past)", dict(start=0, T=20, hq=2, hkv=2, d=48), (two, pad, wide)),
+    ("past 64 (block-aligned), d=32 (one part), T=1", dict(start=64, T=1, hq=2, hkv=1, d=32), (two, one)),
+    ("past 70 in 64-token blocks, d=24", dict(start=70, T=45, hq=2, hkv=2, d=24, bs=64), (two, pad)),
+]
+for what, kw, cfgs in checks:
+    for cfg in cfgs:
+        err, rel = case(cfg=cfg, **kw)
+        assert err < 1e-5, (what, cfg, err)
+err, rel = case(start=40, T=33, hq=4, hkv=2, d=48, cfg=two, dtype=torch.bfloat16)
+assert rel < 1e-2, rel
+assert len(calls) == 12 and set(calls) == {two, one, pad, wide}, calls  # the TMA kernel ran each of those
+# where the variant does not apply (the chunk from the cache, an fp8 cache) the pointer kernel runs: still right
+assert case(start=50, T=37, hq=2, hkv=2, d=48, cfg=two, new_from_cache=True)[0] < 1e-5
+assert case(start=45, T=30, hq=4, hkv=2, d=48, cfg=two, kv=FP8)[0] < 1e-5
+assert case(start=20, T=9, hq=2, hkv=2, d=12, cfg=two, dtype=torch.bfloat16)[1] < 1e-2  # 24-byte rows: no TMA
+assert len(calls) == 12
+# the Gluon variant does not run here (no interpreter for Gluon; tests/gpu/test_prefill_tma_check.py checks it): with
+# the whole prompt's table and no k/v, as PrefillAttention calls it, the pointer kernel reads every key from the cache
+gl = PrefillConfig.parse("64,16,4,2,gluon")
+assert gl.variant == "gluon" and gl.text() == "64,16,4,2,gluon"
+assert case(start=50, T=37, hq=4, hkv=2, d=48, cfg=gl, new_from_cache=True)[0] < 1e-5
+from phi3v.engine.kv_cache import KVCache, PrefillAttention, PrefillKernelOptions
+cache = KVCache(1, 12, 16, 2, 48, "cpu", torch.float32, None)
+blocks = torch.randperm(12)[:8].tolist()
+where = cache.slots(blocks, 0, 69)
+qkv = [torch.randn(1, h, n, 48) for n in (40, 29) for h in (4, 2, 2)]
+outs = []
+for opts in (PrefillKernelOptions("all"), PrefillKernelOptions("all", {"fp32": gl})):
+    cache.k.zero_(); cache.v.zero_()
+    PrefillAttention(cache, where[0, :40], where[1, :40], 0, kernel=opts)(0, *qkv[:3])
+    outs.append(PrefillAttention(cache, where[0, 40:], where[1, 40:], 40, (where[0, :40], where[1, :40]),
+                                 kernel=opts)(0, *qkv[3:]))
+assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+from phi3v.kernels import paged_prefill
+before = cache.k.clone()
+paged_prefill.warmup(cache.k[0], cache.v[0], 4, torch.float32, {"fp32": gl})  # the engine's warm-up, that config
+assert torch.equal(cache.k, before)
+# PHI3V_PREFILL_ATTN_CONFIG (cli.engine_switches) takes the variants
+got = paged_prefill.parse_configs("bf16=128,64,4,2,gluon;fp8=128,64,8,3")
+assert got["bf16"].variant == "gluon" and got["fp8"] == PrefillConfig(128, 64, 8, 3)
+for bad in ("32,32,4,1,pad", "32,32,4,1,tma,ws", "32,32,4,1,r12x", "64,16,8,2,gluon", "64,16,4,2,tma,gluon"):
+    try:
+        PrefillConfig.parse(bad)
+    except ValueError:
+        continue
+    raise AssertionError(bad)
+print("ok")
+"""
+
+
+def test_tma_variant_matches_the_gathered_reference_in_the_interpreter() -> None:
+    assert run_interpreted(TMA_SCRIPT).startswith("ok")
+
+
 def test_prefill_attention_and_chunked_engine_with_the_kernel_equal_sdpa_in_the_interpreter() -> None:
     assert run_interpreted(WIRING_SCRIPT).startswith("ok")
 

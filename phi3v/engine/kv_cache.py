@@ -121,6 +121,7 @@ class PrefillAttention:
         self.cache, self.blk, self.off, self.start, self.past = cache, blk, off, start, past
         self.vary = vary  # a shape not captured in a graph: see FLASH_FIRST
         self.kernel = kernel or PrefillKernelOptions()
+        self._table: Tensor | None = None  # see _whole_table
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # q (1, n_heads, T, D); k, v (1, n_kv, T, D)
@@ -128,9 +129,13 @@ class PrefillAttention:
         c.write(layer, self.blk, self.off, k[0].transpose(0, 1), v[0].transpose(0, 1))
         if c.triton and paged_prefill.use_kernel(self.kernel.mode, self.start):  # reads the past in place (no gather)
             bt = self.past[0][:: c.block_size] if self.start else self.blk[:1]  # the block table: blocks of 0, bs, ..
-            cfg = self.kernel.configs.get(paged_prefill.config_key(q, c.k))
+            key = paged_prefill.config_key(q, c.k)
+            cfg = self.kernel.configs.get(key) or paged_prefill.CONFIGS[key]
+            kt, vt = k[0].transpose(0, 1), v[0].transpose(0, 1)
+            if cfg.variant == "gluon":  # every key from the cache: the chunk's blocks too
+                bt, kt, vt = self._whole_table(), None, None
             o = paged_prefill.paged_prefill_attention(q[0].transpose(0, 1), c.k[layer], c.v[layer], bt, self.start,
-                                                      k[0].transpose(0, 1), v[0].transpose(0, 1), config=cfg)
+                                                      kt, vt, config=cfg)
             return o.transpose(0, 1)[None]
         if self.start == 0:
             with flash_first(q, self.vary):
@@ -143,6 +148,14 @@ class PrefillAttention:
         # a graph for every new shape (~65 ms; a prompt of two 16-crop images has its second chunk here)
         with flash_first(q, self.vary):
             return attention(q, kc, vc, causal_lower_right(q.shape[2], kc.shape[2]))
+
+
+    def _whole_table(self) -> Tensor:
+        # blocks of positions 0, bs, 2 bs, .. up to start+T-1 (the same for every layer: built once per chunk)
+        if self._table is None:
+            pos = torch.cat([self.past[0], self.blk]) if self.start else self.blk
+            self._table = pos[:: self.cache.block_size]
+        return self._table
 
 
 class SuffixAttention:

@@ -313,7 +313,8 @@ class ModelRunner:
         n += self.vision.warmup(crop)  # crop: one crop's shape and dtype
         if self.cache.triton and self.device.type == "cuda" and self.prefill_kernel.mode != "off":
             # the paged prefill kernel's Triton compile, not the first long prompt's
-            paged_prefill.warmup(self.cache.k[0], self.cache.v[0], self.cfg.num_attention_heads, self.model.dtype)
+            paged_prefill.warmup(self.cache.k[0], self.cache.v[0], self.cfg.num_attention_heads, self.model.dtype,
+                                 self.prefill_kernel.configs)
         return n
 
 

@@ -21,6 +21,7 @@ last wave holds short programs.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -205,24 +206,56 @@ if HAVE_TRITON:
 @dataclass(frozen=True)
 class PrefillConfig:
     """Tile shape and launch of the kernel: BLOCK_M queries x BLOCK_N keys per step (BLOCK_M a multiple
-    of BLOCK_N), num_warps, num_stages (software-pipelined key tiles)."""
+    of BLOCK_N for variant ptr), num_warps, num_stages (software-pipelined key tiles). variant "ptr": `_prefill_kernel`
+    (pointer loads, any GPU); "tma": `prefill_hopper._prefill_tma_kernel` (TMA loads, sm90+; a key tile at most
+    two cache blocks), where `pad` loads head_dim as one zero-padded power of 2 instead of two parts; "gluon":
+    `prefill_gluon._prefill_gluon_kernel` (sm90, experimental: bf16, head_dim 96, BLOCK_N = the cache block, one
+    warpgroup; every key from the cache, so the caller passes the chunk's blocks in the table and no k/v). maxnreg caps
+    the registers per thread (ptxas), e.g. 128 so that two programs of 8 warps fit on one SM (one's softmax
+    overlapping the other's wgmma)."""
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    variant: str = "ptr"
+    pad: bool = False
+    maxnreg: int | None = None
 
     def __post_init__(self) -> None:
-        if self.block_m % self.block_n or min(self.block_m, self.block_n) < 16:
-            raise ValueError(f"{self}: block_m must be a multiple of block_n, both >= 16")
+        if self.block_m % self.block_n and self.variant == "ptr" or min(self.block_m, self.block_n) < 16:
+            raise ValueError(f"{self}: block_m must be a multiple of block_n (variant ptr), both >= 16")
+        if self.variant not in VARIANTS or self.pad and self.variant != "tma":
+            raise ValueError(f"{self}: variant one of {VARIANTS}; pad needs variant tma")
+        if self.variant == "gluon" and (self.num_warps != 4 or self.num_stages < 2 or self.maxnreg):
+            raise ValueError(f"{self}: variant gluon runs one warpgroup (num_warps 4), num_stages >= 2, "
+                             "no register cap")
 
     @classmethod
     def parse(cls, text: str) -> PrefillConfig:
-        """'128,64,8,3' -> PrefillConfig(128, 64, 8, 3)."""
+        """'128,64,8,3' -> PrefillConfig(128, 64, 8, 3); '128,64,8,2,tma,r128' -> the TMA variant, at most 128
+        registers per thread; ',pad': head_dim padded."""
+        parts = [x.strip() for x in text.split(",")]
+        flags = set(parts[4:])
+        regs = [f for f in flags if f[:1] == "r" and f[1:].isdigit()]
         try:
-            return cls(*(int(x) for x in text.split(",")))
+            variant = [f for f in flags if f in VARIANTS[1:]]
+            if not flags - set(regs) <= {"tma", "gluon", "pad"} or len(regs) > 1 or len(variant) > 1:
+                raise ValueError
+            return cls(*(int(x) for x in parts[:4]), variant=variant[0] if variant else "ptr",
+                       pad="pad" in flags, maxnreg=int(regs[0][1:]) if regs else None)
         except (TypeError, ValueError):
             raise ValueError(f"prefill attention config {text!r}: expected 'block_m,block_n,num_warps,num_stages' "
-                             "with block_m a multiple of block_n, e.g. '128,64,8,3'") from None
+                             "with block_m a multiple of block_n, e.g. '128,64,8,3', optionally followed by "
+                             "',tma' / ',tma,pad' and / or ',r128' (a register cap)") from None
+
+    def text(self) -> str:
+        """The form parse reads."""
+        flags = [f for f, on in ((self.variant, self.variant != "ptr"), ("pad", self.pad),
+                                 (f"r{self.maxnreg}", self.maxnreg)) if on]
+        return ",".join([str(x) for x in (self.block_m, self.block_n, self.num_warps, self.num_stages)] + flags)
+
+
+VARIANTS = ("ptr", "tma", "gluon")
 
 
 def parse_configs(raw: str) -> dict[str, PrefillConfig]:
@@ -264,10 +297,19 @@ def config_key(q: Tensor, k_cache: Tensor) -> str:
 # chunk, "off" = none (SDPA over the gathered past: the A/B baseline).
 MODES = ("past", "all", "off")
 
+# launches per kernel variant since import: a tuning run (benchmarks/long_prefill.py) checks that the variant it times
+# is the one that ran (a config falls back to the pointer kernel where its variant does not apply)
+LAUNCHES: Counter[str] = Counter()
+
 
 def use_kernel(mode: str, start: int) -> bool:
     """Whether a chunk starting at `start` takes the kernel (the caller checks Triton)."""
     return mode == "all" or (mode == "past" and start > 0)
+
+
+def launch_args(cfg: PrefillConfig, q: Tensor) -> dict:
+    """Launch kwargs beside the tile constexprs: PDL (off: see pdl_args) and the register cap when set."""
+    return {**pdl_args(q, False), **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})}
 
 
 def _split_head_dim(d: int) -> tuple[int, int]:
@@ -307,8 +349,21 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
     out = (torch.zeros if isinstance(start, Tensor) else torch.empty)(t_len, hq, d, device=q.device, dtype=q.dtype)
     if t_len == 0:
         return out
-    d_lo, d_hi = _split_head_dim(d)
     fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if cfg.variant == "gluon" and paged and not isinstance(start, Tensor):
+        from phi3v.kernels import prefill_gluon
+        if prefill_gluon.applies(q, k_cache, cfg):  # else the pointer kernel, below
+            prefill_gluon.launch(q, k_cache, v_cache, block_table, start, out, cfg)
+            LAUNCHES["gluon"] += 1
+            return out
+    if cfg.variant == "tma" and not (paged or fp8 or isinstance(start, Tensor)):
+        from phi3v.kernels import prefill_hopper
+        if prefill_hopper.applies(k_cache, k, v):  # else the pointer kernel, below
+            prefill_hopper.launch(q, k_cache, v_cache, block_table, start, k, v, out, cfg)
+            LAUNCHES["tma"] += 1
+            return out
+    LAUNCHES["ptr"] += 1
+    d_lo, d_hi = _split_head_dim(d)
     grid = (triton.cdiv(t_len, cfg.block_m), hq)
     _prefill_kernel[grid](
         q, k, v, k_cache, v_cache, block_table, out, start, t_len,
@@ -318,16 +373,21 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
         GROUP=hq // hkv, BS=bs, D=d, D_LO=d_lo, D_HI=max(d_hi, 1), HAS_HI=d_hi > 0, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, NEW_PAGED=paged, FP8=fp8, NEW_FP8=fp8 and paged,
         IEEE=q.dtype == torch.float32, DYN=isinstance(start, Tensor), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl_args(q, False))
+        num_stages=cfg.num_stages, **launch_args(cfg, q))
     return out
 
 
-def warmup(k_cache: Tensor, v_cache: Tensor, n_heads: int, dtype: torch.dtype) -> None:
+def warmup(k_cache: Tensor, v_cache: Tensor, n_heads: int, dtype: torch.dtype,
+           configs: dict[str, PrefillConfig] | None = None) -> None:
     """Compile the kernel as the engine calls it (a later chunk: the past read from this cache, the chunk's K/V
-    from the layer's tensors; strides divisible by 16, a strided block table), so that the first long prompt does
-    not wait for Triton. Reads block 0 of the given layer's cache; writes nothing there."""
+    from the layer's tensors; strides divisible by 16, a strided block table), with the config the engine will use
+    (`configs`: EngineConfig.prefill_attn_configs, else CONFIGS), so that the first long prompt does not wait for
+    Triton. Reads block 0 of the given layer's cache; writes nothing there."""
     hkv, bs, d = k_cache.shape[1:]
     q = torch.zeros(16, n_heads, d, device=k_cache.device, dtype=dtype)
     kv = torch.zeros(16, hkv, d, device=k_cache.device, dtype=dtype)
     bt = torch.zeros(2 * bs, device=k_cache.device, dtype=torch.long)[::bs]  # as PrefillAttention's past[0][::bs]
-    paged_prefill_attention(q, k_cache, v_cache, bt, bs, kv, kv)
+    cfg = (configs or {}).get(config_key(q, k_cache))
+    if cfg is not None and cfg.variant == "gluon":  # as PrefillAttention calls it: every key from the cache
+        kv = None
+    paged_prefill_attention(q, k_cache, v_cache, bt, bs, kv, kv, config=cfg)
