@@ -182,8 +182,9 @@ class Preparer:
                     counted = True
                 if self.pin(hit.key):  # last: nothing may fail between the pin and the finalizer that drops it
                     img = ImageInput(None, hit.image_size, hit.key, held=source.nbytes,
-                                     load=functools.partial(self._load, source, nc, limit, hit.key))
-                    weakref.finalize(img, self.unpin, hit.key)  # the features stay until the request lets go
+                                     load=self._loader(source, nc, limit, hit.key))
+                    # released by the engine once it has the features, or when the request's objects go
+                    img.release = weakref.finalize(img, _unpin_weakly, weakref.WeakMethod(self.unpin), hit.key)
                     return img, hit.num_tokens
         if pil is None:
             pil = source.decode(limit, check_size=None if counted else budget.add_image)
@@ -193,20 +194,32 @@ class Preparer:
             return ImageInput(proc.crops, proc.image_size, proc.key), proc.num_tokens
         self.memo.put(digest(), nc, MemoEntry(proc.key, proc.image_size, proc.num_tokens, pil.size))
         # the loader lets the engine drop these crops before the request ends (the prefix cache served the image)
-        return (ImageInput(proc.crops, proc.image_size, proc.key,
-                           load=functools.partial(self._load, source, nc, limit, proc.key)), proc.num_tokens)
+        return (ImageInput(proc.crops, proc.image_size, proc.key, load=self._loader(source, nc, limit, proc.key),
+                           held=source.nbytes), proc.num_tokens)
 
     def _crops(self, pil: Any, nc: int) -> ProcessedImage:
         # the GPU part must not overlap a CUDA-graph capture on the engine's thread; crops in the model's dtype:
         # what CLIP casts them to first anyway, at half the memory of fp32 crops waiting on the device
         return self.image_processor.preprocess(pil, nc, device=self.device, device_lock=CAPTURE_LOCK, dtype=self.dtype)
 
-    def _load(self, source: ImageSource, nc: int, limit: int, key: str) -> torch.Tensor:
-        """The crops of a request prepared without them (the engine's thread, outside any capture), should its
-        pinned features be gone after all. They must be the crops the key names: an image changed in place since
-        (a PIL image or array the caller reused) fails its request instead of filling the caches under that key."""
-        proc = self.image_processor.preprocess(source.decode(limit), nc, device=self.device, dtype=self.dtype)
-        if proc.key != key:
-            raise ImageInputError("the image changed after its request was prepared (an image or array edited in "
-                                  "place?); prepare the request again")
-        return proc.crops
+    def _loader(self, source: ImageSource, nc: int, limit: int, key: str) -> Callable[[], torch.Tensor]:
+        # a function of the processor alone: a prepared request must not keep the Preparer (nor the engine) alive
+        return functools.partial(_load_crops, self.image_processor, self.device, self.dtype, source, nc, limit, key)
+
+
+def _load_crops(processor: ImageProcessor, device: torch.device, dtype: torch.dtype, source: ImageSource, nc: int,
+                limit: int, key: str) -> torch.Tensor:
+    """The crops of an image prepared without them (or whose crops its sequence let go), should they be needed
+    after all. They must be the crops the key names: an image changed in place since (a PIL image or array the
+    caller reused) fails its request instead of filling the caches under that key."""
+    proc = processor.preprocess(source.decode(limit), nc, device=device, device_lock=CAPTURE_LOCK, dtype=dtype)
+    if proc.key != key:
+        raise ImageInputError("the image changed after its request was prepared (an image or array edited in "
+                              "place?); prepare the request again")
+    return proc.crops
+
+
+def _unpin_weakly(unpin: weakref.WeakMethod, key: str) -> None:
+    fn = unpin()  # None once the engine is gone: nothing to release
+    if fn is not None:
+        fn(key)

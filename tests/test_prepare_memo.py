@@ -124,11 +124,11 @@ def test_limits_still_hold_for_an_image_seen_before(llm: LLM) -> None:
     with pytest.raises(ImageInputError, match="over the limit"):
         llm.prepare(Q2, [src], SamplingParams(max_tokens=1), 4, max_pixels=100)  # pixel cap lowered since
     many = "<|user|>\n" + "".join(f"<|image_{k}|>\n" for k in range(1, 7)) + "Compare.<|end|>\n<|assistant|>\n"
-    pins = dict(llm.engine.runner.images.pins)
+    pins = llm.engine.runner.images.pinned()
     with pytest.raises(ImageInputError, match="context holds 4096"):  # 6 x 757: the budget from the memo's size
         llm.prepare(many, [src] * 6, SamplingParams(max_tokens=1), 4)
     gc.collect()
-    assert llm.engine.runner.images.pins == pins  # a refused request holds no pin
+    assert llm.engine.runner.images.pinned() == pins  # a refused request holds no pin
     with pytest.raises(ImageInputError, match="not allowed"):
         llm.prepare(Q2, [src], SamplingParams(max_tokens=1), 4, allow_paths=False)  # policies before the memo
 
@@ -193,7 +193,7 @@ def test_pinned_features_outlive_the_cache_size_until_the_request_lets_go(llm: L
         llm.generate(Q1, [src], SamplingParams(max_tokens=1), 1)
         lazy = llm.prepare(Q2, [src], SamplingParams(max_tokens=3), 1)
         key = lazy.images[0].key
-        assert lazy.images[0].crops is None and cache.pins.get(key) == 1
+        assert lazy.images[0].crops is None and cache.pinned().get(key) == 1
         before = eng.stats["images_encoded"]
         for name in ("page_L", "logo_RGBA"):  # two other images through a cache of 1: coffee stays, pinned
             eng.reset_prefix_cache()
@@ -205,7 +205,7 @@ def test_pinned_features_outlive_the_cache_size_until_the_request_lets_go(llm: L
         assert eng.stats["images_encoded"] == before  # served from the pinned features, no loader
         del lazy
         gc.collect()
-        assert key not in cache.pins
+        assert key not in cache.pinned()
     finally:
         cache.size = size
 
@@ -238,3 +238,75 @@ def test_line_wrapped_base64_just_under_the_cap_is_accepted(llm: LLM) -> None:
     assert req.prompt_ids.count(-1) > 0
     with pytest.raises(ImageInputError, match="over the limit"):
         llm.prepare(Q1, ["data:image/png;base64," + wrapped], SamplingParams(max_tokens=1), 1, max_bytes=len(data) - 1)
+
+
+def test_images_encoded_one_sequence_at_a_time_keep_their_features(llm: LLM) -> None:
+    """The batched vision call fails (out of memory, say): each sequence is encoded alone, and takes its features
+    before the next one's encode can evict them (pins leave only the fresh entries to evict)."""
+    cache, model = llm.engine.runner.images, llm.model
+    size = cache.size
+    gc.collect()
+    try:
+        cache.size = 2
+        names = ["astronaut", "coffee"]
+        for n in names:
+            llm.engine.reset_prefix_cache()
+            llm.generate(Q1, [image_path(n)], SamplingParams(max_tokens=1), 1)
+        held = [llm.prepare(Q2, [image_path(n)], SamplingParams(max_tokens=1), 1) for n in names]
+        assert all(h.images[0].crops is None for h in held) and len(cache.pinned()) == 2
+        new = [llm.prepare(Q1, [Image.new("RGB", (300, 200), c)], SamplingParams(max_tokens=2), 1)
+               for c in ((200, 10, 10), (10, 200, 10))]
+        orig = model.encode_images
+
+        def flaky(crops, sizes, tower=None):
+            if len(crops) > 1:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return orig(crops, sizes, tower=tower)
+
+        model.encode_images = flaky
+        try:
+            out = llm.generate_many(new)
+        finally:
+            del model.encode_images
+        assert [o.token_ids for o in out] == [reference_tokens(llm, r, 2) for r in new]
+        del held
+        gc.collect()
+    finally:
+        cache.size = size
+
+
+def test_pins_go_when_the_engine_has_the_features_and_never_block(llm: LLM) -> None:
+    cache = llm.engine.runner.images
+    gc.collect()
+    src = image_path("logo_RGBA")
+    llm.engine.reset_prefix_cache()
+    llm.generate(Q1, [src], SamplingParams(max_tokens=1), 1)
+    lazy = llm.prepare(Q2, [src], SamplingParams(max_tokens=2), 1)
+    key = lazy.images[0].key
+    assert cache.pinned().get(key) == 1
+    llm.generate_many([lazy])  # the caller still holds `lazy`: the pin goes once the features are taken
+    assert llm.prepare(Q2, [src], SamplingParams(max_tokens=2), 1).images[0].crops is None
+    gc.collect()
+    with cache._lock:  # a release from a finalizer on a thread inside the lock (a GC pass) must not block
+        cache.unpin("never-pinned")
+    assert cache.pin(key) and cache.pinned().get(key) == 1  # the next pin counts the releases first
+    cache.unpin(key)
+    cache.pin(key)
+    cache.unpin(key)
+    del lazy
+
+
+def test_a_prepared_request_does_not_keep_its_engine_alive() -> None:
+    import weakref as wr
+
+    llm = LLM(CKPT, device="cpu", dtype="fp32", max_num_seqs=2, max_model_len=2048)
+    src = image_path("coffee")
+    llm.generate(Q1, [src], SamplingParams(max_tokens=1), 1)
+    kept = [llm.prepare(Q, [src], SamplingParams(max_tokens=1), 1) for Q in (Q1, Q2)]  # eager, and lazy (pinned)
+    assert kept[0].images[0].load is not None and kept[1].images[0].crops is None
+    assert kept[0].images[0].held > 0  # its source, counted for the server's backlog beside the crops
+    engine = wr.ref(llm.engine)
+    del llm
+    gc.collect()
+    assert engine() is None
+    assert kept[1].images[0].pixels().shape[0] == kept[1].images[0].num_crops  # its loader still works

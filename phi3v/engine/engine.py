@@ -185,6 +185,7 @@ class Engine:
         # a run-ahead forward still in flight may write into these blocks: harmless, a new owner's
         # prefill is queued after it on the same stream (and decode positions are never in cached blocks)
         self.sched.finish(seq, reason)
+        seq.images = [i.done() for i in seq.images]  # (pins of images never encoded released too)
         seq.features = seq.embeds = seq.seen = seq.counts = seq.grammar = None
 
     def _fail(self, seq: Sequence, error: str) -> StepOutput:

@@ -8,7 +8,7 @@ together, in vision batches of at most `batch_crops` crops (bounding activation 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,16 +31,24 @@ class ImageInput:
     key: str | None = None  # content key for the caches (None: Engine.add_request hashes the crops)
     load: Callable[[], torch.Tensor] | None = None  # -> crops, for crops=None
     held: int = 0  # bytes `load` keeps alive (the encoded source), for memory accounting while it waits
+    release: Callable[[], Any] | None = None  # drops the image-cache pin of a request prepared without crops
 
     @property
     def nbytes(self) -> int:
-        """Bytes this image holds while its request waits: its crops, or what its loader keeps."""
-        return self.crops.numel() * self.crops.element_size() if self.crops is not None else self.held
+        """Bytes this image holds while its request waits: its crops and what its loader keeps."""
+        return (self.crops.numel() * self.crops.element_size() if self.crops is not None else 0) + self.held
+
+    def done(self) -> "ImageInput":
+        """What a sequence keeps once its features are taken (or not needed): the size and key; the pin, if any,
+        released now rather than when the caller's objects go."""
+        if self.release is not None:
+            self.release()
+        return ImageInput(None, self.image_size, self.key)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled with its crops (built first if need be): a loader is a closure over this process."""
         return {"crops": self.pixels() if self.load is not None else self.crops, "image_size": self.image_size,
-                "key": self.key, "load": None, "held": 0}
+                "key": self.key, "load": None, "held": 0, "release": None}
 
     @property
     def num_crops(self) -> int:
@@ -69,19 +77,35 @@ class ImageFeatures:
         self.size, self.batch_crops = size, batch_crops
         self.pins: dict[str, int] = {}  # key -> requests prepared without crops that wait for these features
         self._lock = threading.Lock()  # pins are taken on preparation threads, entries evicted on the engine's
+        # released pins, counted down under the lock by the next pin() or eviction: a release may come from a
+        # garbage collector's finalizer on any thread, even one inside `with self._lock` (no lock taken there)
+        self._released: deque[str] = deque()
 
     def pin(self, key: str) -> bool:
         """Keep `key`'s features until `unpin(key)`: a request prepared without its crops waits for them. False
         (nothing pinned) when they are not cached, or `size` images are pinned already: the request then brings
         its crops, so pinned features never hold more than twice the cache's memory."""
         with self._lock:
+            self._count_released()
             if key not in self.cache or (key not in self.pins and len(self.pins) >= self.size):
                 return False
             self.pins[key] = self.pins.get(key, 0) + 1
             return True
 
-    def unpin(self, key: str) -> None:
+    def pinned(self) -> dict[str, int]:
+        """key -> pins held now (releases counted)."""
         with self._lock:
+            self._count_released()
+            return dict(self.pins)
+
+    def unpin(self, key: str) -> None:
+        """Release one pin of `key`. Takes no lock (see `_released`)."""
+        self._released.append(key)
+
+    def _count_released(self) -> None:
+        # under self._lock
+        while self._released:
+            key = self._released.popleft()
             n = self.pins.get(key, 0) - 1
             if n > 0:
                 self.pins[key] = n
@@ -118,6 +142,7 @@ class ImageFeatures:
                 self.cache[key] = f
         # least recently used first, never one this step needs or one a waiting request pinned
         with self._lock:
+            self._count_released()
             excess = len(self.cache) - self.size
             if excess > 0:
                 for key in [k for k in self.cache if k not in needed and k not in self.pins][:excess]:

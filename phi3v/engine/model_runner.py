@@ -142,13 +142,16 @@ class ModelRunner:
         todo = [s for s in seqs if s.features is None and s.images]
         if not todo:
             return
-        self._together_or_alone(todo, failed, lambda: self.images.encode([i for s in todo for i in s.images], self.stats),
-                                lambda s: self.images.encode(s.images, self.stats))
-        for s in todo:
-            if s not in failed:
-                s.features = [self.images[i.key] for i in s.images]
-                # the crops are never read again: let their memory go (keys and sizes stay)
-                s.images = [ImageInput(None, i.image_size, i.key) for i in s.images]
+        def take(s: Sequence) -> None:  # right after its encode: a later one may evict what this one made
+            s.features = [self.images[i.key] for i in s.images]
+            s.images = [i.done() for i in s.images]  # the crops are never read again: their memory goes
+
+        def together() -> None:
+            self.images.encode([i for s in todo for i in s.images], self.stats)
+            for s in todo:
+                take(s)
+
+        self._together_or_alone(todo, failed, together, lambda s: (self.images.encode(s.images, self.stats), take(s)))
 
     def _keep_cached_features(self, s: Sequence) -> None:
         """A sequence whose images the prefix cache covered needs no features now, but a recompute (preempted, its
@@ -158,9 +161,10 @@ class ModelRunner:
             return
         if all(i.key in self.images for i in s.images):
             s.features = [self.images[i.key] for i in s.images]
-            s.images = [ImageInput(None, i.image_size, i.key) for i in s.images]
+            s.images = [i.done() for i in s.images]
         else:
-            s.images = [i if i.load is None else ImageInput(None, i.image_size, i.key, i.load) for i in s.images]
+            s.images = [i if i.load is None else ImageInput(None, i.image_size, i.key, i.load, i.held, i.release)
+                        for i in s.images]
 
     def _embeds(self, c: PrefillChunk) -> torch.Tensor:
         """(end-start, hidden) input embeddings of the chunk. A sequence prefilled in several chunks keeps its
