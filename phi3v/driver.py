@@ -13,7 +13,7 @@ prompt blocks (and its image features) are in the prefix cache for them: they co
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from phi3v.engine.engine import Engine
@@ -57,13 +57,17 @@ class RequestDriver:
         n = prep.params.n
         if n == 1:
             return self._add(prep, rid, _Choice("", 0, t0))
-        first = type(prep)(prep.prompt_ids, list(prep.images), prep.params.for_choice(0), prep.preprocess_s)
+        # the choices share each image's crops and loader; only the last one admitted releases an image-cache pin
+        # (the first would drop it before the others join, a step later)
+        shared = [replace(img, release=None) for img in prep.images]
+        first = type(prep)(prep.prompt_ids, shared, prep.params.for_choice(0), prep.preprocess_s)
         rid = self._add(first, rid, _Choice("", 0, t0))
         members = [rid] + [f"{rid}#{i}" for i in range(1, n)]
         self._members[rid] = members
         self._deferred[rid] = []
         for i in range(1, n):
-            p = type(prep)(prep.prompt_ids, list(prep.images), prep.params.for_choice(i), prep.preprocess_s)
+            images = list(prep.images) if i == n - 1 else list(shared)
+            p = type(prep)(prep.prompt_ids, images, prep.params.for_choice(i), prep.preprocess_s)
             self._choice[members[i]] = _Choice(rid, i, t0)
             self._deferred[rid].append((members[i], p))
         return rid

@@ -13,6 +13,7 @@ stays what the caches are keyed by, so the memo changes no output.
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 import time
 import weakref
@@ -117,6 +118,8 @@ class Preparer:
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.device, self.dtype, self.context = device, dtype, context
         self.allow_url_images = allow_url_images
+        if (pin is None) != (unpin is None):
+            raise ValueError("Preparer: pass both pin and unpin, or neither")
         self.lora_index, self.pin, self.unpin = lora_index, pin, unpin
         self.memo = ImageMemo()
 
@@ -180,11 +183,12 @@ class Preparer:
                 if not counted:
                     budget.add_image(*hit.source_size)  # the same token check the header would get
                     counted = True
-                if self.pin(hit.key):  # last: nothing may fail between the pin and the finalizer that drops it
+                unpin = self._weak_unpin()  # (before the pin: nothing may fail between it and its finalizer)
+                if self.pin(hit.key):
                     img = ImageInput(None, hit.image_size, hit.key, held=source.nbytes,
                                      load=self._loader(source, nc, limit, hit.key))
                     # released by the engine once it has the features, or when the request's objects go
-                    img.release = weakref.finalize(img, _unpin_weakly, weakref.WeakMethod(self.unpin), hit.key)
+                    img.release = weakref.finalize(img, _call_unpin, unpin, hit.key)
                     return img, hit.num_tokens
         if pil is None:
             pil = source.decode(limit, check_size=None if counted else budget.add_image)
@@ -201,6 +205,14 @@ class Preparer:
         # the GPU part must not overlap a CUDA-graph capture on the engine's thread; crops in the model's dtype:
         # what CLIP casts them to first anyway, at half the memory of fp32 crops waiting on the device
         return self.image_processor.preprocess(pil, nc, device=self.device, device_lock=CAPTURE_LOCK, dtype=self.dtype)
+
+    def _weak_unpin(self) -> Callable[[], Callable[[str], None] | None]:
+        """-> a function giving `unpin`, holding its engine weakly when it is a bound method (a prepared request
+        must not keep the engine alive)."""
+        if inspect.ismethod(self.unpin):
+            return weakref.WeakMethod(self.unpin)
+        fn = self.unpin
+        return lambda: fn
 
     def _loader(self, source: ImageSource, nc: int, limit: int, key: str) -> Callable[[], torch.Tensor]:
         # a function of the processor alone: a prepared request must not keep the Preparer (nor the engine) alive
@@ -219,7 +231,7 @@ def _load_crops(processor: ImageProcessor, device: torch.device, dtype: torch.dt
     return proc.crops
 
 
-def _unpin_weakly(unpin: weakref.WeakMethod, key: str) -> None:
+def _call_unpin(unpin: Callable[[], Callable[[str], None] | None], key: str) -> None:
     fn = unpin()  # None once the engine is gone: nothing to release
     if fn is not None:
         fn(key)

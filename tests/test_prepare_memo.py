@@ -310,3 +310,29 @@ def test_a_prepared_request_does_not_keep_its_engine_alive() -> None:
     gc.collect()
     assert engine() is None
     assert kept[1].images[0].pixels().shape[0] == kept[1].images[0].num_crops  # its loader still works
+
+
+def test_the_choices_of_an_n_request_keep_the_pin_until_the_last_has_its_features(llm: LLM) -> None:
+    cache, drv = llm.engine.runner.images, llm.driver
+    gc.collect()
+    src = image_path("astronaut")
+    llm.engine.reset_prefix_cache()
+    llm.generate(Q1, [src], SamplingParams(max_tokens=1), 2)
+    prep = llm.prepare(Q2, [src], SamplingParams(max_tokens=3, n=3, temperature=1.0, seed=5), 2)
+    key = prep.images[0].key
+    assert prep.images[0].crops is None and cache.pinned().get(key) == 1
+    drv.add(prep)
+    del prep
+    drv.step()  # choice 0 prefilled (its features taken); the others join after its first token
+    assert cache.pinned().get(key) == 1
+    while drv.has_unfinished():
+        drv.step()
+    gc.collect()
+    assert key not in cache.pinned()
+
+
+def test_a_preparer_takes_both_pin_and_unpin_or_neither(llm: LLM) -> None:
+    from phi3v.prepare import Preparer
+
+    with pytest.raises(ValueError, match="both pin and unpin"):
+        Preparer(llm.tokenizer, llm.image_processor, llm.device, llm.dtype, 4096, pin=lambda k: True)
