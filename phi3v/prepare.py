@@ -194,12 +194,11 @@ class Preparer:
             pil = source.decode(limit, check_size=None if counted else budget.add_image)
         budget.check_cancel()
         proc = self._crops(pil, nc)
-        if digest is None:
-            return ImageInput(proc.crops, proc.image_size, proc.key), proc.num_tokens
-        self.memo.put(digest(), nc, MemoEntry(proc.key, proc.image_size, proc.num_tokens, pil.size))
-        # the loader lets the engine drop these crops before the request ends (the prefix cache served the image)
-        return (ImageInput(proc.crops, proc.image_size, proc.key, load=self._loader(source, nc, limit, proc.key),
-                           held=source.nbytes), proc.num_tokens)
+        if digest is not None:  # (a new image of a size not seen: its digest was hashed meanwhile)
+            self.memo.put(digest(), nc, MemoEntry(proc.key, proc.image_size, proc.num_tokens, pil.size))
+        # no loader: a waiting request holds its crops, not its source as well (a server's backlog is bounded by
+        # what requests hold)
+        return ImageInput(proc.crops, proc.image_size, proc.key), proc.num_tokens
 
     def _crops(self, pil: Any, nc: int) -> ProcessedImage:
         # the GPU part must not overlap a CUDA-graph capture on the engine's thread; crops in the model's dtype:

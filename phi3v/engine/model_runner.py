@@ -156,7 +156,7 @@ class ModelRunner:
     def _keep_cached_features(self, s: Sequence) -> None:
         """A sequence whose images the prefix cache covered needs no features now, but a recompute (preempted, its
         blocks evicted) would: it takes them if the image cache has them, and lets its crops go; else it keeps
-        only what makes them again (an image's loader), or its crops where it has no loader."""
+        only what makes them again (the loader of an image prepared without crops), or its crops."""
         if s.features is not None or not s.images:
             return
         if all(i.key in self.images for i in s.images):
