@@ -119,7 +119,8 @@ for step in "$@"; do
         bench_parts) bench --parts "${PARTS:-b}" --json-out "$OUT/${TAG}_bench_parts.json" >"$log" 2>&1 ;;
         bench_parts_base) (cd "${BASE:-.ab_base}" && python3 -m phi3v.cli bench --model "$M" --parts "${PARTS:-b}") \
             >"$log" 2>&1 ;;
-        gpu_tests) { PHI3V_GPU_OUT=/tmp/gpu_out python3 -m pytest -p no:cacheprovider -m gpu -q tests/gpu; r1=$?
+        gpu_tests) { PHI3V_GPU_OUT=/tmp/gpu_out timeout 420 python3 -m pytest -p no:cacheprovider -m gpu -q tests/gpu \
+                         --ignore=tests/gpu/test_prefill_tma_check.py; r1=$?  # (its own step, long_prefill_tma)
                      PHI3V_TEST_DEVICE=cuda python3 -m pytest -p no:cacheprovider -q tests/test_engine_cache.py \
                          tests/test_prepare_memo.py; r2=$?
                      [ $r1 -eq 0 ] && [ $r2 -eq 0 ]; } >"$log" 2>&1 ;;

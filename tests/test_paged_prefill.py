@@ -183,6 +183,10 @@ assert len(calls) == 12 and set(calls) == {two, one, pad, wide}, calls  # the TM
 assert case(start=50, T=37, hq=2, hkv=2, d=48, cfg=two, new_from_cache=True)[0] < 1e-5
 assert case(start=45, T=30, hq=4, hkv=2, d=48, cfg=two, kv=FP8)[0] < 1e-5
 assert case(start=20, T=9, hq=2, hkv=2, d=12, cfg=two, dtype=torch.bfloat16)[1] < 1e-2  # 24-byte rows: no TMA
+# a variant's tile the pointer kernel cannot run (query tile narrower than the key tile) falls back to the pointer
+# kernel's own tile, not to that one
+assert case(start=45, T=30, hq=4, hkv=2, d=48, cfg=wide, kv=FP8)[0] < 1e-5
+assert case(start=50, T=37, hq=2, hkv=2, d=48, cfg=PrefillConfig.parse("16,32,4,2,gluon"), new_from_cache=True)[0] < 1e-5
 assert len(calls) == 12
 # the Gluon variant does not run here (no interpreter for Gluon; tests/gpu/test_prefill_tma_check.py checks it): with
 # the whole prompt's table and no k/v, as PrefillAttention calls it, the pointer kernel reads every key from the cache

@@ -132,8 +132,8 @@ class PrefillAttention:
             key = paged_prefill.config_key(q, c.k)
             cfg = self.kernel.configs.get(key) or paged_prefill.CONFIGS[key]
             kt, vt = k[0].transpose(0, 1), v[0].transpose(0, 1)
-            if cfg.variant == "gluon":  # every key from the cache: the chunk's blocks too
-                bt, kt, vt = self._whole_table(), None, None
+            if cfg.variant == "gluon" and _gluon_applies(q[0].transpose(0, 1), c.k[layer], cfg):
+                bt, kt, vt = self._whole_table(), None, None  # every key from the cache: the chunk's blocks too
             o = paged_prefill.paged_prefill_attention(q[0].transpose(0, 1), c.k[layer], c.v[layer], bt, self.start,
                                                       kt, vt, config=cfg)
             return o.transpose(0, 1)[None]
@@ -244,3 +244,9 @@ class DecodeAttention:
         vv = c.v[layer][bt].transpose(1, 2).flatten(2, 3).to(q.dtype)
         mask = (torch.arange(nb * bs, device=q.device)[None, :] <= self.lengths[:, None])[:, None, None, :]
         return attention(q, kk, vv, mask)
+
+
+def _gluon_applies(q: Tensor, k_cache: Tensor, cfg: paged_prefill.PrefillConfig) -> bool:
+    from phi3v.kernels import prefill_gluon  # only when asked for: an experimental Triton dialect
+
+    return prefill_gluon.applies(q, k_cache, cfg)

@@ -363,6 +363,8 @@ def paged_prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_t
             LAUNCHES["tma"] += 1
             return out
     LAUNCHES["ptr"] += 1
+    if cfg.variant != "ptr":  # a variant that does not apply here: the pointer kernel's own tile for this cache
+        cfg = CONFIGS[config_key(q, k_cache)]
     d_lo, d_hi = _split_head_dim(d)
     grid = (triton.cdiv(t_len, cfg.block_m), hq)
     _prefill_kernel[grid](

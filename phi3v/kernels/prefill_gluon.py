@@ -32,12 +32,12 @@ try:  # Triton >= 3.5 (Gluon); the import fails on older Tritons and on installs
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                   warpgroup_mma_init, warpgroup_mma_wait)
+                                                                   warpgroup_mma_wait)
 
     # the TMA load's name: async_copy_global_to_shared up to Triton 3.6 (the GPU machine's), async_load later
     _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
     HAVE_GLUON = True
-except ImportError:  # pragma: no cover - depends on the install
+except (ImportError, AttributeError):  # pragma: no cover - depends on the install (a Triton without these names)
     HAVE_GLUON = False
 
 if HAVE_GLUON:
@@ -228,7 +228,8 @@ if HAVE_GLUON:
 def applies(q: Tensor, k_cache: Tensor, cfg) -> bool:
     """The shapes this kernel is written for: bf16, head_dim 96 (64 + 32), key tiles of one cache block."""
     return (HAVE_GLUON and q.is_cuda and q.dtype == k_cache.dtype == torch.bfloat16 and q.shape[2] == 96
-            and cfg.block_n == k_cache.shape[2] and cfg.num_warps == 4 and k_cache.data_ptr() % 16 == 0)
+            and cfg.block_n == k_cache.shape[2] and cfg.num_warps == 4 and k_cache.data_ptr() % 16 == 0
+            and torch.cuda.get_device_capability(q.device)[0] == 9)  # wgmma and its TMA: Hopper only
 
 
 def launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, start: int, out: Tensor, cfg) -> None:

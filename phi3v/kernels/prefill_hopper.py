@@ -203,6 +203,8 @@ def head_dim_parts(d: int, pad: bool) -> tuple[int, int]:
 def applies(k_cache: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether TMA can read these tensors: base addresses of every kv head's rows and their row strides in multiples
     of 16 bytes (a descriptor's requirement; the engine's bf16 tensors at head_dim 96 always are)."""
+    if k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9:  # tensor descriptors: Hopper on
+        return False
     return all(t.data_ptr() % 16 == 0 and all(x * t.element_size() % 16 == 0 for x in (t.stride(0), t.stride(1)))
                for t in (k, v)) and k_cache.data_ptr() % 16 == 0 and k_cache.shape[3] * k_cache.element_size() % 16 == 0
 
