@@ -102,12 +102,13 @@ def _follow_up(llm: Any, res: dict[str, Any], reps: int) -> None:
     from phi3v import SamplingParams
 
     q2 = "<|user|>\n<|image_1|>\nWhat is in the top left corner?<|end|>\n<|assistant|>\n"
-    follow, turn2, cached = [], [], []
+    follow, turn2, cached, prep = [], [], [], []
     for s in range(reps + 1):
         img = noise_image(1344, 1344, 300 + s)
         ans = llm.generate(PROMPT, [img], SamplingParams(max_tokens=64, ignore_eos=True), num_crops=16)
         dt, c = _timed_first_token(llm, q2, img)
         follow.append(dt)
+        prep.append(c.timings["preprocess_s"])  # the host's preparation (the image memo's part)
         dt, c = _timed_first_token(llm, PROMPT + ans.text + "<|end|>\n<|user|>\nAnd the colours?<|end|>\n"
                                    "<|assistant|>\n", img)
         turn2.append(dt)
@@ -115,6 +116,7 @@ def _follow_up(llm: Any, res: dict[str, Any], reps: int) -> None:
     res["e_follow_up_ttft_ms"] = 1000 * statistics.median(follow[1:])
     res["e_second_turn_ttft_ms"] = 1000 * statistics.median(turn2[1:])
     res["e_second_turn_cached_fraction"] = statistics.median(cached)
+    res["e_follow_up_prepare_ms"] = 1000 * statistics.median(prep[1:])
 
 
 def _long_prompts(llm: Any, res: dict[str, Any], lengths: tuple[int, ...] = (35_000, 107_000)) -> None:

@@ -189,6 +189,17 @@ def test_bench_offline_part_alone_with_the_prefill_profile(capsys, tmp_path) -> 
     assert ph["vision_s"] + ph["embeds_s"] + ph["decoder_prefill_s"] <= ph["prefill_s"] + 1e-6
 
 
+def test_bench_follow_up_part_alone(capsys, tmp_path) -> None:
+    """(e): the follow-up and the second turn come from the caches (the image memo: its preparation is reported)."""
+    out = tmp_path / "bench.json"
+    code, _stdout, err = _run(capsys, ["bench", "--model", CKPT, "--device", "cpu", "--parts", "e",
+                                       "--max-model-len", "8192", "--json-out", str(out)])
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    assert res["e_follow_up_ttft_ms"] > 0 and res["e_second_turn_ttft_ms"] > 0
+    assert res["e_second_turn_cached_fraction"] > 0.9 and 0 < res["e_follow_up_prepare_ms"] < res["e_follow_up_ttft_ms"]
+
+
 def test_batch_job_records_bad_lines_and_resumes(capsys, llm: LLM, tmp_path) -> None:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     lines = [json.dumps({"id": "a", "prompt": "Describe.", "images": ["astronaut.png"], "num_crops": 1}),
