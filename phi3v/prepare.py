@@ -5,9 +5,9 @@ An image seen recently is recognised before it is decoded. `ImageMemo` maps a ch
 encoded bytes: a file, a data URI, a download; or a given image's pixels) to what the HD transform made of it:
 the content key of the crops, the canvas size and the token count. When the engine still holds that image's
 features (`pin`: they then stay until the request lets go), the request goes without crops (`ImageInput.load`
-builds them, should the features be gone after all) and skips the decode, the resize, the crops' hash and their copy to the
-GPU: a follow-up question or the next chat turn about an image starts at once. The content key, not the digest,
-stays what the caches are keyed by, so the memo changes no output.
+builds them, should the features be gone after all) and skips the decode, the resize, the crops' hash and their
+copy to the GPU: a follow-up question or the next chat turn about an image starts at once. The content key, not
+the digest, stays what the caches are keyed by, so the memo changes no output.
 """
 
 from __future__ import annotations
@@ -220,8 +220,8 @@ class Preparer:
 
 def _load_crops(processor: ImageProcessor, device: torch.device, dtype: torch.dtype, source: ImageSource, nc: int,
                 limit: int, key: str) -> torch.Tensor:
-    """The crops of an image prepared without them (or whose crops its sequence let go), should they be needed
-    after all. They must be the crops the key names: an image changed in place since (a PIL image or array the
+    """The crops of an image prepared without them, should they be needed after all (its pinned features gone
+    anyway). They must be the crops the key names: an image changed in place since (a PIL image or array the
     caller reused) fails its request instead of filling the caches under that key."""
     proc = processor.preprocess(source.decode(limit), nc, device=device, device_lock=CAPTURE_LOCK, dtype=dtype)
     if proc.key != key:

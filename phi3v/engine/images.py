@@ -17,9 +17,6 @@ import torch
 from phi3v.device import to_device
 
 
-CROP = 336  # side of a crop in pixels (the canvas is a grid of them)
-
-
 @dataclass
 class ImageInput:
     """One image of a request. `crops` may be None when the request was prepared without them (its image was
@@ -50,13 +47,6 @@ class ImageInput:
         return {"crops": self.pixels() if self.load is not None else self.crops, "image_size": self.image_size,
                 "key": self.key, "load": None, "held": 0, "release": None}
 
-    @property
-    def num_crops(self) -> int:
-        """1 + h*w: the global view and the sub-crops of the (H, W) canvas."""
-        if self.crops is not None:
-            return int(self.crops.shape[0])
-        return 1 + (self.image_size[0] // CROP) * (self.image_size[1] // CROP)
-
     def pixels(self) -> torch.Tensor:
         """The crops, built now by `load` if the request came without them."""
         if self.crops is None:
@@ -75,6 +65,7 @@ class ImageFeatures:
         self.model, self.tower, self.device = model, tower, device
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.size, self.batch_crops = size, batch_crops
+        self.side = model.config.vision.image_size  # a crop's side in pixels: the canvas is a grid of them
         self.pins: dict[str, int] = {}  # key -> requests prepared without crops that wait for these features
         self._lock = threading.Lock()  # pins are taken on preparation threads, entries evicted on the engine's
         # released pins, counted down under the lock by the next pin() or eviction: a release may come from a
@@ -116,7 +107,11 @@ class ImageFeatures:
         return self.cache[key]
 
     def __contains__(self, key: str) -> bool:
-        return key in self.cache  # atomic under the GIL: a preparation thread may ask while the engine steps
+        return key in self.cache
+
+    def num_crops(self, img: ImageInput) -> int:
+        """1 + h*w: the global view and the sub-crops of its (H, W) canvas (known without its crops)."""
+        return 1 + (img.image_size[0] // self.side) * (img.image_size[1] // self.side)
 
     def encode(self, images: list[ImageInput], stats: dict[str, Any]) -> None:
         """Make every image of `images` available, encoding those not cached (counted in `stats`)."""
@@ -132,9 +127,9 @@ class ImageFeatures:
         items = list(todo.items())
         while items:
             group, n = [], 0
-            while items and (not group or n + items[0][1].num_crops <= self.batch_crops):
+            while items and (not group or n + self.num_crops(items[0][1]) <= self.batch_crops):
                 group.append(items.pop(0))
-                n += group[-1][1].num_crops
+                n += self.num_crops(group[-1][1])
             feats = self.model.encode_images([to_device(i.pixels(), self.device) for _, i in group],
                                              [i.image_size for _, i in group], tower=self.tower)
             stats["images_encoded"] += len(group)

@@ -149,7 +149,6 @@ class PrefillAttention:
         with flash_first(q, self.vary):
             return attention(q, kc, vc, causal_lower_right(q.shape[2], kc.shape[2]))
 
-
     def _whole_table(self) -> Tensor:
         # blocks of positions 0, bs, 2 bs, .. up to start+T-1 (the same for every layer: built once per chunk)
         if self._table is None:

@@ -23,7 +23,7 @@ from phi3v.device import to_device
 from phi3v.engine.config import EngineConfig
 from phi3v.engine.grammar import Grammars
 from phi3v.engine.graphs import DecodeRunner, PrefillRunner, SuffixRunner, VisionRunner
-from phi3v.engine.images import ImageFeatures, ImageInput
+from phi3v.engine.images import ImageFeatures
 from phi3v.engine.kv_cache import DecodeKernelOptions, KVCache, PrefillKernelOptions
 from phi3v.engine.prefill import Prefiller
 from phi3v.engine.sampler import SamplingTensors, sample, top_logprobs
@@ -142,29 +142,26 @@ class ModelRunner:
         todo = [s for s in seqs if s.features is None and s.images]
         if not todo:
             return
-        def take(s: Sequence) -> None:  # right after its encode: a later one may evict what this one made
-            s.features = [self.images[i.key] for i in s.images]
-            s.images = [i.done() for i in s.images]  # the crops are never read again: their memory goes
 
         def together() -> None:
             self.images.encode([i for s in todo for i in s.images], self.stats)
             for s in todo:
-                take(s)
+                self._take_features(s)
 
-        self._together_or_alone(todo, failed, together, lambda s: (self.images.encode(s.images, self.stats), take(s)))
+        # each takes its features right after its own encode: a later one may evict what this one made
+        self._together_or_alone(todo, failed, together,
+                                lambda s: (self.images.encode(s.images, self.stats), self._take_features(s)))
+
+    def _take_features(self, s: Sequence) -> None:
+        s.features = [self.images[i.key] for i in s.images]
+        s.images = [i.done() for i in s.images]  # the crops are never read again: their memory goes
 
     def _keep_cached_features(self, s: Sequence) -> None:
         """A sequence whose images the prefix cache covered needs no features now, but a recompute (preempted, its
         blocks evicted) would: it takes them if the image cache has them, and lets its crops go; else it keeps
-        only what makes them again (the loader of an image prepared without crops), or its crops."""
-        if s.features is not None or not s.images:
-            return
-        if all(i.key in self.images for i in s.images):
-            s.features = [self.images[i.key] for i in s.images]
-            s.images = [i.done() for i in s.images]
-        else:
-            s.images = [i if i.load is None else ImageInput(None, i.image_size, i.key, i.load, i.held, i.release)
-                        for i in s.images]
+        its crops (or the loader of an image prepared without them)."""
+        if s.features is None and s.images and all(i.key in self.images for i in s.images):
+            self._take_features(s)
 
     def _embeds(self, c: PrefillChunk) -> torch.Tensor:
         """(end-start, hidden) input embeddings of the chunk. A sequence prefilled in several chunks keeps its
